@@ -36,7 +36,7 @@ class SamplingRegion:
 
 def write_region(path: Path, region: SamplingRegion) -> None:
     """Write one sampling h5 file (deterministic bytes: no timestamps)."""
-    with h5py.File(path, "w", track_order=False) as f:
+    with h5py.File(path, "w", libver="latest", track_order=False) as f:
         f.create_dataset("img_path", data=region.img_path)
         f.create_dataset("patch_size", data=np.asarray(region.patch_size, dtype=np.int64), track_times=False)
         if len(region.triangles):

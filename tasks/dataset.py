@@ -11,6 +11,7 @@ import logging
 import math
 import multiprocessing
 import os
+import pickle
 import shutil
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -66,6 +67,7 @@ class _Job:
     mask: str | None
     split: str = ""
     size: tuple[int, int] = (0, 0)
+    values: tuple[int, ...] | None = None  # mask values found by the scan
 
 
 @dataclass
@@ -126,10 +128,14 @@ def _process(job: _Job) -> _Result:
     p = _PARAMS
     root = Path(p.root)
     data = read_bytes(job.path)
-    img = decode_image(data, job.path)
-    if img.shape[:2] != job.size:
+    # train images are only validated (a reduced decode); val/test patches need the pixels
+    img = decode_image(data, job.path, reduced=job.split == "train")
+    if job.split != "train" and img.shape[:2] != job.size:
         raise InputDataError(f"{job.path}: decoded size {img.shape[:2]} differs from its header {job.size}; re-save the image")
-    mask, mask_data = _load_mask(job, p)
+    if job.mask is not None and job.values == (0,) and not p.save_original and p.mask_preprocessing is None:
+        mask, mask_data = np.zeros(job.size, np.uint8), None  # known empty: no second decode
+    else:
+        mask, mask_data = _load_mask(job, p)
     if mask is None and p.missing_mask == "good":
         mask = np.zeros(job.size, np.uint8)
     res = _Result()
@@ -150,7 +156,7 @@ def _process(job: _Job) -> _Result:
         else:
             res.mask_entry = str(Path(job.mask).resolve())
     grid = _grid(job, p)
-    components = label_components(mask) if mask is not None else None
+    components = label_components(mask) if mask is not None and job.values != (0,) else None
     class_names = {v: k for k, v in p.class_to_idx.items()}
     if job.split == "train":
         good_idx = {p.class_to_idx[n] for n in p.annotated_good}
@@ -176,8 +182,11 @@ def _process(job: _Job) -> _Result:
         return res
     # val / test grid patches
     padded = grid.pad(img)
+    background = next(k for k, v in p.class_to_idx.items() if v == 0)
     if mask is None:
         labels = [(layout.NONE_CLASS, True)] * grid.num_patches
+    elif components is None:  # empty mask
+        labels = [(background, False)] * grid.num_patches
     else:
         labels = label_patches(components, grid, p.class_to_idx, p.area_threshold, p.area_defect_threshold)
     pmask = grid.pad(mask, is_mask=True) if mask is not None else None
@@ -193,14 +202,27 @@ def _process(job: _Job) -> _Result:
     return res
 
 
-def _run(fn: Callable, jobs: Sequence[_Job], params: _Params, num_workers: int) -> list[Any]:
-    if num_workers <= 1 or len(jobs) < 2:
-        _init_worker(params)
-        return [fn(j) for j in jobs]
-    ctx = multiprocessing.get_context("forkserver")
-    chunk = max(1, math.ceil(len(jobs) / (num_workers * 4)))
-    with ProcessPoolExecutor(num_workers, mp_context=ctx, initializer=_init_worker, initargs=(params,)) as ex:
-        return list(ex.map(fn, jobs, chunksize=chunk))
+class _Workers:
+    """Runs per-image functions in order, in-process or on one process pool reused by both phases."""
+
+    def __init__(self, params: _Params, num_workers: int, n_jobs: int) -> None:
+        self.params = params
+        self.pool: ProcessPoolExecutor | None = None
+        self.chunk = max(1, math.ceil(n_jobs / (num_workers * 4)))
+        if num_workers > 1 and n_jobs > 1:
+            ctx = multiprocessing.get_context("forkserver")
+            self.pool = ProcessPoolExecutor(num_workers, mp_context=ctx, initializer=_init_worker, initargs=(params,))
+        else:
+            _init_worker(params)
+
+    def map(self, fn: Callable[[_Job], Any], jobs: Sequence[_Job]) -> list[Any]:
+        if self.pool is None:
+            return [fn(j) for j in jobs]
+        return list(self.pool.map(fn, jobs, chunksize=self.chunk))
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(cancel_futures=True)
 
 
 def _validate(
@@ -298,6 +320,14 @@ def generate_patch_dataset(
     layout.check_output_folder(out)
     if out.exists() and any(out.iterdir()) and not clear_output_folder:
         logger.warning("%s holds a patch dataset: it is replaced as a whole (stale files are never merged)", out)
+    if num_workers > 1 and mask_preprocessing is not None:
+        try:
+            pickle.dumps(mask_preprocessing)
+        except Exception:  # noqa: BLE001
+            raise ValueError(
+                "mask_preprocessing must be a module-level function (picklable) when num_workers > 1; "
+                "lambdas and local functions only work with num_workers=1"
+            ) from None
     tmp = layout.temp_sibling(out)
     params = _Params(
         root=str(tmp), final_root=str(out.resolve()), class_to_idx=dict(class_to_idx),
@@ -309,21 +339,23 @@ def generate_patch_dataset(
         repeat_good_images=repeat_good_images, balance_defects=balance_defects,
         annotated_good=tuple(annotated_good or ()), missing_mask=missing_mask,
     )
+    workers = _Workers(params, num_workers, len(jobs))
     try:
         for sub in ("original/images", "original/masks", "original/labelled_masks", "train"):
             (tmp / sub).mkdir(parents=True, exist_ok=True)
         for split in ("val", "test"):
             for name in list(class_to_idx) + ([layout.NONE_CLASS] if split == "test" else []):
                 (tmp / split / name).mkdir(parents=True, exist_ok=True)
-        scans = _run(_scan, jobs, params, num_workers)
-        for job, (size, _) in zip(jobs, scans):
+        scans = workers.map(_scan, jobs)
+        for job, (size, values) in zip(jobs, scans):
             job.size = size
+            job.values = tuple(values) if values is not None else None
         label_sets = [set(v) if v is not None else None for _, v in scans]
         assignment, order = split_images(label_sets, val_size, test_size, seed, max(class_to_idx.values()) + 1)
         for job, split in zip(jobs, assignment):
             job.split = split
         ordered = [jobs[i] for i in order]
-        results = _run(_process, ordered, params, num_workers)
+        results = workers.map(_process, ordered)
         info: dict[str, Any] = {
             "patch_size": list(patch_size) if patch_size is not None else None,
             "patch_number": list(patch_number) if patch_number is not None else None,
@@ -360,6 +392,8 @@ def generate_patch_dataset(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        workers.close()
     logger.info(
         "patch dataset in %s: %d train / %d val / %d test images, %d train lines",
         out, len(info["train_files"]), len(info["val_files"]), len(info["test_files"]), len(lines),

@@ -34,7 +34,7 @@ def label_components(mask: np.ndarray) -> Components:
     labels = np.zeros(mask.shape, dtype=np.int32)
     classes = [0]
     areas = [0]
-    for value in np.unique(mask):
+    for value in np.flatnonzero(np.bincount(mask.ravel(), minlength=256)):
         if value == 0:
             continue
         n, lab, stats, _ = cv2.connectedComponentsWithStats((mask == value).astype(np.uint8), connectivity=8)

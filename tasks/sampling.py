@@ -181,7 +181,7 @@ def _read_h5(h5_path: Path, data_path: Path) -> _H5Record:
     img_p = Path(img)
     if not img_p.is_absolute():
         img_p = Path(data_path) / img_p
-    image = os.path.abspath(img_p)
+    image = str(img_p.resolve())
     patch_size = None
     if ps is not None:
         if ps.size != 2 or np.any(ps < 1):

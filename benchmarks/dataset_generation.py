@@ -1,0 +1,76 @@
+"""Benchmark: generate_patch_dataset on the whole of ../shared/data/mtd-dev; writes JSON.
+
+Usage: python -m benchmarks.dataset_generation [--data DIR] [--workers 1 2] [--out benchmarks/results/dataset_generation.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from tasks import generate_patch_dataset, get_image_mask_association
+
+DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mtd-dev"
+
+
+def run_once(data: Path, workers: int, out_root: Path) -> dict:
+    """Time one generation (association included) and return its figures."""
+    class_to_idx = json.loads((data / "class_to_idx.json").read_text())
+    out = out_root / f"dataset_w{workers}"
+    shutil.rmtree(out, ignore_errors=True)
+    t0 = time.perf_counter()
+    cpu0 = time.process_time()
+    assoc = get_image_mask_association(str(data / "images"), str(data / "masks"), mask_extension="_mask")
+    info = generate_patch_dataset(
+        assoc, class_to_idx, val_size=0.3, test_size=0.1, patch_number=[2, 2],
+        output_folder=str(out), num_workers=workers,
+    )
+    wall = time.perf_counter() - t0
+    n = len(assoc)
+    return {
+        "num_workers": workers,
+        "images": n,
+        "wall_s": round(wall, 3),
+        "images_per_s": round(n / wall, 1),
+        "main_process_cpu_s": round(time.process_time() - cpu0, 3),
+        "splits": {s: len(info[f"{s}_files"]) for s in ("train", "val", "test")},
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--repeats", type=int, default=2, help="best of N runs per worker count")
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/dataset_generation.json"))
+    args = ap.parse_args()
+    runs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for w in args.workers:
+            best = min((run_once(args.data, w, Path(tmp)) for _ in range(args.repeats)), key=lambda r: r["wall_s"])
+            runs.append(best)
+            print(json.dumps(best))
+    quadra_ref = (120, 160)  # images/s quoted for Quadra on this machine (issue 2)
+    result = {
+        "benchmark": "dataset_generation",
+        "params": {"patch_number": [2, 2], "val_size": 0.3, "test_size": 0.1},
+        "machine": {"python": platform.python_version(), "cpus": __import__("os").cpu_count()},
+        "runs": runs,
+        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_rss_children_mib": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1),
+        "quadra_images_per_s_reference": quadra_ref,
+        "speedup_vs_quadra_range": [round(max(r["images_per_s"] for r in runs) / q, 2) for q in reversed(quadra_ref)],
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
