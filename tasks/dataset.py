@@ -68,6 +68,7 @@ class _Job:
     split: str = ""
     size: tuple[int, int] = (0, 0)
     values: tuple[int, ...] | None = None  # mask values found by the scan
+    plain_mask: bool = False  # mask file is a 1-channel 8-bit PNG (copyable as is)
 
 
 @dataclass
@@ -96,14 +97,14 @@ def _load_mask(job: _Job, p: _Params) -> tuple[np.ndarray | None, bytes | None]:
     return mask, data if plain else None
 
 
-def _scan(job: _Job) -> tuple[tuple[int, int], list[int] | None]:
+def _scan(job: _Job) -> tuple[tuple[int, int], list[int] | None, bool]:
     """Phase 1: image size from its header, mask values (for the split), all validated."""
     p = _PARAMS
     data = read_bytes(job.path)
     h, w = image_size(data, job.path)
-    mask, _ = _load_mask(job, p)
+    mask, mask_data = _load_mask(job, p)
     if mask is None:
-        return (h, w), None if p.missing_mask == "test" else [0]
+        return (h, w), None if p.missing_mask == "test" else [0], False
     if mask.shape != (h, w):
         raise InputDataError(
             f"{job.mask}: mask is {mask.shape[1]}x{mask.shape[0]} but image {job.path} is {w}x{h}; masks must match their image"
@@ -116,7 +117,7 @@ def _scan(job: _Job) -> tuple[tuple[int, int], list[int] | None]:
             f"{job.mask}: mask values {unknown} are not in class_to_idx {p.class_to_idx}; "
             "add those classes or fix the mask (mask_preprocessing can remap values)"
         )
-    return (h, w), values
+    return (h, w), values, mask_data is not None
 
 
 def _grid(job: _Job, p: _Params) -> PatchGrid:
@@ -132,8 +133,10 @@ def _process(job: _Job) -> _Result:
     img = decode_image(data, job.path, reduced=job.split == "train")
     if job.split != "train" and img.shape[:2] != job.size:
         raise InputDataError(f"{job.path}: decoded size {img.shape[:2]} differs from its header {job.size}; re-save the image")
-    if job.mask is not None and job.values == (0,) and not p.save_original and p.mask_preprocessing is None:
-        mask, mask_data = np.zeros(job.size, np.uint8), None  # known empty: no second decode
+    if job.mask is not None and job.values == (0,) and (job.plain_mask or not p.save_original):
+        # known empty: no second decode (bytes are copied as they are when the originals are saved)
+        mask = np.zeros(job.size, np.uint8)
+        mask_data = read_bytes(job.mask) if p.save_original else None
     else:
         mask, mask_data = _load_mask(job, p)
     if mask is None and p.missing_mask == "good":
@@ -347,10 +350,10 @@ def generate_patch_dataset(
             for name in list(class_to_idx) + ([layout.NONE_CLASS] if split == "test" else []):
                 (tmp / split / name).mkdir(parents=True, exist_ok=True)
         scans = workers.map(_scan, jobs)
-        for job, (size, values) in zip(jobs, scans):
-            job.size = size
+        for job, (size, values, plain) in zip(jobs, scans):
+            job.size, job.plain_mask = size, plain
             job.values = tuple(values) if values is not None else None
-        label_sets = [set(v) if v is not None else None for _, v in scans]
+        label_sets = [set(v) if v is not None else None for _, v, _ in scans]
         assignment, order = split_images(label_sets, val_size, test_size, seed, max(class_to_idx.values()) + 1)
         for job, split in zip(jobs, assignment):
             job.split = split

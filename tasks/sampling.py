@@ -9,7 +9,8 @@ Differences from the reference (``quadra/datasets/patch.py``), on purpose:
   edge replication (``storage.geometry.pad_to``) instead of giving short crops;
 - the uniform centre of an image without annotation is drawn in ``[0, H) x [0, W)`` (the reference
   draws in ``[0, H] x [0, W]``);
-- val/test filters match the file name only (B25), not the directory path.
+- val/test filters match the file name only (B25), not the directory path;
+- images are decoded as BGR uint8 ignoring EXIF orientation (same frame as dataset generation).
 """
 
 from __future__ import annotations
@@ -200,26 +201,24 @@ def _read_h5(h5_path: Path, data_path: Path) -> _H5Record:
     return _H5Record(image, patch_size, tri.astype(np.float64), w / w.sum())
 
 
-_PIL_FORMATS = {"PNG", "JPEG", "MPO", "WEBP", "BMP"}
+# EXIF orientation is ignored everywhere (as in tasks.imageio): masks, triangles and boxes all live
+# in the stored pixel frame.
+_IMREAD_FLAGS = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
 
 
 def _image_size(path: str) -> tuple[int, int]:
-    """(H, W) of an image as ``cv2.imread`` would decode it; header-only when possible."""
+    """(H, W) of an image as decoded with ``_IMREAD_FLAGS``; header-only when PIL knows the format."""
     try:
         from PIL import Image
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with Image.open(path) as im:
-                if im.format in _PIL_FORMATS:
-                    w, h = im.size
-                    # cv2.imread applies the EXIF orientation (jpeg/png/webp): 5..8 swap the axes
-                    if im.getexif().get(0x0112) in (5, 6, 7, 8):
-                        h, w = w, h
-                    return int(h), int(w)
-    except Exception:  # unknown to PIL, huge, or truncated: let cv2 decide
+                w, h = im.size
+                return int(h), int(w)
+    except Exception:  # noqa: BLE001 - unknown to PIL, huge or truncated: let OpenCV decide
         pass
-    img = cv2.imread(path, cv2.IMREAD_COLOR)
+    img = cv2.imread(path, _IMREAD_FLAGS)
     if img is None:
         raise DatasetFormatError(f"cannot read image {path}; check that it exists and is a valid image")
     return int(img.shape[0]), int(img.shape[1])
@@ -307,6 +306,35 @@ def draw_pass(
     )
 
 
+def _image_order(image_path: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(distinct paths, row -> distinct index, row order grouping images by first appearance)."""
+    uniq, first, inv = np.unique(np.asarray(image_path), return_index=True, return_inverse=True)
+    inv = inv.ravel()
+    rank = np.empty(uniq.size, dtype=np.int64)
+    rank[np.argsort(first, kind="stable")] = np.arange(uniq.size)
+    order = np.argsort(rank[inv], kind="stable")
+    return uniq, inv, order
+
+
+def order_by_image(samples: PassSamples) -> PassSamples:
+    """The same samples with rows reordered so :func:`iter_pass_patches` yields rows 0, 1, 2, ...
+
+    Lets a caller stream features into a chunk-aligned store without buffering the whole pass;
+    ``entry_index`` still links each row to its train entry.
+    """
+    if len(samples) == 0:
+        return samples
+    _, _, order = _image_order(samples.image_path)
+    return PassSamples(
+        entry_index=samples.entry_index[order],
+        image_path=samples.image_path[order],
+        label=samples.label[order],
+        box=samples.box[order],
+        center=samples.center[order],
+        image_size=None if samples.image_size is None else samples.image_size[order],
+    )
+
+
 def iter_pass_patches(samples: PassSamples, batch_size: int) -> Iterator[tuple[np.ndarray, list[np.ndarray]]]:
     """Yield ``(row indices, BGR uint8 patches)`` in batches, decoding each distinct image once.
 
@@ -318,12 +346,7 @@ def iter_pass_patches(samples: PassSamples, batch_size: int) -> Iterator[tuple[n
     n = len(samples.entry_index)
     if n == 0:
         return
-    paths = np.asarray(samples.image_path)
-    uniq, first, inv = np.unique(paths, return_index=True, return_inverse=True)
-    inv = inv.ravel()
-    rank = np.empty(uniq.size, dtype=np.int64)
-    rank[np.argsort(first, kind="stable")] = np.arange(uniq.size)
-    order = np.argsort(rank[inv], kind="stable")
+    uniq, inv, order = _image_order(samples.image_path)
     box = np.asarray(samples.box, dtype=np.int64)
     need = np.zeros((uniq.size, 2), dtype=np.int64)  # padded size each image must reach
     np.maximum.at(need, inv, box[:, 2:4])
@@ -335,7 +358,7 @@ def iter_pass_patches(samples: PassSamples, batch_size: int) -> Iterator[tuple[n
         u = int(inv[row])
         if u != cur_u:
             cur_img = None  # release the previous image before decoding the next
-            img = cv2.imread(str(uniq[u]), cv2.IMREAD_COLOR)
+            img = cv2.imread(str(uniq[u]), _IMREAD_FLAGS)
             if img is None:
                 raise DatasetFormatError(
                     f"cannot read image {uniq[u]}; check that it exists and is a valid image"

@@ -436,3 +436,34 @@ def test_list_split(tmp_path: Path) -> None:
     with pytest.raises(DatasetFormatError, match="'zz'"):
         list_split(root, "val", CLASSES)
     assert all(p != "val/zz/q.png" for p, _ in list_split(root, "val", CLASSES, exclude_filter=["q.png"]))
+
+
+def test_exif_orientation_ignored_and_changed_image_detected(tmp_path: Path) -> None:
+    from PIL import Image
+
+    root = make_dataset(tmp_path / "ds", {"im.png": (40, 60)}, {"g.h5": ("im.jpg", None)}, ["g.h5,bg"], patch_size=[16, 16])
+    im = Image.fromarray(make_image(30, 80, 9))
+    exif = im.getexif()
+    exif[0x0112] = 6  # "rotate 90": cv2.imread would swap the axes unless told to ignore it
+    im.save(root / "original/images/im.jpg", exif=exif)
+    s = draw_pass(root, read_train_list(root) * 50, CLASSES, seed=0, pass_index=0)
+    np.testing.assert_array_equal(s.image_size, [[30, 80]] * 50)  # stored pixel frame
+    stored = cv2.imread(str(root / "original/images/im.jpg"), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+    for rows, patches in iter_pass_patches(s, 16):
+        for r, p in zip(rows, patches):
+            y0, x0, y1, x1 = s.box[r]
+            np.testing.assert_array_equal(p, stored[y0:y1, x0:x1])
+    cv2.imwrite(str(root / "original/images/im.jpg"), make_image(30, 70, 1))  # replaced after drawing
+    with pytest.raises(DatasetFormatError, match="redraw"):
+        list(iter_pass_patches(s, 16))
+
+
+def test_order_by_image_makes_rows_sequential(basic: Path) -> None:
+    s = draw_pass(basic, read_train_list(basic) * 5, CLASSES, seed=4, pass_index=1)
+    o = sampling.order_by_image(s)
+    rows = np.concatenate([r for r, _ in iter_pass_patches(o, 4)])
+    np.testing.assert_array_equal(rows, np.arange(len(s)))
+    # same multiset of samples, still linked to their entries
+    np.testing.assert_array_equal(np.sort(o.entry_index), s.entry_index)
+    np.testing.assert_array_equal(o.box, s.box[o.entry_index])
+    np.testing.assert_array_equal(o.label, s.label[o.entry_index])

@@ -1,0 +1,58 @@
+"""Dataset flow: association -> patch dataset generation, cached by content.
+
+``python -m flows.dataset --config FILE [dotted.key=value ...]``
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Sequence
+
+from prefect import flow
+from pydantic import Field
+
+from storage.settings import results_dir, storage_root
+from tasks.caching import content_policy
+from tasks.config import StrictModel, parse_cli, run_cli, validate_config
+from tasks.dataset_task import (
+    DataSection,
+    GenerationSection,
+    associate_task,
+    dataset_is_current,
+    fingerprint_task,
+    generate_task,
+)
+
+
+class DatasetFlowConfig(StrictModel):
+    """Configuration of the dataset flow."""
+
+    data: DataSection
+    dataset: GenerationSection
+    storage_root: str | None = Field(None, description="Results/cache/locks root (default $PATCHFLOW_STORAGE_ROOT or ./.patchflow)")
+    force: bool = Field(False, description="Rebuild the dataset even if an identical one exists")
+
+
+@flow(name="patchflow-dataset")
+def dataset_flow(config: DatasetFlowConfig) -> str:
+    """Build (or reuse) the patch dataset described by ``config``; returns its folder."""
+    config = validate_config(DatasetFlowConfig, config)
+    root = storage_root(config.storage_root)
+    class_to_idx = config.data.resolved_class_to_idx()
+    association = associate_task(config.data)
+    key = fingerprint_task(association, class_to_idx, config.dataset)
+    stale = config.force or not dataset_is_current(config.dataset.output_folder, key)
+    build = generate_task.with_options(
+        cache_policy=content_policy(root), result_storage=results_dir(root), refresh_cache=stale
+    )
+    return build(association, class_to_idx, config.dataset, key)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """CLI entry point."""
+    cfg = parse_cli(DatasetFlowConfig, argv, description=__doc__)
+    print(dataset_flow(cfg))
+
+
+if __name__ == "__main__":
+    run_cli(lambda: main(sys.argv[1:]))

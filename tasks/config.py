@@ -1,0 +1,173 @@
+"""Flow configuration: pydantic models loaded from YAML with ``dotted.key=value`` overrides.
+
+Unknown keys are errors that name the key and its close matches; every other validation error
+names the dotted key, the bad value and the rule.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import importlib
+from pathlib import Path
+from typing import Any, Callable, Sequence, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is invalid; the message says which key and how to fix it."""
+
+
+class StrictModel(BaseModel):
+    """Base for config sections: unknown keys are rejected, assignments validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _fields_at(model_cls: type[BaseModel], loc: Sequence[Any]) -> list[str]:
+    """Field names of the (nested) model at ``loc``, for suggestions."""
+    cls: Any = model_cls
+    for part in loc:
+        field = getattr(cls, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        ann = field.annotation
+        candidates = [ann, *getattr(ann, "__args__", ())]
+        cls = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if cls is None:
+            return []
+    return list(getattr(cls, "model_fields", {}))
+
+
+def format_validation_error(exc: ValidationError, model_cls: type[BaseModel], source: str) -> str:
+    """One line per problem, with the dotted key and a suggestion for unknown keys."""
+    lines = []
+    for err in exc.errors():
+        loc = [p for p in err["loc"] if not isinstance(p, int)]
+        key = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "extra_forbidden":
+            known = _fields_at(model_cls, loc[:-1])
+            close = difflib.get_close_matches(str(loc[-1]), known, n=3, cutoff=0.6)
+            hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else f"; known keys: {', '.join(known)}"
+            lines.append(f"unknown key '{key}'{hint}")
+        elif err["type"] == "missing":
+            lines.append(f"missing required key '{key}'")
+        else:
+            lines.append(f"'{key}': {err['msg']} (got {err.get('input')!r})")
+    return f"invalid configuration ({source}):\n  " + "\n  ".join(lines)
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = data
+    for part in parts[:-1]:
+        nxt = node.get(part)
+        if nxt is None:
+            nxt = node[part] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"override '{dotted}': '{part}' is not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: Sequence[str]) -> list[tuple[str, Any]]:
+    """``["a.b=1", "c=[1, 2]"]`` -> ``[("a.b", 1), ("c", [1, 2])]`` (values parsed as YAML)."""
+    out = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} must look like dotted.key=value")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {item!r}: value is not valid YAML ({exc})") from None
+        out.append((key.strip(), value))
+    return out
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML mapping from a file, with clear errors."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p} not found")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {p} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {p} must hold a mapping of sections, not {type(data).__name__}")
+    return data
+
+
+def load_config(model_cls: type[M], path: str | Path | None = None, overrides: Sequence[str] = ()) -> M:
+    """Validated config from an optional YAML file plus overrides."""
+    data = load_yaml(path) if path else {}
+    for key, value in parse_overrides(overrides):
+        _set_dotted(data, key, value)
+    return validate_config(model_cls, data, source=str(path) if path else "overrides")
+
+
+def validate_config(model_cls: type[M], data: dict[str, Any] | M, source: str = "parameters") -> M:
+    """Validate a mapping (or pass a model through) with readable errors."""
+    if isinstance(data, model_cls):
+        return data
+    try:
+        return model_cls.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, model_cls, source)) from None
+
+
+def parse_cli(model_cls: type[M], argv: Sequence[str] | None, description: str) -> M:
+    """``--config FILE [dotted.key=value ...]`` -> validated config."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--config", help="YAML experiment file")
+    ap.add_argument("overrides", nargs="*", help="dotted.key=value overrides (values are YAML)")
+    args = ap.parse_args(argv)
+    return load_config(model_cls, args.config, args.overrides)
+
+
+def run_cli(main_fn: Callable[[], Any]) -> None:
+    """Run a CLI entry point; configuration errors print one clear message and exit with code 2."""
+    import sys
+
+    try:
+        main_fn()
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def dump_yaml(cfg: BaseModel) -> str:
+    """Resolved config as YAML text."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def config_tree(cfg: BaseModel) -> str:
+    """Indented tree of the config (the reference's ``config_tree.txt``)."""
+    lines: list[str] = []
+
+    def walk(node: Any, indent: int) -> None:
+        for k, v in node.items():
+            if isinstance(v, dict) and v:
+                lines.append("  " * indent + f"{k}")
+                walk(v, indent + 1)
+            else:
+                lines.append("  " * indent + f"{k}: {v!r}")
+
+    walk(cfg.model_dump(mode="json"), 0)
+    return "\n".join(lines) + "\n"
+
+
+def import_object(spec: str) -> Callable[..., Any]:
+    """Object from ``"package.module:name"`` or ``"package.module.name"``."""
+    mod_name, sep, attr = spec.partition(":")
+    if not sep:
+        mod_name, _, attr = spec.rpartition(".")
+    try:
+        return getattr(importlib.import_module(mod_name), attr)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise ConfigError(f"cannot import {spec!r} ({exc}); use 'package.module:name'") from None

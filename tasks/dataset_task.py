@@ -1,0 +1,123 @@
+"""Dataset stage: its configuration, its content fingerprint and its Prefect task entry points."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Literal
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from pydantic import Field, model_validator
+
+from storage import layout
+from storage.fingerprint import CODE_VERSION, combine, files_digest, params_digest
+from tasks.association import get_image_mask_association
+from tasks.config import ConfigError, StrictModel, import_object
+from tasks.dataset import generate_patch_dataset
+
+logger = logging.getLogger("patchflow.dataset")
+
+
+class DataSection(StrictModel):
+    """Where the raw images and masks are, and their classes."""
+
+    images: str = Field(description="Folder of images (searched recursively)")
+    masks: str | None = Field(None, description="Folder of index masks; None: masks live among the images")
+    mask_extension: str = Field("", description="Mask file = <image stem><mask_extension>.<any image ext>")
+    warning_on_missing_mask: bool = True
+    class_to_idx: dict[str, int] | None = Field(None, description="Class name -> mask value; 0 = background")
+    class_to_idx_file: str | None = Field(None, description="JSON file with class_to_idx (used when class_to_idx is not set)")
+
+    @model_validator(mode="after")
+    def _one_class_map(self) -> "DataSection":
+        if self.class_to_idx is None and self.class_to_idx_file is None:
+            raise ValueError("set data.class_to_idx or data.class_to_idx_file")
+        return self
+
+    def resolved_class_to_idx(self) -> dict[str, int]:
+        """class_to_idx, read from the JSON file if needed."""
+        if self.class_to_idx is not None:
+            return dict(self.class_to_idx)
+        path = Path(self.class_to_idx_file)
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"data.class_to_idx_file {path}: cannot read a JSON mapping ({exc})") from None
+        if not isinstance(data, dict) or not all(isinstance(v, int) for v in data.values()):
+            raise ConfigError(f"data.class_to_idx_file {path} must map class names to integer mask values")
+        return data
+
+
+class GenerationSection(StrictModel):
+    """Parameters of ``generate_patch_dataset`` (Quadra's names and defaults)."""
+
+    output_folder: str = Field("extraction_data", description="Patch dataset folder (replaced as a whole on rerun)")
+    val_size: float = Field(0.3, ge=0, le=1, description="Share of images in val")
+    test_size: float = Field(0.0, ge=0, le=1, description="Share of images in test")
+    seed: int = 42
+    patch_number: tuple[int, int] | None = Field(None, description="[n_vertical, n_horizontal] patches per image")
+    patch_size: tuple[int, int] | None = Field(None, description="[height, width] of patches in pixels")
+    overlap: float = Field(0.0, ge=0, lt=1)
+    save_original_images_and_masks: bool = True
+    area_threshold: float = Field(0.45, ge=0, le=1)
+    area_defect_threshold: float = Field(0.2, ge=0, le=1)
+    mask_extension: str = Field("_mask", description="Suffix of saved patch masks (save_mask)")
+    mask_output_folder: str | None = None
+    save_mask: bool = False
+    clear_output_folder: bool = False
+    mask_preprocessing: str | None = Field(None, description="Import path 'module:function' of a mask preprocessing function")
+    train_filename: str = "dataset.txt"
+    repeat_good_images: int = Field(1, ge=1)
+    balance_defects: bool = True
+    annotated_good: list[str] | None = None
+    num_workers: int = Field(1, ge=1)
+    missing_mask: Literal["test", "good"] = Field("test", description="Images without a mask: to test/None, or treated as defect-free")
+
+    @model_validator(mode="after")
+    def _one_geometry(self) -> "GenerationSection":
+        if (self.patch_number is None) == (self.patch_size is None):
+            raise ValueError("set exactly one of dataset.patch_number or dataset.patch_size")
+        if self.val_size + self.test_size > 1:
+            raise ValueError("dataset.val_size + dataset.test_size must be <= 1")
+        return self
+
+
+def dataset_fingerprint(association: list[dict[str, Any]], class_to_idx: dict[str, int], gen: GenerationSection) -> str:
+    """Content key of a dataset: image and mask bytes, their names, class map and every parameter that changes output."""
+    params = gen.model_dump(mode="json", exclude={"num_workers", "clear_output_folder", "output_folder"})
+    names = [(a["base_name"], a["path"] is not None, a["mask"] is not None) for a in association]
+    contents = files_digest([a["path"] for a in association] + [a["mask"] for a in association])
+    return combine(CODE_VERSION, params_digest({"params": params, "classes": class_to_idx, "names": names}), contents)
+
+
+@task(name="associate-images-masks", cache_policy=NO_CACHE)
+def associate_task(data: DataSection) -> list[dict[str, Any]]:
+    """List images with their masks (always re-listed: new images must be seen)."""
+    return get_image_mask_association(data.images, data.masks, data.mask_extension, data.warning_on_missing_mask)
+
+
+@task(name="fingerprint-dataset-inputs", cache_policy=NO_CACHE)
+def fingerprint_task(association: list[dict[str, Any]], class_to_idx: dict[str, int], gen: GenerationSection) -> str:
+    """Content key of the dataset inputs."""
+    return dataset_fingerprint(association, class_to_idx, gen)
+
+
+@task(name="generate-patch-dataset", persist_result=True)
+def generate_task(
+    association: list[dict[str, Any]], class_to_idx: dict[str, int], gen: GenerationSection, key: str
+) -> str:
+    """Build the patch dataset; returns its folder (cached on ``key``)."""
+    kwargs = gen.model_dump(exclude={"missing_mask", "mask_preprocessing"})
+    pre = import_object(gen.mask_preprocessing) if gen.mask_preprocessing else None
+    generate_patch_dataset(
+        [dict(a) for a in association], class_to_idx, mask_preprocessing=pre,
+        missing_mask=gen.missing_mask, fingerprint=key, **kwargs,
+    )
+    return str(Path(gen.output_folder).resolve())
+
+
+def dataset_is_current(output_folder: str, key: str) -> bool:
+    """The folder holds a complete dataset built from exactly these inputs."""
+    return layout.is_complete(Path(output_folder), key)
