@@ -1,0 +1,208 @@
+"""Feature stage: frozen-backbone features of training passes and of val/test patches, stored in zarr.
+
+Each training pass (one patch per ``dataset.txt`` line, drawn from (seed, pass index)) and each
+split is one store, keyed by content: dataset fingerprint + backbone weights digest + transform +
+sampling parameters (+ pass index). Raising ``iteration_over_training`` computes only new passes;
+changing the classifier computes none.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+from prefect import task
+
+from storage import features as fstore
+from storage import layout
+from storage.fingerprint import CODE_VERSION, combine, params_digest, tree_digest
+from tasks.backbones import FeatureExtractor, build_backbone, feature_dim, resolve_weights, weights_digest
+from tasks.sampling import balance_entries, draw_pass, iter_pass_patches, list_split, load_info, order_by_image, read_train_list
+from tasks.train_config import TrainFlowConfig
+
+logger = logging.getLogger("patchflow.features")
+
+CHUNK_ROWS = 1024
+
+
+def dataset_key(data_path: str | Path) -> str:
+    """Content fingerprint of a patch dataset: ours from its sidecar, Quadra's by hashing its files."""
+    side = layout.read_sidecar(Path(data_path))
+    if side and side.get("complete") and side.get("fingerprint"):
+        return str(side["fingerprint"])
+    return tree_digest(data_path)
+
+
+def class_map(cfg: TrainFlowConfig) -> dict[str, int]:
+    """``class_to_idx`` from the config, else from our dataset's sidecar."""
+    if cfg.datamodule.class_to_idx:
+        return dict(cfg.datamodule.class_to_idx)
+    side = layout.read_sidecar(Path(cfg.datamodule.data_path))
+    if side and side.get("class_to_idx"):
+        return dict(side["class_to_idx"])
+    raise ValueError(
+        f"datamodule.class_to_idx is needed: {cfg.datamodule.data_path} has no patchflow.json (a Quadra dataset?)"
+    )
+
+
+def backbone_digest(cfg: TrainFlowConfig) -> str:
+    """Digest of the backbone weights actually used (resolved offline)."""
+    return weights_digest(resolve_weights(cfg.backbone.name, cfg.backbone.weights), cfg.backbone.name)
+
+
+def _feature_params(cfg: TrainFlowConfig, wdigest: str) -> dict[str, Any]:
+    return {
+        "code": CODE_VERSION,
+        "backbone": cfg.backbone.name,
+        "weights": wdigest,
+        "transforms": cfg.transforms.model_dump(mode="json"),
+        "precision": cfg.task.precision,
+    }
+
+
+def train_pass_key(cfg: TrainFlowConfig, dkey: str, wdigest: str, pass_index: int) -> str:
+    """Key of one training pass's features."""
+    dm = cfg.datamodule
+    sampling = {
+        "train_filename": dm.train_filename, "include": dm.include_filter, "exclude": dm.exclude_filter,
+        "skip": dm.class_to_skip_training, "balance": dm.balance_classes, "seed": dm.seed,
+        "classes": class_map(cfg), "pass": pass_index,
+    }
+    return combine("train-pass", dkey, params_digest(_feature_params(cfg, wdigest)), params_digest(sampling))
+
+
+def split_key(cfg: TrainFlowConfig, dkey: str, wdigest: str, split: str) -> str:
+    """Key of one split's features (filters included; skipped classes are applied later)."""
+    dm = cfg.datamodule
+    sel = {"split": split, "include": dm.include_filter, "exclude": dm.exclude_filter, "classes": class_map(cfg)}
+    return combine("split", dkey, params_digest(_feature_params(cfg, wdigest)), params_digest(sel))
+
+
+def store_path(root: Path, key: str) -> Path:
+    """Where the features of ``key`` live."""
+    return root / "features" / f"{key[:32]}.zarr"
+
+
+def _extractor(cfg: TrainFlowConfig) -> FeatureExtractor:
+    model = build_backbone(cfg.backbone.name, cfg.backbone.weights)
+    auto = cfg.task.automatic_batch_size
+    batch = cfg.datamodule.batch_size if auto.disable else auto.starting_batch_size
+    return FeatureExtractor(model, cfg.task.device, cfg.task.precision, batch, automatic_batch_size=not auto.disable)
+
+
+class _ChunkWriter:
+    """Buffers rows and writes whole chunks (chunk-aligned zarr writes)."""
+
+    def __init__(self, path: Path, n_rows: int, dim: int, attrs: dict[str, Any]) -> None:
+        self.path, self.n_rows, self.dim = path, n_rows, dim
+        fstore.create_store(path, n_rows, dim, attrs, chunk_rows=CHUNK_ROWS)
+        self.start = 0
+        self._reset()
+
+    def _reset(self) -> None:
+        self.feats: list[np.ndarray] = []
+        self.labels: list[np.ndarray] = []
+        self.ids: list[str] = []
+        self.boxes: list[np.ndarray] = []
+        self.count = 0
+
+    def add(self, feats: np.ndarray, labels: np.ndarray, ids: list[str], boxes: np.ndarray) -> None:
+        self.feats.append(feats); self.labels.append(labels); self.ids.extend(ids); self.boxes.append(boxes)
+        self.count += len(feats)
+        while self.count >= CHUNK_ROWS or (self.count and self.start + self.count >= self.n_rows):
+            self._flush(min(CHUNK_ROWS, self.count))
+
+    def _flush(self, n: int) -> None:
+        f, l, b = np.concatenate(self.feats), np.concatenate(self.labels), np.concatenate(self.boxes)
+        ids = self.ids
+        fstore.write_rows(self.path, self.start, f[:n], l[:n], ids[:n], b[:n])
+        fstore.mark_chunks_done(self.path, [self.start // CHUNK_ROWS])
+        self.start += n
+        rest = self.count - n
+        self._reset()
+        if rest:
+            self.feats, self.labels, self.ids, self.boxes, self.count = [f[n:]], [l[n:]], ids[n:], [b[n:]], rest
+
+
+def extract_train_pass(cfg: TrainFlowConfig, pass_index: int, out: Path) -> dict[str, Any]:
+    """Draw pass ``pass_index`` and store its features at ``out``; returns timing figures."""
+    dm = cfg.datamodule
+    data_path = Path(dm.data_path)
+    classes = class_map(cfg)
+    entries = read_train_list(data_path, dm.train_filename, dm.include_filter, dm.exclude_filter, dm.class_to_skip_training)
+    if not entries:
+        raise ValueError(f"no training samples in {data_path / 'train' / dm.train_filename} after filters and skipped classes")
+    if dm.balance_classes:
+        entries = balance_entries(entries, dm.seed)
+    samples = order_by_image(draw_pass(data_path, entries, classes, dm.seed, pass_index, info=load_info(data_path)))
+    ids = [f"{entries[i].h5_name}#{i}" for i in samples.entry_index.tolist()]
+    return _extract(cfg, out, len(samples), iter_pass_patches(samples, cfg.datamodule.batch_size),
+                    samples.label, ids, samples.box, {"kind": "train", "pass_index": pass_index})
+
+
+def extract_split(cfg: TrainFlowConfig, split: str, out: Path) -> dict[str, Any]:
+    """Store the features of every patch of ``split`` (val/test) at ``out``."""
+    dm = cfg.datamodule
+    data_path = Path(dm.data_path)
+    items = list_split(data_path, split, class_map(cfg), dm.include_filter, dm.exclude_filter, include_none=split != "val")
+    if not items:
+        raise ValueError(f"no {split} patches in {data_path / split}; generate the dataset with a non-zero {split}_size")
+    labels = np.array([lab for _, lab in items], dtype=np.int16)
+    ids = [rel for rel, _ in items]
+
+    def batches():
+        bs = dm.batch_size
+        for s in range(0, len(items), bs):
+            patches = []
+            for rel, _ in items[s : s + bs]:
+                img = cv2.imread(str(data_path / rel), cv2.IMREAD_COLOR)
+                if img is None:
+                    raise ValueError(f"{data_path / rel}: unreadable patch image; regenerate the dataset")
+                patches.append(img)
+            yield np.arange(s, s + len(patches)), patches
+
+    boxes = np.full((len(items), 4), -1, dtype=np.int64)
+    return _extract(cfg, out, len(items), batches(), labels, ids, boxes, {"kind": split})
+
+
+def _extract(cfg: TrainFlowConfig, out: Path, n: int, batches, labels, ids, boxes, extra: dict[str, Any]) -> dict[str, Any]:
+    extractor = _extractor(cfg)
+    size = (cfg.transforms.input_height, cfg.transforms.input_width)
+    attrs = {**_feature_params(cfg, backbone_digest(cfg)), **extra}
+    tmp = out.with_name(out.name + ".partial")
+    import shutil
+
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    writer = _ChunkWriter(tmp, n, feature_dim(cfg.backbone.name), attrs)
+    t_fwd = 0.0
+    t0 = time.perf_counter()
+    for rows, patches in batches:
+        t = time.perf_counter()
+        feats = extractor.extract(patches, size, cfg.transforms.mean, cfg.transforms.std)
+        t_fwd += time.perf_counter() - t
+        writer.add(feats.astype(np.float32), np.asarray(labels)[rows], [ids[i] for i in rows], np.asarray(boxes)[rows])
+    fstore.mark_complete(tmp, fstore.store_digest(tmp))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    wall = time.perf_counter() - t0
+    logger.info("%s features: %d patches in %.1f s (%.1f patches/s)", extra.get("kind"), n, wall, n / max(wall, 1e-9))
+    return {"rows": n, "wall_s": wall, "extract_s": t_fwd}
+
+
+@task(name="train-pass-features", persist_result=True)
+def train_pass_task(cfg: TrainFlowConfig, pass_index: int, key: str, out: str) -> str:
+    """Features of one training pass (cached on ``key``)."""
+    extract_train_pass(cfg, pass_index, Path(out))
+    return out
+
+
+@task(name="split-features", persist_result=True)
+def split_features_task(cfg: TrainFlowConfig, split: str, key: str, out: str) -> str:
+    """Features of a val/test split (cached on ``key``)."""
+    extract_split(cfg, split, Path(out))
+    return out

@@ -1,0 +1,167 @@
+"""Fit, validate and export stages: classifier on stored features, patch metrics, deployment bundle."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import joblib
+import numpy as np
+from prefect import task
+
+from storage import features as fstore
+from storage import layout
+from storage.fingerprint import CODE_VERSION
+from storage.geometry import GRID_POLICY
+from tasks.backbones import build_backbone, export_onnx, export_torchscript
+from tasks.config import import_object
+from tasks.features_task import backbone_digest, class_map
+from tasks.train_config import TrainFlowConfig
+
+logger = logging.getLogger("patchflow.model")
+
+
+def make_classifier(cfg: TrainFlowConfig) -> Any:
+    """Instantiate the configured scikit-learn classifier (seeded with core.seed when it takes a random_state)."""
+    cls = import_object(cfg.model.classifier)
+    params = dict(cfg.model.params)
+    try:
+        accepts = "random_state" in inspect.signature(cls).parameters
+    except (TypeError, ValueError):
+        accepts = False
+    if accepts:
+        params.setdefault("random_state", cfg.core.seed)
+    est = cls(**params)
+    if not (hasattr(est, "fit") and hasattr(est, "predict_proba")):
+        raise ValueError(f"model.classifier {cfg.model.classifier} must provide fit and predict_proba")
+    return est
+
+
+def fit_classifier(cfg: TrainFlowConfig, stores: list[str], out: Path) -> dict[str, Any]:
+    """Fit on the features of all training passes and save the classifier with joblib."""
+    X, y = fstore.concat_stores([Path(s) for s in stores])
+    keep = y >= 0
+    X, y = X[keep], y[keep]
+    if len(np.unique(y)) < 2:
+        raise ValueError("training features hold fewer than 2 classes; check class_to_skip_training and the dataset")
+    est = make_classifier(cfg)
+    est.fit(X, y)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + f".{os.getpid()}.tmp")
+    joblib.dump(est, tmp)
+    os.replace(tmp, out)
+    return {"rows": int(len(y)), "classes": sorted(int(c) for c in np.unique(y))}
+
+
+def validate(cfg: TrainFlowConfig, classifier_path: Path, store: Path, out_dir: Path) -> dict[str, Any]:
+    """Patch-level metrics of the classifier on a stored split; writes metrics.json and test_results.csv."""
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score, confusion_matrix, precision_recall_fscore_support
+
+    est = joblib.load(classifier_path)
+    X, y, ids, _ = fstore.load_features(store)
+    classes = class_map(cfg)
+    idx_to_class = {v: k for k, v in classes.items()}
+    skip = {classes[n] for n in (cfg.datamodule.class_to_skip_training or []) if n in classes}
+    y_eval = np.where(np.isin(y, list(skip)), -1, y)
+    proba = est.predict_proba(X)
+    pred = est.classes_[np.argmax(proba, axis=1)]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = ["sample,real_label,pred_label,probability"]
+    for s, t, p, pr in zip(ids.tolist(), y_eval.tolist(), pred.tolist(), proba.max(axis=1).tolist()):
+        rows.append(f"{s},{t},{p},{pr:.6f}")
+    (out_dir / "test_results.csv").write_text("\n".join(rows) + "\n")
+    known = y_eval >= 0
+    metrics: dict[str, Any] = {"n_patches": int(len(y)), "n_evaluated": int(known.sum())}
+    if known.any():
+        labels = sorted(set(y_eval[known].tolist()) | set(pred[known].tolist()))
+        p, r, f, s = precision_recall_fscore_support(y_eval[known], pred[known], labels=labels, zero_division=0)
+        metrics.update(
+            accuracy=float(accuracy_score(y_eval[known], pred[known])),
+            balanced_accuracy=float(balanced_accuracy_score(y_eval[known], pred[known])),
+            per_class={
+                idx_to_class.get(c, str(c)): {"precision": float(pi), "recall": float(ri), "f1": float(fi), "support": int(si)}
+                for c, pi, ri, fi, si in zip(labels, p, r, f, s)
+            },
+            confusion_matrix={
+                "labels": [idx_to_class.get(c, str(c)) for c in labels],
+                "matrix": confusion_matrix(y_eval[known], pred[known], labels=labels).tolist(),
+            },
+        )
+    layout.write_json(out_dir / "metrics.json", metrics)
+    return metrics
+
+
+def model_json(cfg: TrainFlowConfig) -> dict[str, Any]:
+    """``model.json``: the reference's keys plus patchflow's geometry policy and provenance."""
+    info = layout.read_info(Path(cfg.datamodule.data_path))
+    classes = class_map(cfg)
+    pn, ps = info.get("patch_number"), info.get("patch_size")
+    return {
+        "input_size": [[3, cfg.transforms.input_height, cfg.transforms.input_width]],
+        "classes": {str(v): k for k, v in sorted(classes.items(), key=lambda kv: kv[1])},
+        "mean": list(cfg.transforms.mean),
+        "std": list(cfg.transforms.std),
+        "horizontal_patches": pn[1] if pn else None,
+        "vertical_patches": pn[0] if pn else None,
+        "patch_height": ps[0] if ps else None,
+        "patch_width": ps[1] if ps else None,
+        "overlap": info.get("overlap", 0.0),
+        "reconstruction_method": cfg.task.reconstruction_method,
+        "class_to_skip": cfg.datamodule.class_to_skip_training,
+        "annotated_good": info.get("annotated_good"),
+        "grid_policy": GRID_POLICY,
+        "precision": cfg.task.precision,
+        "backbone": cfg.backbone.name,
+        "weights_digest": backbone_digest(cfg),
+        "patchflow_version": CODE_VERSION,
+    }
+
+
+def export_bundle(cfg: TrainFlowConfig, classifier_path: Path, out: Path) -> Path:
+    """Write ``deployment_model/`` (backbone export, classifier.joblib, model.json) atomically."""
+    tmp = out.with_name(out.name + f".{os.getpid()}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    size = (cfg.transforms.input_height, cfg.transforms.input_width)
+    model = build_backbone(cfg.backbone.name, cfg.backbone.weights)
+    if "torchscript" in cfg.export.types:
+        export_torchscript(model, tmp / "model.pt", size)
+    if "onnx" in cfg.export.types:
+        export_onnx(model, tmp / "model.onnx", size)
+    if "pytorch" in cfg.export.types:
+        import torch
+
+        torch.save(model.state_dict(), tmp / "model.pth")
+        (tmp / "model_config.yaml").write_text(
+            f"name: {cfg.backbone.name}\nweights: null\n"
+        )
+    shutil.copy2(classifier_path, tmp / "classifier.joblib")
+    (tmp / "model.json").write_text(json.dumps(model_json(cfg), indent=2) + "\n")
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return out
+
+
+@task(name="fit-classifier", persist_result=True)
+def fit_task(cfg: TrainFlowConfig, stores: list[str], key: str, out: str) -> str:
+    """Fit the classifier (cached on ``key``)."""
+    fit_classifier(cfg, stores, Path(out))
+    return out
+
+
+@task(name="export-bundle", persist_result=True)
+def export_task(cfg: TrainFlowConfig, classifier: str, key: str, out: str) -> str:
+    """Export the deployment bundle (cached on ``key``)."""
+    export_bundle(cfg, Path(classifier), Path(out))
+    return out
+
+
+@task(name="validate-patches", persist_result=True)
+def validate_task(cfg: TrainFlowConfig, classifier: str, store: str, key: str, out: str) -> dict[str, Any]:
+    """Patch-level validation metrics (cached on ``key``)."""
+    return validate(cfg, Path(classifier), Path(store), Path(out))

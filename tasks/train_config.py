@@ -1,0 +1,109 @@
+"""Configuration of the training flow: the reference experiment's sections and meanings."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field
+
+from tasks.backbones import SUPPORTED_BACKBONES
+from tasks.config import StrictModel
+
+BackboneName = Literal["resnet18", "resnet50", "mobilenet_v2", "efficientnet_b0", "dino_vitb8"]
+assert set(BackboneName.__args__) == set(SUPPORTED_BACKBONES)  # type: ignore[attr-defined]
+
+
+class DatamoduleSection(StrictModel):
+    """Which patch dataset and which of its samples."""
+
+    data_path: str = Field(description="Patch dataset folder (ours or Quadra's)")
+    train_filename: str = "dataset.txt"
+    include_filter: list[str] | None = Field(None, description="Keep only samples whose name contains one of these")
+    exclude_filter: list[str] | None = Field(None, description="Drop samples whose name contains one of these")
+    class_to_idx: dict[str, int] | None = Field(None, description="Class map; default: the dataset's own (patchflow.json)")
+    seed: int = 42
+    batch_size: int = Field(32, ge=1)
+    num_workers: int = Field(1, ge=0, description="Kept for config compatibility; decoding is done once per image")
+    balance_classes: bool = False
+    class_to_skip_training: list[str] | None = Field(None, description="Class names left out of training (-1 in validation)")
+
+
+class BackboneSection(StrictModel):
+    """Frozen pretrained feature extractor."""
+
+    name: BackboneName = Field("mobilenet_v2", description="Backbone architecture")
+    weights: str | None = Field("imagenet", description="'imagenet' (offline: file, hub cache or package), a file path, or null")
+    freeze: bool = True
+
+
+class TransformsSection(StrictModel):
+    """Patch preprocessing (the same for every split)."""
+
+    input_height: int = Field(224, ge=16)
+    input_width: int = Field(224, ge=16)
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+
+class TrainerSection(StrictModel):
+    """How many random passes over the training list."""
+
+    iteration_over_training: int = Field(20, ge=1, le=1000)
+
+
+class ModelSection(StrictModel):
+    """Any scikit-learn classifier by import path and keyword arguments."""
+
+    classifier: str = Field("sklearn.linear_model.LogisticRegression", description="Import path of the classifier class")
+    params: dict[str, Any] = Field(default_factory=lambda: {"max_iter": 10000})
+
+
+class AutoBatchSection(StrictModel):
+    """Halve the batch on out-of-memory (never on other errors)."""
+
+    starting_batch_size: int = Field(1024, ge=1)
+    disable: bool = True
+
+
+class TaskSection(StrictModel):
+    """Where and how to compute."""
+
+    device: str = Field("cpu", description="cpu, cuda or cuda:N")
+    automatic_batch_size: AutoBatchSection = Field(default_factory=AutoBatchSection)
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 = autocast (fast on AMX CPUs and recent GPUs)")
+    reconstruction_method: Literal["major_voting", "priority"] = "major_voting"
+
+
+class ExportSection(StrictModel):
+    """Deployment bundle formats."""
+
+    types: list[Literal["torchscript", "onnx", "pytorch"]] = Field(default_factory=lambda: ["torchscript"])
+
+
+class CoreSection(StrictModel):
+    """Run naming and the global seed."""
+
+    name: str = "sklearn-classification-patch"
+    tag: str = "run"
+    seed: int = 42
+    runs_folder: str = Field("runs", description="Run folders go to <runs_folder>/<name>/<timestamp>")
+
+
+STAGES = ("features", "val_features", "fit", "export", "validate")
+
+
+class TrainFlowConfig(StrictModel):
+    """Configuration of the training flow."""
+
+    datamodule: DatamoduleSection
+    backbone: BackboneSection = Field(default_factory=BackboneSection)
+    transforms: TransformsSection = Field(default_factory=TransformsSection)
+    trainer: TrainerSection = Field(default_factory=TrainerSection)
+    model: ModelSection = Field(default_factory=ModelSection)
+    task: TaskSection = Field(default_factory=TaskSection)
+    export: ExportSection = Field(default_factory=ExportSection)
+    core: CoreSection = Field(default_factory=CoreSection)
+    storage_root: str | None = Field(None, description="Results/cache/features root (default $PATCHFLOW_STORAGE_ROOT or ./.patchflow)")
+    force: list[Literal["features", "val_features", "fit", "export", "validate"]] = Field(
+        default_factory=list, description="Stages to recompute even when cached"
+    )

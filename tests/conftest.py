@@ -1,0 +1,54 @@
+"""Test isolation: a private PREFECT_HOME and storage root, set before anything imports prefect."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+_HOME = tempfile.mkdtemp(prefix="patchflow-test-prefect-")
+os.environ["PREFECT_HOME"] = _HOME
+os.environ.pop("PREFECT_API_URL", None)
+os.environ.update(
+    {
+        "DO_NOT_TRACK": "1",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
+        "PATCHFLOW_STORAGE_ROOT": str(Path(_HOME) / "patchflow-store"),
+    }
+)
+
+import pytest  # noqa: E402
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "mtd-dev"
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """A real (temporary-database) Prefect API for flow tests."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=90):
+        yield
+
+
+@pytest.fixture(scope="session")
+def mtd_dev() -> Path:
+    """The shared real magnetic-tile dataset (skips if absent)."""
+    if not (SHARED_DATA / "images").is_dir():
+        pytest.skip(f"{SHARED_DATA} not available")
+    return SHARED_DATA
+
+
+def task_states(flow_state) -> dict[str, str]:
+    """``{task name (without run suffix): state name}`` of the task runs of a finished flow run."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    flow_run_id = flow_state.state_details.flow_run_id
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    out: dict[str, str] = {}
+    for run in runs:
+        out[run.name.rsplit("-", 1)[0]] = run.state.name if run.state else "?"
+    return out
