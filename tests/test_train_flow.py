@@ -1,0 +1,132 @@
+"""End-to-end training flow on the synthetic demo data with real ImageNet MobileNetV2 weights."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import task_states
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def demo_patch_dataset(tmp_path_factory) -> Path:
+    from tasks import generate_patch_dataset, get_image_mask_association
+    from tasks.demo_data import make_demo_dataset
+
+    root = tmp_path_factory.mktemp("demo")
+    d = make_demo_dataset(root / "raw", n_images=14, size=(128, 160), seed=3)
+    assoc = get_image_mask_association(d["images"], d["masks"], mask_extension="_mask")
+    out = root / "patches"
+    generate_patch_dataset(assoc, d["class_to_idx"], val_size=0.3, test_size=0.0, patch_size=[64, 64], output_folder=str(out))
+    return out
+
+
+def _cfg(data: Path, tmp: Path, **over) -> dict:
+    cfg = {
+        "datamodule": {"data_path": str(data), "batch_size": 32},
+        "backbone": {"name": "mobilenet_v2", "weights": "imagenet"},
+        "transforms": {"input_height": 96, "input_width": 96},
+        "trainer": {"iteration_over_training": 2},
+        "core": {"runs_folder": str(tmp / "runs")},
+        "storage_root": str(tmp / "store"),
+    }
+    for k, v in over.items():
+        cfg[k] = {**cfg.get(k, {}), **v}
+    return cfg
+
+
+def test_train_flow_stages_are_cached_by_content(demo_patch_dataset: Path, tmp_path: Path, prefect_harness) -> None:
+    from flows.train import train_flow
+
+    cfg = _cfg(demo_patch_dataset, tmp_path)
+    state = train_flow(cfg, return_state=True)
+    assert state.is_completed()
+    res = state.result()
+    run = Path(res["run_dir"])
+    for name in ("config_resolved.yaml", "config_tree.txt", "main.log", "data/train_list.csv", "data/val_list.csv",
+                 "deployment_model/model.pt", "deployment_model/classifier.joblib", "deployment_model/model.json",
+                 "validation/metrics.json", "validation/test_results.csv"):
+        assert (run / name).is_file(), name
+    mj = json.loads((run / "deployment_model/model.json").read_text())
+    for key in ("input_size", "classes", "mean", "std", "horizontal_patches", "vertical_patches", "patch_height",
+                "patch_width", "overlap", "reconstruction_method", "class_to_skip", "grid_policy", "precision"):
+        assert key in mj
+    assert mj["patch_height"] == 64 and mj["input_size"] == [[3, 96, 96]]
+    assert 0.0 <= res["metrics"]["accuracy"] <= 1.0 and "confusion_matrix" in res["metrics"]
+    first = task_states(state)
+    assert len(first) == 5 and set(first.values()) == {"Completed"}
+
+    # a new process with the same storage root computes no feature task
+    cfg_file = tmp_path / "train.yaml"
+    import yaml
+
+    cfg_file.write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "PREFECT_LOGGING_LEVEL": "INFO"}
+    proc = subprocess.run([sys.executable, "-m", "flows.train", "--config", str(cfg_file)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = proc.stdout + proc.stderr
+    feature_lines = [line for line in log.splitlines() if "features-" in line and "Finished in state" in line]
+    assert len(feature_lines) == 3 and all("Cached" in line for line in feature_lines), feature_lines
+
+    # changing only the classifier reruns fit/export/validate, not features
+    state = train_flow(_cfg(demo_patch_dataset, tmp_path, model={"params": {"max_iter": 10000, "C": 0.3}}), return_state=True)
+    st = task_states(state)
+    assert st["train-pass-features"] == "Cached" and st["split-features"] == "Cached"
+    assert st["fit-classifier"] == "Completed" and st["validate-patches"] == "Completed"
+
+    # more passes compute only the new ones
+    state = train_flow(_cfg(demo_patch_dataset, tmp_path, trainer={"iteration_over_training": 3}), return_state=True)
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+    passes = sorted(r.state.name for r in runs if r.name.startswith("train-pass-features"))
+    assert passes == ["Cached", "Cached", "Completed"]
+
+
+def test_exported_backbone_reproduces_training_features(demo_patch_dataset: Path, tmp_path: Path) -> None:
+    """Export parity: the TorchScript backbone gives the stored val features on the same patches."""
+    import cv2
+    import torch
+
+    from storage import features as fstore
+    from tasks.backbones import preprocess
+    from tasks.features_task import extract_split
+    from tasks.model_task import export_bundle, fit_classifier
+    from tasks.train_config import TrainFlowConfig
+    from tasks.features_task import extract_train_pass
+
+    cfg = TrainFlowConfig.model_validate(_cfg(demo_patch_dataset, tmp_path))
+    extract_train_pass(cfg, 0, tmp_path / "p0.zarr")
+    extract_split(cfg, "val", tmp_path / "val.zarr")
+    fit_classifier(cfg, [str(tmp_path / "p0.zarr")], tmp_path / "clf.joblib")
+    bundle = export_bundle(cfg, tmp_path / "clf.joblib", tmp_path / "deployment_model")
+    X, y, ids, _ = fstore.load_features(tmp_path / "val.zarr")
+    ts = torch.jit.load(str(bundle / "model.pt"))
+    patches = [cv2.imread(str(demo_patch_dataset / p)) for p in ids[:8]]
+    with torch.inference_mode():
+        feats = ts(preprocess(patches, (96, 96))).numpy()
+    np.testing.assert_allclose(feats, X[:8], atol=1e-4, rtol=1e-4)
+
+
+def test_bad_backbone_config_errors(demo_patch_dataset: Path, tmp_path: Path) -> None:
+    from tasks.backbones import BackboneError
+    from tasks.config import ConfigError, validate_config
+    from tasks.features_task import extract_train_pass
+    from tasks.train_config import TrainFlowConfig
+
+    with pytest.raises(ConfigError, match="backbone.name"):
+        validate_config(TrainFlowConfig, _cfg(demo_patch_dataset, tmp_path, backbone={"name": "resnet181"}))
+    cfg = TrainFlowConfig.model_validate(_cfg(demo_patch_dataset, tmp_path, backbone={"weights": str(tmp_path / "nope.pth")}))
+    with pytest.raises(BackboneError, match="nope.pth"):
+        extract_train_pass(cfg, 0, tmp_path / "x.zarr")
