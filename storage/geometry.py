@@ -25,32 +25,34 @@ GRID_POLICY = "flush-last-patch+pad-bottom-right-replicate"
 
 
 def _axis_from_number(length: int, n: int, overlap: float) -> tuple[int, int]:
-    """Patch size and step covering ``length`` with ``n`` patches (Quadra's compute_patch_info)."""
+    """Patch size and step covering ``length`` with ``n`` patches, identical to Quadra's compute_patch_info.
+
+    Starts from the even split, then grows the step (while the grid still falls short) or the patch
+    until the grid covers the image with at most one extra patch flush with the border; after 100
+    tries it restarts from one pixel less of step. Floating-point expression kept as the reference's
+    so that datasets made by either tool get the same grid.
+    """
     if n < 1:
         raise ValueError(f"patch_number entries must be >= 1, got {n}")
-    if n == 1:
-        return length, length
-    p = math.ceil(length / (1 + (n - 1) * (1 - overlap)))
-    step = p - math.ceil(overlap * p)
-    original_p, original_step = p, step
-    iterations = 0
-    restarts = 0
+    p = int(np.ceil(length / (1 + (n - 1) - (n - 1) * overlap)))
+    step = p - int(np.ceil(overlap * p))
+    start_p, start_step = p, step
+    tries = restarts = 0
     while (n - 1) * step + p < length or (n - 2) * step + p > length:
-        if (n - 1) * step + p < length and (n - 1) * (step + 1) + p < length:
+        tries += 1
+        if (n - 1) * (step + 1) + p < length:
             step += 1
-        elif (n - 1) * step + p < length:
+        else:
             p += 1
-        else:  # second-to-last patch already overruns: shrink the step
-            step -= 1
-            p += 1
-        iterations += 1
-        if iterations > 100:
+        if tries == 100:
             restarts += 1
-            if restarts > 1000 or original_step - restarts < 1:
+            if restarts > 100:
                 raise ValueError(f"cannot fit {n} patches on {length} px with overlap {overlap}")
-            step, p, iterations = original_step - restarts, original_p, 0
-        if step < 1:
-            step = 1
+            step, p, tries = start_step - 1, start_p, 0
+    if n > 1 and step < 1:
+        raise ValueError(
+            f"{n} patches with overlap {overlap} on {length} px leave no step between patches; lower the overlap or patch_number"
+        )
     return p, step
 
 

@@ -154,7 +154,7 @@ def _process(job: _Job) -> _Result:
             if mask_data is not None:
                 dst.write_bytes(mask_data)
             else:
-                cv2.imwrite(str(dst), mask)
+                _imwrite(dst, mask)
             res.mask_entry = f"original/masks/{job.stem}.png"
         else:
             res.mask_entry = str(Path(job.mask).resolve())
@@ -178,7 +178,7 @@ def _process(job: _Job) -> _Result:
             )
         res.lines = dataset_lines(job.stem, good, comps, set(p.annotated_good), p.repeat_good_images, p.balance_defects)
         if components is not None and len(components.classes) > 1:
-            cv2.imwrite(str(root / "original" / "labelled_masks" / f"{job.stem}.png"), components.labels.astype(np.uint16))
+            _imwrite(root / "original" / "labelled_masks" / f"{job.stem}.png", components.labels.astype(np.uint16))
         for line in res.lines:
             cls = line.rsplit(",", 1)[1]
             res.counts[cls] = res.counts.get(cls, 0) + 1
@@ -196,13 +196,19 @@ def _process(job: _Job) -> _Result:
     split_dir = root / job.split
     for idx, ((y0, x0, y1, x1), (label, discard)) in enumerate(zip(grid.boxes().tolist(), labels)):
         name = layout.patch_name(job.stem, idx, discard)
-        cv2.imwrite(str(split_dir / label / name), padded[y0:y1, x0:x1])
+        _imwrite(split_dir / label / name, padded[y0:y1, x0:x1])
         if p.save_mask and pmask is not None:
             mdir = root / f"{job.split}_masks" / (p.mask_output_folder or "") / label
             mdir.mkdir(parents=True, exist_ok=True)
-            cv2.imwrite(str(mdir / layout.patch_name(job.stem, idx, discard, suffix=p.mask_extension)), pmask[y0:y1, x0:x1])
+            _imwrite(mdir / layout.patch_name(job.stem, idx, discard, suffix=p.mask_extension), pmask[y0:y1, x0:x1])
         res.counts[label] = res.counts.get(label, 0) + 1
     return res
+
+
+def _imwrite(path: Path, array: np.ndarray) -> None:
+    """Write a PNG or fail loudly (OpenCV only returns False on a full disk or a bad folder)."""
+    if not cv2.imwrite(str(path), array):
+        raise OSError(f"could not write {path} (disk full, read-only or missing folder?)")
 
 
 class _Workers:
@@ -225,7 +231,8 @@ class _Workers:
 
     def close(self) -> None:
         if self.pool is not None:
-            self.pool.shutdown(cancel_futures=True)
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool = None
 
 
 def _validate(
@@ -250,11 +257,17 @@ def _validate(
     if not class_to_idx or 0 not in class_to_idx.values():
         raise ValueError(f"class_to_idx must map a background class to 0, got {class_to_idx}")
     values = list(class_to_idx.values())
-    if len(set(values)) != len(values) or any(not isinstance(v, int) or v < 0 or v > 255 for v in values):
+    if len(set(values)) != len(values) or any(not isinstance(v, (int, np.integer)) or v < 0 or v > 255 for v in values):
         raise ValueError(f"class_to_idx values must be distinct integers in 0..255, got {class_to_idx}")
-    bad_names = [k for k in class_to_idx if not k or "," in k or "/" in k or k == layout.NONE_CLASS]
+    bad_names = [
+        k for k in class_to_idx
+        if not isinstance(k, str) or not k or k.startswith(".") or any(c in k for c in ",/\\") or k == layout.NONE_CLASS
+    ]
     if bad_names:
-        raise ValueError(f"class names {bad_names} cannot be used (no commas or slashes, not 'None', not empty)")
+        raise ValueError(
+            f"class names {bad_names} cannot be used: they name folders and dataset.txt fields "
+            "(no commas or slashes, no leading dot, not 'None', not empty)"
+        )
     if val_size < 0 or test_size < 0 or val_size + test_size > 1:
         raise ValueError(f"val_size and test_size must be >= 0 with a sum <= 1 (got {val_size}, {test_size})")
     for name in annotated_good or []:
@@ -333,7 +346,7 @@ def generate_patch_dataset(
             ) from None
     tmp = layout.temp_sibling(out)
     params = _Params(
-        root=str(tmp), final_root=str(out.resolve()), class_to_idx=dict(class_to_idx),
+        root=str(tmp), final_root=str(out.resolve()), class_to_idx={k: int(v) for k, v in class_to_idx.items()},
         patch_number=tuple(patch_number) if patch_number is not None else None,
         patch_size=tuple(patch_size) if patch_size is not None else None, overlap=float(overlap),
         save_original=save_original_images_and_masks, area_threshold=area_threshold,
@@ -357,6 +370,8 @@ def generate_patch_dataset(
         assignment, order = split_images(label_sets, val_size, test_size, seed, max(class_to_idx.values()) + 1)
         for job, split in zip(jobs, assignment):
             job.split = split
+            if job.values is None and split != "train":  # mask-less images land in <split>/None
+                (tmp / split / layout.NONE_CLASS).mkdir(exist_ok=True)
         ordered = [jobs[i] for i in order]
         results = workers.map(_process, ordered)
         info: dict[str, Any] = {
@@ -393,6 +408,7 @@ def generate_patch_dataset(
         )
         layout.publish(tmp, out)
     except BaseException:
+        workers.close()  # wait for running workers before removing the folder they write into
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:

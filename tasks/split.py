@@ -74,13 +74,15 @@ def split_images(
     if not annotated:
         logger.warning("no image has a mask: every image goes to test")
         return out, order.tolist()
-    want_val = val_size * n
-    want_test = max(0.0, test_size * n - n_none)
+    m = len(annotated)
+    if n_none > test_size * n:  # test is exactly the mask-less images; val is a share of the annotated ones
+        want_val, want_test = val_size * m, 0.0
+    else:
+        want_val, want_test = val_size * n, test_size * n - n_none
     if n_none > test_size * n:
         logger.warning(
             "%d images without a mask exceed the requested test share (%.2f): they all go to test", n_none, test_size
         )
-    m = len(annotated)
     want_train = max(0.0, m - want_val - want_test)
     fractions = np.array([want_train, want_val, want_test]) / max(m, 1)
     fractions = fractions / fractions.sum()

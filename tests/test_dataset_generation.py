@@ -460,12 +460,6 @@ def test_rerun_replaces_dataset(synth, tmp_path):
     assert tree_digest(out) == tree_digest(tmp_path / "fresh")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="with num_workers > 1 a failing run removes the temp folder while the other worker is still "
-    "writing into it (rmtree in `except` runs before workers.close()): the worker recreates folders "
-    "(save_mask mkdir(parents=True)) or races rmtree, leaving a .<name>.tmp-* sibling full of patches",
-)
 def test_failing_run_with_two_workers_leaves_no_temp_folder(tmp_path):
     n = 40
     dd = make_dataset(tmp_path / "src", n=n, h=96, w=128, n_empty=2)
@@ -482,11 +476,6 @@ def test_failing_run_with_two_workers_leaves_no_temp_folder(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="val_size=1.0 sends mask-less images to val, but val/None/ is never created and cv2.imwrite's "
-    "False return is ignored: their patches are silently lost (info.json and the sidecar still list them)",
-)
 def test_val_only_split_keeps_maskless_patches(tmp_path):
     dd = make_dataset(tmp_path / "src", n=6, n_empty=1, n_none=2)
     out = tmp_path / "ds"

@@ -65,12 +65,6 @@ def test_rows_start_flush_224_3x75():
     assert sorted(set(g.origins()[:, 0].tolist())) == [0, 75, 149]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="repair loop differs from Quadra's: on a 2nd-to-last overrun patchflow does step-=1,p+=1 "
-    "while Quadra grows p for 100 iterations then restarts from (original_step-1, original_p); "
-    "also 1+(n-1)(1-ov) vs Quadra's 1+(n-1)-(n-1)*ov rounds differently",
-)
 @pytest.mark.parametrize(
     "length, n, overlap, patch, step",
     [
@@ -171,11 +165,6 @@ def test_unfittable_patch_number_raises_instead_of_hanging():
         compute_patch_info(1084, 64, 120, 2, 0.6)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_axis_from_number returns step 0 at high overlap (e.g. 20 px, 2 patches, overlap 0.99): "
-    "all patches coincide (duplicate patches), while _axis_from_size rejects step < 1",
-)
 def test_patch_number_never_returns_zero_step():
     try:
         (p, step), _ = compute_patch_info(20, 20, 2, 2, 0.99)

@@ -123,12 +123,6 @@ def test_iterative_stratification_balances_labels():
     assert (sizes[0], sizes[1], sizes[2]) == (30, 18, 12)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="when mask-less images exceed test_size, val_size is applied to ALL images (val_size*n) instead of "
-    "the annotated pool (spec §2.3 step 5): 10 annotated + 10 mask-less with val_size=0.5 puts every "
-    "annotated image in val and leaves train empty",
-)
 def test_maskless_beyond_test_share_keeps_train_split():
     ls = [{0, 1}] * 10 + [None] * 10
     assign, _ = split_images(ls, 0.5, 0.1, 0, 2)

@@ -1,0 +1,100 @@
+"""Benchmark: training flow on ../shared/data/mtd-dev; writes JSON.
+
+Measures the feature stage's patches/s against the bare backbone forward on the same batches,
+the first-run wall, the rerun wall after a classifier change, and peak RSS.
+
+Usage: python -m benchmarks.train [--backbone resnet18|mobilenet_v2] [--passes 3] [--precision fp32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.dataset_generation import DEFAULT_DATA
+
+
+def bare_forward_rate(cfg, n_batches: int = 6) -> float:
+    """Patches/s of preprocess + forward alone on the first batches of pass 0 (no sampling, no I/O)."""
+    from pathlib import Path as P
+
+    from tasks.features_task import _extractor, class_map
+    from tasks.sampling import draw_pass, iter_pass_patches, load_info, order_by_image, read_train_list
+
+    dm = cfg.datamodule
+    entries = read_train_list(P(dm.data_path), dm.train_filename)
+    s = order_by_image(draw_pass(P(dm.data_path), entries, class_map(cfg), dm.seed, 0, info=load_info(P(dm.data_path))))
+    batches = [p for _, p in zip(range(n_batches), (b for _, b in iter_pass_patches(s, dm.batch_size)))]
+    ex = _extractor(cfg)
+    size = (cfg.transforms.input_height, cfg.transforms.input_width)
+    ex.extract(batches[0], size)  # warm-up
+    t = time.perf_counter()
+    n = 0
+    for b in batches:
+        ex.extract(b, size)
+        n += len(b)
+    return n / (time.perf_counter() - t)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    ap.add_argument("--backbone", default="mobilenet_v2")
+    ap.add_argument("--weights", default="imagenet")
+    ap.add_argument("--passes", type=int, default=3)
+    ap.add_argument("--precision", default="fp32")
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/train.json"))
+    args = ap.parse_args()
+
+    from flows.train import train_flow
+    from tasks import generate_patch_dataset, get_image_mask_association
+    from tasks.train_config import TrainFlowConfig
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        classes = json.loads((args.data / "class_to_idx.json").read_text())
+        assoc = get_image_mask_association(str(args.data / "images"), str(args.data / "masks"), mask_extension="_mask")
+        generate_patch_dataset(assoc, classes, val_size=0.3, test_size=0.1, patch_number=[2, 2],
+                               output_folder=str(tmp / "ds"), num_workers=2)
+        base = {
+            "datamodule": {"data_path": str(tmp / "ds"), "batch_size": 32},
+            "backbone": {"name": args.backbone, "weights": args.weights},
+            "trainer": {"iteration_over_training": args.passes},
+            "task": {"precision": args.precision},
+            "core": {"runs_folder": str(tmp / "runs")},
+            "storage_root": str(tmp / "store"),
+        }
+        cfg = TrainFlowConfig.model_validate(base)
+        bare = bare_forward_rate(cfg)
+        t = time.perf_counter()
+        res = train_flow(cfg)
+        first = time.perf_counter() - t
+        log = (Path(res["run_dir"]) / "main.log").read_text()
+        rates = [float(line.rsplit("(", 1)[1].split()[0]) for line in log.splitlines() if "train features:" in line]
+        base["model"] = {"params": {"max_iter": 10000, "C": 0.5}}
+        t = time.perf_counter()
+        train_flow(TrainFlowConfig.model_validate(base))
+        rerun = time.perf_counter() - t
+    result = {
+        "benchmark": "train",
+        "backbone": args.backbone, "precision": args.precision, "passes": args.passes,
+        "bare_forward_patches_per_s": round(bare, 1),
+        "feature_stage_patches_per_s": [round(r, 1) for r in rates],
+        "feature_stage_vs_bare": round((sum(rates) / len(rates)) / bare, 3) if rates else None,
+        "first_run_wall_s": round(first, 1),
+        "rerun_after_classifier_change_wall_s": round(rerun, 1),
+        "rerun_share_of_first": round(rerun / first, 3),
+        "val_metrics": {k: res["metrics"].get(k) for k in ("accuracy", "balanced_accuracy", "n_evaluated")},
+        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
