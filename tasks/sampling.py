@@ -27,6 +27,7 @@ import h5py
 import numpy as np
 
 from storage.geometry import pad_to, safe_crop_origin
+from tasks.triangulation import sample_points
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")
 NONE_CLASS = "None"
@@ -281,13 +282,7 @@ def draw_pass(
             cy = rng.integers(0, H, size=k)
             cx = rng.integers(0, W, size=k)
         else:
-            t = rng.choice(rec.triangles.shape[0], size=k, p=rec.weights)
-            r = rng.random((k, 2))
-            s = np.sqrt(r[:, 0])[:, None]
-            r2 = r[:, 1][:, None]
-            A, B, C = rec.triangles[t, 0], rec.triangles[t, 1], rec.triangles[t, 2]
-            P = (1.0 - s) * A + (s * (1.0 - r2)) * B + (s * r2) * C
-            c = np.floor(P).astype(np.int64)
+            c = np.floor(sample_points(rec.triangles, rec.weights, k, rng)).astype(np.int64)
             cy = np.clip(c[:, 0], 0, H - 1)
             cx = np.clip(c[:, 1], 0, W - 1)
         y0 = safe_crop_origin(cy, ph, max(H, ph))
