@@ -9,7 +9,6 @@ anywhere in its path).
 from __future__ import annotations
 
 import logging
-import os
 from collections import defaultdict
 from pathlib import Path
 
@@ -89,7 +88,3 @@ def get_image_mask_association(
     logger.info("%d images with a mask, %d without", len(out) - missing, missing)
     return out
 
-
-def image_files_digest_list(association: list[dict[str, str | None]]) -> list[str | None]:
-    """Flat list of the files an association refers to (images then masks), for content keys."""
-    return [os.fspath(a["path"]) for a in association] + [a["mask"] for a in association]

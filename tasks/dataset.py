@@ -40,7 +40,6 @@ class _Params:
     """Everything a worker needs, sent once per worker."""
 
     root: str  # temporary output root
-    final_root: str
     class_to_idx: dict[str, int]
     patch_number: tuple[int, int] | None
     patch_size: tuple[int, int] | None
@@ -346,7 +345,7 @@ def generate_patch_dataset(
             ) from None
     tmp = layout.temp_sibling(out)
     params = _Params(
-        root=str(tmp), final_root=str(out.resolve()), class_to_idx={k: int(v) for k, v in class_to_idx.items()},
+        root=str(tmp), class_to_idx={k: int(v) for k, v in class_to_idx.items()},
         patch_number=tuple(patch_number) if patch_number is not None else None,
         patch_size=tuple(patch_size) if patch_size is not None else None, overlap=float(overlap),
         save_original=save_original_images_and_masks, area_threshold=area_threshold,
