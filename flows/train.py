@@ -50,18 +50,18 @@ def train_flow(config: TrainFlowConfig) -> dict[str, Any]:
             key = train_pass_key(cfg, dkey, wdig, p)
             out = store_path(root, key)
             stale = "features" in cfg.force or not fstore.is_complete(out)
-            stores.append(_cached(train_pass_task, root, stale)(cfg, p, key, str(out)))
+            stores.append(_cached(train_pass_task, root, stale)(cfg, p, key, str(out), wdig))
         vkey = split_key(cfg, dkey, wdig, "val")
         vout = store_path(root, vkey)
         val_store = _cached(split_features_task, root, "val_features" in cfg.force or not fstore.is_complete(vout))(
-            cfg, "val", vkey, str(vout)
+            cfg, "val", vkey, str(vout), wdig
         )
         fkey = combine("fit", *sorted(Path(s).name for s in stores), params_digest(cfg.model.model_dump(mode="json")), str(cfg.core.seed))
         fout = root / "models" / f"{fkey[:32]}.joblib"
         clf = _cached(fit_task, root, "fit" in cfg.force or not fout.is_file())(cfg, stores, fkey, str(fout))
-        ekey = combine("export", fkey, params_digest({"types": cfg.export.types, "model_json": model_json(cfg)}))
+        ekey = combine("export", fkey, params_digest({"types": cfg.export.types, "model_json": model_json(cfg, wdig)}))
         eout = root / "bundles" / ekey[:32] / "deployment_model"
-        bundle = _cached(export_task, root, "export" in cfg.force or not (eout / "model.json").is_file())(cfg, clf, ekey, str(eout))
+        bundle = _cached(export_task, root, "export" in cfg.force or not (eout / "model.json").is_file())(cfg, clf, ekey, str(eout), wdig)
         skip = sorted(cfg.datamodule.class_to_skip_training or [])
         vkey2 = combine("validate", fkey, Path(val_store).name, params_digest(skip))
         vdir = root / "validation" / vkey2[:32]

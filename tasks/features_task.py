@@ -9,6 +9,7 @@ changing the classifier computes none.
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -128,8 +129,13 @@ class _ChunkWriter:
             self.feats, self.labels, self.ids, self.boxes, self.count = [f[n:]], [l[n:]], ids[n:], [b[n:]], rest
 
 
-def extract_train_pass(cfg: TrainFlowConfig, pass_index: int, out: Path) -> dict[str, Any]:
-    """Draw pass ``pass_index`` and store its features at ``out``; returns timing figures."""
+def extract_train_pass(
+    cfg: TrainFlowConfig, pass_index: int, out: Path, weights_digest: str | None = None
+) -> dict[str, Any]:
+    """Draw pass ``pass_index`` and store its features at ``out``; returns timing figures.
+
+    ``weights_digest`` (from :func:`backbone_digest`) avoids hashing the weights file again.
+    """
     dm = cfg.datamodule
     data_path = Path(dm.data_path)
     classes = class_map(cfg)
@@ -141,10 +147,10 @@ def extract_train_pass(cfg: TrainFlowConfig, pass_index: int, out: Path) -> dict
     samples = order_by_image(draw_pass(data_path, entries, classes, dm.seed, pass_index, info=load_info(data_path)))
     ids = [f"{entries[i].h5_name}#{i}" for i in samples.entry_index.tolist()]
     return _extract(cfg, out, len(samples), iter_pass_patches(samples, cfg.datamodule.batch_size),
-                    samples.label, ids, samples.box, {"kind": "train", "pass_index": pass_index})
+                    samples.label, ids, samples.box, {"kind": "train", "pass_index": pass_index}, weights_digest)
 
 
-def extract_split(cfg: TrainFlowConfig, split: str, out: Path) -> dict[str, Any]:
+def extract_split(cfg: TrainFlowConfig, split: str, out: Path, weights_digest: str | None = None) -> dict[str, Any]:
     """Store the features of every patch of ``split`` (val/test) at ``out``."""
     dm = cfg.datamodule
     data_path = Path(dm.data_path)
@@ -166,16 +172,16 @@ def extract_split(cfg: TrainFlowConfig, split: str, out: Path) -> dict[str, Any]
             yield np.arange(s, s + len(patches)), patches
 
     boxes = np.full((len(items), 4), -1, dtype=np.int64)
-    return _extract(cfg, out, len(items), batches(), labels, ids, boxes, {"kind": split})
+    return _extract(cfg, out, len(items), batches(), labels, ids, boxes, {"kind": split}, weights_digest)
 
 
-def _extract(cfg: TrainFlowConfig, out: Path, n: int, batches, labels, ids, boxes, extra: dict[str, Any]) -> dict[str, Any]:
+def _extract(
+    cfg: TrainFlowConfig, out: Path, n: int, batches, labels, ids, boxes, extra: dict[str, Any], wdigest: str | None
+) -> dict[str, Any]:
     extractor = _extractor(cfg)
     size = (cfg.transforms.input_height, cfg.transforms.input_width)
-    attrs = {**_feature_params(cfg, backbone_digest(cfg)), **extra}
+    attrs = {**_feature_params(cfg, wdigest or backbone_digest(cfg)), **extra}
     tmp = out.with_name(out.name + ".partial")
-    import shutil
-
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.parent.mkdir(parents=True, exist_ok=True)
     writer = _ChunkWriter(tmp, n, feature_dim(cfg.backbone.name), attrs)
@@ -195,14 +201,14 @@ def _extract(cfg: TrainFlowConfig, out: Path, n: int, batches, labels, ids, boxe
 
 
 @task(name="train-pass-features", persist_result=True)
-def train_pass_task(cfg: TrainFlowConfig, pass_index: int, key: str, out: str) -> str:
+def train_pass_task(cfg: TrainFlowConfig, pass_index: int, key: str, out: str, weights_digest: str) -> str:
     """Features of one training pass (cached on ``key``)."""
-    extract_train_pass(cfg, pass_index, Path(out))
+    extract_train_pass(cfg, pass_index, Path(out), weights_digest)
     return out
 
 
 @task(name="split-features", persist_result=True)
-def split_features_task(cfg: TrainFlowConfig, split: str, key: str, out: str) -> str:
+def split_features_task(cfg: TrainFlowConfig, split: str, key: str, out: str, weights_digest: str) -> str:
     """Features of a val/test split (cached on ``key``)."""
-    extract_split(cfg, split, Path(out))
+    extract_split(cfg, split, Path(out), weights_digest)
     return out

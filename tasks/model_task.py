@@ -96,7 +96,7 @@ def validate(cfg: TrainFlowConfig, classifier_path: Path, store: Path, out_dir: 
     return metrics
 
 
-def model_json(cfg: TrainFlowConfig) -> dict[str, Any]:
+def model_json(cfg: TrainFlowConfig, weights_digest: str | None = None) -> dict[str, Any]:
     """``model.json``: the reference's keys plus patchflow's geometry policy and provenance."""
     info = layout.read_info(Path(cfg.datamodule.data_path))
     classes = class_map(cfg)
@@ -117,12 +117,12 @@ def model_json(cfg: TrainFlowConfig) -> dict[str, Any]:
         "grid_policy": GRID_POLICY,
         "precision": cfg.task.precision,
         "backbone": cfg.backbone.name,
-        "weights_digest": backbone_digest(cfg),
+        "weights_digest": weights_digest or backbone_digest(cfg),
         "patchflow_version": CODE_VERSION,
     }
 
 
-def export_bundle(cfg: TrainFlowConfig, classifier_path: Path, out: Path) -> Path:
+def export_bundle(cfg: TrainFlowConfig, classifier_path: Path, out: Path, weights_digest: str | None = None) -> Path:
     """Write ``deployment_model/`` (backbone export, classifier.joblib, model.json) atomically."""
     tmp = out.with_name(out.name + f".{os.getpid()}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -141,7 +141,7 @@ def export_bundle(cfg: TrainFlowConfig, classifier_path: Path, out: Path) -> Pat
             f"name: {cfg.backbone.name}\nweights: null\n"
         )
     shutil.copy2(classifier_path, tmp / "classifier.joblib")
-    (tmp / "model.json").write_text(json.dumps(model_json(cfg), indent=2) + "\n")
+    (tmp / "model.json").write_text(json.dumps(model_json(cfg, weights_digest), indent=2) + "\n")
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     return out
@@ -155,9 +155,9 @@ def fit_task(cfg: TrainFlowConfig, stores: list[str], key: str, out: str) -> str
 
 
 @task(name="export-bundle", persist_result=True)
-def export_task(cfg: TrainFlowConfig, classifier: str, key: str, out: str) -> str:
+def export_task(cfg: TrainFlowConfig, classifier: str, key: str, out: str, weights_digest: str) -> str:
     """Export the deployment bundle (cached on ``key``)."""
-    export_bundle(cfg, Path(classifier), Path(out))
+    export_bundle(cfg, Path(classifier), Path(out), weights_digest)
     return out
 
 
