@@ -21,14 +21,16 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from storage.layout import DatasetFormatError
+
 
 @dataclass
 class SamplingRegion:
     """Content of one h5 file."""
 
     img_path: str
-    patch_size: tuple[int, int]
-    triangles: np.ndarray  # (T, 3, 2) int32 (y, x), or empty
+    patch_size: tuple[int, int]  # (0, 0) when absent (read side only)
+    triangles: np.ndarray  # (T, 3, 2) (y, x): int32 when written, float64 when read; or empty
     weights: np.ndarray  # (T,) float64, or empty
     mask_path: str | None = None
     labelled_index: int | None = None
@@ -53,28 +55,49 @@ def write_region(path: Path, region: SamplingRegion) -> None:
 
 def _text(value: object) -> str:
     if isinstance(value, bytes):
-        return value.decode()
+        return value.decode("utf-8")
     if isinstance(value, np.ndarray):
-        return _text(value.item())
+        return _text(value.ravel()[0])
     return str(value)
 
 
 def read_region(path: Path) -> SamplingRegion:
-    """Read an h5 sampling file written by patchflow or by Quadra."""
-    missing = []
-    with h5py.File(path, "r") as f:
-        for key in ("img_path", "patch_size", "triangles", "triangles_weights"):
-            if key not in f:
-                missing.append(key)
-        if missing:
-            raise ValueError(f"{path} lacks datasets {missing}: not a patch-dataset h5 file; regenerate the dataset")
-        tri = np.asarray(f["triangles"][()])
-        w = np.asarray(f["triangles_weights"][()], dtype=np.float64)
-        return SamplingRegion(
-            img_path=_text(f["img_path"][()]),
-            patch_size=tuple(int(v) for v in np.asarray(f["patch_size"][()]).ravel()[:2]),
-            triangles=tri.astype(np.int64) if tri.size else np.zeros((0, 3, 2), np.int64),
-            weights=w if tri.size else np.zeros((0,), np.float64),
-            mask_path=_text(f["mask_path"][()]) if "mask_path" in f else None,
-            labelled_index=int(f["labelled_index"][()]) if "labelled_index" in f else None,
+    """Read and check an h5 sampling file written by patchflow or by Quadra.
+
+    Triangles come back as float64 ``(T, 3, 2)`` with weights normalised to sum 1, or empty arrays when
+    the whole image is sampled; ``patch_size`` is ``(0, 0)`` when the file has none.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetFormatError(f"{path} not found (listed in the train list); regenerate the dataset or remove its lines")
+    try:
+        with h5py.File(path, "r") as f:
+            missing = [k for k in ("img_path", "triangles", "triangles_weights") if k not in f]
+            if missing:
+                raise DatasetFormatError(f"{path} lacks dataset(s) {missing}; it is not a patch-dataset train file")
+            img_path = _text(f["img_path"][()])
+            ps = np.asarray(f["patch_size"][()]).ravel() if "patch_size" in f else None
+            tri = np.asarray(f["triangles"][()])
+            w = np.asarray(f["triangles_weights"][()])
+            mask_path = _text(f["mask_path"][()]) if "mask_path" in f else None
+            labelled_index = int(f["labelled_index"][()]) if "labelled_index" in f else None
+    except DatasetFormatError:
+        raise
+    except (OSError, KeyError, ValueError) as exc:
+        raise DatasetFormatError(f"cannot read h5 file {path} ({exc}); regenerate the dataset") from exc
+    patch_size = (0, 0)
+    if ps is not None:
+        if ps.size != 2 or np.any(ps < 1):
+            raise DatasetFormatError(f"{path}: patch_size must be 2 positive ints, got {ps.tolist()}")
+        patch_size = (int(ps[0]), int(ps[1]))
+    if tri.size == 0:
+        return SamplingRegion(img_path, patch_size, np.zeros((0, 3, 2)), np.zeros(0), mask_path, labelled_index)
+    if tri.ndim != 3 or tri.shape[1:] != (3, 2):
+        raise DatasetFormatError(f"{path}: triangles must have shape (T, 3, 2), got {tri.shape}")
+    w = w.astype(np.float64).ravel()
+    if w.shape[0] != tri.shape[0] or not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
+        raise DatasetFormatError(
+            f"{path}: triangles_weights must be {tri.shape[0]} finite non-negative values with a "
+            f"positive sum, got shape {w.shape}"
         )
+    return SamplingRegion(img_path, patch_size, tri.astype(np.float64), w / w.sum(), mask_path, labelled_index)

@@ -59,20 +59,32 @@ def write_info(root: Path, info: dict[str, Any]) -> None:
     write_json(root / INFO_FILE, {k: info.get(k) for k in INFO_KEYS})
 
 
+class DatasetFormatError(ValueError):
+    """The patch dataset on disk is malformed; the message names the file and the fix."""
+
+
 def read_info(root: Path) -> dict[str, Any]:
-    """Read ``info.json``; a clear error if the folder is not a patch dataset."""
+    """Read and check ``info.json``; a clear error if the folder is not a patch dataset."""
     path = Path(root) / INFO_FILE
     if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} not found: {root} is not a patch dataset (generate one with flows.dataset / generate_patch_dataset)"
+        raise DatasetFormatError(
+            f"{Path(root)} is not a patch dataset: {path} not found. Point data_path at the folder "
+            "that holds info.json, train/, val/ and test/ (as written by the dataset generation stage)."
         )
     try:
-        info = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path} is not valid JSON ({exc}); regenerate the dataset") from exc
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DatasetFormatError(f"{path} is not valid JSON ({exc}); regenerate the patch dataset") from exc
+    if not isinstance(info, dict):
+        raise DatasetFormatError(f"{path} must hold a JSON object, got {type(info).__name__}")
     missing = [k for k in INFO_KEYS if k not in info]
     if missing:
-        raise ValueError(f"{path} lacks keys {missing}; regenerate the dataset")
+        raise DatasetFormatError(f"{path} lacks keys {missing}; regenerate the patch dataset")
+    ps = info.get("patch_size")
+    if ps is not None and (
+        not isinstance(ps, (list, tuple)) or len(ps) != 2 or any(not isinstance(v, int) or v < 1 for v in ps)
+    ):
+        raise DatasetFormatError(f"{path}: patch_size must be null or [height, width] positive ints, got {ps!r}")
     return info
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import cv2
 import numpy as np
@@ -91,16 +91,34 @@ def decode_mask(
     return np.ascontiguousarray(mask), plain
 
 
-def image_size(data: bytes, path: str | Path) -> tuple[int, int]:
-    """``(height, width)`` from an image's header when possible, else by decoding."""
+def _header_size(source: Any) -> tuple[int, int] | None:
+    """``(height, width)`` from an image header (path or file object), None if PIL cannot tell."""
     try:
-        from io import BytesIO
+        import warnings
 
         from PIL import Image
 
-        with Image.open(BytesIO(data)) as im:
-            w, h = im.size
-            return int(h), int(w)
-    except Exception:  # noqa: BLE001 - fall back to a full decode, which raises the clear error
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. decompression-bomb warnings on huge images
+            with Image.open(source) as im:
+                w, h = im.size
+                return int(h), int(w)
+    except Exception:  # noqa: BLE001 - unknown to PIL, truncated...: the caller decodes instead
+        return None
+
+
+def image_size(data: bytes, path: str | Path) -> tuple[int, int]:
+    """``(height, width)`` of image bytes from the header when possible, else by decoding."""
+    from io import BytesIO
+
+    size = _header_size(BytesIO(data))
+    if size is None:
         img = decode_image(data, path)
-        return int(img.shape[0]), int(img.shape[1])
+        size = int(img.shape[0]), int(img.shape[1])
+    return size
+
+
+def file_image_size(path: str | Path) -> tuple[int, int]:
+    """``(height, width)`` of an image file, reading only its header when possible."""
+    size = _header_size(str(path))
+    return size if size is not None else image_size(read_bytes(path), path)

@@ -15,26 +15,21 @@ Differences from the reference (``quadra/datasets/patch.py``), on purpose:
 
 from __future__ import annotations
 
-import json
 import os
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import cv2
-import h5py
 import numpy as np
 
 from storage.geometry import pad_to, safe_crop_origin
+from storage.h5files import read_region
+from storage.layout import NONE_CLASS, DatasetFormatError, read_info, resolve_path
+from storage.layout import PATCH_EXTENSIONS as IMAGE_EXTENSIONS
+from tasks.imageio import InputDataError, file_image_size
 from tasks.triangulation import sample_points
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")
-NONE_CLASS = "None"
-
-
-class DatasetFormatError(ValueError):
-    """The patch dataset on disk is malformed; the message names the file and the fix."""
 
 
 @dataclass(frozen=True)
@@ -63,26 +58,7 @@ class PassSamples:
 # ----------------------------------------------------------------------------------------- info
 
 
-def load_info(data_path: Path) -> dict:
-    """Read ``<data_path>/info.json``."""
-    p = Path(data_path) / "info.json"
-    if not p.is_file():
-        raise DatasetFormatError(
-            f"{Path(data_path)} is not a patch dataset: {p} not found. Point data_path at the folder "
-            "that holds info.json, train/, val/ and test/ (as written by the dataset generation stage)."
-        )
-    try:
-        info = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DatasetFormatError(f"{p} is not valid JSON ({exc}); regenerate the patch dataset") from exc
-    if not isinstance(info, dict):
-        raise DatasetFormatError(f"{p} must hold a JSON object, got {type(info).__name__}")
-    ps = info.get("patch_size")
-    if ps is not None and (
-        not isinstance(ps, (list, tuple)) or len(ps) != 2 or any(not isinstance(v, int) or v < 1 for v in ps)
-    ):
-        raise DatasetFormatError(f"{p}: patch_size must be null or [height, width] positive ints, got {ps!r}")
-    return info
+load_info = read_info  # the dataset's checked info.json
 
 
 # ------------------------------------------------------------------------------------ train list
@@ -157,49 +133,13 @@ class _H5Record:
 
 
 def _read_h5(h5_path: Path, data_path: Path) -> _H5Record:
-    """Read the sampling record of one train h5 file."""
-    if not h5_path.is_file():
-        raise DatasetFormatError(
-            f"{h5_path} not found (listed in the train list). Regenerate the dataset or remove its lines."
-        )
-    try:
-        with h5py.File(h5_path, "r") as f:
-            missing = [k for k in ("img_path", "triangles", "triangles_weights") if k not in f]
-            if missing:
-                raise DatasetFormatError(
-                    f"{h5_path} lacks dataset(s) {missing}; it is not a patch-dataset train file"
-                )
-            raw = f["img_path"][()]
-            ps = np.asarray(f["patch_size"][()]).ravel() if "patch_size" in f else None
-            tri = np.asarray(f["triangles"][()])
-            w = np.asarray(f["triangles_weights"][()])
-    except DatasetFormatError:
-        raise
-    except (OSError, KeyError, ValueError) as exc:
-        raise DatasetFormatError(f"cannot read h5 file {h5_path} ({exc}); regenerate the dataset") from exc
-    if isinstance(raw, np.ndarray):
-        raw = raw.ravel()[0]
-    img = raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)
-    img_p = Path(img)
-    if not img_p.is_absolute():
-        img_p = Path(data_path) / img_p
-    image = str(img_p.resolve())
-    patch_size = None
-    if ps is not None:
-        if ps.size != 2 or np.any(ps < 1):
-            raise DatasetFormatError(f"{h5_path}: patch_size must be 2 positive ints, got {ps.tolist()}")
-        patch_size = (int(ps[0]), int(ps[1]))
-    if tri.size == 0:
+    """Read the sampling record of one train h5 file (image path resolved against the dataset)."""
+    region = read_region(h5_path)
+    image = str(resolve_path(region.img_path, data_path).resolve())
+    patch_size = region.patch_size if region.patch_size != (0, 0) else None
+    if not len(region.triangles):
         return _H5Record(image, patch_size, None, None)
-    if tri.ndim != 3 or tri.shape[1:] != (3, 2):
-        raise DatasetFormatError(f"{h5_path}: triangles must have shape (T, 3, 2), got {tri.shape}")
-    w = w.astype(np.float64).ravel()
-    if w.shape[0] != tri.shape[0] or not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
-        raise DatasetFormatError(
-            f"{h5_path}: triangles_weights must be {tri.shape[0]} finite non-negative values with a "
-            f"positive sum, got shape {w.shape}"
-        )
-    return _H5Record(image, patch_size, tri.astype(np.float64), w / w.sum())
+    return _H5Record(image, patch_size, region.triangles, region.weights)
 
 
 # EXIF orientation is ignored everywhere (as in tasks.imageio): masks, triangles and boxes all live
@@ -208,21 +148,11 @@ _IMREAD_FLAGS = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
 
 
 def _image_size(path: str) -> tuple[int, int]:
-    """(H, W) of an image as decoded with ``_IMREAD_FLAGS``; header-only when PIL knows the format."""
+    """(H, W) of an image in the stored pixel frame (header only when possible)."""
     try:
-        from PIL import Image
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with Image.open(path) as im:
-                w, h = im.size
-                return int(h), int(w)
-    except Exception:  # noqa: BLE001 - unknown to PIL, huge or truncated: let OpenCV decide
-        pass
-    img = cv2.imread(path, _IMREAD_FLAGS)
-    if img is None:
-        raise DatasetFormatError(f"cannot read image {path}; check that it exists and is a valid image")
-    return int(img.shape[0]), int(img.shape[1])
+        return file_image_size(path)
+    except InputDataError as exc:
+        raise DatasetFormatError(str(exc)) from None
 
 
 def _resolve_patch_size(rec: _H5Record, info: dict, h5_path: Path) -> tuple[int, int]:
