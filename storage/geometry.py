@@ -16,8 +16,8 @@ Conventions
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
-from typing import Any, Sequence
+from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 
@@ -131,9 +131,6 @@ class PatchGrid:
     def crop(self, array: np.ndarray) -> np.ndarray:
         """Undo :meth:`pad` on a reconstructed map."""
         return array[: self.height, : self.width]
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def pad_to(array: np.ndarray, shape: tuple[int, int], is_mask: bool = False) -> np.ndarray:

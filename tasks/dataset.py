@@ -25,7 +25,7 @@ from storage import layout
 from storage.fingerprint import CODE_VERSION
 from storage.geometry import GRID_POLICY, PatchGrid, compute_grid, validate_geometry_params
 from storage.h5files import SamplingRegion, write_region
-from tasks.imageio import InputDataError, decode_image, decode_mask, image_size, read_bytes
+from tasks.imageio import InputDataError, decode_image, decode_mask, file_image_size, read_bytes
 from tasks.labelling import label_components, label_patches
 from tasks.regions import compute_regions, dataset_lines
 from tasks.split import split_images
@@ -99,8 +99,7 @@ def _load_mask(job: _Job, p: _Params) -> tuple[np.ndarray | None, bytes | None]:
 def _scan(job: _Job) -> tuple[tuple[int, int], list[int] | None, bool]:
     """Phase 1: image size from its header, mask values (for the split), all validated."""
     p = _PARAMS
-    data = read_bytes(job.path)
-    h, w = image_size(data, job.path)
+    h, w = file_image_size(job.path)  # header only: the pixels are decoded once, in phase 2
     mask, mask_data = _load_mask(job, p)
     if mask is None:
         return (h, w), None if p.missing_mask == "test" else [0], False
