@@ -13,6 +13,7 @@ import multiprocessing
 import os
 import pickle
 import shutil
+import threading
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -217,7 +218,9 @@ class _Workers:
         self.pool: ProcessPoolExecutor | None = None
         self.chunk = max(1, math.ceil(n_jobs / (num_workers * 4)))
         if num_workers > 1 and n_jobs > 1:
-            ctx = multiprocessing.get_context("forkserver")
+            # fork is cheapest but unsafe in a multi-threaded process (Prefect's engine runs threads)
+            method = "fork" if threading.active_count() == 1 and os.name == "posix" else "forkserver"
+            ctx = multiprocessing.get_context(method)
             self.pool = ProcessPoolExecutor(num_workers, mp_context=ctx, initializer=_init_worker, initargs=(params,))
         else:
             _init_worker(params)
