@@ -26,7 +26,7 @@ from tasks.features_task import (
     train_pass_key,
     train_pass_task,
 )
-from tasks.model_task import export_task, fit_task, model_json, validate_task
+from tasks.model_task import export_backbone_task, export_task, fit_task, model_json, validate_task
 from tasks.run_folder import attach_log, detach_log, make_run_dir, write_data_record
 from tasks.train_config import TrainFlowConfig
 
@@ -59,9 +59,15 @@ def train_flow(config: TrainFlowConfig) -> dict[str, Any]:
         fkey = combine("fit", *sorted(Path(s).name for s in stores), params_digest(cfg.model.model_dump(mode="json")), str(cfg.core.seed))
         fout = root / "models" / f"{fkey[:32]}.joblib"
         clf = _cached(fit_task, root, "fit" in cfg.force or not fout.is_file())(cfg, stores, fkey, str(fout))
-        ekey = combine("export", fkey, params_digest({"types": cfg.export.types, "model_json": model_json(cfg, wdig)}))
+        size = [cfg.transforms.input_height, cfg.transforms.input_width]
+        bkey = combine("backbone-export", wdig, params_digest({"name": cfg.backbone.name, "size": size, "types": cfg.export.types}))
+        bout = root / "backbones" / bkey[:32]
+        backbone = _cached(export_backbone_task, root, "export" in cfg.force or not bout.is_dir())(cfg, bkey, str(bout))
+        ekey = combine("export", fkey, bkey, params_digest(model_json(cfg, wdig)))
         eout = root / "bundles" / ekey[:32] / "deployment_model"
-        bundle = _cached(export_task, root, "export" in cfg.force or not (eout / "model.json").is_file())(cfg, clf, ekey, str(eout), wdig)
+        bundle = _cached(export_task, root, "export" in cfg.force or not (eout / "model.json").is_file())(
+            cfg, clf, backbone, ekey, str(eout), wdig
+        )
         skip = sorted(cfg.datamodule.class_to_skip_training or [])
         vkey2 = combine("validate", fkey, Path(val_store).name, params_digest(skip))
         vdir = root / "validation" / vkey2[:32]

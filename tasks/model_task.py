@@ -122,11 +122,25 @@ def model_json(cfg: TrainFlowConfig, weights_digest: str | None = None) -> dict[
     }
 
 
-def export_bundle(cfg: TrainFlowConfig, classifier_path: Path, out: Path, weights_digest: str | None = None) -> Path:
-    """Write ``deployment_model/`` (backbone export, classifier.joblib, model.json) atomically."""
+def _replace_dir(tmp: Path, out: Path) -> Path:
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return out
+
+
+def _fresh_tmp(out: Path) -> Path:
     tmp = out.with_name(out.name + f".{os.getpid()}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    return tmp
+
+
+def export_backbone(cfg: TrainFlowConfig, out: Path) -> Path:
+    """Export the frozen backbone in every configured format into ``out`` (atomically).
+
+    It depends only on the backbone, its weights and the input size, never on the classifier.
+    """
+    tmp = _fresh_tmp(out)
     size = (cfg.transforms.input_height, cfg.transforms.input_width)
     model = build_backbone(cfg.backbone.name, cfg.backbone.weights)
     if "torchscript" in cfg.export.types:
@@ -137,14 +151,30 @@ def export_bundle(cfg: TrainFlowConfig, classifier_path: Path, out: Path, weight
         import torch
 
         torch.save(model.state_dict(), tmp / "model.pth")
-        (tmp / "model_config.yaml").write_text(
-            f"name: {cfg.backbone.name}\nweights: null\n"
-        )
+        (tmp / "model_config.yaml").write_text(f"name: {cfg.backbone.name}\nweights: null\n")
+    return _replace_dir(tmp, out)
+
+
+def export_bundle(
+    cfg: TrainFlowConfig,
+    classifier_path: Path,
+    out: Path,
+    weights_digest: str | None = None,
+    backbone_dir: Path | None = None,
+) -> Path:
+    """Write ``deployment_model/`` (backbone export, classifier.joblib, model.json) atomically.
+
+    ``backbone_dir``: an :func:`export_backbone` folder to copy from instead of exporting again.
+    """
+    tmp = _fresh_tmp(out)
+    if backbone_dir is None:
+        backbone_dir = export_backbone(cfg, tmp / "backbone")
+    for f in sorted(Path(backbone_dir).iterdir()):
+        shutil.copy2(f, tmp / f.name)
+    shutil.rmtree(tmp / "backbone", ignore_errors=True)
     shutil.copy2(classifier_path, tmp / "classifier.joblib")
     (tmp / "model.json").write_text(json.dumps(model_json(cfg, weights_digest), indent=2) + "\n")
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
-    return out
+    return _replace_dir(tmp, out)
 
 
 @task(name="fit-classifier", persist_result=True)
@@ -154,10 +184,17 @@ def fit_task(cfg: TrainFlowConfig, stores: list[str], key: str, out: str) -> str
     return out
 
 
+@task(name="export-backbone", persist_result=True)
+def export_backbone_task(cfg: TrainFlowConfig, key: str, out: str) -> str:
+    """Export the backbone (cached on ``key``: weights, input size, formats)."""
+    export_backbone(cfg, Path(out))
+    return out
+
+
 @task(name="export-bundle", persist_result=True)
-def export_task(cfg: TrainFlowConfig, classifier: str, key: str, out: str, weights_digest: str) -> str:
-    """Export the deployment bundle (cached on ``key``)."""
-    export_bundle(cfg, Path(classifier), Path(out), weights_digest)
+def export_task(cfg: TrainFlowConfig, classifier: str, backbone: str, key: str, out: str, weights_digest: str) -> str:
+    """Assemble the deployment bundle from the exported backbone and the classifier (cached on ``key``)."""
+    export_bundle(cfg, Path(classifier), Path(out), weights_digest, Path(backbone))
     return out
 
 

@@ -62,7 +62,7 @@ def test_train_flow_stages_are_cached_by_content(demo_patch_dataset: Path, tmp_p
     assert mj["patch_height"] == 64 and mj["input_size"] == [[3, 96, 96]]
     assert 0.0 <= res["metrics"]["accuracy"] <= 1.0 and "confusion_matrix" in res["metrics"]
     first = task_states(state)
-    assert len(first) == 5 and set(first.values()) == {"Completed"}
+    assert len(first) == 6 and set(first.values()) == {"Completed"}
 
     # a new process with the same storage root computes no feature task
     cfg_file = tmp_path / "train.yaml"
@@ -82,6 +82,7 @@ def test_train_flow_stages_are_cached_by_content(demo_patch_dataset: Path, tmp_p
     st = task_states(state)
     assert st["train-pass-features"] == "Cached" and st["split-features"] == "Cached"
     assert st["fit-classifier"] == "Completed" and st["validate-patches"] == "Completed"
+    assert st["export-bundle"] == "Completed" and st["export-backbone"] == "Cached"  # no re-trace
 
     # more passes compute only the new ones
     state = train_flow(_cfg(demo_patch_dataset, tmp_path, trainer={"iteration_over_training": 3}), return_state=True)
