@@ -45,7 +45,7 @@ def dataset_flow(config: DatasetFlowConfig) -> str:
     build = generate_task.with_options(
         cache_policy=content_policy(root), result_storage=results_dir(root), refresh_cache=stale
     )
-    return build(association, class_to_idx, config.dataset, key)
+    return build(association, class_to_idx, config.dataset, key, config.force)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

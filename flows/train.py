@@ -31,8 +31,11 @@ from tasks.run_folder import attach_log, detach_log, make_run_dir, write_data_re
 from tasks.train_config import TrainFlowConfig
 
 
-def _cached(task_fn, root: Path, refresh: bool):
-    return task_fn.with_options(cache_policy=content_policy(root), result_storage=results_dir(root), refresh_cache=refresh)
+def _stage(task_fn, root: Path, force: bool, done: bool):
+    """A stage's task with the content-keyed cache; refreshed when forced or when its output is missing."""
+    return task_fn.with_options(
+        cache_policy=content_policy(root), result_storage=results_dir(root), refresh_cache=force or not done
+    )
 
 
 @flow(name="patchflow-train")
@@ -40,40 +43,43 @@ def train_flow(config: TrainFlowConfig) -> dict[str, Any]:
     """Train a patch classifier on a patch dataset; returns the run folder, bundle and val metrics."""
     cfg = validate_config(TrainFlowConfig, config)
     root = storage_root(cfg.storage_root)
+    force = set(cfg.force)
     run = make_run_dir(cfg)
     log = attach_log(run)
     try:
         write_data_record(cfg, run)
         dkey, wdig = dataset_key(cfg.datamodule.data_path), backbone_digest(cfg)
+        f = "features" in force
         stores = []
         for p in range(cfg.trainer.iteration_over_training):
             key = train_pass_key(cfg, dkey, wdig, p)
             out = store_path(root, key)
-            stale = "features" in cfg.force or not fstore.is_complete(out)
-            stores.append(_cached(train_pass_task, root, stale)(cfg, p, key, str(out), wdig))
+            stores.append(_stage(train_pass_task, root, f, fstore.is_complete(out))(cfg, p, key, str(out), wdig, f))
         vkey = split_key(cfg, dkey, wdig, "val")
         vout = store_path(root, vkey)
-        val_store = _cached(split_features_task, root, "val_features" in cfg.force or not fstore.is_complete(vout))(
-            cfg, "val", vkey, str(vout), wdig
-        )
+        f = "val_features" in force
+        val_store = _stage(split_features_task, root, f, fstore.is_complete(vout))(cfg, "val", vkey, str(vout), wdig, f)
+
         fkey = combine("fit", *sorted(Path(s).name for s in stores), params_digest(cfg.model.model_dump(mode="json")), str(cfg.core.seed))
         fout = root / "models" / f"{fkey[:32]}.joblib"
-        clf = _cached(fit_task, root, "fit" in cfg.force or not fout.is_file())(cfg, stores, fkey, str(fout))
+        f = "fit" in force
+        clf = _stage(fit_task, root, f, fout.is_file())(cfg, stores, fkey, str(fout), f)
+
         size = [cfg.transforms.input_height, cfg.transforms.input_width]
         bkey = combine("backbone-export", wdig, params_digest({"name": cfg.backbone.name, "size": size, "types": cfg.export.types}))
         bout = root / "backbones" / bkey[:32]
-        backbone = _cached(export_backbone_task, root, "export" in cfg.force or not bout.is_dir())(cfg, bkey, str(bout))
+        f = "export" in force
+        backbone = _stage(export_backbone_task, root, f, bout.is_dir())(cfg, bkey, str(bout), f)
         ekey = combine("export", fkey, bkey, params_digest(model_json(cfg, wdig)))
         eout = root / "bundles" / ekey[:32] / "deployment_model"
-        bundle = _cached(export_task, root, "export" in cfg.force or not (eout / "model.json").is_file())(
-            cfg, clf, backbone, ekey, str(eout), wdig
-        )
+        bundle = _stage(export_task, root, f, (eout / "model.json").is_file())(cfg, clf, backbone, ekey, str(eout), wdig, f)
+
         skip = sorted(cfg.datamodule.class_to_skip_training or [])
         vkey2 = combine("validate", fkey, Path(val_store).name, params_digest(skip))
         vdir = root / "validation" / vkey2[:32]
-        metrics = _cached(validate_task, root, "validate" in cfg.force or not (vdir / "metrics.json").is_file())(
-            cfg, clf, val_store, vkey2, str(vdir)
-        )
+        f = "validate" in force
+        metrics = _stage(validate_task, root, f, (vdir / "metrics.json").is_file())(cfg, clf, val_store, vkey2, str(vdir), f)
+
         shutil.copytree(bundle, run / "deployment_model")
         shutil.copytree(vdir, run / "validation")
         return {"run_dir": str(run), "bundle": str(run / "deployment_model"), "metrics": metrics}

@@ -10,6 +10,7 @@ import copy
 import difflib
 import hashlib
 import importlib.util
+import logging
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -21,6 +22,8 @@ import numpy as np
 import torch
 from torch import nn
 from torchvision import models
+
+logger = logging.getLogger("patchflow.backbones")
 
 SUPPORTED_BACKBONES: tuple[str, ...] = ("resnet18", "resnet50", "mobilenet_v2", "efficientnet_b0", "dino_vitb8")
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
@@ -271,6 +274,18 @@ def _is_oom(exc: BaseException) -> bool:
         isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
 
 
+def cpu_has_fast_bf16() -> bool:
+    """True when this CPU runs bf16 natively (AMX or AVX512-BF16); elsewhere bf16 autocast is emulated."""
+    cap = torch.backends.cpu.get_cpu_capability()
+    if cap in ("AVX512_BF16", "AMX"):
+        return True
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
 class FeatureExtractor:
     """Runs a backbone over batches of patches on one device at fp32 or bf16 precision."""
 
@@ -285,6 +300,11 @@ class FeatureExtractor:
         self.batch_size = int(batch_size)
         self.automatic_batch_size = bool(automatic_batch_size)
         self.model = model.to(self.device, memory_format=torch.channels_last).eval()
+        if precision == "bf16" and self.device.type == "cpu" and not cpu_has_fast_bf16():
+            logger.warning(
+                "precision bf16 on a CPU without AMX/AVX512-BF16 (%s) is emulated and much slower than fp32; "
+                "use task.precision=fp32 here", torch.backends.cpu.get_cpu_capability(),
+            )
 
     def _autocast(self):
         if self.precision == "bf16":

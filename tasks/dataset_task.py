@@ -106,15 +106,16 @@ def fingerprint_task(association: list[dict[str, Any]], class_to_idx: dict[str, 
 
 @task(name="generate-patch-dataset", persist_result=True)
 def generate_task(
-    association: list[dict[str, Any]], class_to_idx: dict[str, int], gen: GenerationSection, key: str
+    association: list[dict[str, Any]], class_to_idx: dict[str, int], gen: GenerationSection, key: str, force: bool = False
 ) -> str:
-    """Build the patch dataset; returns its folder (cached on ``key``)."""
-    kwargs = gen.model_dump(exclude={"missing_mask", "mask_preprocessing"})
-    pre = import_object(gen.mask_preprocessing) if gen.mask_preprocessing else None
-    generate_patch_dataset(
-        [dict(a) for a in association], class_to_idx, mask_preprocessing=pre,
-        missing_mask=gen.missing_mask, fingerprint=key, **kwargs,
-    )
+    """Build the patch dataset; returns its folder (cached on ``key``; reused if a concurrent run built it)."""
+    if force or not dataset_is_current(gen.output_folder, key):
+        kwargs = gen.model_dump(exclude={"missing_mask", "mask_preprocessing"})
+        pre = import_object(gen.mask_preprocessing) if gen.mask_preprocessing else None
+        generate_patch_dataset(
+            [dict(a) for a in association], class_to_idx, mask_preprocessing=pre,
+            missing_mask=gen.missing_mask, fingerprint=key, **kwargs,
+        )
     return str(Path(gen.output_folder).resolve())
 
 

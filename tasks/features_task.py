@@ -9,6 +9,7 @@ changing the classifier computes none.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
@@ -181,7 +182,7 @@ def _extract(
     extractor = _extractor(cfg)
     size = (cfg.transforms.input_height, cfg.transforms.input_width)
     attrs = {**_feature_params(cfg, wdigest or backbone_digest(cfg)), **extra}
-    tmp = out.with_name(out.name + ".partial")
+    tmp = out.with_name(out.name + f".{os.getpid()}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.parent.mkdir(parents=True, exist_ok=True)
     writer = _ChunkWriter(tmp, n, feature_dim(cfg.backbone.name), attrs)
@@ -201,14 +202,20 @@ def _extract(
 
 
 @task(name="train-pass-features", persist_result=True)
-def train_pass_task(cfg: TrainFlowConfig, pass_index: int, key: str, out: str, weights_digest: str) -> str:
-    """Features of one training pass (cached on ``key``)."""
-    extract_train_pass(cfg, pass_index, Path(out), weights_digest)
+def train_pass_task(
+    cfg: TrainFlowConfig, pass_index: int, key: str, out: str, weights_digest: str, force: bool = False
+) -> str:
+    """Features of one training pass (cached on ``key``; a store completed meanwhile by a concurrent run is reused)."""
+    if force or not fstore.is_complete(Path(out)):
+        extract_train_pass(cfg, pass_index, Path(out), weights_digest)
     return out
 
 
 @task(name="split-features", persist_result=True)
-def split_features_task(cfg: TrainFlowConfig, split: str, key: str, out: str, weights_digest: str) -> str:
-    """Features of a val/test split (cached on ``key``)."""
-    extract_split(cfg, split, Path(out), weights_digest)
+def split_features_task(
+    cfg: TrainFlowConfig, split: str, key: str, out: str, weights_digest: str, force: bool = False
+) -> str:
+    """Features of a val/test split (cached on ``key``; reused if a concurrent run completed it)."""
+    if force or not fstore.is_complete(Path(out)):
+        extract_split(cfg, split, Path(out), weights_digest)
     return out

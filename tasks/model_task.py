@@ -55,6 +55,7 @@ def fit_classifier(cfg: TrainFlowConfig, stores: list[str], out: Path) -> dict[s
     tmp = out.with_name(out.name + f".{os.getpid()}.tmp")
     joblib.dump(est, tmp)
     os.replace(tmp, out)
+    logger.info("fitted %s on %d feature rows", type(est).__name__, len(y))
     return {"rows": int(len(y)), "classes": sorted(int(c) for c in np.unique(y))}
 
 
@@ -178,27 +179,37 @@ def export_bundle(
 
 
 @task(name="fit-classifier", persist_result=True)
-def fit_task(cfg: TrainFlowConfig, stores: list[str], key: str, out: str) -> str:
-    """Fit the classifier (cached on ``key``)."""
-    fit_classifier(cfg, stores, Path(out))
+def fit_task(cfg: TrainFlowConfig, stores: list[str], key: str, out: str, force: bool = False) -> str:
+    """Fit the classifier (cached on ``key``; reused if a concurrent run wrote it)."""
+    if force or not Path(out).is_file():
+        fit_classifier(cfg, stores, Path(out))
     return out
 
 
 @task(name="export-backbone", persist_result=True)
-def export_backbone_task(cfg: TrainFlowConfig, key: str, out: str) -> str:
+def export_backbone_task(cfg: TrainFlowConfig, key: str, out: str, force: bool = False) -> str:
     """Export the backbone (cached on ``key``: weights, input size, formats)."""
-    export_backbone(cfg, Path(out))
+    if force or not Path(out).is_dir():
+        export_backbone(cfg, Path(out))
     return out
 
 
 @task(name="export-bundle", persist_result=True)
-def export_task(cfg: TrainFlowConfig, classifier: str, backbone: str, key: str, out: str, weights_digest: str) -> str:
+def export_task(
+    cfg: TrainFlowConfig, classifier: str, backbone: str, key: str, out: str, weights_digest: str, force: bool = False
+) -> str:
     """Assemble the deployment bundle from the exported backbone and the classifier (cached on ``key``)."""
-    export_bundle(cfg, Path(classifier), Path(out), weights_digest, Path(backbone))
+    if force or not (Path(out) / "model.json").is_file():
+        export_bundle(cfg, Path(classifier), Path(out), weights_digest, Path(backbone))
     return out
 
 
 @task(name="validate-patches", persist_result=True)
-def validate_task(cfg: TrainFlowConfig, classifier: str, store: str, key: str, out: str) -> dict[str, Any]:
+def validate_task(
+    cfg: TrainFlowConfig, classifier: str, store: str, key: str, out: str, force: bool = False
+) -> dict[str, Any]:
     """Patch-level validation metrics (cached on ``key``)."""
+    metrics = Path(out) / "metrics.json"
+    if not force and metrics.is_file():
+        return json.loads(metrics.read_text())
     return validate(cfg, Path(classifier), Path(store), Path(out))
