@@ -29,7 +29,9 @@ def bare_forward_rate(cfg, n_batches: int = 6) -> float:
     entries = read_train_list(P(dm.data_path), dm.train_filename)
     s = order_by_image(draw_pass(P(dm.data_path), entries, class_map(cfg), dm.seed, 0, info=load_info(P(dm.data_path))))
     batches = [p for _, p in zip(range(n_batches), (b for _, b in iter_pass_patches(s, dm.batch_size)))]
-    ex = _extractor(cfg)
+    import tempfile as _t
+
+    ex = _extractor(cfg, Path(_t.mkdtemp()) / "onnx")
     size = (cfg.transforms.input_height, cfg.transforms.input_width)
     ex.extract(batches[0], size)  # warm-up
     t = time.perf_counter()
@@ -47,6 +49,7 @@ def main() -> None:
     ap.add_argument("--weights", default="imagenet")
     ap.add_argument("--passes", type=int, default=3)
     ap.add_argument("--precision", default="fp32")
+    ap.add_argument("--runtime", default="auto", choices=["auto", "torch", "onnxruntime"])
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/train.json"))
     args = ap.parse_args()
 
@@ -64,7 +67,7 @@ def main() -> None:
             "datamodule": {"data_path": str(tmp / "ds"), "batch_size": 32},
             "backbone": {"name": args.backbone, "weights": args.weights},
             "trainer": {"iteration_over_training": args.passes},
-            "task": {"precision": args.precision},
+            "task": {"precision": args.precision, "runtime": args.runtime},
             "core": {"runs_folder": str(tmp / "runs")},
             "storage_root": str(tmp / "store"),
         }
@@ -81,7 +84,7 @@ def main() -> None:
         rerun = time.perf_counter() - t
     result = {
         "benchmark": "train",
-        "backbone": args.backbone, "precision": args.precision, "passes": args.passes,
+        "backbone": args.backbone, "precision": args.precision, "passes": args.passes, "runtime": args.runtime,
         "bare_forward_patches_per_s": round(bare, 1),
         "feature_stage_patches_per_s": [round(r, 1) for r in rates],
         "feature_stage_vs_bare": round((sum(rates) / len(rates)) / bare, 3) if rates else None,

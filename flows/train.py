@@ -26,7 +26,7 @@ from tasks.features_task import (
     train_pass_key,
     train_pass_task,
 )
-from tasks.model_task import export_backbone_task, export_task, fit_task, model_json, validate_task
+from tasks.model_task import export_backbone_task, export_task, export_types, fit_task, model_json, validate_task
 from tasks.run_folder import attach_log, detach_log, make_run_dir, write_data_record
 from tasks.train_config import TrainFlowConfig
 
@@ -66,7 +66,7 @@ def train_flow(config: TrainFlowConfig) -> dict[str, Any]:
         clf = _stage(fit_task, root, f, fout.is_file())(cfg, stores, fkey, str(fout), f)
 
         size = [cfg.transforms.input_height, cfg.transforms.input_width]
-        bkey = combine("backbone-export", wdig, params_digest({"name": cfg.backbone.name, "size": size, "types": cfg.export.types}))
+        bkey = combine("backbone-export", wdig, params_digest({"name": cfg.backbone.name, "size": size, "types": export_types(cfg)}))
         bout = root / "backbones" / bkey[:32]
         f = "export" in force
         backbone = _stage(export_backbone_task, root, f, bout.is_dir())(cfg, bkey, str(bout), f)

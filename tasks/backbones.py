@@ -398,3 +398,39 @@ def export_onnx(model: nn.Module, path: Path, input_size: tuple[int, int] = (224
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+# --------------------------------------------------------------------------- ONNX Runtime
+
+
+class OnnxBackbone(nn.Module):
+    """An exported ONNX backbone run by ONNX Runtime on the CPU, usable wherever the torch module is."""
+
+    def __init__(self, path: Path, threads: int | None = None) -> None:
+        super().__init__()
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise BackboneError("runtime onnxruntime needs the `onnxruntime` package: pip install onnxruntime") from None
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = int(threads or torch.get_num_threads())
+        so.inter_op_num_threads = 1
+        self.path = str(path)
+        self.session = ort.InferenceSession(self.path, so, providers=["CPUExecutionProvider"])
+        self.input_name = self.session.get_inputs()[0].name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        arr = x.detach().to("cpu", torch.float32).contiguous().numpy()
+        return torch.from_numpy(self.session.run(None, {self.input_name: arr})[0])
+
+
+def onnx_backbone(name: str, weights: str | os.PathLike[str] | None, input_size: tuple[int, int],
+                  cache_dir: Path, digest: str | None = None) -> OnnxBackbone:
+    """ONNX Runtime version of :func:`build_backbone`, exported once into ``cache_dir`` (keyed by weights digest)."""
+    digest = digest or weights_digest(resolve_weights(name, weights), name)
+    path = Path(cache_dir) / f"{name}-{hashlib.sha256(digest.encode()).hexdigest()[:16]}-{input_size[0]}x{input_size[1]}.onnx"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        export_onnx(build_backbone(name, weights), path, input_size)
+    return OnnxBackbone(path)
+

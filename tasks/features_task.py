@@ -8,6 +8,7 @@ changing the classifier computes none.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import shutil
@@ -22,7 +23,8 @@ from prefect import task
 from storage import features as fstore
 from storage import layout
 from storage.fingerprint import CODE_VERSION, combine, params_digest, tree_digest
-from tasks.backbones import FeatureExtractor, build_backbone, feature_dim, resolve_weights, weights_digest
+from tasks.backbones import FeatureExtractor, build_backbone, feature_dim, onnx_backbone, resolve_weights, weights_digest
+from tasks.config import ConfigError
 from tasks.sampling import balance_entries, draw_pass, iter_pass_patches, list_split, load_info, order_by_image, read_train_list
 from tasks.train_config import TrainFlowConfig
 
@@ -56,6 +58,17 @@ def backbone_digest(cfg: TrainFlowConfig) -> str:
     return weights_digest(resolve_weights(cfg.backbone.name, cfg.backbone.weights), cfg.backbone.name)
 
 
+def feature_runtime(cfg: TrainFlowConfig) -> str:
+    """The runtime that computes features: ``torch`` or ``onnxruntime`` (``auto`` resolved for this machine)."""
+    task = cfg.task
+    plain_cpu = task.device == "cpu" and task.precision == "fp32"
+    if task.runtime == "auto":
+        return "onnxruntime" if plain_cpu and importlib.util.find_spec("onnxruntime") else "torch"
+    if task.runtime == "onnxruntime" and not plain_cpu:
+        raise ConfigError("task.runtime=onnxruntime runs on device cpu at precision fp32 only; use task.runtime=torch")
+    return task.runtime
+
+
 def _feature_params(cfg: TrainFlowConfig, wdigest: str) -> dict[str, Any]:
     return {
         "code": CODE_VERSION,
@@ -63,6 +76,7 @@ def _feature_params(cfg: TrainFlowConfig, wdigest: str) -> dict[str, Any]:
         "weights": wdigest,
         "transforms": cfg.transforms.model_dump(mode="json"),
         "precision": cfg.task.precision,
+        "runtime": feature_runtime(cfg),
     }
 
 
@@ -89,8 +103,12 @@ def store_path(root: Path, key: str) -> Path:
     return root / "features" / f"{key[:32]}.zarr"
 
 
-def _extractor(cfg: TrainFlowConfig) -> FeatureExtractor:
-    model = build_backbone(cfg.backbone.name, cfg.backbone.weights)
+def _extractor(cfg: TrainFlowConfig, onnx_cache: Path, wdigest: str | None = None) -> FeatureExtractor:
+    size = (cfg.transforms.input_height, cfg.transforms.input_width)
+    if feature_runtime(cfg) == "onnxruntime":
+        model = onnx_backbone(cfg.backbone.name, cfg.backbone.weights, size, onnx_cache, wdigest)
+    else:
+        model = build_backbone(cfg.backbone.name, cfg.backbone.weights)
     auto = cfg.task.automatic_batch_size
     batch = cfg.datamodule.batch_size if auto.disable else auto.starting_batch_size
     return FeatureExtractor(model, cfg.task.device, cfg.task.precision, batch, automatic_batch_size=not auto.disable)
@@ -179,9 +197,10 @@ def extract_split(cfg: TrainFlowConfig, split: str, out: Path, weights_digest: s
 def _extract(
     cfg: TrainFlowConfig, out: Path, n: int, batches, labels, ids, boxes, extra: dict[str, Any], wdigest: str | None
 ) -> dict[str, Any]:
-    extractor = _extractor(cfg)
+    wdigest = wdigest or backbone_digest(cfg)
+    extractor = _extractor(cfg, out.parent / "onnx", wdigest)
     size = (cfg.transforms.input_height, cfg.transforms.input_width)
-    attrs = {**_feature_params(cfg, wdigest or backbone_digest(cfg)), **extra}
+    attrs = {**_feature_params(cfg, wdigest), **extra}
     tmp = out.with_name(out.name + f".{os.getpid()}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.parent.mkdir(parents=True, exist_ok=True)

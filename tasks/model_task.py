@@ -20,7 +20,7 @@ from storage.fingerprint import CODE_VERSION
 from storage.geometry import GRID_POLICY
 from tasks.backbones import build_backbone, export_onnx, export_torchscript
 from tasks.config import import_object
-from tasks.features_task import backbone_digest, class_map
+from tasks.features_task import backbone_digest, class_map, feature_runtime
 from tasks.train_config import TrainFlowConfig
 
 logger = logging.getLogger("patchflow.model")
@@ -117,6 +117,7 @@ def model_json(cfg: TrainFlowConfig, weights_digest: str | None = None) -> dict[
         "annotated_good": info.get("annotated_good"),
         "grid_policy": GRID_POLICY,
         "precision": cfg.task.precision,
+        "runtime": feature_runtime(cfg),
         "backbone": cfg.backbone.name,
         "weights_digest": weights_digest or backbone_digest(cfg),
         "patchflow_version": CODE_VERSION,
@@ -136,6 +137,14 @@ def _fresh_tmp(out: Path) -> Path:
     return tmp
 
 
+def export_types(cfg: TrainFlowConfig) -> list[str]:
+    """Formats to export: the configured ones, plus ONNX when features were computed with ONNX Runtime."""
+    types = set(cfg.export.types)
+    if feature_runtime(cfg) == "onnxruntime":
+        types.add("onnx")
+    return sorted(types)
+
+
 def export_backbone(cfg: TrainFlowConfig, out: Path) -> Path:
     """Export the frozen backbone in every configured format into ``out`` (atomically).
 
@@ -144,11 +153,12 @@ def export_backbone(cfg: TrainFlowConfig, out: Path) -> Path:
     tmp = _fresh_tmp(out)
     size = (cfg.transforms.input_height, cfg.transforms.input_width)
     model = build_backbone(cfg.backbone.name, cfg.backbone.weights)
-    if "torchscript" in cfg.export.types:
+    types = export_types(cfg)
+    if "torchscript" in types:
         export_torchscript(model, tmp / "model.pt", size)
-    if "onnx" in cfg.export.types:
+    if "onnx" in types:
         export_onnx(model, tmp / "model.onnx", size)
-    if "pytorch" in cfg.export.types:
+    if "pytorch" in types:
         import torch
 
         torch.save(model.state_dict(), tmp / "model.pth")

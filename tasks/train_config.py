@@ -71,6 +71,9 @@ class TaskSection(StrictModel):
     device: str = Field("cpu", description="cpu, cuda or cuda:N")
     automatic_batch_size: AutoBatchSection = Field(default_factory=AutoBatchSection)
     precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 = autocast (fast on AMX CPUs and recent GPUs)")
+    runtime: Literal["auto", "torch", "onnxruntime"] = Field(
+        "auto", description="Feature runtime; auto = ONNX Runtime on CPU at fp32 when installed (faster on CPUs), else torch"
+    )
     reconstruction_method: Literal["major_voting", "priority"] = "major_voting"
 
 

@@ -101,7 +101,7 @@ def test_exported_backbone_reproduces_training_features(demo_patch_dataset: Path
     import torch
 
     from storage import features as fstore
-    from tasks.backbones import preprocess
+    from tasks.backbones import OnnxBackbone, preprocess
     from tasks.features_task import extract_split
     from tasks.model_task import export_bundle, fit_classifier
     from tasks.train_config import TrainFlowConfig
@@ -115,9 +115,35 @@ def test_exported_backbone_reproduces_training_features(demo_patch_dataset: Path
     X, y, ids, _ = fstore.load_features(tmp_path / "val.zarr")
     ts = torch.jit.load(str(bundle / "model.pt"))
     patches = [cv2.imread(str(demo_patch_dataset / p)) for p in ids[:8]]
+    batch = preprocess(patches, (96, 96))
     with torch.inference_mode():
-        feats = ts(preprocess(patches, (96, 96))).numpy()
+        feats = ts(batch).numpy()
     np.testing.assert_allclose(feats, X[:8], atol=1e-4, rtol=1e-4)
+    # features were computed with ONNX Runtime (auto on CPU): the bundle's model.onnx reproduces them exactly
+    mj = json.loads((bundle / "model.json").read_text())
+    assert mj["runtime"] == "onnxruntime"
+    onnx_feats = OnnxBackbone(bundle / "model.onnx")(batch).numpy()
+    np.testing.assert_allclose(onnx_feats, X[:8], atol=1e-5, rtol=1e-5)
+    # the torch runtime computes the same features (its own store: the runtime is part of the key)
+    cfg_torch = TrainFlowConfig.model_validate(_cfg(demo_patch_dataset, tmp_path, task={"runtime": "torch"}))
+    extract_split(cfg_torch, "val", tmp_path / "val_torch.zarr")
+    Xt = fstore.load_features(tmp_path / "val_torch.zarr")[0]
+    np.testing.assert_allclose(Xt, X, atol=1e-4, rtol=1e-4)
+
+
+def test_feature_runtime_resolution(tmp_path: Path) -> None:
+    from tasks.config import ConfigError
+    from tasks.features_task import feature_runtime
+    from tasks.train_config import TrainFlowConfig
+
+    def cfg(**task):
+        return TrainFlowConfig.model_validate({"datamodule": {"data_path": str(tmp_path)}, "task": task})
+
+    assert feature_runtime(cfg()) == "onnxruntime"
+    assert feature_runtime(cfg(precision="bf16")) == "torch"
+    assert feature_runtime(cfg(runtime="torch")) == "torch"
+    with pytest.raises(ConfigError, match="onnxruntime"):
+        feature_runtime(cfg(runtime="onnxruntime", precision="bf16"))
 
 
 def test_bad_backbone_config_errors(demo_patch_dataset: Path, tmp_path: Path) -> None:
