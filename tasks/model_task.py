@@ -20,6 +20,7 @@ from storage.fingerprint import CODE_VERSION
 from storage.geometry import GRID_POLICY
 from tasks.backbones import build_backbone, export_onnx, export_torchscript
 from tasks.config import import_object
+from tasks.evaluation import evaluate_split, full_probabilities
 from tasks.features_task import backbone_digest, class_map, feature_runtime
 from tasks.train_config import TrainFlowConfig
 
@@ -93,6 +94,15 @@ def validate(cfg: TrainFlowConfig, classifier_path: Path, store: Path, out_dir: 
                 "matrix": confusion_matrix(y_eval[known], pred[known], labels=labels).tolist(),
             },
         )
+    results = evaluate_split(
+        Path(cfg.datamodule.data_path), "val", ids.tolist(), pred,
+        full_probabilities(proba, est.classes_, max(classes.values()) + 1), classes,
+        cfg.task.reconstruction_method, cfg.task.coverage_threshold, maps_dir=out_dir / "maps",
+    )
+    layout.write_json(out_dir / "reconstruction_results.json", results)
+    metrics["reconstruction"] = results["summary"] | {
+        k: results[k] for k in ("false_region_bad", "false_region_good", "true_region_bad", "patch_reconstruction_method")
+    }
     layout.write_json(out_dir / "metrics.json", metrics)
     return metrics
 

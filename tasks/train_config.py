@@ -74,7 +74,10 @@ class TaskSection(StrictModel):
     runtime: Literal["auto", "torch", "onnxruntime"] = Field(
         "auto", description="Feature runtime; auto = ONNX Runtime on CPU at fp32 when installed (faster on CPUs), else torch"
     )
-    reconstruction_method: Literal["major_voting", "priority"] = "major_voting"
+    reconstruction_method: Literal["major_voting", "priority", "soft"] = Field(
+        "major_voting", description="How patch predictions become pixel maps (soft = mean class probabilities)"
+    )
+    coverage_threshold: float = Field(0.3, gt=0, le=1, description="Share of a defect's pixels that must be predicted for it to count as detected")
 
 
 class ExportSection(StrictModel):

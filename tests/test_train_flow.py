@@ -61,6 +61,10 @@ def test_train_flow_stages_are_cached_by_content(demo_patch_dataset: Path, tmp_p
         assert key in mj
     assert mj["patch_height"] == 64 and mj["input_size"] == [[3, 96, 96]]
     assert 0.0 <= res["metrics"]["accuracy"] <= 1.0 and "confusion_matrix" in res["metrics"]
+    recon = json.loads((run / "validation/reconstruction_results.json").read_text())
+    assert recon["patch_reconstruction_method"] == "major_voting" and recon["reconstructions_type"] == "polygon"
+    assert len(recon["reconstructions"]) == len(json.loads((demo_patch_dataset / "info.json").read_text())["val_files"])
+    assert "all_defects" in res["metrics"]["reconstruction"]
     first = task_states(state)
     assert len(first) == 6 and set(first.values()) == {"Completed"}
 
@@ -83,6 +87,14 @@ def test_train_flow_stages_are_cached_by_content(demo_patch_dataset: Path, tmp_p
     assert st["train-pass-features"] == "Cached" and st["split-features"] == "Cached"
     assert st["fit-classifier"] == "Completed" and st["validate-patches"] == "Completed"
     assert st["export-bundle"] == "Completed" and st["export-backbone"] == "Cached"  # no re-trace
+
+    # changing only the reconstruction method reruns validation, no features and no fit
+    state = train_flow(_cfg(demo_patch_dataset, tmp_path, model={"params": {"max_iter": 10000, "C": 0.3}},
+                            task={"reconstruction_method": "soft"}), return_state=True)
+    st = task_states(state)
+    assert st["validate-patches"] == "Completed" and st["fit-classifier"] == "Cached"
+    assert st["train-pass-features"] == "Cached" and st["split-features"] == "Cached"
+    assert state.result()["metrics"]["reconstruction"]["patch_reconstruction_method"] == "soft"
 
     # more passes compute only the new ones
     state = train_flow(_cfg(demo_patch_dataset, tmp_path, trainer={"iteration_over_training": 3}), return_state=True)
