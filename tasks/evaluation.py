@@ -163,3 +163,76 @@ def _summary(defects, pix, idx_to_class, threshold, false_regions: int, predicte
         "false_regions": false_regions,
         "region_precision": (predicted_regions - false_regions) / predicted_regions if predicted_regions else None,
     }
+
+
+def patch_metrics(y_true: np.ndarray, pred: np.ndarray, idx_to_class: dict[int, str]) -> dict[str, Any]:
+    """Accuracy, balanced accuracy, per-class precision/recall/F1 and confusion matrix over labelled patches (y >= 0)."""
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score, confusion_matrix, precision_recall_fscore_support
+
+    known = y_true >= 0
+    metrics: dict[str, Any] = {"n_patches": int(len(y_true)), "n_evaluated": int(known.sum())}
+    if not known.any():
+        return metrics
+    yt, yp = y_true[known], pred[known]
+    labels = sorted(set(yt.tolist()) | set(yp.tolist()))
+    p, r, f, s = precision_recall_fscore_support(yt, yp, labels=labels, zero_division=0)
+    metrics.update(
+        accuracy=float(accuracy_score(yt, yp)),
+        balanced_accuracy=float(balanced_accuracy_score(yt, yp)),
+        per_class={
+            idx_to_class.get(c, str(c)): {"precision": float(pi), "recall": float(ri), "f1": float(fi), "support": int(si)}
+            for c, pi, ri, fi, si in zip(labels, p, r, f, s)
+        },
+        confusion_matrix={
+            "labels": [idx_to_class.get(c, str(c)) for c in labels],
+            "matrix": confusion_matrix(yt, yp, labels=labels).tolist(),
+        },
+    )
+    return metrics
+
+
+def score_split(
+    classifier_path: Path,
+    store: Path,
+    data_path: Path,
+    split: str,
+    class_to_idx: dict[str, int],
+    class_to_skip: Sequence[str] | None,
+    method: str,
+    coverage_threshold: float,
+    out_dir: Path,
+) -> dict[str, Any]:
+    """Classify a stored split, then write test_results.csv, reconstruction_results.json, maps/ and metrics.json.
+
+    Patches of skipped classes and of unlabelled images count as -1: left out of patch metrics, kept in
+    the reconstruction (as in the reference, but the skipped classes really come from the bundle: B4).
+    """
+    import joblib
+
+    from storage import features as fstore
+
+    est = joblib.load(classifier_path)
+    X, y, ids, _ = fstore.load_features(store)
+    idx_to_class = {v: k for k, v in class_to_idx.items()}
+    skip = {class_to_idx[n] for n in (class_to_skip or []) if n in class_to_idx}
+    y_eval = np.where(np.isin(y, list(skip)), -1, y)
+    proba = est.predict_proba(X)
+    pred = est.classes_[np.argmax(proba, axis=1)]
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = ["sample,real_label,pred_label,probability"]
+    for sid, t, p, pr in zip(ids.tolist(), y_eval.tolist(), pred.tolist(), proba.max(axis=1).tolist()):
+        rows.append(f"{sid},{t},{p},{pr:.6f}")
+    (out_dir / "test_results.csv").write_text("\n".join(rows) + "\n")
+    metrics = patch_metrics(y_eval, pred, idx_to_class)
+    results = evaluate_split(
+        data_path, split, ids.tolist(), pred, full_probabilities(proba, est.classes_, max(class_to_idx.values()) + 1),
+        class_to_idx, method, coverage_threshold, maps_dir=out_dir / "maps",
+    )
+    layout.write_json(out_dir / "reconstruction_results.json", results)
+    metrics["reconstruction"] = results["summary"] | {
+        k: results[k] for k in ("false_region_bad", "false_region_good", "true_region_bad", "patch_reconstruction_method")
+    }
+    layout.write_json(out_dir / "metrics.json", metrics)
+    return metrics
+

@@ -23,7 +23,7 @@ from prefect import task
 from storage import features as fstore
 from storage import layout
 from storage.fingerprint import CODE_VERSION, combine, params_digest, tree_digest
-from tasks.backbones import FeatureExtractor, build_backbone, feature_dim, onnx_backbone, resolve_weights, weights_digest
+from tasks.backbones import FeatureExtractor, build_backbone, onnx_backbone, resolve_weights, weights_digest
 from tasks.config import ConfigError
 from tasks.sampling import balance_entries, draw_pass, iter_pass_patches, list_split, load_info, order_by_image, read_train_list
 from tasks.train_config import TrainFlowConfig
@@ -117,9 +117,9 @@ def _extractor(cfg: TrainFlowConfig, onnx_cache: Path, wdigest: str | None = Non
 class _ChunkWriter:
     """Buffers rows and writes whole chunks (chunk-aligned zarr writes)."""
 
-    def __init__(self, path: Path, n_rows: int, dim: int, attrs: dict[str, Any]) -> None:
-        self.path, self.n_rows, self.dim = path, n_rows, dim
-        fstore.create_store(path, n_rows, dim, attrs, chunk_rows=CHUNK_ROWS)
+    def __init__(self, path: Path, n_rows: int, attrs: dict[str, Any]) -> None:
+        self.path, self.n_rows, self.attrs = path, n_rows, attrs
+        self.created = False
         self.start = 0
         self._reset()
 
@@ -131,6 +131,9 @@ class _ChunkWriter:
         self.count = 0
 
     def add(self, feats: np.ndarray, labels: np.ndarray, ids: list[str], boxes: np.ndarray) -> None:
+        if not self.created:  # the feature width is known from the first batch
+            fstore.create_store(self.path, self.n_rows, feats.shape[1], self.attrs, chunk_rows=CHUNK_ROWS)
+            self.created = True
         self.feats.append(feats); self.labels.append(labels); self.ids.extend(ids); self.boxes.append(boxes)
         self.count += len(feats)
         while self.count >= CHUNK_ROWS or (self.count and self.start + self.count >= self.n_rows):
@@ -169,54 +172,77 @@ def extract_train_pass(
                     samples.label, ids, samples.box, {"kind": "train", "pass_index": pass_index}, weights_digest)
 
 
+def split_items(data_path: Path, split: str, class_to_idx: dict[str, int], include_filter, exclude_filter) -> list[tuple[str, int]]:
+    """Patches of a val/test split as (path relative to the dataset, label); test keeps unlabelled (None, -1) ones."""
+    items = list_split(data_path, split, class_to_idx, include_filter, exclude_filter, include_none=split != "val")
+    if not items:
+        raise ValueError(f"no {split} patches in {data_path / split}; generate the dataset with a non-zero {split}_size")
+    return items
+
+
+def _patch_batches(data_path: Path, items: list[tuple[str, int]], batch_size: int):
+    for s in range(0, len(items), batch_size):
+        patches = []
+        for rel, _ in items[s : s + batch_size]:
+            img = cv2.imread(str(data_path / rel), cv2.IMREAD_COLOR)
+            if img is None:
+                raise ValueError(f"{data_path / rel}: unreadable patch image; regenerate the dataset")
+            patches.append(img)
+        yield np.arange(s, s + len(patches)), patches
+
+
+def extract_items(
+    extractor: FeatureExtractor, size: tuple[int, int], mean, std, data_path: Path, items: list[tuple[str, int]],
+    batch_size: int, out: Path, attrs: dict[str, Any],
+) -> dict[str, Any]:
+    """Store the features of listed patch files at ``out`` (labels and relative paths as sample ids)."""
+    labels = np.array([lab for _, lab in items], dtype=np.int16)
+    boxes = np.full((len(items), 4), -1, dtype=np.int64)
+    return write_store(extractor, size, mean, std, out, len(items), _patch_batches(data_path, items, batch_size),
+                       labels, [rel for rel, _ in items], boxes, attrs)
+
+
 def extract_split(cfg: TrainFlowConfig, split: str, out: Path, weights_digest: str | None = None) -> dict[str, Any]:
     """Store the features of every patch of ``split`` (val/test) at ``out``."""
     dm = cfg.datamodule
     data_path = Path(dm.data_path)
-    items = list_split(data_path, split, class_map(cfg), dm.include_filter, dm.exclude_filter, include_none=split != "val")
-    if not items:
-        raise ValueError(f"no {split} patches in {data_path / split}; generate the dataset with a non-zero {split}_size")
-    labels = np.array([lab for _, lab in items], dtype=np.int16)
-    ids = [rel for rel, _ in items]
-
-    def batches():
-        bs = dm.batch_size
-        for s in range(0, len(items), bs):
-            patches = []
-            for rel, _ in items[s : s + bs]:
-                img = cv2.imread(str(data_path / rel), cv2.IMREAD_COLOR)
-                if img is None:
-                    raise ValueError(f"{data_path / rel}: unreadable patch image; regenerate the dataset")
-                patches.append(img)
-            yield np.arange(s, s + len(patches)), patches
-
-    boxes = np.full((len(items), 4), -1, dtype=np.int64)
-    return _extract(cfg, out, len(items), batches(), labels, ids, boxes, {"kind": split}, weights_digest)
+    items = split_items(data_path, split, class_map(cfg), dm.include_filter, dm.exclude_filter)
+    wdigest = weights_digest or backbone_digest(cfg)
+    t = cfg.transforms
+    return extract_items(_extractor(cfg, out.parent / "onnx", wdigest), (t.input_height, t.input_width), t.mean, t.std,
+                         data_path, items, dm.batch_size, out, {**_feature_params(cfg, wdigest), "kind": split})
 
 
 def _extract(
     cfg: TrainFlowConfig, out: Path, n: int, batches, labels, ids, boxes, extra: dict[str, Any], wdigest: str | None
 ) -> dict[str, Any]:
     wdigest = wdigest or backbone_digest(cfg)
-    extractor = _extractor(cfg, out.parent / "onnx", wdigest)
-    size = (cfg.transforms.input_height, cfg.transforms.input_width)
-    attrs = {**_feature_params(cfg, wdigest), **extra}
+    t = cfg.transforms
+    return write_store(_extractor(cfg, out.parent / "onnx", wdigest), (t.input_height, t.input_width), t.mean, t.std,
+                       out, n, batches, labels, ids, boxes, {**_feature_params(cfg, wdigest), **extra})
+
+
+def write_store(
+    extractor: FeatureExtractor, size: tuple[int, int], mean, std, out: Path, n: int, batches, labels, ids, boxes,
+    attrs: dict[str, Any],
+) -> dict[str, Any]:
+    """Run ``extractor`` over ``batches`` of (row indices, patches) and write a complete zarr store at ``out``."""
     tmp = out.with_name(out.name + f".{os.getpid()}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.parent.mkdir(parents=True, exist_ok=True)
-    writer = _ChunkWriter(tmp, n, feature_dim(cfg.backbone.name), attrs)
+    writer = _ChunkWriter(tmp, n, attrs)
     t_fwd = 0.0
     t0 = time.perf_counter()
     for rows, patches in batches:
         t = time.perf_counter()
-        feats = extractor.extract(patches, size, cfg.transforms.mean, cfg.transforms.std)
+        feats = extractor.extract(patches, size, mean, std)
         t_fwd += time.perf_counter() - t
         writer.add(feats.astype(np.float32), np.asarray(labels)[rows], [ids[i] for i in rows], np.asarray(boxes)[rows])
     fstore.mark_complete(tmp, fstore.store_digest(tmp))
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     wall = time.perf_counter() - t0
-    logger.info("%s features: %d patches in %.1f s (%.1f patches/s)", extra.get("kind"), n, wall, n / max(wall, 1e-9))
+    logger.info("%s features: %d patches in %.1f s (%.1f patches/s)", attrs.get("kind"), n, wall, n / max(wall, 1e-9))
     return {"rows": n, "wall_s": wall, "extract_s": t_fwd}
 
 

@@ -20,7 +20,7 @@ from storage.fingerprint import CODE_VERSION
 from storage.geometry import GRID_POLICY
 from tasks.backbones import build_backbone, export_onnx, export_torchscript
 from tasks.config import import_object
-from tasks.evaluation import evaluate_split, full_probabilities
+from tasks.evaluation import score_split
 from tasks.features_task import backbone_digest, class_map, feature_runtime
 from tasks.train_config import TrainFlowConfig
 
@@ -61,50 +61,11 @@ def fit_classifier(cfg: TrainFlowConfig, stores: list[str], out: Path) -> dict[s
 
 
 def validate(cfg: TrainFlowConfig, classifier_path: Path, store: Path, out_dir: Path) -> dict[str, Any]:
-    """Patch-level metrics of the classifier on a stored split; writes metrics.json and test_results.csv."""
-    from sklearn.metrics import accuracy_score, balanced_accuracy_score, confusion_matrix, precision_recall_fscore_support
-
-    est = joblib.load(classifier_path)
-    X, y, ids, _ = fstore.load_features(store)
-    classes = class_map(cfg)
-    idx_to_class = {v: k for k, v in classes.items()}
-    skip = {classes[n] for n in (cfg.datamodule.class_to_skip_training or []) if n in classes}
-    y_eval = np.where(np.isin(y, list(skip)), -1, y)
-    proba = est.predict_proba(X)
-    pred = est.classes_[np.argmax(proba, axis=1)]
-    out_dir.mkdir(parents=True, exist_ok=True)
-    rows = ["sample,real_label,pred_label,probability"]
-    for s, t, p, pr in zip(ids.tolist(), y_eval.tolist(), pred.tolist(), proba.max(axis=1).tolist()):
-        rows.append(f"{s},{t},{p},{pr:.6f}")
-    (out_dir / "test_results.csv").write_text("\n".join(rows) + "\n")
-    known = y_eval >= 0
-    metrics: dict[str, Any] = {"n_patches": int(len(y)), "n_evaluated": int(known.sum())}
-    if known.any():
-        labels = sorted(set(y_eval[known].tolist()) | set(pred[known].tolist()))
-        p, r, f, s = precision_recall_fscore_support(y_eval[known], pred[known], labels=labels, zero_division=0)
-        metrics.update(
-            accuracy=float(accuracy_score(y_eval[known], pred[known])),
-            balanced_accuracy=float(balanced_accuracy_score(y_eval[known], pred[known])),
-            per_class={
-                idx_to_class.get(c, str(c)): {"precision": float(pi), "recall": float(ri), "f1": float(fi), "support": int(si)}
-                for c, pi, ri, fi, si in zip(labels, p, r, f, s)
-            },
-            confusion_matrix={
-                "labels": [idx_to_class.get(c, str(c)) for c in labels],
-                "matrix": confusion_matrix(y_eval[known], pred[known], labels=labels).tolist(),
-            },
-        )
-    results = evaluate_split(
-        Path(cfg.datamodule.data_path), "val", ids.tolist(), pred,
-        full_probabilities(proba, est.classes_, max(classes.values()) + 1), classes,
-        cfg.task.reconstruction_method, cfg.task.coverage_threshold, maps_dir=out_dir / "maps",
+    """Patch metrics and reconstruction of the val split; writes metrics.json, test_results.csv, reconstruction_results.json."""
+    return score_split(
+        classifier_path, store, Path(cfg.datamodule.data_path), "val", class_map(cfg),
+        cfg.datamodule.class_to_skip_training, cfg.task.reconstruction_method, cfg.task.coverage_threshold, out_dir,
     )
-    layout.write_json(out_dir / "reconstruction_results.json", results)
-    metrics["reconstruction"] = results["summary"] | {
-        k: results[k] for k in ("false_region_bad", "false_region_good", "true_region_bad", "patch_reconstruction_method")
-    }
-    layout.write_json(out_dir / "metrics.json", metrics)
-    return metrics
 
 
 def model_json(cfg: TrainFlowConfig, weights_digest: str | None = None) -> dict[str, Any]:
