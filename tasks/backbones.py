@@ -434,3 +434,28 @@ def onnx_backbone(name: str, weights: str | os.PathLike[str] | None, input_size:
         export_onnx(build_backbone(name, weights), path, input_size)
     return OnnxBackbone(path)
 
+
+
+def load_export(path: Path, backbone_name: str | None = None) -> nn.Module:
+    """A backbone from a bundle export: ``.onnx`` (ONNX Runtime), ``.pt`` (TorchScript) or ``.pth`` (state dict)."""
+    path = Path(path)
+    if path.suffix == ".onnx":
+        return OnnxBackbone(path)
+    if path.suffix == ".pt":
+        return load_torchscript(path)
+    if path.suffix == ".pth":
+        cfg_file = path.with_name("model_config.yaml")
+        name = backbone_name
+        if cfg_file.is_file():
+            import yaml
+
+            name = (yaml.safe_load(cfg_file.read_text()) or {}).get("name", name)
+        if not name:
+            raise BackboneError(f"{path}: a .pth export needs model_config.yaml (or model.json's backbone) to rebuild the architecture")
+        model = build_backbone(name, None)
+        try:  # saved by patchflow from the built (head-less) module: names match as they are
+            model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
+        except Exception as exc:
+            raise BackboneError(f"{path} does not fit backbone {name!r}: {str(exc)[:400]}") from exc
+        return model.eval()
+    raise BackboneError(f"{path}: unsupported backbone export (use model.pt, model.onnx or model.pth)")

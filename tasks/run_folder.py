@@ -7,13 +7,15 @@ import shutil
 import time
 from pathlib import Path
 
+from pydantic import BaseModel
+
 from tasks.config import config_tree, dump_yaml
 from tasks.features_task import class_map
 from tasks.sampling import list_split, read_train_list
 from tasks.train_config import TrainFlowConfig
 
 
-def make_run_dir(cfg: TrainFlowConfig) -> Path:
+def make_run_dir(cfg: BaseModel) -> Path:
     """Create a fresh run folder and write config_resolved.yaml and config_tree.txt."""
     base = Path(cfg.core.runs_folder) / cfg.core.name
     stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
