@@ -65,6 +65,32 @@ def test_evaluate_flow_with_bundle(trained, prefect_harness) -> None:
     st = task_states(state)
     assert st == {"bundle-split-features": "Completed", "evaluate-split": "Completed"}
 
+    # predict on raw images (no dataset step) gives the same maps as the evaluation of the same images
+    import shutil
+
+    import cv2
+    import numpy as np
+
+    from flows.predict import predict_flow
+
+    raw = root / "raw_test"
+    raw.mkdir()
+    for f in info["test_files"]:
+        shutil.copy2(data / f["image_path"], raw)
+    small = np.full((40, 50, 3), 128, np.uint8)  # smaller than the 64 px patch: padded, then cropped back
+    cv2.imwrite(str(raw / "tiny.png"), small)
+    pred_out = root / "pred"
+    res_p = predict_flow({"model": str(bundle), "images": str(raw), "out": str(pred_out), "method": "major_voting",
+                          "storage_root": str(root / "store")})
+    assert len(res_p["images"]) == len(info["test_files"]) + 1
+    for f in info["test_files"]:
+        stem = Path(f["image_path"]).stem
+        got = cv2.imread(str(pred_out / f"{stem}_classmap.png"), cv2.IMREAD_UNCHANGED)
+        want = cv2.imread(str(out / "maps" / f"{stem}.png"), cv2.IMREAD_UNCHANGED)
+        np.testing.assert_array_equal(got, want)
+        assert (pred_out / f"{stem}_overlay.png").is_file() and (pred_out / f"{stem}_polygons.json").is_file()
+    assert cv2.imread(str(pred_out / "tiny_classmap.png"), cv2.IMREAD_UNCHANGED).shape == (40, 50)
+
     # only the reconstruction method changes: features come from the cache
     cfg["task"]["output"]["reconstruction_method"] = "priority"
     state = evaluate_flow(cfg, return_state=True)

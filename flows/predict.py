@@ -1,0 +1,70 @@
+"""Predict flow: raw images of any size -> class maps, polygons and overlays with a deployment bundle.
+
+``python -m flows.predict --model runs/<name>/<ts>/deployment_model --images DIR --out DIR [--method soft]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+from prefect import flow
+from pydantic import Field
+
+from storage.settings import results_dir, storage_root
+from tasks.caching import content_policy
+from tasks.config import StrictModel, run_cli, validate_config
+from tasks.predict import prediction_key, predict_task
+
+
+class PredictFlowConfig(StrictModel):
+    """Configuration of the predict flow."""
+
+    model: str = Field(description="deployment_model/ folder or any file in it")
+    images: str = Field(description="Folder of images (searched recursively)")
+    out: str = Field(description="Output folder for class maps, polygons and overlays")
+    method: Literal["major_voting", "priority", "soft"] | None = Field(None, description="Default: the bundle's")
+    batch_size: int = Field(64, ge=1)
+    device: str = "cpu"
+    storage_root: str | None = None
+    force: bool = False
+
+
+@flow(name="patchflow-predict")
+def predict_flow(config: PredictFlowConfig) -> dict[str, Any]:
+    """Predict every image of a folder; returns the per-image summary."""
+    cfg = validate_config(PredictFlowConfig, config)
+    root = storage_root(cfg.storage_root)
+    key = prediction_key(Path(cfg.model), Path(cfg.images), Path(cfg.out), cfg.method)
+    done = (Path(cfg.out) / "predictions.json").is_file()
+    run = predict_task.with_options(
+        cache_policy=content_policy(root), result_storage=results_dir(root), refresh_cache=cfg.force or not done
+    )
+    return run(cfg.model, cfg.images, cfg.out, cfg.method, cfg.batch_size, cfg.device, key)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """CLI entry point."""
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--images", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--method", choices=["major_voting", "priority", "soft"])
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--storage-root")
+    ap.add_argument("--force", action="store_true")
+    a = ap.parse_args(argv)
+    cfg = validate_config(PredictFlowConfig, {
+        "model": a.model, "images": a.images, "out": a.out, "method": a.method, "batch_size": a.batch_size,
+        "device": a.device, "storage_root": a.storage_root, "force": a.force,
+    })
+    res = predict_flow(cfg)
+    for item in res["images"]:
+        print(f"{item['image']}: {item['defect_regions']} defect regions {item['classes']}")
+
+
+if __name__ == "__main__":
+    run_cli(lambda: main(sys.argv[1:]))

@@ -1,0 +1,149 @@
+"""Prediction on raw images of any size with a deployment bundle: no dataset step.
+
+Each image is tiled with the bundle's geometry (the same grid as training), patches of several
+images are batched together through the backbone, the classifier's probabilities are merged back
+into a class map, and per image the flow writes ``<stem>_classmap.png`` (class index per pixel),
+``<stem>_polygons.json`` and ``<stem>_overlay.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import cv2
+import joblib
+import numpy as np
+from prefect import task
+
+from storage import bundle as bdl
+from storage.fingerprint import combine, files_digest, params_digest
+from storage.geometry import PatchGrid, compute_grid
+from storage.layout import IMAGE_EXTENSIONS, write_json
+from tasks.backbones import FeatureExtractor, load_export
+from tasks.evaluation import full_probabilities
+from tasks.imageio import read_image
+from tasks.reconstruction import SoftMerger, make_merger
+from tasks.region_metrics import prediction_polygons
+
+logger = logging.getLogger("patchflow.predict")
+
+PALETTE = np.array(
+    [[0, 0, 0], [40, 40, 230], [40, 200, 40], [230, 120, 30], [200, 40, 200], [40, 200, 220], [220, 220, 40],
+     [120, 60, 200], [60, 140, 255], [180, 180, 180]], dtype=np.uint8,
+)  # BGR, index 0 unused (background is not painted)
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Image files under ``folder`` (recursive, sorted); a clear error when there are none."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"images folder {folder} does not exist")
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not files:
+        raise FileNotFoundError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {folder}")
+    return files
+
+
+def overlay(image: np.ndarray, class_map: np.ndarray, alpha: float = 0.45) -> np.ndarray:
+    """The image with defect classes painted in palette colours (background untouched)."""
+    out = image.copy()
+    colours = PALETTE[np.asarray(class_map) % len(PALETTE)]
+    mask = class_map > 0
+    out[mask] = (out[mask] * (1 - alpha) + colours[mask] * alpha).astype(np.uint8)
+    return out
+
+
+@dataclass
+class _Image:
+    path: Path
+    image: np.ndarray
+    grid: PatchGrid
+
+
+def _tiles(images: list[Path], geometry: dict[str, Any]) -> Iterator[tuple[_Image, list[np.ndarray]]]:
+    for path in images:
+        img = read_image(path)
+        grid = compute_grid(img.shape[0], img.shape[1], geometry["patch_number"], geometry["patch_size"], geometry["overlap"])
+        padded = grid.pad(img)
+        yield _Image(path, img, grid), [padded[y0:y1, x0:x1] for y0, x0, y1, x1 in grid.boxes().tolist()]
+
+
+def predict_images(
+    model_path: Path, images_dir: Path, out_dir: Path, method: str | None = None, batch_size: int = 64, device: str = "cpu",
+) -> dict[str, Any]:
+    """Predict every image of ``images_dir`` and write its class map, polygons and overlay into ``out_dir``."""
+    root = bdl.resolve_bundle(model_path)
+    meta = bdl.read_meta(root)
+    classes = bdl.class_to_idx(meta)
+    idx_to_class = {v: k for k, v in classes.items()}
+    num_classes = max(classes.values()) + 1
+    method = method or meta.get("reconstruction_method") or "major_voting"
+    geometry = bdl.geometry(meta)
+    size = bdl.input_size(meta)
+    est = joblib.load(root / "classifier.joblib")
+    backbone_path = bdl.backbone_file(root, meta)
+    extractor = FeatureExtractor(load_export(backbone_path, meta.get("backbone")),
+                                 "cpu" if backbone_path.suffix == ".onnx" else device, batch_size=batch_size)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary = []
+    pending: list[tuple[_Image, int]] = []  # images whose patches are in the current batch, with their count
+    patches: list[np.ndarray] = []
+
+    def flush() -> None:
+        if not patches:
+            return
+        feats = extractor.extract(patches, size, meta["mean"], meta["std"])
+        proba = full_probabilities(est.predict_proba(feats), est.classes_, num_classes)
+        start = 0
+        for item, n in pending:
+            summary.append(_finish(item, proba[start : start + n], method, num_classes, idx_to_class, out_dir))
+            start += n
+        pending.clear()
+        patches.clear()
+
+    for item, tiles in _tiles(list_images(images_dir), geometry):
+        pending.append((item, len(tiles)))
+        patches.extend(tiles)
+        if len(patches) >= batch_size:
+            flush()
+    flush()
+    result = {"model": str(root), "method": method, "images": summary}
+    write_json(out_dir / "predictions.json", result)
+    return result
+
+
+def _finish(item: _Image, proba: np.ndarray, method: str, num_classes: int, idx_to_class: dict[int, str], out_dir: Path) -> dict[str, Any]:
+    idx = np.arange(item.grid.num_patches)
+    labels = proba.argmax(axis=1)
+    merger = make_merger(method, item.grid, num_classes)
+    merger.add(idx, labels, proba)
+    class_map = merger.finalize()
+    soft = SoftMerger(item.grid, num_classes)
+    soft.add(idx, labels, proba)
+    polygons = prediction_polygons(class_map, idx_to_class, soft.mean_probabilities(), item.grid.boxes(), labels)
+    stem = item.path.stem
+    cv2.imwrite(str(out_dir / f"{stem}_classmap.png"), class_map.astype(np.uint8))
+    cv2.imwrite(str(out_dir / f"{stem}_overlay.png"), overlay(item.image, class_map))
+    (out_dir / f"{stem}_polygons.json").write_text(json.dumps({"image": str(item.path), "prediction": polygons}, indent=1) + "\n")
+    return {"image": str(item.path), "defect_regions": len(polygons), "defect_pixels": int((class_map > 0).sum()),
+            "classes": sorted({p["label"] for p in polygons})}
+
+
+def prediction_key(model_path: Path, images_dir: Path, out_dir: Path, method: str | None) -> str:
+    """Content key: bundle files, image bytes and names, method and the output folder."""
+    root = bdl.resolve_bundle(model_path)
+    files = list_images(images_dir)
+    return combine("predict", bdl.bundle_digest(root), files_digest(files), params_digest({
+        "names": [str(p.relative_to(images_dir)) for p in files], "method": method, "out": str(Path(out_dir).resolve()),
+    }))
+
+
+@task(name="predict-images", persist_result=True)
+def predict_task(model_path: str, images_dir: str, out_dir: str, method: str | None, batch_size: int, device: str, key: str) -> dict[str, Any]:
+    """Predict a folder of images (cached on ``key``)."""
+    return predict_images(Path(model_path), Path(images_dir), Path(out_dir), method, batch_size, device)
