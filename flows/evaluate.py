@@ -15,6 +15,7 @@ from prefect import flow
 from storage import bundle as bdl
 from storage import features as fstore
 from storage.settings import results_dir, storage_root
+from tasks.artifacts import publish_task
 from tasks.caching import content_policy
 from tasks.config import parse_cli, run_cli, validate_config
 from tasks.evaluate_task import EvaluateFlowConfig, bundle_features_task, bundle_split_key, evaluate_task, evaluation_key
@@ -49,6 +50,7 @@ def evaluate_flow(config: EvaluateFlowConfig) -> dict[str, Any]:
         out = run / cfg.task.output.folder
         shutil.copytree(eout, out)
         shutil.copy2(out / "reconstruction_results.json", run / "reconstruction_results.json")
+        publish_task(f"{cfg.core.name} {cfg.datamodule.split}", metrics, str(out))
         return {"run_dir": str(run), "output": str(out), "metrics": metrics}
     finally:
         detach_log(log)

@@ -15,6 +15,7 @@ from prefect import flow
 from storage import features as fstore
 from storage.fingerprint import combine, params_digest
 from storage.settings import results_dir, storage_root
+from tasks.artifacts import publish_task
 from tasks.caching import content_policy
 from tasks.config import parse_cli, run_cli, validate_config
 from tasks.features_task import (
@@ -83,6 +84,7 @@ def train_flow(config: TrainFlowConfig) -> dict[str, Any]:
 
         shutil.copytree(bundle, run / "deployment_model")
         shutil.copytree(vdir, run / "validation")
+        publish_task(f"{cfg.core.name} validation", metrics, str(run / "validation"))
         return {"run_dir": str(run), "bundle": str(run / "deployment_model"), "metrics": metrics}
     finally:
         detach_log(log)

@@ -46,7 +46,8 @@ def _ascii(text: Any) -> str:
     return str(text).encode("ascii", "replace").decode()
 
 
-def _text(img: np.ndarray, text: Any, org: tuple[int, int], scale: float = 0.45, colour=BLACK, thick: int = 1) -> None:
+def _text(img: np.ndarray, text: Any, org: tuple[int, int], scale: float = 0.45, colour: tuple[int, int, int] = BLACK,
+          thick: int = 1) -> None:
     cv2.putText(img, _ascii(text), (int(org[0]), int(org[1])), FONT, scale, colour, thick, cv2.LINE_AA)
 
 
@@ -225,7 +226,8 @@ def overlay_image(rec: dict[str, Any], data_path: Path, maps_dir: Path, class_to
         _text(row, name, (x, head - 10), 0.5, BLACK, 1)
     x, y = gap, head + size[1] + 28
     defects = rec.get("defects") or []
-    _text(row, f"{rec['file_name']}  defects found {sum(d['detected'] for d in defects)}/{len(defects)}", (x, y), 0.45)
+    found = f"defects found {sum(d['detected'] for d in defects)}/{len(defects)}" if gt is not None else "no mask"
+    _text(row, f"{rec['file_name']}  {found}", (x, y), 0.45)
     x += _text_w(f"{rec['file_name']}  defects found 00/00", 0.45) + 20
     for name, c in sorted(class_to_idx.items(), key=lambda kv: kv[1]):
         if c > 0 and x + 30 + _text_w(name) < row.shape[1]:

@@ -63,7 +63,7 @@ def test_evaluate_flow_with_bundle(trained, prefect_harness) -> None:
     assert len(recon["reconstructions"]) == len(info["test_files"])
     assert any(r["mask_path"] is None for r in recon["reconstructions"])
     st = task_states(state)
-    assert st == {"bundle-split-features": "Completed", "evaluate-split": "Completed"}
+    assert st == {"bundle-split-features": "Completed", "evaluate-split": "Completed", "publish-artifacts": "Completed"}
 
     # predict on raw images (no dataset step) gives the same maps as the evaluation of the same images
     import shutil
@@ -94,7 +94,7 @@ def test_evaluate_flow_with_bundle(trained, prefect_harness) -> None:
     # only the reconstruction method changes: features come from the cache
     cfg["task"]["output"]["reconstruction_method"] = "priority"
     state = evaluate_flow(cfg, return_state=True)
-    assert task_states(state) == {"bundle-split-features": "Cached", "evaluate-split": "Completed"}
+    assert task_states(state) == {"bundle-split-features": "Cached", "evaluate-split": "Completed", "publish-artifacts": "Completed"}
     assert state.result()["metrics"]["reconstruction"]["patch_reconstruction_method"] == "priority"
 
 

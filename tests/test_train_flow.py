@@ -66,7 +66,17 @@ def test_train_flow_stages_are_cached_by_content(demo_patch_dataset: Path, tmp_p
     assert len(recon["reconstructions"]) == len(json.loads((demo_patch_dataset / "info.json").read_text())["val_files"])
     assert "all_defects" in res["metrics"]["reconstruction"]
     first = task_states(state)
-    assert len(first) == 6 and set(first.values()) == {"Completed"}
+    assert len(first) == 7 and set(first.values()) == {"Completed"}
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        arts = client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+    kinds = {a.type for a in arts}
+    assert kinds == {"table", "markdown"}, kinds
+    md = next(a for a in arts if a.type == "markdown").data
+    assert "Confusion matrix" in md and "accuracy" in md
 
     # a new process with the same storage root computes no feature task
     cfg_file = tmp_path / "train.yaml"
