@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -91,13 +92,17 @@ def predict_images(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = []
+    timing = {"extract_s": 0.0}
+    t0 = time.perf_counter()
     pending: list[tuple[_Image, int]] = []  # images whose patches are in the current batch, with their count
     patches: list[np.ndarray] = []
 
     def flush() -> None:
         if not patches:
             return
+        t = time.perf_counter()
         feats = extractor.extract(patches, size, meta["mean"], meta["std"])
+        timing["extract_s"] += time.perf_counter() - t
         proba = full_probabilities(est.predict_proba(feats), est.classes_, num_classes)
         start = 0
         for item, n in pending:
@@ -112,7 +117,8 @@ def predict_images(
         if len(patches) >= batch_size:
             flush()
     flush()
-    result = {"model": str(root), "method": method, "images": summary}
+    timing["wall_s"] = time.perf_counter() - t0
+    result = {"model": str(root), "method": method, "images": summary, "timing": timing}
     write_json(out_dir / "predictions.json", result)
     return result
 
