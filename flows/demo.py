@@ -35,6 +35,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"patch dataset: {data_path}")
     print(f"run folder:    {result['run_dir']}")
     print(f"bundle:        {result['bundle']}")
+    report = Path(result["run_dir"]) / "validation" / "report.html"
+    if report.is_file():
+        print(f"report:        {report}")
     if "accuracy" in m:
         print(f"val accuracy {m['accuracy']:.3f}, balanced accuracy {m['balanced_accuracy']:.3f} on {m['n_evaluated']} patches")
 

@@ -21,6 +21,7 @@ from storage.geometry import GRID_POLICY
 from tasks.backbones import build_backbone, export_onnx, export_torchscript
 from tasks.config import import_object
 from tasks.evaluation import score_split
+from tasks.report import write_report
 from tasks.features_task import backbone_digest, class_map, feature_runtime
 from tasks.train_config import TrainFlowConfig
 
@@ -61,11 +62,14 @@ def fit_classifier(cfg: TrainFlowConfig, stores: list[str], out: Path) -> dict[s
 
 
 def validate(cfg: TrainFlowConfig, classifier_path: Path, store: Path, out_dir: Path) -> dict[str, Any]:
-    """Patch metrics and reconstruction of the val split; writes metrics.json, test_results.csv, reconstruction_results.json."""
-    return score_split(
+    """Patch metrics, reconstruction and report of the val split (metrics.json, test_results.csv, reconstruction_results.json, report.html)."""
+    metrics = score_split(
         classifier_path, store, Path(cfg.datamodule.data_path), "val", class_map(cfg),
         cfg.datamodule.class_to_skip_training, cfg.task.reconstruction_method, cfg.task.coverage_threshold, out_dir,
     )
+    if cfg.task.report:
+        write_report(out_dir, Path(cfg.datamodule.data_path), class_map(cfg), title=f"patchflow validation: {cfg.core.name}")
+    return metrics
 
 
 def model_json(cfg: TrainFlowConfig, weights_digest: str | None = None) -> dict[str, Any]:

@@ -29,14 +29,9 @@ from tasks.evaluation import full_probabilities
 from tasks.imageio import read_image
 from tasks.reconstruction import SoftMerger, make_merger
 from tasks.region_metrics import prediction_polygons
+from tasks.report import colourise
 
 logger = logging.getLogger("patchflow.predict")
-
-PALETTE = np.array(
-    [[0, 0, 0], [40, 40, 230], [40, 200, 40], [230, 120, 30], [200, 40, 200], [40, 200, 220], [220, 220, 40],
-     [120, 60, 200], [60, 140, 255], [180, 180, 180]], dtype=np.uint8,
-)  # BGR, index 0 unused (background is not painted)
-
 
 def list_images(folder: Path) -> list[Path]:
     """Image files under ``folder`` (recursive, sorted); a clear error when there are none."""
@@ -47,15 +42,6 @@ def list_images(folder: Path) -> list[Path]:
     if not files:
         raise FileNotFoundError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {folder}")
     return files
-
-
-def overlay(image: np.ndarray, class_map: np.ndarray, alpha: float = 0.45) -> np.ndarray:
-    """The image with defect classes painted in palette colours (background untouched)."""
-    out = image.copy()
-    colours = PALETTE[np.asarray(class_map) % len(PALETTE)]
-    mask = class_map > 0
-    out[mask] = (out[mask] * (1 - alpha) + colours[mask] * alpha).astype(np.uint8)
-    return out
 
 
 @dataclass
@@ -134,7 +120,7 @@ def _finish(item: _Image, proba: np.ndarray, method: str, num_classes: int, idx_
     polygons = prediction_polygons(class_map, idx_to_class, soft.mean_probabilities(), item.grid.boxes(), labels)
     stem = item.path.stem
     cv2.imwrite(str(out_dir / f"{stem}_classmap.png"), class_map.astype(np.uint8))
-    cv2.imwrite(str(out_dir / f"{stem}_overlay.png"), overlay(item.image, class_map))
+    cv2.imwrite(str(out_dir / f"{stem}_overlay.png"), colourise(item.image, class_map))
     (out_dir / f"{stem}_polygons.json").write_text(json.dumps({"image": str(item.path), "prediction": polygons}, indent=1) + "\n")
     return {"image": str(item.path), "defect_regions": len(polygons), "defect_pixels": int((class_map > 0).sum()),
             "classes": sorted({p["label"] for p in polygons})}

@@ -21,7 +21,7 @@ import numpy as np
 from storage import layout
 from tasks.imageio import InputDataError, decode_mask, read_bytes, read_image
 
-# BGR, the same class colours as tasks/predict.py's overlays; index 0 (background) is transparent and
+# BGR class colours shared by the report and the predict overlays; index 0 (background) is transparent and
 # class k uses PALETTE[(k - 1) % len(PALETTE)].
 PALETTE = [(40, 40, 230), (40, 200, 40), (230, 120, 30), (200, 40, 200), (40, 200, 220), (220, 220, 40),
            (120, 60, 200), (60, 140, 255), (180, 180, 180)]
@@ -156,7 +156,8 @@ def example_grids(out_dir: Path, data_path: Path, results: list[tuple[str, int, 
     return written
 
 
-def _colourise(base: np.ndarray, labels: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+def colourise(base: np.ndarray, labels: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """The image with each defect class painted in its fixed colour (background untouched)."""
     out = base.astype(np.float32)
     for c in sorted(int(v) for v in np.unique(labels) if v > 0):
         sel = labels == c
@@ -201,7 +202,7 @@ def overlay_image(rec: dict[str, Any], data_path: Path, maps_dir: Path, class_to
     panels = [base.copy()]
     if gt is not None:
         gts = cv2.resize(gt.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST)
-        g = _colourise(base, gts)
+        g = colourise(base, gts)
         for c in sorted(int(v) for v in np.unique(gts) if v > 0):
             cs, _ = cv2.findContours((gts == c).astype(np.uint8), cv2.RETR_LIST, cv2.CHAIN_APPROX_SIMPLE)
             cv2.drawContours(g, cs, -1, class_colour(c), 1, cv2.LINE_AA)
@@ -210,7 +211,7 @@ def overlay_image(rec: dict[str, Any], data_path: Path, maps_dir: Path, class_to
         g = (base // 3 + 170).astype(np.uint8)
         _text(g, "no ground-truth mask", (10, size[1] // 2), 0.55, BLACK, 2)
         panels.append(g)
-    p = _colourise(base, cv2.resize(pred, size, interpolation=cv2.INTER_NEAREST))
+    p = colourise(base, cv2.resize(pred, size, interpolation=cv2.INTER_NEAREST))
     for reg in rec.get("prediction", []):
         col = class_colour(class_to_idx.get(reg["label"], 1))
         cv2.polylines(p, [_poly(reg["points"], s)], True, col, 2, cv2.LINE_AA)

@@ -53,7 +53,8 @@ def test_train_flow_stages_are_cached_by_content(demo_patch_dataset: Path, tmp_p
     run = Path(res["run_dir"])
     for name in ("config_resolved.yaml", "config_tree.txt", "main.log", "data/train_list.csv", "data/val_list.csv",
                  "deployment_model/model.pt", "deployment_model/classifier.joblib", "deployment_model/model.json",
-                 "validation/metrics.json", "validation/test_results.csv"):
+                 "validation/metrics.json", "validation/test_results.csv", "validation/report.html",
+                 "validation/confusion_matrix.png"):
         assert (run / name).is_file(), name
     mj = json.loads((run / "deployment_model/model.json").read_text())
     for key in ("input_size", "classes", "mean", "std", "horizontal_patches", "vertical_patches", "patch_height",
