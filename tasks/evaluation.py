@@ -9,6 +9,7 @@ per image; missing patches (filters) only mean fewer votes, never a reshape erro
 
 from __future__ import annotations
 
+import csv
 import os
 from collections import defaultdict
 from pathlib import Path
@@ -220,10 +221,11 @@ def score_split(
     pred = est.classes_[np.argmax(proba, axis=1)]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows = ["sample,real_label,pred_label,probability"]
-    for sid, t, p, pr in zip(ids.tolist(), y_eval.tolist(), pred.tolist(), proba.max(axis=1).tolist()):
-        rows.append(f"{sid},{t},{p},{pr:.6f}")
-    (out_dir / "test_results.csv").write_text("\n".join(rows) + "\n")
+    with (out_dir / "test_results.csv").open("w", newline="") as fh:  # the reference's columns (pandas-style index)
+        w = csv.writer(fh, lineterminator="\n")
+        w.writerow(["", "sample", "real_label", "pred_label", "probability", "filename"])
+        for i, (sid, t, p, pr) in enumerate(zip(ids.tolist(), y_eval.tolist(), pred.tolist(), proba.max(axis=1).tolist())):
+            w.writerow([i, sid, t, p, f"{pr:.6f}", layout.parse_patch_name(os.path.basename(sid))[0]])
     metrics = patch_metrics(y_eval, pred, idx_to_class)
     results = evaluate_split(
         data_path, split, ids.tolist(), pred, full_probabilities(proba, est.classes_, max(class_to_idx.values()) + 1),

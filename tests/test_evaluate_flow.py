@@ -51,6 +51,8 @@ def test_evaluate_flow_with_bundle(trained, prefect_harness) -> None:
         assert (out / name).is_file(), name
     assert (Path(res["run_dir"]) / "reconstruction_results.json").is_file()
     rows = list(csv.DictReader((out / "test_results.csv").open()))
+    assert list(rows[0]) == ["", "sample", "real_label", "pred_label", "probability", "filename"]
+    assert rows[0]["filename"] and rows[0]["filename"] in rows[0]["sample"]
     stain = json.loads((bundle / "model.json").read_text())["classes"]
     stain_idx = next(int(k) for k, v in stain.items() if v == "stain")
     none_rows = [r for r in rows if "/None/" in r["sample"]]
