@@ -76,7 +76,8 @@ def train_flow(config: TrainFlowConfig) -> dict[str, Any]:
         bundle = _stage(export_task, root, f, (eout / "model.json").is_file())(cfg, clf, backbone, ekey, str(eout), wdig, f)
 
         skip = sorted(cfg.datamodule.class_to_skip_training or [])
-        recon = {"method": cfg.task.reconstruction_method, "coverage": cfg.task.coverage_threshold, "report": cfg.task.report}
+        recon = {"method": cfg.task.reconstruction_method, "coverage": cfg.task.coverage_threshold, "report": cfg.task.report,
+                 "soft_thresholds": cfg.task.soft_thresholds}
         vkey2 = combine("validate", fkey, Path(val_store).name, params_digest({"skip": skip, "reconstruction": recon}))
         vdir = root / "validation" / vkey2[:32]
         f = "validate" in force

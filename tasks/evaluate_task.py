@@ -40,6 +40,7 @@ class EvalOutput(StrictModel):
         None, description="Default: the bundle's reconstruction_method"
     )
     coverage_threshold: float = Field(0.3, gt=0, le=1)
+    soft_thresholds: dict[str, float] | None = Field(None, description="soft method only: class name -> minimum mean probability")
     n_overlays: int = Field(6, ge=0)
 
 
@@ -90,7 +91,7 @@ def evaluate_with_bundle(cfg: EvaluateFlowConfig, store: Path, out: Path) -> dic
     o = cfg.task.output
     method = o.reconstruction_method or meta.get("reconstruction_method") or "major_voting"
     metrics = score_split(root / "classifier.joblib", store, Path(cfg.datamodule.data_path), cfg.datamodule.split,
-                          classes, meta.get("class_to_skip"), method, o.coverage_threshold, out)
+                          classes, meta.get("class_to_skip"), method, o.coverage_threshold, out, o.soft_thresholds)
     if o.report:
         from tasks.report import write_report
 

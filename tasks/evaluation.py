@@ -34,6 +34,19 @@ def full_probabilities(proba: np.ndarray, classes: Sequence[int], num_classes: i
     return out
 
 
+def class_thresholds(by_name: dict[str, float] | None, class_to_idx: dict[str, int]) -> list[float] | None:
+    """Per-class-index thresholds of the soft merger from a {class name: threshold} mapping (others 0)."""
+    if not by_name:
+        return None
+    unknown = sorted(set(by_name) - set(class_to_idx))
+    if unknown:
+        raise ValueError(f"soft_thresholds name unknown classes {unknown}; classes are {sorted(class_to_idx)}")
+    out = [0.0] * (max(class_to_idx.values()) + 1)
+    for name, thr in by_name.items():
+        out[class_to_idx[name]] = float(thr)
+    return out
+
+
 def _grid(info: dict[str, Any], h: int, w: int):
     if info.get("patch_size"):  # patch_size wins when both are present (the reference extracted with it)
         return compute_grid(h, w, patch_size=info["patch_size"], overlap=info.get("overlap") or 0.0)
@@ -54,13 +67,18 @@ def evaluate_split(
     method: str = "major_voting",
     coverage_threshold: float = 0.3,
     maps_dir: Path | None = None,
+    soft_thresholds: dict[str, float] | None = None,
 ) -> dict[str, Any]:
-    """Reconstruct every image of ``split`` and measure it; optionally save class maps as PNG."""
+    """Reconstruct every image of ``split`` and measure it; optionally save class maps as PNG.
+
+    ``soft_thresholds`` (class name -> minimum mean probability) only applies to the ``soft`` method.
+    """
     data_path = Path(data_path)
     info = layout.read_info(data_path)
     idx_to_class = {v: k for k, v in class_to_idx.items()}
     num_classes = max(class_to_idx.values()) + 1
     good = {class_to_idx[n] for n in (info.get("annotated_good") or []) if n in class_to_idx}
+    thresholds = class_thresholds(soft_thresholds, class_to_idx) if method == "soft" else None
     by_stem: dict[str, list[int]] = defaultdict(list)
     for row, sid in enumerate(sample_ids):
         stem, _, _ = layout.parse_patch_name(os.path.basename(sid))
@@ -82,7 +100,7 @@ def evaluate_split(
         idx = np.array([layout.parse_patch_name(os.path.basename(sample_ids[r]))[1] for r in rows], dtype=np.int64)
         labels = np.asarray(pred_labels)[rows] if len(rows) else np.zeros(0, np.int64)
         probs = probabilities[rows] if len(rows) else np.zeros((0, num_classes), np.float32)
-        merger = make_merger(method, grid, num_classes)
+        merger = make_merger(method, grid, num_classes, thresholds)
         merger.add(idx, labels, probs)
         pred = merger.finalize()
         soft = SoftMerger(grid, num_classes)
@@ -202,6 +220,7 @@ def score_split(
     method: str,
     coverage_threshold: float,
     out_dir: Path,
+    soft_thresholds: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """Classify a stored split, then write test_results.csv, reconstruction_results.json, maps/ and metrics.json.
 
@@ -229,7 +248,7 @@ def score_split(
     metrics = patch_metrics(y_eval, pred, idx_to_class)
     results = evaluate_split(
         data_path, split, ids.tolist(), pred, full_probabilities(proba, est.classes_, max(class_to_idx.values()) + 1),
-        class_to_idx, method, coverage_threshold, maps_dir=out_dir / "maps",
+        class_to_idx, method, coverage_threshold, maps_dir=out_dir / "maps", soft_thresholds=soft_thresholds,
     )
     layout.write_json(out_dir / "reconstruction_results.json", results)
     metrics["reconstruction"] = results["summary"] | {

@@ -66,6 +66,7 @@ def validate(cfg: TrainFlowConfig, classifier_path: Path, store: Path, out_dir: 
     metrics = score_split(
         classifier_path, store, Path(cfg.datamodule.data_path), "val", class_map(cfg),
         cfg.datamodule.class_to_skip_training, cfg.task.reconstruction_method, cfg.task.coverage_threshold, out_dir,
+        cfg.task.soft_thresholds,
     )
     if cfg.task.report:
         write_report(out_dir, Path(cfg.datamodule.data_path), class_map(cfg), title=f"patchflow validation: {cfg.core.name}")

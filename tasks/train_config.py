@@ -78,6 +78,9 @@ class TaskSection(StrictModel):
         "major_voting", description="How patch predictions become pixel maps (soft = mean class probabilities)"
     )
     coverage_threshold: float = Field(0.3, gt=0, le=1, description="Share of a defect's pixels that must be predicted for it to count as detected")
+    soft_thresholds: dict[str, float] | None = Field(
+        None, description="soft method only: class name -> minimum mean probability for a pixel to take that class"
+    )
     report: bool = Field(True, description="Write validation/report.html with figures (confusion matrix, overlays, example grids)")
 
 

@@ -26,6 +26,7 @@ def trained(tmp_path_factory):
         "datamodule": {"data_path": str(data), "class_to_skip_training": ["stain"]},
         "transforms": {"input_height": 64, "input_width": 64},
         "trainer": {"iteration_over_training": 2},
+        "export": {"types": ["torchscript", "pytorch"]},
         "core": {"runs_folder": str(root / "runs")},
         "storage_root": str(root / "store"),
     }
@@ -98,6 +99,20 @@ def test_evaluate_flow_with_bundle(trained, prefect_harness) -> None:
     state = evaluate_flow(cfg, return_state=True)
     assert task_states(state) == {"bundle-split-features": "Cached", "evaluate-split": "Completed", "publish-artifacts": "Completed"}
     assert state.result()["metrics"]["reconstruction"]["patch_reconstruction_method"] == "priority"
+
+
+def test_every_bundle_export_gives_the_same_features(trained) -> None:
+    import numpy as np
+    import torch
+
+    from tasks.backbones import load_export
+
+    _, _, bundle = trained
+    x = torch.rand(3, 3, 64, 64)
+    with torch.inference_mode():
+        outs = {name: load_export(bundle / name, "mobilenet_v2")(x).numpy() for name in ("model.pt", "model.pth", "model.onnx")}
+    np.testing.assert_allclose(outs["model.pth"], outs["model.pt"], atol=1e-5)
+    np.testing.assert_allclose(outs["model.onnx"], outs["model.pt"], atol=1e-4)
 
 
 def test_evaluate_rejects_a_folder_that_is_not_a_bundle(tmp_path: Path) -> None:

@@ -142,3 +142,10 @@ def test_evaluate_split_on_a_generated_dataset(tmp_path: Path) -> None:
     summary = res["summary"]
     assert summary["all_defects"]["defects"] > 0 and summary["all_defects"]["detection_rate"] > 0.5
     json.dumps(res)  # serialisable as is
+    soft = evaluate_split(data, "val", ids, labels, probs, classes, "soft")
+    assert soft["summary"]["all_defects"]["detected"] == summary["all_defects"]["detected"]  # one-hot probs: no change
+    impossible = {name: 1.01 for name, v in classes.items() if v > 0}
+    none = evaluate_split(data, "val", ids, labels, probs, classes, "soft", soft_thresholds=impossible)
+    assert none["summary"]["all_defects"]["detected"] == 0 and none["summary"]["predicted_regions"] == 0
+    with pytest.raises(ValueError, match="unknown classes"):
+        evaluate_split(data, "val", ids, labels, probs, classes, "soft", soft_thresholds={"nope": 0.5})
