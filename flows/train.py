@@ -15,7 +15,7 @@ from prefect import flow
 from storage import features as fstore
 from storage.fingerprint import combine, params_digest
 from storage.settings import results_dir, storage_root
-from tasks.artifacts import publish_task
+from tasks.artifacts import Progress, publish_task
 from tasks.caching import content_policy
 from tasks.config import parse_cli, run_cli, validate_config
 from tasks.features_task import (
@@ -51,20 +51,25 @@ def train_flow(config: TrainFlowConfig) -> dict[str, Any]:
         write_data_record(cfg, run)
         dkey, wdig = dataset_key(cfg.datamodule.data_path), backbone_digest(cfg)
         f = "features" in force
+        n_pass = cfg.trainer.iteration_over_training
+        progress = Progress(n_pass + 5, f"{cfg.core.name}: {n_pass} feature passes, val features, fit, export, validation")
         stores = []
-        for p in range(cfg.trainer.iteration_over_training):
+        for p in range(n_pass):
             key = train_pass_key(cfg, dkey, wdig, p)
             out = store_path(root, key)
             stores.append(_stage(train_pass_task, root, f, fstore.is_complete(out))(cfg, p, key, str(out), wdig, f))
+            progress.step()
         vkey = split_key(cfg, dkey, wdig, "val")
         vout = store_path(root, vkey)
         f = "val_features" in force
         val_store = _stage(split_features_task, root, f, fstore.is_complete(vout))(cfg, "val", vkey, str(vout), wdig, f)
+        progress.step()
 
         fkey = combine("fit", *sorted(Path(s).name for s in stores), params_digest(cfg.model.model_dump(mode="json")), str(cfg.core.seed))
         fout = root / "models" / f"{fkey[:32]}.joblib"
         f = "fit" in force
         clf = _stage(fit_task, root, f, fout.is_file())(cfg, stores, fkey, str(fout), f)
+        progress.step()
 
         size = [cfg.transforms.input_height, cfg.transforms.input_width]
         bkey = combine("backbone-export", wdig, params_digest({"name": cfg.backbone.name, "size": size, "types": export_types(cfg)}))
@@ -74,6 +79,7 @@ def train_flow(config: TrainFlowConfig) -> dict[str, Any]:
         ekey = combine("export", fkey, bkey, params_digest(model_json(cfg, wdig)))
         eout = root / "bundles" / ekey[:32] / "deployment_model"
         bundle = _stage(export_task, root, f, (eout / "model.json").is_file())(cfg, clf, backbone, ekey, str(eout), wdig, f)
+        progress.step(2)
 
         skip = sorted(cfg.datamodule.class_to_skip_training or [])
         recon = {"method": cfg.task.reconstruction_method, "coverage": cfg.task.coverage_threshold, "report": cfg.task.report,
@@ -83,6 +89,7 @@ def train_flow(config: TrainFlowConfig) -> dict[str, Any]:
         f = "validate" in force
         metrics = _stage(validate_task, root, f, (vdir / "metrics.json").is_file())(cfg, clf, val_store, vkey2, str(vdir), f)
 
+        progress.step()
         shutil.copytree(bundle, run / "deployment_model")
         shutil.copytree(vdir, run / "validation")
         publish_task(f"{cfg.core.name} validation", metrics, str(run / "validation"))

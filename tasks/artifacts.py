@@ -56,3 +56,20 @@ def publish_task(title: str, metrics: dict[str, Any], out_dir: str | None = None
         create_table_artifact(table=rows, key=_key(f"{title}-metrics"), description=f"{title}: per-class patch metrics")
     create_markdown_artifact(markdown=summary_markdown(title, metrics, Path(out_dir) if out_dir else None),
                              key=_key(f"{title}-summary"), description=f"{title}: summary")
+
+
+class Progress:
+    """A Prefect progress artifact advanced as coarse units (feature passes, stages) complete."""
+
+    def __init__(self, total: int, description: str) -> None:
+        from prefect.artifacts import create_progress_artifact
+
+        self.total, self.done = max(1, int(total)), 0
+        self.id = create_progress_artifact(progress=0.0, description=description)
+
+    def step(self, n: int = 1) -> None:
+        """Mark ``n`` more units done."""
+        from prefect.artifacts import update_progress_artifact
+
+        self.done = min(self.total, self.done + n)
+        update_progress_artifact(artifact_id=self.id, progress=round(100.0 * self.done / self.total, 1))

@@ -1,0 +1,109 @@
+"""Versioned model bundles and promotion to ``latest`` (scheduled retraining).
+
+```
+<models_folder>/<name>/v0001/            deployment_model files + version.json
+<models_folder>/<name>/v0002/ ...
+<models_folder>/<name>/latest.json       {"version": "v0002", ...}: the promoted bundle
+<models_folder>/<name>/latest            symlink to the promoted version (where the platform allows)
+```
+A version is only added when its inputs changed (dataset fingerprint + training config), and
+promoted when its validation metric is not worse than the current one (configurable).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+
+from storage.layout import write_json
+from tasks.config import StrictModel
+
+METRICS = ("balanced_accuracy", "accuracy", "defect_detection_rate")
+
+
+class PromotionSection(StrictModel):
+    """Where versioned bundles go and when a new one becomes ``latest``."""
+
+    models_folder: str = Field("models", description="Versioned bundles live in <models_folder>/<core.name>/")
+    metric: Literal["balanced_accuracy", "accuracy", "defect_detection_rate"] = Field(
+        "balanced_accuracy", description="Validation metric compared with the current latest model"
+    )
+    policy: Literal["if_not_worse", "always", "never"] = Field(
+        "if_not_worse", description="Promote the new version when its metric >= latest's - tolerance; always; or never"
+    )
+    tolerance: float = Field(0.0, ge=0, le=1, description="How much worse the new metric may be and still count as not worse")
+
+
+def metric_value(metrics: dict[str, Any], name: str) -> float | None:
+    """The comparison metric from a validation metrics dict (None when not computable)."""
+    if name == "defect_detection_rate":
+        return (metrics.get("reconstruction", {}).get("all_defects") or {}).get("detection_rate")
+    value = metrics.get(name)
+    return float(value) if value is not None else None
+
+
+def _versions(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.glob("v[0-9][0-9][0-9][0-9]") if (p / "version.json").is_file())
+
+
+def read_latest(folder: Path) -> dict[str, Any] | None:
+    """``latest.json`` of a model folder, or None before the first promotion."""
+    try:
+        return json.loads((Path(folder) / "latest.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def register_and_promote(
+    bundle: Path, folder: Path, metrics: dict[str, Any], inputs_key: str, promotion: PromotionSection, run_dir: str
+) -> dict[str, Any]:
+    """Add ``bundle`` as a new version unless identical inputs made the newest one; promote by policy. Returns what was done."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    versions = _versions(folder)
+    latest = read_latest(folder)
+    value = metric_value(metrics, promotion.metric)
+    if versions:
+        newest = json.loads((versions[-1] / "version.json").read_text())
+        if newest.get("inputs_key") == inputs_key:
+            return {"action": "unchanged", "version": versions[-1].name, "latest": (latest or {}).get("version"),
+                    "reason": "no new or changed images and the same configuration: nothing to retrain",
+                    "metric": promotion.metric, "value": newest.get("metric_value")}
+    name = f"v{len(versions) + 1:04d}" if not versions else f"v{int(versions[-1].name[1:]) + 1:04d}"
+    tmp = folder / f".{name}.{os.getpid()}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(bundle, tmp)
+    write_json(tmp / "version.json", {"version": name, "inputs_key": inputs_key, "metric": promotion.metric,
+                                      "metric_value": value, "metrics": metrics, "run_dir": run_dir})
+    os.replace(tmp, folder / name)
+    current = (latest or {}).get("metric_value")
+    if promotion.policy == "never":
+        promote, reason = False, "promotion policy is 'never'"
+    elif promotion.policy == "always" or latest is None:
+        promote, reason = True, "first model" if latest is None else "promotion policy is 'always'"
+    elif value is None:
+        promote, reason = False, f"{promotion.metric} could not be computed for the new model"
+    elif current is None or value >= current - promotion.tolerance:
+        promote, reason = True, f"{promotion.metric} {value:.4f} is not worse than {current if current is None else round(current, 4)} (tolerance {promotion.tolerance})"
+    else:
+        promote, reason = False, f"{promotion.metric} {value:.4f} is worse than the latest's {current:.4f} (tolerance {promotion.tolerance})"
+    if promote:
+        write_json(folder / "latest.json", {"version": name, "metric": promotion.metric, "metric_value": value,
+                                            "previous": (latest or {}).get("version")})
+        link = folder / "latest"
+        try:
+            tmp_link = folder / f".latest.{os.getpid()}"
+            if tmp_link.is_symlink():
+                tmp_link.unlink()
+            tmp_link.symlink_to(name, target_is_directory=True)
+            os.replace(tmp_link, link)
+        except OSError:
+            pass  # no symlinks here: latest.json is the reference
+    return {"action": "promoted" if promote else "kept_previous", "version": name,
+            "latest": name if promote else (latest or {}).get("version"), "reason": reason,
+            "metric": promotion.metric, "value": value, "previous_value": current}
