@@ -11,8 +11,8 @@ from typing import Sequence
 from prefect import flow
 from pydantic import Field
 
-from storage.settings import results_dir, storage_root
-from tasks.caching import content_policy
+from storage.settings import storage_root
+from tasks.caching import cached_stage
 from tasks.config import StrictModel, parse_cli, run_cli, validate_config
 from tasks.dataset_task import (
     DataSection,
@@ -41,11 +41,8 @@ def dataset_flow(config: DatasetFlowConfig) -> str:
     class_to_idx = config.data.resolved_class_to_idx()
     association = associate_task(config.data)
     key = fingerprint_task(association, class_to_idx, config.dataset)
-    stale = config.force or not dataset_is_current(config.dataset.output_folder, key)
-    build = generate_task.with_options(
-        cache_policy=content_policy(root), result_storage=results_dir(root), refresh_cache=stale
-    )
-    return build(association, class_to_idx, config.dataset, key, config.force)
+    done = dataset_is_current(config.dataset.output_folder, key)
+    return cached_stage(generate_task, root, config.force, done)(association, class_to_idx, config.dataset, key, config.force)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

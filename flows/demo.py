@@ -12,6 +12,7 @@ from typing import Sequence
 
 from tasks.config import load_config, run_cli
 from tasks.demo_data import make_demo_dataset
+from tasks.evaluation import headline
 
 from flows.dataset import DatasetFlowConfig, dataset_flow
 from flows.train import TrainFlowConfig, train_flow
@@ -31,15 +32,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     data_path = dataset_flow(ds_cfg)
     train_cfg = load_config(TrainFlowConfig, HERE / "demo_train.yaml", [f"datamodule.data_path={data_path}", *args.overrides])
     result = train_flow(train_cfg)
-    m = result["metrics"]
     print(f"patch dataset: {data_path}")
     print(f"run folder:    {result['run_dir']}")
     print(f"bundle:        {result['bundle']}")
     report = Path(result["run_dir"]) / "validation" / "report.html"
     if report.is_file():
         print(f"report:        {report}")
-    if "accuracy" in m:
-        print(f"val accuracy {m['accuracy']:.3f}, balanced accuracy {m['balanced_accuracy']:.3f} on {m['n_evaluated']} patches")
+    print("\n".join(headline(result["metrics"], "val")))
 
 
 if __name__ == "__main__":

@@ -13,8 +13,8 @@ from typing import Any, Literal, Sequence
 from prefect import flow
 from pydantic import Field
 
-from storage.settings import results_dir, storage_root
-from tasks.caching import content_policy
+from storage.settings import storage_root
+from tasks.caching import cached_stage
 from tasks.config import StrictModel, run_cli, validate_config
 from tasks.predict import prediction_key, predict_task
 
@@ -39,10 +39,7 @@ def predict_flow(config: PredictFlowConfig) -> dict[str, Any]:
     root = storage_root(cfg.storage_root)
     key = prediction_key(Path(cfg.model), Path(cfg.images), Path(cfg.out), cfg.method)
     done = (Path(cfg.out) / "predictions.json").is_file()
-    run = predict_task.with_options(
-        cache_policy=content_policy(root), result_storage=results_dir(root), refresh_cache=cfg.force or not done
-    )
-    return run(cfg.model, cfg.images, cfg.out, cfg.method, cfg.batch_size, cfg.device, key)
+    return cached_stage(predict_task, root, cfg.force, done)(cfg.model, cfg.images, cfg.out, cfg.method, cfg.batch_size, cfg.device, key)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -14,10 +14,11 @@ from prefect import flow
 
 from storage import features as fstore
 from storage.fingerprint import combine, params_digest
-from storage.settings import results_dir, storage_root
+from storage.settings import storage_root
 from tasks.artifacts import Progress, publish_task
-from tasks.caching import content_policy
+from tasks.caching import cached_stage
 from tasks.config import parse_cli, run_cli, validate_config
+from tasks.evaluation import headline
 from tasks.features_task import (
     backbone_digest,
     dataset_key,
@@ -30,13 +31,6 @@ from tasks.features_task import (
 from tasks.model_task import export_backbone_task, export_task, export_types, fit_task, model_json, validate_task
 from tasks.run_folder import attach_log, detach_log, make_run_dir, write_data_record
 from tasks.train_config import TrainFlowConfig
-
-
-def _stage(task_fn, root: Path, force: bool, done: bool):
-    """A stage's task with the content-keyed cache; refreshed when forced or when its output is missing."""
-    return task_fn.with_options(
-        cache_policy=content_policy(root), result_storage=results_dir(root), refresh_cache=force or not done
-    )
 
 
 @flow(name="patchflow-train")
@@ -57,28 +51,28 @@ def train_flow(config: TrainFlowConfig) -> dict[str, Any]:
         for p in range(n_pass):
             key = train_pass_key(cfg, dkey, wdig, p)
             out = store_path(root, key)
-            stores.append(_stage(train_pass_task, root, f, fstore.is_complete(out))(cfg, p, key, str(out), wdig, f))
+            stores.append(cached_stage(train_pass_task, root, f, fstore.is_complete(out))(cfg, p, key, str(out), wdig, f))
             progress.step()
         vkey = split_key(cfg, dkey, wdig, "val")
         vout = store_path(root, vkey)
         f = "val_features" in force
-        val_store = _stage(split_features_task, root, f, fstore.is_complete(vout))(cfg, "val", vkey, str(vout), wdig, f)
+        val_store = cached_stage(split_features_task, root, f, fstore.is_complete(vout))(cfg, "val", vkey, str(vout), wdig, f)
         progress.step()
 
         fkey = combine("fit", *sorted(Path(s).name for s in stores), params_digest(cfg.model.model_dump(mode="json")), str(cfg.core.seed))
         fout = root / "models" / f"{fkey[:32]}.joblib"
         f = "fit" in force
-        clf = _stage(fit_task, root, f, fout.is_file())(cfg, stores, fkey, str(fout), f)
+        clf = cached_stage(fit_task, root, f, fout.is_file())(cfg, stores, fkey, str(fout), f)
         progress.step()
 
         size = [cfg.transforms.input_height, cfg.transforms.input_width]
         bkey = combine("backbone-export", wdig, params_digest({"name": cfg.backbone.name, "size": size, "types": export_types(cfg)}))
         bout = root / "backbones" / bkey[:32]
         f = "export" in force
-        backbone = _stage(export_backbone_task, root, f, bout.is_dir())(cfg, bkey, str(bout), f)
+        backbone = cached_stage(export_backbone_task, root, f, bout.is_dir())(cfg, bkey, str(bout), f)
         ekey = combine("export", fkey, bkey, params_digest(model_json(cfg, wdig)))
         eout = root / "bundles" / ekey[:32] / "deployment_model"
-        bundle = _stage(export_task, root, f, (eout / "model.json").is_file())(cfg, clf, backbone, ekey, str(eout), wdig, f)
+        bundle = cached_stage(export_task, root, f, (eout / "model.json").is_file())(cfg, clf, backbone, ekey, str(eout), wdig, f)
         progress.step(2)
 
         skip = sorted(cfg.datamodule.class_to_skip_training or [])
@@ -87,7 +81,7 @@ def train_flow(config: TrainFlowConfig) -> dict[str, Any]:
         vkey2 = combine("validate", fkey, Path(val_store).name, params_digest({"skip": skip, "reconstruction": recon}))
         vdir = root / "validation" / vkey2[:32]
         f = "validate" in force
-        metrics = _stage(validate_task, root, f, (vdir / "metrics.json").is_file())(cfg, clf, val_store, vkey2, str(vdir), f)
+        metrics = cached_stage(validate_task, root, f, (vdir / "metrics.json").is_file())(cfg, clf, val_store, vkey2, str(vdir), f)
 
         progress.step()
         shutil.copytree(bundle, run / "deployment_model")
@@ -103,9 +97,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     cfg = parse_cli(TrainFlowConfig, argv, description=__doc__)
     result = train_flow(cfg)
     print(f"run folder: {result['run_dir']}")
-    m = result["metrics"]
-    if "accuracy" in m:
-        print(f"val accuracy {m['accuracy']:.3f}, balanced accuracy {m['balanced_accuracy']:.3f} on {m['n_evaluated']} patches")
+    print("\n".join(headline(result["metrics"], "val")))
 
 
 if __name__ == "__main__":

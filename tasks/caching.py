@@ -18,7 +18,7 @@ from prefect.locking.filesystem import FileSystemLockManager
 from prefect.transactions import IsolationLevel
 
 from storage.fingerprint import combine
-from storage.settings import locks_dir
+from storage.settings import locks_dir, results_dir
 
 
 @dataclass
@@ -40,3 +40,13 @@ def content_policy(root: Path, key_param: str = "key") -> CachePolicy:
         isolation_level=IsolationLevel.SERIALIZABLE,
         lock_manager=FileSystemLockManager(lock_files_directory=locks_dir(root)),
     )
+
+
+def cached_stage(task_fn: Any, root: Path, force: bool, done: bool) -> Any:
+    """``task_fn`` with the content-keyed cache under ``root``; refreshed when forced or when its output is missing.
+
+    A cache hit does not check that a stage's outputs still exist, so the flow passes ``done``
+    (the output is present and complete) and a missing output is rebuilt, never served.
+    """
+    return task_fn.with_options(cache_policy=content_policy(root), result_storage=results_dir(root), refresh_cache=force or not done)
+

@@ -257,3 +257,15 @@ def score_split(
     layout.write_json(out_dir / "metrics.json", metrics)
     return metrics
 
+
+def headline(metrics: dict[str, Any], split: str) -> list[str]:
+    """One-line summaries of patch accuracy and defect detection, for the command-line entry points."""
+    lines = []
+    if "accuracy" in metrics:
+        lines.append(f"{split} accuracy {metrics['accuracy']:.3f}, balanced accuracy {metrics['balanced_accuracy']:.3f} "
+                     f"on {metrics['n_evaluated']} patches")
+    rec = (metrics.get("reconstruction") or {}).get("all_defects") or {}
+    if rec.get("defects"):
+        lines.append(f"{split} defects detected {rec['detected']}/{rec['defects']}")
+    return lines
+

@@ -207,10 +207,10 @@ def extract_split(cfg: TrainFlowConfig, split: str, out: Path, weights_digest: s
     dm = cfg.datamodule
     data_path = Path(dm.data_path)
     items = split_items(data_path, split, class_map(cfg), dm.include_filter, dm.exclude_filter)
-    wdigest = weights_digest or backbone_digest(cfg)
-    t = cfg.transforms
-    return extract_items(_extractor(cfg, out.parent / "onnx", wdigest), (t.input_height, t.input_width), t.mean, t.std,
-                         data_path, items, dm.batch_size, out, {**_feature_params(cfg, wdigest), "kind": split})
+    labels = np.array([lab for _, lab in items], dtype=np.int16)
+    boxes = np.full((len(items), 4), -1, dtype=np.int64)
+    return _extract(cfg, out, len(items), _patch_batches(data_path, items, dm.batch_size), labels,
+                    [rel for rel, _ in items], boxes, {"kind": split}, weights_digest)
 
 
 def _extract(

@@ -75,7 +75,8 @@ def test_train_flow_stages_are_cached_by_content(demo_patch_dataset: Path, tmp_p
         arts = client.read_artifacts(artifact_filter=ArtifactFilter(
             flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])))
     kinds = {a.type for a in arts}
-    assert kinds == {"table", "markdown"}, kinds
+    assert kinds == {"table", "markdown", "progress"}, kinds
+    assert next(a for a in arts if a.type == "progress").data == 100.0
     md = next(a for a in arts if a.type == "markdown").data
     assert "Confusion matrix" in md and "accuracy" in md
 
