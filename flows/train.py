@@ -86,7 +86,7 @@ def train_flow(config: TrainFlowConfig) -> dict[str, Any]:
         progress.step()
         shutil.copytree(bundle, run / "deployment_model")
         shutil.copytree(vdir, run / "validation")
-        publish_task(f"{cfg.core.name} validation", metrics, str(run / "validation"))
+        publish_task(f"{cfg.core.name} validation", metrics, str(run / "validation"), str(run / "deployment_model"))
         return {"run_dir": str(run), "bundle": str(run / "deployment_model"), "metrics": metrics}
     finally:
         detach_log(log)

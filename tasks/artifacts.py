@@ -48,8 +48,16 @@ def summary_markdown(title: str, metrics: dict[str, Any], out_dir: Path | None =
 
 
 @task(name="publish-artifacts", cache_policy=NO_CACHE)
-def publish_task(title: str, metrics: dict[str, Any], out_dir: str | None = None) -> None:
-    """Publish the per-class metrics table and the markdown summary as artifacts of the flow run."""
+def publish_task(title: str, metrics: dict[str, Any], out_dir: str | None = None, bundle: str | None = None) -> None:
+    """Publish the per-class metrics table, the markdown summary and links to the report and bundle."""
+    from prefect.artifacts import create_link_artifact
+
+    if out_dir and (Path(out_dir) / "report.html").is_file():
+        create_link_artifact(link=Path(out_dir, "report.html").resolve().as_uri(), link_text="report.html",
+                             key=_key(f"{title}-report"), description=f"{title}: HTML report")
+    if bundle:
+        create_link_artifact(link=Path(bundle).resolve().as_uri(), link_text="deployment_model",
+                             key=_key(f"{title}-bundle"), description=f"{title}: deployment bundle")
     per_class = metrics.get("per_class") or {}
     if per_class:
         rows = [{"class": k, **{m: round(v[m], 4) if isinstance(v[m], float) else v[m] for m in v}} for k, v in per_class.items()]

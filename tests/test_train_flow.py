@@ -76,8 +76,10 @@ def test_train_flow_stages_are_cached_by_content(demo_patch_dataset: Path, tmp_p
             flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])))
     kinds = {a.type for a in arts}
     assert kinds == {"table", "markdown", "progress"}, kinds
+    keys = {a.key for a in arts}
+    assert {"demo-validation-report", "demo-validation-bundle"} <= {k.replace("sklearn-classification-patch", "demo") for k in keys if k}, keys
     assert next(a for a in arts if a.type == "progress").data == 100.0
-    md = next(a for a in arts if a.type == "markdown").data
+    md = next(a for a in arts if a.type == "markdown" and a.key.endswith("summary")).data
     assert "Confusion matrix" in md and "accuracy" in md
 
     # a new process with the same storage root computes no feature task
