@@ -19,6 +19,14 @@ from tasks import generate_patch_dataset, get_image_mask_association
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mtd-dev"
 
 
+def build_dataset(data: Path, out: Path, val_size: float = 0.3, test_size: float = 0.1, num_workers: int = 2) -> dict:
+    """The benchmark dataset: ``data`` (images/, masks/, class_to_idx.json) as patch_number [2, 2] patches in ``out``."""
+    class_to_idx = json.loads((data / "class_to_idx.json").read_text())
+    assoc = get_image_mask_association(str(data / "images"), str(data / "masks"), mask_extension="_mask")
+    return generate_patch_dataset(assoc, class_to_idx, val_size=val_size, test_size=test_size, patch_number=[2, 2],
+                                  output_folder=str(out), num_workers=num_workers)
+
+
 def run_once(data: Path, workers: int, out_root: Path) -> dict:
     """Time one generation (association included) and return its figures."""
     class_to_idx = json.loads((data / "class_to_idx.json").read_text())

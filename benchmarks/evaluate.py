@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.dataset_generation import DEFAULT_DATA
+from benchmarks.dataset_generation import DEFAULT_DATA, build_dataset
 
 
 def main() -> None:
@@ -25,16 +25,12 @@ def main() -> None:
     args = ap.parse_args()
 
     from flows.train import train_flow
-    from tasks import generate_patch_dataset, get_image_mask_association
     from tasks.evaluate_task import EvaluateFlowConfig, evaluate_with_bundle, extract_with_bundle
     from tasks.predict import predict_images
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        classes = json.loads((args.data / "class_to_idx.json").read_text())
-        assoc = get_image_mask_association(str(args.data / "images"), str(args.data / "masks"), mask_extension="_mask")
-        generate_patch_dataset(assoc, classes, val_size=0.3, test_size=0.2, patch_number=[2, 2],
-                               output_folder=str(tmp / "ds"), num_workers=2)
+        build_dataset(args.data, tmp / "ds", val_size=0.3, test_size=0.2)
         res = train_flow({"datamodule": {"data_path": str(tmp / "ds")}, "trainer": {"iteration_over_training": 2},
                           "core": {"runs_folder": str(tmp / "runs")}, "storage_root": str(tmp / "store")})
         cfg = EvaluateFlowConfig.model_validate({"datamodule": {"data_path": str(tmp / "ds")},

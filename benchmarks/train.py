@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.dataset_generation import DEFAULT_DATA
+from benchmarks.dataset_generation import DEFAULT_DATA, build_dataset
 
 
 def bare_forward_rate(cfg, n_batches: int = 6) -> float:
@@ -54,15 +54,11 @@ def main() -> None:
     args = ap.parse_args()
 
     from flows.train import train_flow
-    from tasks import generate_patch_dataset, get_image_mask_association
     from tasks.train_config import TrainFlowConfig
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        classes = json.loads((args.data / "class_to_idx.json").read_text())
-        assoc = get_image_mask_association(str(args.data / "images"), str(args.data / "masks"), mask_extension="_mask")
-        generate_patch_dataset(assoc, classes, val_size=0.3, test_size=0.1, patch_number=[2, 2],
-                               output_folder=str(tmp / "ds"), num_workers=2)
+        build_dataset(args.data, tmp / "ds", val_size=0.3, test_size=0.1)
         base = {
             "datamodule": {"data_path": str(tmp / "ds"), "batch_size": 32},
             "backbone": {"name": args.backbone, "weights": args.weights},
