@@ -11,6 +11,7 @@ from typing import Any, Sequence
 
 from prefect import flow
 
+from storage.manifest import matches_manifest
 from storage import bundle as bdl
 from storage import features as fstore
 from storage.settings import storage_root
@@ -36,11 +37,11 @@ def evaluate_flow(config: EvaluateFlowConfig) -> dict[str, Any]:
         fkey = bundle_split_key(cfg, bundle_root, meta)
         fout = store_path(root, fkey)
         f = "features" in cfg.force
-        store = cached_stage(bundle_features_task, root, f, fstore.is_complete(fout))(cfg, fkey, str(fout), f)
+        store = cached_stage(bundle_features_task, root, f, fstore.is_verified(fout))(cfg, fkey, str(fout), f)
         ekey = evaluation_key(cfg, fkey, bundle_root, meta)
         eout = root / "evaluations" / ekey[:32]
         f = "evaluate" in cfg.force
-        metrics = cached_stage(evaluate_task, root, f, (eout / "metrics.json").is_file())(cfg, store, ekey, str(eout), f)
+        metrics = cached_stage(evaluate_task, root, f, matches_manifest(eout))(cfg, store, ekey, str(eout), f)
         out = run / cfg.task.output.folder
         shutil.copytree(eout, out)
         shutil.copy2(out / "reconstruction_results.json", run / "reconstruction_results.json")

@@ -12,6 +12,7 @@ from typing import Any, Sequence
 
 from prefect import flow
 
+from storage.manifest import file_matches, matches_manifest
 from storage import features as fstore
 from storage.fingerprint import combine, params_digest
 from storage.settings import storage_root
@@ -22,6 +23,8 @@ from tasks.evaluation import headline
 from tasks.features_task import (
     backbone_digest,
     dataset_key,
+    feature_shard_task,
+    prepare_features_task,
     split_features_task,
     split_key,
     store_path,
@@ -29,6 +32,7 @@ from tasks.features_task import (
     train_pass_task,
 )
 from tasks.model_task import export_backbone_task, export_task, export_types, fit_task, model_json, validate_task
+from tasks.runner import check_runner, dask_runner, run_all
 from tasks.run_folder import attach_log, detach_log, make_run_dir, write_data_record
 from tasks.train_config import TrainFlowConfig
 
@@ -38,41 +42,50 @@ def train_flow(config: TrainFlowConfig) -> dict[str, Any]:
     """Train a patch classifier on a patch dataset; returns the run folder, bundle and val metrics."""
     cfg = validate_config(TrainFlowConfig, config)
     root = storage_root(cfg.storage_root)
+    check_runner(cfg.runner)
     force = set(cfg.force)
     run = make_run_dir(cfg)
     log = attach_log(run)
     try:
         write_data_record(cfg, run)
         dkey, wdig = dataset_key(cfg.datamodule.data_path), backbone_digest(cfg)
-        f = "features" in force
         n_pass = cfg.trainer.iteration_over_training
         progress = Progress(n_pass + 5, f"{cfg.core.name}: {n_pass} feature passes, val features, fit, export, validation")
+        jobs = [(p, train_pass_key(cfg, dkey, wdig, p), "features" in force) for p in range(n_pass)]
+        jobs.append(("val", split_key(cfg, dkey, wdig, "val"), "val_features" in force))
+        sharded = cfg.runner.kind == "dask"
+        if sharded:  # prepare and fill every shard on the cluster; the cached tasks below only finalize
+            todo = [(w, k, f) for w, k, f in jobs if f or not fstore.is_verified(store_path(root, k))]
+            if todo:
+                with dask_runner(cfg.runner) as tr:
+                    common = {"cfg": cfg, "weights_digest": wdig, "root": str(root)}
+                    counts = run_all(tr, [(prepare_features_task, {**common, "what": w, "key": k, "out": str(store_path(root, k)),
+                                                                   "force": f}) for w, k, f in todo])
+                    run_all(tr, [(feature_shard_task, {**common, "what": w, "key": k, "out": str(store_path(root, k)), "index": i})
+                                 for (w, k, _), n in zip(todo, counts) for i in range(n)])
         stores = []
-        for p in range(n_pass):
-            key = train_pass_key(cfg, dkey, wdig, p)
+        for w, key, f in jobs:
             out = store_path(root, key)
-            stores.append(cached_stage(train_pass_task, root, f, fstore.is_complete(out))(cfg, p, key, str(out), wdig, f))
+            stage = train_pass_task if w != "val" else split_features_task
+            done = fstore.is_verified(out)
+            stores.append(cached_stage(stage, root, f, done)(cfg, w, key, str(out), wdig, f and not sharded, str(root)))
             progress.step()
-        vkey = split_key(cfg, dkey, wdig, "val")
-        vout = store_path(root, vkey)
-        f = "val_features" in force
-        val_store = cached_stage(split_features_task, root, f, fstore.is_complete(vout))(cfg, "val", vkey, str(vout), wdig, f)
-        progress.step()
+        val_store = stores.pop()
 
         fkey = combine("fit", *sorted(Path(s).name for s in stores), params_digest(cfg.model.model_dump(mode="json")), str(cfg.core.seed))
         fout = root / "models" / f"{fkey[:32]}.joblib"
         f = "fit" in force
-        clf = cached_stage(fit_task, root, f, fout.is_file())(cfg, stores, fkey, str(fout), f)
+        clf = cached_stage(fit_task, root, f, file_matches(fout))(cfg, stores, fkey, str(fout), f)
         progress.step()
 
         size = [cfg.transforms.input_height, cfg.transforms.input_width]
         bkey = combine("backbone-export", wdig, params_digest({"name": cfg.backbone.name, "size": size, "types": export_types(cfg)}))
         bout = root / "backbones" / bkey[:32]
         f = "export" in force
-        backbone = cached_stage(export_backbone_task, root, f, bout.is_dir())(cfg, bkey, str(bout), f)
+        backbone = cached_stage(export_backbone_task, root, f, matches_manifest(bout))(cfg, bkey, str(bout), f)
         ekey = combine("export", fkey, bkey, params_digest(model_json(cfg, wdig)))
         eout = root / "bundles" / ekey[:32] / "deployment_model"
-        bundle = cached_stage(export_task, root, f, (eout / "model.json").is_file())(cfg, clf, backbone, ekey, str(eout), wdig, f)
+        bundle = cached_stage(export_task, root, f, matches_manifest(eout))(cfg, clf, backbone, ekey, str(eout), wdig, f)
         progress.step(2)
 
         skip = sorted(cfg.datamodule.class_to_skip_training or [])
@@ -81,7 +94,7 @@ def train_flow(config: TrainFlowConfig) -> dict[str, Any]:
         vkey2 = combine("validate", fkey, Path(val_store).name, params_digest({"skip": skip, "reconstruction": recon}))
         vdir = root / "validation" / vkey2[:32]
         f = "validate" in force
-        metrics = cached_stage(validate_task, root, f, (vdir / "metrics.json").is_file())(cfg, clf, val_store, vkey2, str(vdir), f)
+        metrics = cached_stage(validate_task, root, f, matches_manifest(vdir))(cfg, clf, val_store, vkey2, str(vdir), f)
 
         progress.step()
         shutil.copytree(bundle, run / "deployment_model")

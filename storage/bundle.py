@@ -78,7 +78,7 @@ def backbone_file(root: Path, meta: dict[str, Any]) -> Path:
     for name in order:
         if (Path(root) / name).is_file():
             return Path(root) / name
-    raise BundleError(f"{root} holds no backbone export (model.pt, model.onnx or model.pth)")
+    raise BundleError(f"{root} holds no backbone export (model.pt, model.onnx or model.pth); re-export the model with the train flow")
 
 
 def bundle_digest(root: Path) -> str:

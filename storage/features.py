@@ -27,6 +27,8 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
+from storage.manifest import matches_manifest
+
 ARRAY_NAMES = ("features", "labels", "sample_ids", "boxes")
 _RESERVED = ("complete", "chunks_done", "content_digest", "n_rows", "dim", "chunk_rows")
 
@@ -127,6 +129,41 @@ def write_rows(
     g["boxes"][start:end] = boxes.astype(np.int32)
 
 
+def write_feature_rows(path: Path, start: int, features: np.ndarray) -> None:
+    """Write the feature rows of a chunk-aligned block (labels/ids/boxes already written by the coordinator)."""
+    g = _open(path, "r+")
+    f = g["features"]
+    n_rows, dim = f.shape
+    chunk_rows = f.chunks[0]
+    features = np.asarray(features, dtype=np.float32)
+    n = features.shape[0]
+    end = start + n
+    if features.ndim != 2 or features.shape[1] != dim:
+        raise ValueError(f"{path}: features must have shape (n, {dim}), got {features.shape}")
+    if start < 0 or end > n_rows or start % chunk_rows != 0 or (n % chunk_rows != 0 and end != n_rows):
+        raise ValueError(f"{path}: unaligned or out-of-range write of rows [{start}, {end}) (chunk_rows={chunk_rows})")
+    if n:
+        f[start:end] = features
+
+
+def read_feature_rows(path: Path, start: int, end: int) -> np.ndarray:
+    """Feature rows ``[start, end)`` as stored."""
+    return np.asarray(_open(path, "r")["features"][start:end], dtype=np.float32)
+
+
+def write_row_meta(path: Path, labels: np.ndarray, sample_ids: Sequence[str], boxes: np.ndarray) -> None:
+    """Write every row's label, sample id and box at once (single coordinating process)."""
+    g = _open(path, "r+")
+    n = g["features"].shape[0]
+    labels, ids, boxes = np.asarray(labels), np.asarray(list(sample_ids), dtype=str), np.asarray(boxes)
+    if labels.shape != (n,) or ids.shape != (n,) or boxes.shape != (n, 4):
+        raise ValueError(f"{path}: row metadata must cover all {n} rows")
+    if n:
+        g["labels"][:] = labels.astype(np.int16)
+        g["sample_ids"][:] = ids
+        g["boxes"][:] = boxes.astype(np.int32)
+
+
 def mark_chunks_done(path: Path, chunk_indices: Iterable[int]) -> None:
     """Record row chunks as filled (single coordinating process only)."""
     g = _open(path, "r+")
@@ -146,6 +183,11 @@ def mark_complete(path: Path, digest: str) -> None:
     g = _open(path, "r+")
     # one atomic zarr.json rewrite: complete and content_digest appear together
     g.attrs.update({"content_digest": str(digest), "complete": True})
+
+
+def is_verified(path: Path) -> bool:
+    """Complete and unchanged since completion (matches its manifest): safe to reuse as a cache."""
+    return is_complete(path) and matches_manifest(Path(path))
 
 
 def store_attrs(path: Path) -> dict:

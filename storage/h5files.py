@@ -15,6 +15,7 @@ floor of a uniform point in a triangle is a pixel of the region.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +39,17 @@ class SamplingRegion:
 
 def write_region(path: Path, region: SamplingRegion) -> None:
     """Write one sampling h5 file (deterministic bytes: no timestamps)."""
+    try:
+        _write_region(path, region)
+    except OSError as exc:
+        reason = os.strerror(exc.errno) if exc.errno else (str(exc).splitlines() or [repr(exc)])[0]
+        raise OSError(
+            exc.errno,
+            f"could not write {path} ({reason}); free disk space, or choose another output_folder if this one is read-only",
+        ) from exc
+
+
+def _write_region(path: Path, region: SamplingRegion) -> None:
     # in-memory file written out once at close: same bytes, fewer small writes
     with h5py.File(path, "w", libver="latest", track_order=False, driver="core", backing_store=True) as f:
         f.create_dataset("img_path", data=region.img_path)
@@ -75,7 +87,10 @@ def read_region(path: Path) -> SamplingRegion:
         with h5py.File(path, "r") as f:
             missing = [k for k in ("img_path", "triangles", "triangles_weights") if k not in f]
             if missing:
-                raise DatasetFormatError(f"{path} lacks dataset(s) {missing}; it is not a patch-dataset train file")
+                raise DatasetFormatError(
+                    f"{path} lacks dataset(s) {missing}; it is not a patch-dataset train file: "
+                    "regenerate the dataset or remove its lines from the train list"
+                )
             img_path = _text(f["img_path"][()])
             ps = np.asarray(f["patch_size"][()]).ravel() if "patch_size" in f else None
             tri = np.asarray(f["triangles"][()])
@@ -89,16 +104,16 @@ def read_region(path: Path) -> SamplingRegion:
     patch_size = (0, 0)
     if ps is not None:
         if ps.size != 2 or np.any(ps < 1):
-            raise DatasetFormatError(f"{path}: patch_size must be 2 positive ints, got {ps.tolist()}")
+            raise DatasetFormatError(f"{path}: patch_size must be 2 positive ints, got {ps.tolist()}; regenerate the dataset")
         patch_size = (int(ps[0]), int(ps[1]))
     if tri.size == 0:
         return SamplingRegion(img_path, patch_size, np.zeros((0, 3, 2)), np.zeros(0), mask_path, labelled_index)
     if tri.ndim != 3 or tri.shape[1:] != (3, 2):
-        raise DatasetFormatError(f"{path}: triangles must have shape (T, 3, 2), got {tri.shape}")
+        raise DatasetFormatError(f"{path}: triangles must have shape (T, 3, 2), got {tri.shape}; regenerate the dataset")
     w = w.astype(np.float64).ravel()
     if w.shape[0] != tri.shape[0] or not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
         raise DatasetFormatError(
             f"{path}: triangles_weights must be {tri.shape[0]} finite non-negative values with a "
-            f"positive sum, got shape {w.shape}"
+            f"positive sum, got shape {w.shape}; regenerate the dataset"
         )
     return SamplingRegion(img_path, patch_size, tri.astype(np.float64), w / w.sum(), mask_path, labelled_index)

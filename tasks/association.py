@@ -51,7 +51,10 @@ def get_image_mask_association(
     else:
         mdir = Path(mask_folder)
         if not mdir.is_dir():
-            raise AssociationError(f"mask_folder {mdir} does not exist or is not a folder")
+            raise AssociationError(
+                f"mask_folder {mdir} does not exist or is not a folder; point it at your masks, or leave it "
+                "unset (with a mask_extension) when the masks sit among the images"
+            )
         masks = _list_images(mdir, recursive=False)
         images = files
     if not images:

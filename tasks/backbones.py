@@ -103,7 +103,10 @@ def resolve_weights(name: str, weights: str | os.PathLike[str] | None) -> Path |
         )
     path = Path(weights).expanduser()
     if not path.is_file():
-        raise BackboneError(f"Weights file for backbone {name!r} does not exist: {path}")
+        raise BackboneError(
+            f"Weights file for backbone {name!r} does not exist: {path}; fix backbone.weights "
+            "(a .pth state dict, 'imagenet' for the offline ImageNet weights, or null for random init)"
+        )
     return path
 
 
@@ -191,18 +194,22 @@ def _load_state(name: str, model: nn.Module, path: Path) -> None:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise BackboneError(f"Cannot read weights file {path} for backbone {name!r}: {exc}") from exc
+        raise BackboneError(
+            f"Cannot read weights file {path} for backbone {name!r}; point backbone.weights at a "
+            f"PyTorch state dict (.pth) saved for this architecture. Reason: {type(exc).__name__}: {str(exc)[:200]}"
+        ) from exc
     if not isinstance(state, Mapping):
         raise BackboneError(f"Weights file {path} does not hold a state dict (got {type(state).__name__}); "
-                            f"it does not fit backbone {name!r}.")
+                            f"it does not fit backbone {name!r}: save model.state_dict() and point backbone.weights at it.")
     if name == "dino_vitb8":
         state = dino_to_torchvision(state)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         detail = str(exc).splitlines()
-        raise BackboneError(f"Weights file {path} does not fit backbone {name!r}: "
-                            f"{' '.join(d.strip() for d in detail[:3])[:600]}") from exc
+        raise BackboneError(f"Weights file {path} does not fit backbone {name!r}; set backbone.name to the "
+                            "architecture these weights were saved from, or point backbone.weights at a checkpoint "
+                            f"for {name!r}. Details: {' '.join(d.strip() for d in detail[:3])[:600]}") from exc
 
 
 def build_backbone(name: str, weights: str | os.PathLike[str] | None = "imagenet") -> nn.Module:

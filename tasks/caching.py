@@ -4,21 +4,150 @@ Prefect's ``INPUTS`` hashes a path as its string and is not namespaced by task (
 same inputs collide); ``TASK_SOURCE`` ignores helpers. So each stage computes its own content key
 (a plain function, testable without Prefect) and passes it as a parameter; the policy below keys the
 cache record on ``task name + that key``. Concurrent runs of the same key compute it once
-(SERIALIZABLE isolation with file locks under the shared storage root).
+(SERIALIZABLE isolation with file locks under the shared storage root). A lock left behind by a
+process that died (SIGKILL, OOM kill, power loss of a worker) is reclaimed instead of blocking
+every later run forever.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
+import os
+import socket
+import time
+import uuid
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from prefect.cache_policies import CachePolicy
 from prefect.locking.filesystem import FileSystemLockManager
 from prefect.transactions import IsolationLevel
+from prefect.types._datetime import now, parse_datetime
 
 from storage.fingerprint import combine
 from storage.settings import locks_dir, results_dir
+
+logger = logging.getLogger("patchflow.locks")
+
+#: a lock file still empty after this long was left by a process killed while creating it
+EMPTY_LOCK_GRACE_S = 30.0
+
+
+def _process_start(pid: int) -> str | None:
+    """Start time of ``pid`` (clock ticks since boot, from /proc), to tell a reused pid apart."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def _alive(pid: int, start: str | None) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return start is None or _process_start(pid) in (None, start)
+
+
+class ReclaimingLockManager(FileSystemLockManager):
+    """Prefect's file lock manager, plus: a lock whose holder process is dead (same host) is reclaimed.
+
+    Lock files also record the holder's host, pid and process start time. Locks held from another
+    host are honoured as they are (their liveness cannot be checked from here).
+    """
+
+    def _get_lock_info(self, key: str, use_cache: bool = True) -> dict | None:  # type: ignore[override]
+        if use_cache and (info := self._locks.get(key)) is not None:
+            return info
+        path = self._lock_path_for_key(key)
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        try:
+            info = json.loads(raw)
+        except ValueError:  # being written right now, or its writer died in between
+            return {"holder": "", "expiration": None, "path": path, "empty": True}
+        info["path"] = path
+        exp = info.get("expiration")
+        info["expiration"] = parse_datetime(exp) if exp else None
+        self._locks[key] = info
+        return info
+
+    async def _aget_lock_info(self, key: str, use_cache: bool = True) -> dict | None:  # type: ignore[override]
+        return self._get_lock_info(key, use_cache)
+
+    def _stale(self, info: dict) -> bool:
+        if info.get("empty"):
+            try:
+                return time.time() - Path(info["path"]).stat().st_mtime > EMPTY_LOCK_GRACE_S
+            except FileNotFoundError:
+                return False
+        pid, host = info.get("pid"), info.get("host")
+        return host == socket.gethostname() and isinstance(pid, int) and not _alive(pid, info.get("start"))
+
+    def is_locked(self, key: str, use_cache: bool = False) -> bool:
+        info = self._get_lock_info(key, use_cache=use_cache)
+        if info is None:
+            return False
+        if self._stale(info):
+            logger.warning("reclaiming lock %s: its holder (pid %s on %s) is gone", info["path"], info.get("pid"), info.get("host"))
+            Path(info["path"]).unlink(missing_ok=True)
+            self._locks.pop(key, None)
+            return False
+        if info.get("empty"):
+            return True
+        return super().is_locked(key, use_cache=True)
+
+    def acquire_lock(self, key: str, holder: str, acquire_timeout: float | None = None, hold_timeout: float | None = None) -> bool:
+        self._ensure_lock_files_directory_exists()
+        path = self._lock_path_for_key(key)
+        while True:
+            if self.is_locked(key) and not self.is_lock_holder(key, holder):
+                if not self.wait_for_lock(key, acquire_timeout):
+                    return False
+            expiration = now("UTC") + timedelta(seconds=hold_timeout) if hold_timeout is not None else None
+            pid = os.getpid()
+            info = {"holder": holder, "expiration": str(expiration) if expiration is not None else None,
+                    "pid": pid, "host": socket.gethostname(), "start": _process_start(pid)}
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                if self.is_lock_holder(key, holder):
+                    return True
+                continue
+            with os.fdopen(fd, "wb") as f:
+                f.write(json.dumps(info).encode())
+            self._locks[key] = {**info, "expiration": expiration, "path": path}
+            return True
+
+    async def aacquire_lock(self, key: str, holder: str, acquire_timeout: float | None = None, hold_timeout: float | None = None) -> bool:
+        return self.acquire_lock(key, holder, acquire_timeout, hold_timeout)
+
+
+def lock_manager(root: Path) -> ReclaimingLockManager:
+    """The lock manager of a storage root (its lock folder must be shared by every worker)."""
+    return ReclaimingLockManager(lock_files_directory=locks_dir(root))
+
+
+@contextlib.contextmanager
+def stage_lock(root: Path, name: str) -> Iterator[None]:
+    """Hold the lock ``name`` under ``root`` (waits for other holders; reclaims dead ones)."""
+    manager, holder = lock_manager(root), uuid.uuid4().hex
+    key = combine("stage-lock", name)
+    manager.acquire_lock(key, holder)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(ValueError):
+            manager.release_lock(key, holder)
 
 
 @dataclass
@@ -35,18 +164,15 @@ class ContentKey(CachePolicy):
 
 
 def content_policy(root: Path, key_param: str = "key") -> CachePolicy:
-    """:class:`ContentKey` with serialisable isolation and a file lock manager under ``root``."""
-    return ContentKey(key_param=key_param).configure(
-        isolation_level=IsolationLevel.SERIALIZABLE,
-        lock_manager=FileSystemLockManager(lock_files_directory=locks_dir(root)),
-    )
+    """:class:`ContentKey` with serialisable isolation and a reclaiming file lock manager under ``root``."""
+    return ContentKey(key_param=key_param).configure(isolation_level=IsolationLevel.SERIALIZABLE, lock_manager=lock_manager(root))
 
 
 def cached_stage(task_fn: Any, root: Path, force: bool, done: bool) -> Any:
     """``task_fn`` with the content-keyed cache under ``root``; refreshed when forced or when its output is missing.
 
     A cache hit does not check that a stage's outputs still exist, so the flow passes ``done``
-    (the output is present and complete) and a missing output is rebuilt, never served.
+    (the output is present, complete and unchanged) and a missing or altered output is rebuilt,
+    never served.
     """
     return task_fn.with_options(cache_policy=content_policy(root), result_storage=results_dir(root), refresh_cache=force or not done)
-

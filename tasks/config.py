@@ -54,8 +54,11 @@ def format_validation_error(exc: ValidationError, model_cls: type[BaseModel], so
             close = difflib.get_close_matches(str(loc[-1]), known, n=3, cutoff=0.6)
             hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else f"; known keys: {', '.join(known)}"
             lines.append(f"unknown key '{key}'{hint}")
+        elif err["type"] == "missing" and err["loc"] and isinstance(err["loc"][-1], int):  # too short a tuple
+            parent = ".".join(str(p) for p in err["loc"][:-1])
+            lines.append(f"'{parent}': item {err['loc'][-1]} is missing; give a list with all its items")
         elif err["type"] == "missing":
-            lines.append(f"missing required key '{key}'")
+            lines.append(f"missing required key '{key}'; set it in the config file or pass {key}=VALUE")
         else:
             lines.append(f"'{key}': {err['msg']} (got {err.get('input')!r})")
     return f"invalid configuration ({source}):\n  " + "\n  ".join(lines)
@@ -93,11 +96,11 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     """A YAML mapping from a file, with clear errors."""
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"config file {p} not found")
+        raise ConfigError(f"config file {p} not found; check the --config path")
     try:
         data = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {p} is not valid YAML: {exc}") from None
+        raise ConfigError(f"config file {p} is not valid YAML; fix the syntax at the line and column shown: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {p} must hold a mapping of sections, not {type(data).__name__}")
     return data

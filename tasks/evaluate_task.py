@@ -10,9 +10,11 @@ from typing import Any, Literal
 from prefect import task
 from pydantic import Field
 
+from storage.manifest import building, matches_manifest
 from storage import bundle as bdl
 from storage import features as fstore
 from storage.fingerprint import combine, file_digest, params_digest
+from storage.layout import read_info
 from tasks.backbones import FeatureExtractor, load_export
 from tasks.config import StrictModel
 from tasks.evaluation import score_split
@@ -70,17 +72,18 @@ def bundle_split_key(cfg: EvaluateFlowConfig, root: Path, meta: dict[str, Any]) 
     return combine("bundle-split", dataset_key(dm.data_path), file_digest(bdl.backbone_file(root, meta)), params_digest(sel))
 
 
-def extract_with_bundle(cfg: EvaluateFlowConfig, out: Path) -> dict[str, Any]:
+def extract_with_bundle(cfg: EvaluateFlowConfig, out: Path, force: bool = False) -> dict[str, Any]:
     """Store the split's features computed by the bundle's backbone."""
     root = bdl.resolve_bundle(cfg.task.model_path)
     meta = bdl.read_meta(root)
     dm = cfg.datamodule
     data_path = Path(dm.data_path)
+    read_info(data_path)  # a clear error naming info.json when data_path is not a patch dataset
     items = split_items(data_path, dm.split, bdl.class_to_idx(meta), dm.include_filter, dm.exclude_filter)
     model = load_export(bdl.backbone_file(root, meta), meta.get("backbone"))
     extractor = FeatureExtractor(model, cfg.task.device if bdl.backbone_file(root, meta).suffix != ".onnx" else "cpu")
     attrs = {"kind": dm.split, "bundle_backbone": bdl.backbone_file(root, meta).name}
-    return extract_items(extractor, bdl.input_size(meta), meta["mean"], meta["std"], data_path, items, dm.batch_size, out, attrs)
+    return extract_items(extractor, bdl.input_size(meta), meta["mean"], meta["std"], data_path, items, dm.batch_size, out, attrs, force=force)
 
 
 def evaluate_with_bundle(cfg: EvaluateFlowConfig, store: Path, out: Path) -> dict[str, Any]:
@@ -111,8 +114,8 @@ def evaluation_key(cfg: EvaluateFlowConfig, features_key: str, root: Path, meta:
 @task(name="bundle-split-features", persist_result=True)
 def bundle_features_task(cfg: EvaluateFlowConfig, key: str, out: str, force: bool = False) -> str:
     """Split features under the bundle's backbone (cached on ``key``)."""
-    if force or not fstore.is_complete(Path(out)):
-        extract_with_bundle(cfg, Path(out))
+    if force or not fstore.is_verified(Path(out)):
+        extract_with_bundle(cfg, Path(out), force)
     return out
 
 
@@ -122,6 +125,7 @@ def evaluate_task(cfg: EvaluateFlowConfig, store: str, key: str, out: str, force
     import json
 
     metrics = Path(out) / "metrics.json"
-    if not force and metrics.is_file():
+    if not force and matches_manifest(Path(out)):
         return json.loads(metrics.read_text())
-    return evaluate_with_bundle(cfg, Path(store), Path(out))
+    with building(Path(out)) as tmp:
+        return evaluate_with_bundle(cfg, Path(store), tmp)

@@ -8,29 +8,40 @@ changing the classifier computes none.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
-import os
 import shutil
-import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, ContextManager, Iterator
 
 import cv2
 import numpy as np
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 
 from storage import features as fstore
 from storage import layout
 from storage.fingerprint import CODE_VERSION, combine, params_digest, tree_digest
-from tasks.backbones import FeatureExtractor, build_backbone, onnx_backbone, resolve_weights, weights_digest
+from tasks import feature_shards as shards
+from tasks.backbones import FeatureExtractor, build_backbone, feature_dim, onnx_backbone, resolve_weights, weights_digest
+from tasks.caching import stage_lock
 from tasks.config import ConfigError
-from tasks.sampling import balance_entries, draw_pass, iter_pass_patches, list_split, load_info, order_by_image, read_train_list
+from tasks.sampling import (
+    PassSamples,
+    balance_entries,
+    draw_pass,
+    iter_pass_patches,
+    list_split,
+    load_info,
+    order_by_image,
+    read_train_list,
+)
 from tasks.train_config import TrainFlowConfig
 
 logger = logging.getLogger("patchflow.features")
 
-CHUNK_ROWS = 1024
+CHUNK_ROWS = shards.CHUNK_ROWS
 
 
 def dataset_key(data_path: str | Path) -> str:
@@ -103,73 +114,25 @@ def store_path(root: Path, key: str) -> Path:
     return root / "features" / f"{key[:32]}.zarr"
 
 
+_EXTRACTORS: dict[tuple, FeatureExtractor] = {}
+
+
 def _extractor(cfg: TrainFlowConfig, onnx_cache: Path, wdigest: str | None = None) -> FeatureExtractor:
+    """The feature extractor of ``cfg`` (one kept per process: shards of a run reuse it)."""
     size = (cfg.transforms.input_height, cfg.transforms.input_width)
-    if feature_runtime(cfg) == "onnxruntime":
-        model = onnx_backbone(cfg.backbone.name, cfg.backbone.weights, size, onnx_cache, wdigest)
-    else:
-        model = build_backbone(cfg.backbone.name, cfg.backbone.weights)
     auto = cfg.task.automatic_batch_size
     batch = cfg.datamodule.batch_size if auto.disable else auto.starting_batch_size
-    return FeatureExtractor(model, cfg.task.device, cfg.task.precision, batch, automatic_batch_size=not auto.disable)
-
-
-class _ChunkWriter:
-    """Buffers rows and writes whole chunks (chunk-aligned zarr writes)."""
-
-    def __init__(self, path: Path, n_rows: int, attrs: dict[str, Any]) -> None:
-        self.path, self.n_rows, self.attrs = path, n_rows, attrs
-        self.created = False
-        self.start = 0
-        self._reset()
-
-    def _reset(self) -> None:
-        self.feats: list[np.ndarray] = []
-        self.labels: list[np.ndarray] = []
-        self.ids: list[str] = []
-        self.boxes: list[np.ndarray] = []
-        self.count = 0
-
-    def add(self, feats: np.ndarray, labels: np.ndarray, ids: list[str], boxes: np.ndarray) -> None:
-        if not self.created:  # the feature width is known from the first batch
-            fstore.create_store(self.path, self.n_rows, feats.shape[1], self.attrs, chunk_rows=CHUNK_ROWS)
-            self.created = True
-        self.feats.append(feats); self.labels.append(labels); self.ids.extend(ids); self.boxes.append(boxes)
-        self.count += len(feats)
-        while self.count >= CHUNK_ROWS or (self.count and self.start + self.count >= self.n_rows):
-            self._flush(min(CHUNK_ROWS, self.count))
-
-    def _flush(self, n: int) -> None:
-        f, l, b = np.concatenate(self.feats), np.concatenate(self.labels), np.concatenate(self.boxes)
-        ids = self.ids
-        fstore.write_rows(self.path, self.start, f[:n], l[:n], ids[:n], b[:n])
-        fstore.mark_chunks_done(self.path, [self.start // CHUNK_ROWS])
-        self.start += n
-        rest = self.count - n
-        self._reset()
-        if rest:
-            self.feats, self.labels, self.ids, self.boxes, self.count = [f[n:]], [l[n:]], ids[n:], [b[n:]], rest
-
-
-def extract_train_pass(
-    cfg: TrainFlowConfig, pass_index: int, out: Path, weights_digest: str | None = None
-) -> dict[str, Any]:
-    """Draw pass ``pass_index`` and store its features at ``out``; returns timing figures.
-
-    ``weights_digest`` (from :func:`backbone_digest`) avoids hashing the weights file again.
-    """
-    dm = cfg.datamodule
-    data_path = Path(dm.data_path)
-    classes = class_map(cfg)
-    entries = read_train_list(data_path, dm.train_filename, dm.include_filter, dm.exclude_filter, dm.class_to_skip_training)
-    if not entries:
-        raise ValueError(f"no training samples in {data_path / 'train' / dm.train_filename} after filters and skipped classes")
-    if dm.balance_classes:
-        entries = balance_entries(entries, dm.seed)
-    samples = order_by_image(draw_pass(data_path, entries, classes, dm.seed, pass_index, info=load_info(data_path)))
-    ids = [f"{entries[i].h5_name}#{i}" for i in samples.entry_index.tolist()]
-    return _extract(cfg, out, len(samples), iter_pass_patches(samples, cfg.datamodule.batch_size),
-                    samples.label, ids, samples.box, {"kind": "train", "pass_index": pass_index}, weights_digest)
+    runtime = feature_runtime(cfg)
+    ident = (runtime, cfg.backbone.name, wdigest or str(cfg.backbone.weights), size, cfg.task.device, cfg.task.precision,
+             batch, auto.disable, str(onnx_cache))
+    if ident not in _EXTRACTORS:
+        _EXTRACTORS.clear()
+        if runtime == "onnxruntime":
+            model = onnx_backbone(cfg.backbone.name, cfg.backbone.weights, size, onnx_cache, wdigest)
+        else:
+            model = build_backbone(cfg.backbone.name, cfg.backbone.weights)
+        _EXTRACTORS[ident] = FeatureExtractor(model, cfg.task.device, cfg.task.precision, batch, automatic_batch_size=not auto.disable)
+    return _EXTRACTORS[ident]
 
 
 def split_items(data_path: Path, split: str, class_to_idx: dict[str, int], include_filter, exclude_filter) -> list[tuple[str, int]]:
@@ -180,10 +143,10 @@ def split_items(data_path: Path, split: str, class_to_idx: dict[str, int], inclu
     return items
 
 
-def _patch_batches(data_path: Path, items: list[tuple[str, int]], batch_size: int):
-    for s in range(0, len(items), batch_size):
+def _patch_batches(data_path: Path, rels: list[str], batch_size: int) -> Iterator[tuple[np.ndarray, list[np.ndarray]]]:
+    for s in range(0, len(rels), batch_size):
         patches = []
-        for rel, _ in items[s : s + batch_size]:
+        for rel in rels[s : s + batch_size]:
             img = cv2.imread(str(data_path / rel), cv2.IMREAD_COLOR)
             if img is None:
                 raise ValueError(f"{data_path / rel}: unreadable patch image; regenerate the dataset")
@@ -191,76 +154,192 @@ def _patch_batches(data_path: Path, items: list[tuple[str, int]], batch_size: in
         yield np.arange(s, s + len(patches)), patches
 
 
-def extract_items(
-    extractor: FeatureExtractor, size: tuple[int, int], mean, std, data_path: Path, items: list[tuple[str, int]],
-    batch_size: int, out: Path, attrs: dict[str, Any],
-) -> dict[str, Any]:
-    """Store the features of listed patch files at ``out`` (labels and relative paths as sample ids)."""
-    labels = np.array([lab for _, lab in items], dtype=np.int16)
-    boxes = np.full((len(items), 4), -1, dtype=np.int64)
-    return write_store(extractor, size, mean, std, out, len(items), _patch_batches(data_path, items, batch_size),
-                       labels, [rel for rel, _ in items], boxes, attrs)
+def plan_batches(plan: dict[str, np.ndarray], attrs: dict[str, Any], start: int, end: int, batch_size: int):
+    """Batches of rows ``[start, end)`` of a store's plan: (row indices relative to ``start``, BGR patches)."""
+    if str(plan["kind"]) == "train":
+        sl = slice(start, end)
+        sub = PassSamples(plan["entry_index"][sl], plan["image_path"][sl], plan["label"][sl], plan["box"][sl],
+                          plan["center"][sl], plan["image_size"][sl] if "image_size" in plan else None)
+        yield from iter_pass_patches(sub, batch_size)
+    else:
+        yield from _patch_batches(Path(attrs["data_path"]), plan["rel"][start:end].tolist(), batch_size)
+
+
+def _pass_plan(cfg: TrainFlowConfig, pass_index: int) -> Callable[[], tuple]:
+    def make() -> tuple:
+        dm = cfg.datamodule
+        data_path = Path(dm.data_path)
+        entries = read_train_list(data_path, dm.train_filename, dm.include_filter, dm.exclude_filter, dm.class_to_skip_training)
+        if not entries:
+            raise ValueError(f"no training samples in {data_path / 'train' / dm.train_filename} after filters and skipped classes")
+        if dm.balance_classes:
+            entries = balance_entries(entries, dm.seed)
+        smp = order_by_image(draw_pass(data_path, entries, class_map(cfg), dm.seed, pass_index, info=load_info(data_path)))
+        ids = [f"{entries[i].h5_name}#{i}" for i in smp.entry_index.tolist()]
+        plan = {"kind": np.array("train"), "entry_index": smp.entry_index, "image_path": np.asarray(smp.image_path, dtype=str),
+                "label": smp.label, "box": smp.box, "center": smp.center}
+        if smp.image_size is not None:
+            plan["image_size"] = smp.image_size
+        return plan, smp.label, ids, smp.box
+    return make
+
+
+def _items_plan(items: list[tuple[str, int]]) -> Callable[[], tuple]:
+    def make() -> tuple:
+        labels = np.array([lab for _, lab in items], dtype=np.int16)
+        rels = [rel for rel, _ in items]
+        plan = {"kind": np.array("split"), "rel": np.asarray(rels, dtype=str), "label": labels}
+        return plan, labels, rels, np.full((len(items), 4), -1, dtype=np.int64)
+    return make
+
+
+LockFn = Callable[[str], ContextManager[Any]]
+
+
+def _no_lock(name: str) -> ContextManager[Any]:
+    return contextlib.nullcontext()
+
+
+class StoreJob:
+    """Everything needed to build one feature store: what to extract (plan) and how (extractor, transform)."""
+
+    def __init__(self, out: Path, key: str, make_plan: Callable[[], tuple], attrs: dict[str, Any], dim: int,
+                 get_extractor: Callable[[], FeatureExtractor], size: tuple[int, int], mean, std, batch_size: int,
+                 rows_per_shard: int, lock: LockFn = _no_lock) -> None:
+        self.out, self.key, self.make_plan, self.attrs, self.dim = Path(out), key, make_plan, attrs, dim
+        self.get_extractor, self.size, self.mean, self.std = get_extractor, size, mean, std
+        self.batch_size, self.rows_per_shard, self.lock = batch_size, rows_per_shard, lock
+
+    def prepare(self, force: bool = False) -> int:
+        """Prepare the partial store (reused when already prepared); number of shards, 0 if the store is done."""
+        with self.lock(self.key + ":prepare"):
+            if not force and fstore.is_verified(self.out):
+                return 0
+            if force:
+                shutil.rmtree(self.out, ignore_errors=True)
+            return shards.prepare(self.out, self.key, self.make_plan, self.dim, self.attrs, self.rows_per_shard, force)
+
+    def fill(self, index: int) -> dict[str, Any]:
+        """Compute shard ``index`` unless it is done (or the whole store is)."""
+        with self.lock(f"{self.key}:shard:{index}"):
+            if fstore.is_verified(self.out):
+                return {"index": index, "skipped": True, "rows": 0, "extract_s": 0.0}
+            ext = self.get_extractor()
+            extract = lambda patches: ext.extract(patches, self.size, self.mean, self.std)  # noqa: E731
+            return shards.fill_shard(self.out, index, extract, plan_batches, self.batch_size)
+
+    def finalize(self) -> None:
+        """Move the completed store into place (no-op if it is already there)."""
+        with self.lock(self.key + ":finalize"):
+            if not fstore.is_verified(self.out):
+                shards.finalize(self.out)
+
+    def build(self, force: bool = False) -> dict[str, Any]:
+        """Prepare, fill what is missing and finalize, in this process; returns timing figures."""
+        import time
+
+        t0 = time.perf_counter()
+        count = self.prepare(force)
+        stats = [self.fill(i) for i in range(count)]
+        self.finalize()
+        wall = time.perf_counter() - t0
+        rows = int(fstore.store_attrs(self.out)["n_rows"])
+        if count:
+            logger.info("%s features: %d patches in %.1f s (%.1f patches/s; %d of %d shards reused)", self.attrs.get("kind"),
+                        rows, wall, rows / max(wall, 1e-9), sum(s["skipped"] for s in stats), count)
+        return {"rows": rows, "wall_s": wall, "extract_s": sum(s["extract_s"] for s in stats), "shards": count,
+                "shards_reused": sum(s["skipped"] for s in stats)}
+
+
+def _job(cfg: TrainFlowConfig, out: Path, key: str | None, make_plan, extra: dict[str, Any], wdigest: str | None,
+         root: Path | None) -> StoreJob:
+    wdigest = wdigest or backbone_digest(cfg)
+    t = cfg.transforms
+    lock: LockFn = (lambda name: stage_lock(root, name)) if root is not None else _no_lock
+    return StoreJob(out, key or out.name, make_plan, {**_feature_params(cfg, wdigest), **extra}, feature_dim(cfg.backbone.name),
+                    lambda: _extractor(cfg, out.parent / "onnx", wdigest), (t.input_height, t.input_width), t.mean, t.std,
+                    cfg.datamodule.batch_size, shards.shard_rows(cfg.task.shard_patches), lock)
+
+
+def train_pass_job(cfg: TrainFlowConfig, pass_index: int, out: Path, weights_digest: str | None = None,
+                   key: str | None = None, root: Path | None = None) -> StoreJob:
+    """The store job of training pass ``pass_index`` (one patch per ``dataset.txt`` line, drawn from seed and pass)."""
+    return _job(cfg, Path(out), key, _pass_plan(cfg, pass_index), {"kind": "train", "pass_index": pass_index}, weights_digest, root)
+
+
+def split_job(cfg: TrainFlowConfig, split: str, out: Path, weights_digest: str | None = None,
+              key: str | None = None, root: Path | None = None) -> StoreJob:
+    """The store job of every patch of ``split`` (val/test)."""
+    data_path = Path(cfg.datamodule.data_path).resolve()
+    items = split_items(data_path, split, class_map(cfg), cfg.datamodule.include_filter, cfg.datamodule.exclude_filter)
+    return _job(cfg, Path(out), key, _items_plan(items), {"kind": split, "data_path": str(data_path)}, weights_digest, root)
+
+
+def extract_train_pass(cfg: TrainFlowConfig, pass_index: int, out: Path, weights_digest: str | None = None) -> dict[str, Any]:
+    """Draw pass ``pass_index`` and store its features at ``out``; returns timing figures."""
+    return train_pass_job(cfg, pass_index, out, weights_digest).build()
 
 
 def extract_split(cfg: TrainFlowConfig, split: str, out: Path, weights_digest: str | None = None) -> dict[str, Any]:
     """Store the features of every patch of ``split`` (val/test) at ``out``."""
-    dm = cfg.datamodule
-    data_path = Path(dm.data_path)
-    items = split_items(data_path, split, class_map(cfg), dm.include_filter, dm.exclude_filter)
-    labels = np.array([lab for _, lab in items], dtype=np.int16)
-    boxes = np.full((len(items), 4), -1, dtype=np.int64)
-    return _extract(cfg, out, len(items), _patch_batches(data_path, items, dm.batch_size), labels,
-                    [rel for rel, _ in items], boxes, {"kind": split}, weights_digest)
+    return split_job(cfg, split, out, weights_digest).build()
 
 
-def _extract(
-    cfg: TrainFlowConfig, out: Path, n: int, batches, labels, ids, boxes, extra: dict[str, Any], wdigest: str | None
+def extract_items(
+    extractor: FeatureExtractor, size: tuple[int, int], mean, std, data_path: Path, items: list[tuple[str, int]],
+    batch_size: int, out: Path, attrs: dict[str, Any], rows_per_shard: int = 4096, force: bool = False,
 ) -> dict[str, Any]:
-    wdigest = wdigest or backbone_digest(cfg)
-    t = cfg.transforms
-    return write_store(_extractor(cfg, out.parent / "onnx", wdigest), (t.input_height, t.input_width), t.mean, t.std,
-                       out, n, batches, labels, ids, boxes, {**_feature_params(cfg, wdigest), **extra})
+    """Store the features of listed patch files at ``out`` (labels and relative paths as sample ids)."""
+    job = StoreJob(out, Path(out).name, _items_plan(items), {**attrs, "data_path": str(Path(data_path).resolve())},
+                   feature_dim_of(extractor, size), lambda: extractor, size, mean, std, batch_size, shards.shard_rows(rows_per_shard))
+    return job.build(force)
 
 
-def write_store(
-    extractor: FeatureExtractor, size: tuple[int, int], mean, std, out: Path, n: int, batches, labels, ids, boxes,
-    attrs: dict[str, Any],
-) -> dict[str, Any]:
-    """Run ``extractor`` over ``batches`` of (row indices, patches) and write a complete zarr store at ``out``."""
-    tmp = out.with_name(out.name + f".{os.getpid()}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    writer = _ChunkWriter(tmp, n, attrs)
-    t_fwd = 0.0
-    t0 = time.perf_counter()
-    for rows, patches in batches:
-        t = time.perf_counter()
-        feats = extractor.extract(patches, size, mean, std)
-        t_fwd += time.perf_counter() - t
-        writer.add(feats.astype(np.float32), np.asarray(labels)[rows], [ids[i] for i in rows], np.asarray(boxes)[rows])
-    fstore.mark_complete(tmp, fstore.store_digest(tmp))
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    wall = time.perf_counter() - t0
-    logger.info("%s features: %d patches in %.1f s (%.1f patches/s)", attrs.get("kind"), n, wall, n / max(wall, 1e-9))
-    return {"rows": n, "wall_s": wall, "extract_s": t_fwd}
+def feature_dim_of(extractor: FeatureExtractor, size: tuple[int, int]) -> int:
+    """Feature length of ``extractor`` (one forward of a blank patch)."""
+    return int(extractor.extract([np.zeros((*size, 3), dtype=np.uint8)], size, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)).shape[1])
+
+
+# ------------------------------------------------------------------------------------- Prefect tasks
+
+
+def _store_job(cfg: TrainFlowConfig, what: str | int, out: str, wdigest: str, key: str, root: str | None) -> StoreJob:
+    r = Path(root) if root else None
+    if isinstance(what, int):
+        return train_pass_job(cfg, what, Path(out), wdigest, key, r)
+    return split_job(cfg, what, Path(out), wdigest, key, r)
+
+
+@task(name="prepare-features", cache_policy=NO_CACHE)
+def prepare_features_task(cfg: TrainFlowConfig, what: str | int, key: str, out: str, weights_digest: str, root: str,
+                          force: bool = False) -> int:
+    """Prepare the store of a pass (int) or split (str) for sharded filling; returns its number of shards (0: done)."""
+    return _store_job(cfg, what, out, weights_digest, key, root).prepare(force)
+
+
+@task(name="feature-shard", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1)
+def feature_shard_task(cfg: TrainFlowConfig, what: str | int, key: str, out: str, weights_digest: str, root: str,
+                       index: int) -> dict[str, Any]:
+    """Fill one shard of a prepared store (skipped when already done and verified); retried alone on failure."""
+    return _store_job(cfg, what, out, weights_digest, key, root).fill(index)
 
 
 @task(name="train-pass-features", persist_result=True)
 def train_pass_task(
-    cfg: TrainFlowConfig, pass_index: int, key: str, out: str, weights_digest: str, force: bool = False
+    cfg: TrainFlowConfig, pass_index: int, key: str, out: str, weights_digest: str, force: bool = False, root: str | None = None
 ) -> str:
-    """Features of one training pass (cached on ``key``; a store completed meanwhile by a concurrent run is reused)."""
-    if force or not fstore.is_complete(Path(out)):
-        extract_train_pass(cfg, pass_index, Path(out), weights_digest)
+    """Features of one training pass, finished here (cached on ``key``; resumes a partial store; reuses a concurrent run's)."""
+    job = train_pass_job(cfg, pass_index, Path(out), weights_digest, key, Path(root) if root else None)
+    if force or not fstore.is_verified(Path(out)):
+        job.build(force)
     return out
 
 
 @task(name="split-features", persist_result=True)
 def split_features_task(
-    cfg: TrainFlowConfig, split: str, key: str, out: str, weights_digest: str, force: bool = False
+    cfg: TrainFlowConfig, split: str, key: str, out: str, weights_digest: str, force: bool = False, root: str | None = None
 ) -> str:
-    """Features of a val/test split (cached on ``key``; reused if a concurrent run completed it)."""
-    if force or not fstore.is_complete(Path(out)):
-        extract_split(cfg, split, Path(out), weights_digest)
+    """Features of a val/test split, finished here (cached on ``key``; resumes a partial store; reuses a concurrent run's)."""
+    if force or not fstore.is_verified(Path(out)):
+        split_job(cfg, split, Path(out), weights_digest, key, Path(root) if root else None).build(force)
     return out

@@ -14,6 +14,7 @@ import joblib
 import numpy as np
 from prefect import task
 
+from storage.manifest import building, file_matches, matches_manifest, write_file_digest, write_manifest
 from storage import features as fstore
 from storage import layout
 from storage.fingerprint import CODE_VERSION
@@ -101,6 +102,7 @@ def model_json(cfg: TrainFlowConfig, weights_digest: str | None = None) -> dict[
 
 
 def _replace_dir(tmp: Path, out: Path) -> Path:
+    write_manifest(tmp)
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     return out
@@ -167,15 +169,16 @@ def export_bundle(
 @task(name="fit-classifier", persist_result=True)
 def fit_task(cfg: TrainFlowConfig, stores: list[str], key: str, out: str, force: bool = False) -> str:
     """Fit the classifier (cached on ``key``; reused if a concurrent run wrote it)."""
-    if force or not Path(out).is_file():
+    if force or not file_matches(Path(out)):
         fit_classifier(cfg, stores, Path(out))
+        write_file_digest(Path(out))
     return out
 
 
 @task(name="export-backbone", persist_result=True)
 def export_backbone_task(cfg: TrainFlowConfig, key: str, out: str, force: bool = False) -> str:
     """Export the backbone (cached on ``key``: weights, input size, formats)."""
-    if force or not Path(out).is_dir():
+    if force or not matches_manifest(Path(out)):
         export_backbone(cfg, Path(out))
     return out
 
@@ -185,7 +188,7 @@ def export_task(
     cfg: TrainFlowConfig, classifier: str, backbone: str, key: str, out: str, weights_digest: str, force: bool = False
 ) -> str:
     """Assemble the deployment bundle from the exported backbone and the classifier (cached on ``key``)."""
-    if force or not (Path(out) / "model.json").is_file():
+    if force or not matches_manifest(Path(out)):
         export_bundle(cfg, Path(classifier), Path(out), weights_digest, Path(backbone))
     return out
 
@@ -196,6 +199,7 @@ def validate_task(
 ) -> dict[str, Any]:
     """Patch-level validation metrics (cached on ``key``)."""
     metrics = Path(out) / "metrics.json"
-    if not force and metrics.is_file():
+    if not force and matches_manifest(Path(out)):
         return json.loads(metrics.read_text())
-    return validate(cfg, Path(classifier), Path(store), Path(out))
+    with building(Path(out)) as tmp:
+        return validate(cfg, Path(classifier), Path(store), tmp)

@@ -37,7 +37,7 @@ def list_images(folder: Path) -> list[Path]:
     """Image files under ``folder`` (recursive, sorted); a clear error when there are none."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"images folder {folder} does not exist")
+        raise FileNotFoundError(f"images folder {folder} does not exist; point --images at a folder of images")
     files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS)
     if not files:
         raise FileNotFoundError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {folder}")
@@ -71,11 +71,14 @@ def predict_images(
     method = method or meta.get("reconstruction_method") or "major_voting"
     geometry = bdl.geometry(meta)
     size = bdl.input_size(meta)
+    images = list_images(images_dir)
+    out_dir = Path(out_dir)
+    # a predictions.json left by an earlier run would make a failed run look complete (it is written last)
+    (out_dir / "predictions.json").unlink(missing_ok=True)
     est = joblib.load(root / "classifier.joblib")
     backbone_path = bdl.backbone_file(root, meta)
     extractor = FeatureExtractor(load_export(backbone_path, meta.get("backbone")),
                                  "cpu" if backbone_path.suffix == ".onnx" else device, batch_size=batch_size)
-    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = []
     timing = {"extract_s": 0.0}
@@ -97,7 +100,7 @@ def predict_images(
         pending.clear()
         patches.clear()
 
-    for item, tiles in _tiles(list_images(images_dir), geometry):
+    for item, tiles in _tiles(images, geometry):
         pending.append((item, len(tiles)))
         patches.extend(tiles)
         if len(patches) >= batch_size:
@@ -119,11 +122,17 @@ def _finish(item: _Image, proba: np.ndarray, method: str, num_classes: int, idx_
     soft.add(idx, labels, proba)
     polygons = prediction_polygons(class_map, idx_to_class, soft.mean_probabilities(), item.grid.boxes(), labels)
     stem = item.path.stem
-    cv2.imwrite(str(out_dir / f"{stem}_classmap.png"), class_map.astype(np.uint8))
-    cv2.imwrite(str(out_dir / f"{stem}_overlay.png"), colourise(item.image, class_map))
+    _imwrite(out_dir / f"{stem}_classmap.png", class_map.astype(np.uint8))
+    _imwrite(out_dir / f"{stem}_overlay.png", colourise(item.image, class_map))
     (out_dir / f"{stem}_polygons.json").write_text(json.dumps({"image": str(item.path), "prediction": polygons}, indent=1) + "\n")
     return {"image": str(item.path), "defect_regions": len(polygons), "defect_pixels": int((class_map > 0).sum()),
             "classes": sorted({p["label"] for p in polygons})}
+
+
+def _imwrite(path: Path, array: np.ndarray) -> None:
+    """Write a PNG or fail loudly (OpenCV only returns False on a full or read-only disk)."""
+    if not cv2.imwrite(str(path), array):
+        raise OSError(f"could not write {path} (disk full or read-only?); free disk space or choose another --out folder")
 
 
 def prediction_key(model_path: Path, images_dir: Path, out_dir: Path, method: str | None) -> str:

@@ -203,7 +203,9 @@ def draw_pass(
         rec = _read_h5(h5_path, data_path)
         if rec.image not in sizes:
             if not os.path.isfile(rec.image):
-                raise DatasetFormatError(f"image {rec.image} referenced by {h5_path} not found")
+                raise DatasetFormatError(
+                    f"image {rec.image} referenced by {h5_path} not found; restore the image or regenerate the dataset"
+                )
             sizes[rec.image] = _image_size(rec.image)
         H, W = sizes[rec.image]
         ph, pw = _resolve_patch_size(rec, info, h5_path)

@@ -7,6 +7,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from tasks.backbones import SUPPORTED_BACKBONES
+from tasks.runner import RunnerSection
 from tasks.config import StrictModel
 
 BackboneName = Literal["resnet18", "resnet50", "mobilenet_v2", "efficientnet_b0", "dino_vitb8"]
@@ -71,6 +72,9 @@ class TaskSection(StrictModel):
     device: str = Field("cpu", description="cpu, cuda or cuda:N")
     automatic_batch_size: AutoBatchSection = Field(default_factory=AutoBatchSection)
     precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 = autocast (fast on AMX CPUs and recent GPUs)")
+    shard_patches: int = Field(
+        4096, ge=1, description="Patches per feature shard (rounded up to whole 1024-row chunks): the unit of parallel work and of resume"
+    )
     runtime: Literal["auto", "torch", "onnxruntime"] = Field(
         "auto", description="Feature runtime; auto = ONNX Runtime on CPU at fp32 when installed (faster on CPUs), else torch"
     )
@@ -113,6 +117,7 @@ class TrainFlowConfig(StrictModel):
     task: TaskSection = Field(default_factory=TaskSection)
     export: ExportSection = Field(default_factory=ExportSection)
     core: CoreSection = Field(default_factory=CoreSection)
+    runner: RunnerSection = Field(default_factory=RunnerSection, description="Where feature shards run (thread or a Dask cluster)")
     storage_root: str | None = Field(None, description="Results/cache/features root (default $PATCHFLOW_STORAGE_ROOT or ./.patchflow)")
     force: list[Literal["features", "val_features", "fit", "export", "validate"]] = Field(
         default_factory=list, description="Stages to recompute even when cached"

@@ -1,0 +1,118 @@
+"""Manifests of finished outputs: every file's size, mtime and sha256, written last, checked before reuse.
+
+A cached stage is reused only if its output still matches its manifest, so a deleted, truncated or
+edited file makes the stage recompute instead of serving a damaged result. Checking is cheap: a
+file whose size and mtime are unchanged is trusted; one whose mtime changed (a copy, a touch) is
+re-hashed and accepted only if its bytes are unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+MANIFEST_FILE = "_manifest.json"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _files(root: Path) -> list[str]:
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        rel = os.path.relpath(dirpath, root)
+        for name in sorted(filenames):
+            p = name if rel == "." else f"{rel}/{name}"
+            if p != MANIFEST_FILE:
+                out.append(p)
+    return out
+
+
+def write_manifest(root: Path) -> Path:
+    """Record every file under ``root`` (call when the output is otherwise final)."""
+    root = Path(root)
+    entries = {}
+    for rel in _files(root):
+        st = (root / rel).stat()
+        entries[rel] = [st.st_size, st.st_mtime_ns, _sha256(root / rel)]
+    path = root / MANIFEST_FILE
+    tmp = root / f".{MANIFEST_FILE}.{uuid.uuid4().hex}.tmp"
+    tmp.write_text(json.dumps({"files": entries}, sort_keys=True))
+    os.replace(tmp, path)
+    return path
+
+
+def manifest_problem(root: Path) -> str | None:
+    """``None`` if ``root`` matches its manifest, else what is wrong (missing, extra or changed file)."""
+    root = Path(root)
+    try:
+        entries = json.loads((root / MANIFEST_FILE).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{root / MANIFEST_FILE} is missing or unreadable"
+    present = set(_files(root))
+    missing = sorted(set(entries) - present)
+    if missing:
+        return f"{root / missing[0]} was deleted ({len(missing)} file(s) missing)"
+    extra = sorted(present - set(entries) - {p for p in present if os.path.basename(p).startswith(".")})
+    if extra:
+        return f"{root / extra[0]} was added after the output was finished"
+    for rel, (size, mtime, digest) in entries.items():
+        st = (root / rel).stat()
+        if st.st_size != size:
+            return f"{root / rel} changed size ({size} -> {st.st_size} bytes)"
+        if st.st_mtime_ns != mtime and _sha256(root / rel) != digest:
+            return f"{root / rel} was modified"
+    return None
+
+
+def matches_manifest(root: Path) -> bool:
+    """``root`` exists and matches its manifest."""
+    return manifest_problem(root) is None
+
+
+@contextlib.contextmanager
+def building(out: Path) -> Iterator[Path]:
+    """A fresh temporary sibling of ``out`` to write into; on success it gets a manifest and replaces ``out``."""
+    out = Path(out)
+    tmp = out.with_name(f"{out.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial")
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        write_manifest(tmp)
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _digest_file(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def write_file_digest(path: Path) -> None:
+    """Record the sha256 of a finished single-file output next to it."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp.write_text(_sha256(path) + "\n")
+    os.replace(tmp, _digest_file(path))
+
+
+def file_matches(path: Path) -> bool:
+    """``path`` exists and still has the recorded sha256."""
+    path = Path(path)
+    try:
+        return path.is_file() and _digest_file(path).read_text().strip() == _sha256(path)
+    except OSError:
+        return False

@@ -1,0 +1,160 @@
+"""Sharded, resumable filling of a feature store: prepare once, fill shards anywhere, finalize once.
+
+A store being built lives at ``<store>.partial``: the coordinator *prepares* it (pre-sized zarr
+arrays, every row's label/id/box, and ``_plan.npz``: what patch each row is), *shards* (whole-chunk
+row ranges) are filled by any process, each recording ``_shards/<i>.json`` with the sha256 of its
+rows, and *finalize* checks every shard, marks the store complete, writes its manifest and renames
+it into place. A run killed at any point resumes: prepared stores and verified shards are kept,
+unfinished shards are redone with the same batches, so the result is identical to an uninterrupted
+run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from storage import features as fstore
+from storage.manifest import write_manifest
+
+logger = logging.getLogger("patchflow.features")
+
+CHUNK_ROWS = 1024
+PLAN_FILE = "_plan.npz"
+SHARD_DIR = "_shards"
+
+#: (row indices relative to the shard, BGR patches) batches of rows [start, end) of a plan
+BatchFn = Callable[[dict[str, np.ndarray], dict[str, Any], int, int, int], Iterator[tuple[np.ndarray, list[np.ndarray]]]]
+
+
+def partial_path(out: Path) -> Path:
+    """Where the store ``out`` is built before it is renamed into place."""
+    return Path(out).with_name(Path(out).name + ".partial")
+
+
+def shard_rows(requested: int) -> int:
+    """Rows per shard: ``requested`` rounded up to whole chunks."""
+    return max(1, -(-int(requested) // CHUNK_ROWS)) * CHUNK_ROWS
+
+
+def shard_ranges(n_rows: int, rows_per_shard: int) -> list[tuple[int, int]]:
+    """Chunk-aligned ``[start, end)`` row ranges covering ``n_rows``."""
+    return [(s, min(s + rows_per_shard, n_rows)) for s in range(0, n_rows, rows_per_shard)]
+
+
+def _prepared_attrs(part: Path, key: str) -> dict[str, Any] | None:
+    try:
+        attrs = fstore.store_attrs(part)
+    except Exception:  # noqa: BLE001 - absent or unreadable: not prepared
+        return None
+    if attrs.get("prepared") is True and attrs.get("store_key") == key and (part / PLAN_FILE).is_file():
+        return attrs
+    return None
+
+
+def prepare(
+    out: Path, key: str, make_plan: Callable[[], tuple[dict[str, np.ndarray], np.ndarray, list[str], np.ndarray]],
+    dim: int, attrs: dict[str, Any], rows_per_shard: int, force: bool = False,
+) -> int:
+    """Prepare (or reuse a prepared) partial store of ``out``; returns its number of shards.
+
+    ``make_plan()`` returns ``(plan arrays, labels, sample ids, boxes)``; it is only called when the
+    store is not prepared yet.
+    """
+    part = partial_path(out)
+    have = None if force else _prepared_attrs(part, key)
+    if have is not None:
+        ranges = shard_ranges(int(have["n_rows"]), int(have["shard_rows"]))
+        done = sum(shard_done(part, i) for i in range(len(ranges)))
+        logger.info("resuming %s: %d of %d shards already done", part.name, done, len(ranges))
+        return len(ranges)
+    plan, labels, ids, boxes = make_plan()
+    n = len(labels)
+    shutil.rmtree(part, ignore_errors=True)
+    fstore.create_store(part, n, dim, {**attrs, "store_key": key, "shard_rows": int(rows_per_shard)}, chunk_rows=CHUNK_ROWS)
+    fstore.write_row_meta(part, labels, ids, boxes)
+    tmp = part / f".plan.{uuid.uuid4().hex}.npz"
+    np.savez(tmp, **plan)
+    os.replace(tmp, part / PLAN_FILE)
+    (part / SHARD_DIR).mkdir(exist_ok=True)
+    _set_attr(part, "prepared", True)  # last: a half-prepared store is never reused
+    return len(shard_ranges(n, rows_per_shard))
+
+
+def _set_attr(part: Path, name: str, value: Any) -> None:
+    import zarr
+
+    zarr.open_group(str(part), mode="r+").attrs[name] = value
+
+
+def _marker(part: Path, index: int) -> Path:
+    return part / SHARD_DIR / f"{index:06d}.json"
+
+
+def _rows_digest(rows: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(rows, dtype="<f4").tobytes()).hexdigest()
+
+
+def shard_done(part: Path, index: int) -> bool:
+    """Shard ``index`` is recorded and its rows still hash to the recorded digest."""
+    try:
+        rec = json.loads(_marker(part, index).read_text())
+        return _rows_digest(fstore.read_feature_rows(part, rec["start"], rec["end"])) == rec["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def fill_shard(
+    out: Path, index: int, extract: Callable[[list[np.ndarray]], np.ndarray], batches: BatchFn, batch_size: int,
+) -> dict[str, Any]:
+    """Compute the features of shard ``index`` of the prepared partial store of ``out`` (skipped if done)."""
+    part = partial_path(out)
+    if shard_done(part, index):
+        return {"index": index, "skipped": True, "rows": 0, "extract_s": 0.0}
+    attrs = fstore.store_attrs(part)
+    if attrs.get("prepared") is not True:
+        raise fstore.FeatureStoreError(f"{part} is not prepared; run the feature stage's prepare step first")
+    start, end = shard_ranges(int(attrs["n_rows"]), int(attrs["shard_rows"]))[index]
+    with np.load(part / PLAN_FILE) as z:
+        plan = {k: z[k] for k in z.files}
+    feats = np.full((end - start, int(attrs["dim"])), np.nan, dtype=np.float32)
+    t_fwd = 0.0
+    for rows, patches in batches(plan, attrs, start, end, batch_size):
+        t = time.perf_counter()
+        feats[rows] = extract(patches)
+        t_fwd += time.perf_counter() - t
+    if np.isnan(feats).any():
+        raise fstore.FeatureStoreError(f"{part}: shard {index} left rows without features (NaN); this is a bug")
+    fstore.write_feature_rows(part, start, feats)
+    rec = {"start": start, "end": end, "sha256": _rows_digest(feats)}
+    tmp = part / SHARD_DIR / f".{index}.{uuid.uuid4().hex}.tmp"
+    tmp.write_text(json.dumps(rec))
+    os.replace(tmp, _marker(part, index))
+    return {"index": index, "skipped": False, "rows": end - start, "extract_s": t_fwd}
+
+
+def n_shards(out: Path) -> int:
+    """Number of shards of the prepared partial store of ``out``."""
+    attrs = fstore.store_attrs(partial_path(out))
+    return len(shard_ranges(int(attrs["n_rows"]), int(attrs["shard_rows"])))
+
+
+def finalize(out: Path) -> None:
+    """Check every shard, mark the store complete, write its manifest and move it into place."""
+    part = partial_path(out)
+    missing = [i for i in range(n_shards(out)) if not shard_done(part, i)]
+    if missing:
+        raise fstore.FeatureStoreError(f"{part}: shards {missing} are not done; rerun the feature stage to fill them")
+    fstore.mark_complete(part, fstore.store_digest(part))
+    write_manifest(part)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(part, out)
