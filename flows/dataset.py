@@ -14,14 +14,20 @@ from pydantic import Field
 from storage.settings import storage_root
 from tasks.caching import cached_stage
 from tasks.config import StrictModel, parse_cli, run_cli, validate_config
+from tasks.dataset import shard_counts
 from tasks.dataset_task import (
     DataSection,
     GenerationSection,
+    assign_splits_task,
     associate_task,
     dataset_is_current,
     fingerprint_task,
     generate_task,
+    plan_dataset_task,
+    process_shard_task,
+    scan_shard_task,
 )
+from tasks.runner import RunnerSection, check_runner, dask_runner, run_all
 
 
 class DatasetFlowConfig(StrictModel):
@@ -31,6 +37,7 @@ class DatasetFlowConfig(StrictModel):
     dataset: GenerationSection
     storage_root: str | None = Field(None, description="Results/cache/locks root (default $PATCHFLOW_STORAGE_ROOT or ./.patchflow)")
     force: bool = Field(False, description="Rebuild the dataset even if an identical one exists")
+    runner: RunnerSection = Field(default_factory=RunnerSection, description="Where image shards run (thread or a Dask cluster)")
 
 
 @flow(name="patchflow-dataset")
@@ -38,10 +45,19 @@ def dataset_flow(config: DatasetFlowConfig) -> str:
     """Build (or reuse) the patch dataset described by ``config``; returns its folder."""
     config = validate_config(DatasetFlowConfig, config)
     root = storage_root(config.storage_root)
+    check_runner(config.runner)
     class_to_idx = config.data.resolved_class_to_idx()
     association = associate_task(config.data)
     key = fingerprint_task(association, class_to_idx, config.dataset)
     done = dataset_is_current(config.dataset.output_folder, key)
+    if config.runner.kind == "dask" and (config.force or not done):  # shards on the cluster; the cached task finishes
+        with dask_runner(config.runner) as tr:
+            tmp = plan_dataset_task(association, class_to_idx, config.dataset, key)
+            n_scan, n_process = shard_counts(tmp)
+            if n_process is None:
+                scans = run_all(tr, [(scan_shard_task, {"tmp": tmp, "shard": i}) for i in range(n_scan)])
+                n_process = assign_splits_task(tmp, [r for shard in scans for r in shard])
+            run_all(tr, [(process_shard_task, {"tmp": tmp, "shard": i}) for i in range(n_process)])
     return cached_stage(generate_task, root, config.force, done)(association, class_to_idx, config.dataset, key, config.force)
 
 

@@ -75,10 +75,10 @@ def files_digest(paths: Iterable[str | os.PathLike[str] | None]) -> str:
 
 
 def tree_digest(root: str | os.PathLike[str]) -> str:
-    """Digest of every file under ``root``: sorted relative paths plus contents."""
+    """Digest of every file under ``root``: sorted relative paths plus contents (mtime caches aside)."""
     root = Path(root)
     h = hashlib.sha256()
-    for p in sorted(q for q in root.rglob("*") if q.is_file()):
+    for p in sorted(q for q in root.rglob("*") if q.is_file() and q.name != ".stat-cache.json"):
         h.update(p.relative_to(root).as_posix().encode())
         h.update(b"\x00")
         h.update(file_digest(p).encode())

@@ -1,9 +1,10 @@
 """Manifests of finished outputs: every file's size, mtime and sha256, written last, checked before reuse.
 
 A cached stage is reused only if its output still matches its manifest, so a deleted, truncated or
-edited file makes the stage recompute instead of serving a damaged result. Checking is cheap: a
-file whose size and mtime are unchanged is trusted; one whose mtime changed (a copy, a touch) is
-re-hashed and accepted only if its bytes are unchanged.
+edited file makes the stage recompute instead of serving a damaged result. The manifest holds
+sizes and sha256 digests only (it is deterministic); checking is cheap: a file whose size and
+mtime (kept in a separate hidden stat cache) are unchanged is trusted; one whose mtime changed (a
+copy, a touch) is re-hashed and accepted only if its bytes are unchanged.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Iterator
 
 MANIFEST_FILE = "_manifest.json"
+STAT_CACHE = ".stat-cache.json"  # mtimes for the fast check; not content, so kept apart from the manifest
 
 
 def _sha256(path: Path) -> str:
@@ -35,7 +37,7 @@ def _files(root: Path) -> list[str]:
         rel = os.path.relpath(dirpath, root)
         for name in sorted(filenames):
             p = name if rel == "." else f"{rel}/{name}"
-            if p != MANIFEST_FILE:
+            if p not in (MANIFEST_FILE, STAT_CACHE):
                 out.append(p)
     return out
 
@@ -43,15 +45,21 @@ def _files(root: Path) -> list[str]:
 def write_manifest(root: Path) -> Path:
     """Record every file under ``root`` (call when the output is otherwise final)."""
     root = Path(root)
-    entries = {}
+    entries, mtimes = {}, {}
     for rel in _files(root):
         st = (root / rel).stat()
-        entries[rel] = [st.st_size, st.st_mtime_ns, _sha256(root / rel)]
+        entries[rel] = [st.st_size, _sha256(root / rel)]
+        mtimes[rel] = st.st_mtime_ns
+    _write_json(root / STAT_CACHE, mtimes)
     path = root / MANIFEST_FILE
-    tmp = root / f".{MANIFEST_FILE}.{uuid.uuid4().hex}.tmp"
-    tmp.write_text(json.dumps({"files": entries}, sort_keys=True))
-    os.replace(tmp, path)
+    _write_json(path, {"files": entries})  # deterministic: sizes and digests only
     return path
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp.write_text(json.dumps(obj, sort_keys=True, separators=(",", ":")))
+    os.replace(tmp, path)
 
 
 def manifest_problem(root: Path) -> str | None:
@@ -61,6 +69,10 @@ def manifest_problem(root: Path) -> str | None:
         entries = json.loads((root / MANIFEST_FILE).read_text())["files"]
     except (OSError, ValueError, KeyError, TypeError):
         return f"{root / MANIFEST_FILE} is missing or unreadable"
+    try:
+        mtimes = json.loads((root / STAT_CACHE).read_text())
+    except (OSError, ValueError):
+        mtimes = {}
     present = set(_files(root))
     missing = sorted(set(entries) - present)
     if missing:
@@ -68,11 +80,11 @@ def manifest_problem(root: Path) -> str | None:
     extra = sorted(present - set(entries) - {p for p in present if os.path.basename(p).startswith(".")})
     if extra:
         return f"{root / extra[0]} was added after the output was finished"
-    for rel, (size, mtime, digest) in entries.items():
+    for rel, (size, digest) in entries.items():
         st = (root / rel).stat()
         if st.st_size != size:
             return f"{root / rel} changed size ({size} -> {st.st_size} bytes)"
-        if st.st_mtime_ns != mtime and _sha256(root / rel) != digest:
+        if st.st_mtime_ns != mtimes.get(rel) and _sha256(root / rel) != digest:
             return f"{root / rel} was modified"
     return None
 

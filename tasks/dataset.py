@@ -24,6 +24,7 @@ import numpy as np
 
 from storage import layout
 from storage.fingerprint import CODE_VERSION
+from storage.manifest import write_manifest
 from storage.geometry import GRID_POLICY, PatchGrid, compute_grid, validate_geometry_params
 from storage.h5files import SamplingRegion, write_region
 from tasks.imageio import InputDataError, decode_image, decode_mask, file_image_size, read_bytes
@@ -77,6 +78,7 @@ class _Result:
     counts: dict[str, int] = field(default_factory=dict)
     image_entry: str = ""
     mask_entry: str | None = None
+    files: list[str] = field(default_factory=list)  # written, relative to the dataset root
 
 
 _PARAMS: _Params | None = None
@@ -144,6 +146,7 @@ def _process(job: _Job) -> _Result:
     # originals
     if p.save_original:
         (root / "original" / "images" / job.base_name).write_bytes(data)
+        res.files.append(f"original/images/{job.base_name}")
         res.image_entry = f"original/images/{job.base_name}"
     else:
         res.image_entry = str(Path(job.path).resolve())
@@ -155,6 +158,7 @@ def _process(job: _Job) -> _Result:
             else:
                 _imwrite(dst, mask)
             res.mask_entry = f"original/masks/{job.stem}.png"
+            res.files.append(res.mask_entry)
         else:
             res.mask_entry = str(Path(job.mask).resolve())
     grid = _grid(job, p)
@@ -164,6 +168,7 @@ def _process(job: _Job) -> _Result:
         good_idx = {p.class_to_idx[n] for n in p.annotated_good}
         good, comps = compute_regions(mask, components, (grid.patch_h, grid.patch_w), class_names, good_idx)
         for region in ([good] if good is not None else []) + comps:
+            res.files.append(f"train/{job.stem}_{region.suffix}.h5")
             write_region(
                 root / "train" / f"{job.stem}_{region.suffix}.h5",
                 SamplingRegion(
@@ -178,6 +183,7 @@ def _process(job: _Job) -> _Result:
         res.lines = dataset_lines(job.stem, good, comps, set(p.annotated_good), p.repeat_good_images, p.balance_defects)
         if components is not None and len(components.classes) > 1:
             _imwrite(root / "original" / "labelled_masks" / f"{job.stem}.png", components.labels.astype(np.uint16))
+            res.files.append(f"original/labelled_masks/{job.stem}.png")
         for line in res.lines:
             cls = line.rsplit(",", 1)[1]
             res.counts[cls] = res.counts.get(cls, 0) + 1
@@ -196,10 +202,13 @@ def _process(job: _Job) -> _Result:
     for idx, ((y0, x0, y1, x1), (label, discard)) in enumerate(zip(grid.boxes().tolist(), labels)):
         name = layout.patch_name(job.stem, idx, discard)
         _imwrite(split_dir / label / name, padded[y0:y1, x0:x1])
+        res.files.append(f"{job.split}/{label}/{name}")
         if p.save_mask and pmask is not None:
             mdir = root / f"{job.split}_masks" / (p.mask_output_folder or "") / label
             mdir.mkdir(parents=True, exist_ok=True)
-            _imwrite(mdir / layout.patch_name(job.stem, idx, discard, suffix=p.mask_extension), pmask[y0:y1, x0:x1])
+            mname = layout.patch_name(job.stem, idx, discard, suffix=p.mask_extension)
+            _imwrite(mdir / mname, pmask[y0:y1, x0:x1])
+            res.files.append(str((mdir / mname).relative_to(root)))
         res.counts[label] = res.counts.get(label, 0) + 1
     return res
 
@@ -297,6 +306,266 @@ def _validate(
     return jobs
 
 
+@dataclass
+class DatasetPlan:
+    """A dataset being built in ``tmp``: parameters, images (with their split once assigned), shards."""
+
+    params: _Params
+    jobs: list[_Job]
+    out: str
+    tmp: str
+    fingerprint: str | None
+    seed: int
+    val_size: float
+    test_size: float
+    info_geometry: dict[str, Any]
+    train_filename: str
+    shard_images: int
+    order: list[int] | None = None  # processing order (by split), once splits are assigned
+
+    def shards(self, ordered: bool) -> list[list[int]]:
+        """Job indices of each shard (in processing order once splits are assigned)."""
+        idx = list(self.order) if ordered and self.order is not None else list(range(len(self.jobs)))
+        return [idx[s : s + self.shard_images] for s in range(0, len(idx), self.shard_images)]
+
+
+SHARD_DIR = ".shards"
+PLAN_FILE = "plan.pkl"
+
+
+def _write_pickle(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(pickle.dumps(obj))
+    os.replace(tmp, path)
+
+
+def load_plan(tmp: str | Path) -> DatasetPlan:
+    """The plan saved in a dataset being built."""
+    return pickle.loads((Path(tmp) / SHARD_DIR / PLAN_FILE).read_bytes())
+
+
+def _partial_dir(out: Path, fingerprint: str | None) -> Path:
+    """Build folder: keyed by the inputs' fingerprint (so a killed run resumes), else fresh."""
+    if fingerprint is None:
+        return layout.temp_sibling(out)
+    tag = fingerprint[:16]
+    for other in out.parent.glob(f".{out.name}.partial-*"):
+        if other.name != f".{out.name}.partial-{tag}":
+            shutil.rmtree(other, ignore_errors=True)  # left by a killed run on other inputs
+    tmp = out.parent / f".{out.name}.partial-{tag}"
+    tmp.mkdir(parents=True, exist_ok=True)
+    return tmp
+
+
+def plan_patch_dataset(
+    data_dictionary: list[dict[str, Any]],
+    class_to_idx: dict[str, int],
+    val_size: float = 0.3,
+    test_size: float = 0.0,
+    seed: int = 42,
+    patch_number: tuple[int, ...] | list[int] | None = None,
+    patch_size: tuple[int, ...] | list[int] | None = None,
+    overlap: float = 0.0,
+    output_folder: str = "extraction_data",
+    save_original_images_and_masks: bool = True,
+    area_threshold: float = 0.45,
+    area_defect_threshold: float = 0.2,
+    mask_extension: str = "_mask",
+    mask_output_folder: str | None = None,
+    save_mask: bool = False,
+    clear_output_folder: bool = False,
+    mask_preprocessing: Callable[[np.ndarray], np.ndarray] | None = None,
+    train_filename: str = "dataset.txt",
+    repeat_good_images: int = 1,
+    balance_defects: bool = True,
+    annotated_good: list[str] | None = None,
+    num_workers: int = 1,
+    *,
+    missing_mask: str = "test",
+    fingerprint: str | None = None,
+    shard_images: int = 256,
+) -> Path:
+    """Validate the inputs and prepare the build folder; returns it (a killed build of the same inputs is resumed)."""
+    jobs = _validate(
+        data_dictionary, class_to_idx, val_size, test_size, patch_number, patch_size, overlap, annotated_good,
+        save_mask, mask_extension, mask_output_folder, num_workers, repeat_good_images, missing_mask,
+    )
+    if shard_images < 1:
+        raise ValueError(f"shard_images must be >= 1, got {shard_images}")
+    out = Path(output_folder)
+    layout.check_output_folder(out)
+    if out.exists() and any(out.iterdir()) and not clear_output_folder:
+        logger.warning("%s holds a patch dataset: it is replaced as a whole (stale files are never merged)", out)
+    if num_workers > 1 and mask_preprocessing is not None or fingerprint is not None and mask_preprocessing is not None:
+        try:
+            pickle.dumps(mask_preprocessing)
+        except Exception:  # noqa: BLE001
+            raise ValueError(
+                "mask_preprocessing must be a module-level function (picklable) when num_workers > 1 or in a flow; "
+                "lambdas and local functions only work with num_workers=1"
+            ) from None
+    tmp = _partial_dir(out, fingerprint)
+    try:
+        old = load_plan(tmp)
+        if old.fingerprint == fingerprint and old.order is not None:
+            logger.info("resuming the build of %s in %s", out, tmp)
+            return tmp
+    except (OSError, pickle.UnpicklingError, EOFError, AttributeError):
+        pass
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    params = _Params(
+        root=str(tmp), class_to_idx={k: int(v) for k, v in class_to_idx.items()},
+        patch_number=tuple(patch_number) if patch_number is not None else None,
+        patch_size=tuple(patch_size) if patch_size is not None else None, overlap=float(overlap),
+        save_original=save_original_images_and_masks, area_threshold=area_threshold,
+        area_defect_threshold=area_defect_threshold, mask_extension=mask_extension,
+        mask_output_folder=mask_output_folder, save_mask=save_mask, mask_preprocessing=mask_preprocessing,
+        repeat_good_images=repeat_good_images, balance_defects=balance_defects,
+        annotated_good=tuple(annotated_good or ()), missing_mask=missing_mask,
+    )
+    for sub in ("original/images", "original/masks", "original/labelled_masks", "train", SHARD_DIR):
+        (tmp / sub).mkdir(parents=True, exist_ok=True)
+    for split in ("val", "test"):
+        for name in list(class_to_idx) + ([layout.NONE_CLASS] if split == "test" else []):
+            (tmp / split / name).mkdir(parents=True, exist_ok=True)
+    geometry = {
+        "patch_size": list(patch_size) if patch_size is not None else None,
+        "patch_number": list(patch_number) if patch_number is not None else None,
+        "overlap": float(overlap),
+        "annotated_good": list(annotated_good) if annotated_good else None,
+    }
+    plan = DatasetPlan(params, jobs, str(out), str(tmp), fingerprint, seed, val_size, test_size, geometry,
+                       train_filename, int(shard_images))
+    _write_pickle(tmp / SHARD_DIR / PLAN_FILE, plan)
+    return tmp
+
+
+def shard_counts(tmp: str | Path) -> tuple[int, int | None]:
+    """``(scan shards, process shards or None while splits are not assigned)`` of a build folder."""
+    plan = load_plan(tmp)
+    return len(plan.shards(ordered=False)), (len(plan.shards(ordered=True)) if plan.order is not None else None)
+
+
+def scan_shard(tmp: str | Path, shard: int, workers: "_Workers | None" = None) -> list[tuple]:
+    """Phase 1 of shard ``shard``: sizes and mask values of its images (validated)."""
+    plan = load_plan(tmp)
+    jobs = [plan.jobs[i] for i in plan.shards(ordered=False)[shard]]
+    own = workers is None
+    workers = workers or _Workers(plan.params, 1, len(jobs))
+    try:
+        return workers.map(_scan, jobs)
+    finally:
+        if own:
+            workers.close()
+
+
+def assign_splits(tmp: str | Path, scans: Sequence[tuple]) -> int:
+    """Record every image's size, mask values and split (seeded split); returns the number of process shards."""
+    plan = load_plan(tmp)
+    if len(scans) != len(plan.jobs):
+        raise ValueError(f"{len(scans)} scan results for {len(plan.jobs)} images")
+    for job, (size, values, plain) in zip(plan.jobs, scans):
+        job.size, job.plain_mask = tuple(size), plain
+        job.values = tuple(values) if values is not None else None
+    label_sets = [set(v) if v is not None else None for _, v, _ in scans]
+    n_classes = max(plan.params.class_to_idx.values()) + 1
+    assignment, order = split_images(label_sets, plan.val_size, plan.test_size, plan.seed, n_classes)
+    for job, split in zip(plan.jobs, assignment):
+        job.split = split
+        if job.values is None and split != "train":  # mask-less images land in <split>/None
+            (Path(tmp) / split / layout.NONE_CLASS).mkdir(exist_ok=True)
+    plan.order = [int(i) for i in order]
+    _write_pickle(Path(tmp) / SHARD_DIR / PLAN_FILE, plan)
+    return len(plan.shards(ordered=True))
+
+
+def _shard_marker(tmp: Path, shard: int) -> Path:
+    return tmp / SHARD_DIR / f"process-{shard:06d}.pkl"
+
+
+def _load_done(tmp: Path, shard: int) -> list[_Result] | None:
+    """Results of a finished process shard whose files are all still there with their recorded sizes."""
+    try:
+        rec = pickle.loads(_shard_marker(tmp, shard).read_bytes())
+        for rel, size in rec["sizes"].items():
+            if (tmp / rel).stat().st_size != size:
+                return None
+        return rec["results"]
+    except (OSError, pickle.UnpicklingError, EOFError, KeyError, TypeError):
+        return None
+
+
+def process_shard(tmp: str | Path, shard: int, workers: "_Workers | None" = None) -> int:
+    """Phase 2 of shard ``shard``: write its images' files (skipped when already done); returns its image count."""
+    tmp = Path(tmp)
+    plan = load_plan(tmp)
+    if plan.order is None:
+        raise ValueError(f"{tmp}: splits are not assigned yet; run assign_splits first")
+    idx = plan.shards(ordered=True)[shard]
+    if _load_done(tmp, shard) is not None:
+        return len(idx)
+    own = workers is None
+    workers = workers or _Workers(plan.params, 1, len(idx))
+    try:
+        results = workers.map(_process, [plan.jobs[i] for i in idx])
+    finally:
+        if own:
+            workers.close()
+    sizes = {rel: (tmp / rel).stat().st_size for r in results for rel in r.files}
+    _write_pickle(_shard_marker(tmp, shard), {"results": results, "sizes": sizes})
+    return len(idx)
+
+
+def finish_patch_dataset(tmp: str | Path) -> dict[str, Any]:
+    """Assemble dataset.txt, info.json and the sidecar from finished shards, then publish the dataset."""
+    tmp = Path(tmp)
+    plan = load_plan(tmp)
+    shards = plan.shards(ordered=True)
+    per_shard = [_load_done(tmp, i) for i in range(len(shards))]
+    missing = [i for i, r in enumerate(per_shard) if r is None]
+    if missing:
+        raise RuntimeError(f"{tmp}: shards {missing} are not finished; rerun the dataset stage to resume")
+    info: dict[str, Any] = {**plan.info_geometry, "train_files": [], "val_files": [], "test_files": []}
+    lines: list[str] = []
+    counts: dict[str, dict[str, int]] = {s: {} for s in SPLITS}
+    for idx, results in zip(shards, per_shard):
+        for i, res in zip(idx, results):
+            job = plan.jobs[i]
+            info[f"{job.split}_files"].append({"image_path": res.image_entry, "mask_path": res.mask_entry})
+            lines.extend(res.lines)
+            for k, v in res.counts.items():
+                counts[job.split][k] = counts[job.split].get(k, 0) + v
+    p = plan.params
+    (tmp / "train" / plan.train_filename).write_text("".join(f"{line}\n" for line in lines))
+    layout.write_info(tmp, info)
+    layout.write_json(
+        tmp / layout.SIDECAR_FILE,
+        {
+            "format": "patchflow-patch-dataset",
+            "version": CODE_VERSION,
+            "fingerprint": plan.fingerprint,
+            "grid_policy": GRID_POLICY,
+            "class_to_idx": dict(p.class_to_idx),
+            "train_filename": plan.train_filename,
+            "missing_mask": p.missing_mask,
+            "seed": plan.seed,
+            "images": {s: len(info[f"{s}_files"]) for s in SPLITS},
+            "counts": counts,
+            "complete": True,
+        },
+    )
+    shutil.rmtree(tmp / SHARD_DIR)
+    write_manifest(tmp)
+    out = Path(plan.out)
+    layout.publish(tmp, out)
+    logger.info(
+        "patch dataset in %s: %d train / %d val / %d test images, %d train lines",
+        out, len(info["train_files"]), len(info["val_files"]), len(info["test_files"]), len(lines),
+    )
+    return info
+
+
 def generate_patch_dataset(
     data_dictionary: list[dict[str, Any]],
     class_to_idx: dict[str, int],
@@ -323,99 +592,29 @@ def generate_patch_dataset(
     *,
     missing_mask: str = "test",
     fingerprint: str | None = None,
+    shard_images: int = 256,
 ) -> dict[str, Any]:
     """Build a Quadra-layout patch dataset in ``output_folder``; returns the ``info.json`` content.
 
     ``missing_mask``: ``"test"`` (reference behaviour: mask-less images go to test/None) or ``"good"``
-    (a missing mask means a defect-free image). ``fingerprint`` is stored in the sidecar for caching.
+    (a missing mask means a defect-free image). ``fingerprint`` (the inputs' content key) is stored in
+    the sidecar and names the build folder, so a build killed midway resumes its finished shards.
     """
-    jobs = _validate(
-        data_dictionary, class_to_idx, val_size, test_size, patch_number, patch_size, overlap, annotated_good,
-        save_mask, mask_extension, mask_output_folder, num_workers, repeat_good_images, missing_mask,
-    )
-    out = Path(output_folder)
-    layout.check_output_folder(out)
-    if out.exists() and any(out.iterdir()) and not clear_output_folder:
-        logger.warning("%s holds a patch dataset: it is replaced as a whole (stale files are never merged)", out)
-    if num_workers > 1 and mask_preprocessing is not None:
-        try:
-            pickle.dumps(mask_preprocessing)
-        except Exception:  # noqa: BLE001
-            raise ValueError(
-                "mask_preprocessing must be a module-level function (picklable) when num_workers > 1; "
-                "lambdas and local functions only work with num_workers=1"
-            ) from None
-    tmp = layout.temp_sibling(out)
-    params = _Params(
-        root=str(tmp), class_to_idx={k: int(v) for k, v in class_to_idx.items()},
-        patch_number=tuple(patch_number) if patch_number is not None else None,
-        patch_size=tuple(patch_size) if patch_size is not None else None, overlap=float(overlap),
-        save_original=save_original_images_and_masks, area_threshold=area_threshold,
-        area_defect_threshold=area_defect_threshold, mask_extension=mask_extension,
-        mask_output_folder=mask_output_folder, save_mask=save_mask, mask_preprocessing=mask_preprocessing,
-        repeat_good_images=repeat_good_images, balance_defects=balance_defects,
-        annotated_good=tuple(annotated_good or ()), missing_mask=missing_mask,
-    )
-    workers = _Workers(params, num_workers, len(jobs))
+    kwargs = dict(locals())
+    kwargs.pop("data_dictionary"), kwargs.pop("class_to_idx")
+    tmp = plan_patch_dataset(data_dictionary, class_to_idx, **kwargs)
+    plan = load_plan(tmp)
+    workers = _Workers(plan.params, num_workers, len(plan.jobs))
     try:
-        for sub in ("original/images", "original/masks", "original/labelled_masks", "train"):
-            (tmp / sub).mkdir(parents=True, exist_ok=True)
-        for split in ("val", "test"):
-            for name in list(class_to_idx) + ([layout.NONE_CLASS] if split == "test" else []):
-                (tmp / split / name).mkdir(parents=True, exist_ok=True)
-        scans = workers.map(_scan, jobs)
-        for job, (size, values, plain) in zip(jobs, scans):
-            job.size, job.plain_mask = size, plain
-            job.values = tuple(values) if values is not None else None
-        label_sets = [set(v) if v is not None else None for _, v, _ in scans]
-        assignment, order = split_images(label_sets, val_size, test_size, seed, max(class_to_idx.values()) + 1)
-        for job, split in zip(jobs, assignment):
-            job.split = split
-            if job.values is None and split != "train":  # mask-less images land in <split>/None
-                (tmp / split / layout.NONE_CLASS).mkdir(exist_ok=True)
-        ordered = [jobs[i] for i in order]
-        results = workers.map(_process, ordered)
-        info: dict[str, Any] = {
-            "patch_size": list(patch_size) if patch_size is not None else None,
-            "patch_number": list(patch_number) if patch_number is not None else None,
-            "overlap": float(overlap),
-            "annotated_good": list(annotated_good) if annotated_good else None,
-            "train_files": [], "val_files": [], "test_files": [],
-        }
-        lines: list[str] = []
-        counts: dict[str, dict[str, int]] = {s: {} for s in SPLITS}
-        for job, res in zip(ordered, results):
-            info[f"{job.split}_files"].append({"image_path": res.image_entry, "mask_path": res.mask_entry})
-            lines.extend(res.lines)
-            for k, v in res.counts.items():
-                counts[job.split][k] = counts[job.split].get(k, 0) + v
-        (tmp / "train" / train_filename).write_text("".join(f"{line}\n" for line in lines))
-        layout.write_info(tmp, info)
-        layout.write_json(
-            tmp / layout.SIDECAR_FILE,
-            {
-                "format": "patchflow-patch-dataset",
-                "version": CODE_VERSION,
-                "fingerprint": fingerprint,
-                "grid_policy": GRID_POLICY,
-                "class_to_idx": dict(class_to_idx),
-                "train_filename": train_filename,
-                "missing_mask": missing_mask,
-                "seed": seed,
-                "images": {s: len(info[f"{s}_files"]) for s in SPLITS},
-                "counts": counts,
-                "complete": True,
-            },
-        )
-        layout.publish(tmp, out)
-    except BaseException:
-        workers.close()  # wait for running workers before removing the folder they write into
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
+        if plan.order is None:
+            scans = [r for i in range(len(plan.shards(ordered=False))) for r in scan_shard(tmp, i, workers)]
+            assign_splits(tmp, scans)
+        for i in range(len(load_plan(tmp).shards(ordered=True))):
+            process_shard(tmp, i, workers)
         workers.close()
-    logger.info(
-        "patch dataset in %s: %d train / %d val / %d test images, %d train lines",
-        out, len(info["train_files"]), len(info["val_files"]), len(info["test_files"]), len(lines),
-    )
-    return info
+        return finish_patch_dataset(tmp)
+    except BaseException as exc:
+        workers.close()  # wait for running workers before touching the folder they write into
+        if fingerprint is None or not isinstance(exc, (KeyboardInterrupt, OSError, MemoryError)):
+            shutil.rmtree(tmp, ignore_errors=True)  # bad input: nothing worth resuming
+        raise

@@ -12,10 +12,11 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import Field, model_validator
 
 from storage import layout
+from storage.manifest import matches_manifest
 from storage.fingerprint import CODE_VERSION, combine, files_digest, params_digest
 from tasks.association import get_image_mask_association
 from tasks.config import ConfigError, StrictModel, import_object
-from tasks.dataset import generate_patch_dataset
+from tasks.dataset import assign_splits, generate_patch_dataset, plan_patch_dataset, process_shard, scan_shard
 
 logger = logging.getLogger("patchflow.dataset")
 
@@ -74,6 +75,7 @@ class GenerationSection(StrictModel):
     annotated_good: list[str] | None = None
     num_workers: int = Field(1, ge=1)
     missing_mask: Literal["test", "good"] = Field("test", description="Images without a mask: to test/None, or treated as defect-free")
+    shard_images: int = Field(256, ge=1, description="Images per shard: the unit of parallel work (runner.kind=dask) and of resume")
 
     @model_validator(mode="after")
     def _one_geometry(self) -> "GenerationSection":
@@ -86,7 +88,7 @@ class GenerationSection(StrictModel):
 
 def dataset_fingerprint(association: list[dict[str, Any]], class_to_idx: dict[str, int], gen: GenerationSection) -> str:
     """Content key of a dataset: image and mask bytes, their names, class map and every parameter that changes output."""
-    params = gen.model_dump(mode="json", exclude={"num_workers", "clear_output_folder", "output_folder"})
+    params = gen.model_dump(mode="json", exclude={"num_workers", "clear_output_folder", "output_folder", "shard_images"})
     names = [(a["base_name"], a["path"] is not None, a["mask"] is not None) for a in association]
     contents = files_digest([a["path"] for a in association] + [a["mask"] for a in association])
     return combine(CODE_VERSION, params_digest({"params": params, "classes": class_to_idx, "names": names}), contents)
@@ -120,5 +122,32 @@ def generate_task(
 
 
 def dataset_is_current(output_folder: str, key: str) -> bool:
-    """The folder holds a complete dataset built from exactly these inputs."""
-    return layout.is_complete(Path(output_folder), key)
+    """The folder holds a complete dataset built from exactly these inputs, unchanged since (manifest)."""
+    return layout.is_complete(Path(output_folder), key) and matches_manifest(Path(output_folder))
+
+
+@task(name="plan-patch-dataset", cache_policy=NO_CACHE)
+def plan_dataset_task(association: list[dict[str, Any]], class_to_idx: dict[str, int], gen: GenerationSection, key: str) -> str:
+    """Validate inputs and prepare (or resume) the build folder for sharded generation; returns it."""
+    kwargs = gen.model_dump(exclude={"missing_mask", "mask_preprocessing"})
+    pre = import_object(gen.mask_preprocessing) if gen.mask_preprocessing else None
+    return str(plan_patch_dataset([dict(a) for a in association], class_to_idx, mask_preprocessing=pre,
+                                  missing_mask=gen.missing_mask, fingerprint=key, **kwargs))
+
+
+@task(name="scan-images", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1)
+def scan_shard_task(tmp: str, shard: int) -> list[tuple]:
+    """Sizes and mask values of one shard of images (validated)."""
+    return scan_shard(tmp, shard)
+
+
+@task(name="assign-splits", cache_policy=NO_CACHE)
+def assign_splits_task(tmp: str, scans: list[tuple]) -> int:
+    """Seeded split of every image; returns the number of process shards."""
+    return assign_splits(tmp, scans)
+
+
+@task(name="write-patches", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1)
+def process_shard_task(tmp: str, shard: int) -> int:
+    """Write one shard's originals, h5 files and patches (skipped when already done); retried alone on failure."""
+    return process_shard(tmp, shard)

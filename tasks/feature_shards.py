@@ -41,9 +41,9 @@ def partial_path(out: Path) -> Path:
     return Path(out).with_name(Path(out).name + ".partial")
 
 
-def shard_rows(requested: int) -> int:
+def shard_rows(requested: int, chunk_rows: int = CHUNK_ROWS) -> int:
     """Rows per shard: ``requested`` rounded up to whole chunks."""
-    return max(1, -(-int(requested) // CHUNK_ROWS)) * CHUNK_ROWS
+    return max(1, -(-int(requested) // chunk_rows)) * chunk_rows
 
 
 def shard_ranges(n_rows: int, rows_per_shard: int) -> list[tuple[int, int]]:
@@ -63,7 +63,7 @@ def _prepared_attrs(part: Path, key: str) -> dict[str, Any] | None:
 
 def prepare(
     out: Path, key: str, make_plan: Callable[[], tuple[dict[str, np.ndarray], np.ndarray, list[str], np.ndarray]],
-    dim: int, attrs: dict[str, Any], rows_per_shard: int, force: bool = False,
+    dim: int, attrs: dict[str, Any], rows_per_shard: int, force: bool = False, chunk_rows: int = CHUNK_ROWS,
 ) -> int:
     """Prepare (or reuse a prepared) partial store of ``out``; returns its number of shards.
 
@@ -77,10 +77,12 @@ def prepare(
         done = sum(shard_done(part, i) for i in range(len(ranges)))
         logger.info("resuming %s: %d of %d shards already done", part.name, done, len(ranges))
         return len(ranges)
+    if rows_per_shard % chunk_rows:
+        raise ValueError(f"rows_per_shard={rows_per_shard} must be a multiple of chunk_rows={chunk_rows}")
     plan, labels, ids, boxes = make_plan()
     n = len(labels)
     shutil.rmtree(part, ignore_errors=True)
-    fstore.create_store(part, n, dim, {**attrs, "store_key": key, "shard_rows": int(rows_per_shard)}, chunk_rows=CHUNK_ROWS)
+    fstore.create_store(part, n, dim, {**attrs, "store_key": key, "shard_rows": int(rows_per_shard)}, chunk_rows=chunk_rows)
     fstore.write_row_meta(part, labels, ids, boxes)
     tmp = part / f".plan.{uuid.uuid4().hex}.npz"
     np.savez(tmp, **plan)

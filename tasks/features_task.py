@@ -205,10 +205,10 @@ class StoreJob:
 
     def __init__(self, out: Path, key: str, make_plan: Callable[[], tuple], attrs: dict[str, Any], dim: int,
                  get_extractor: Callable[[], FeatureExtractor], size: tuple[int, int], mean, std, batch_size: int,
-                 rows_per_shard: int, lock: LockFn = _no_lock) -> None:
+                 rows_per_shard: int, lock: LockFn = _no_lock, chunk_rows: int = CHUNK_ROWS) -> None:
         self.out, self.key, self.make_plan, self.attrs, self.dim = Path(out), key, make_plan, attrs, dim
         self.get_extractor, self.size, self.mean, self.std = get_extractor, size, mean, std
-        self.batch_size, self.rows_per_shard, self.lock = batch_size, rows_per_shard, lock
+        self.batch_size, self.rows_per_shard, self.lock, self.chunk_rows = batch_size, rows_per_shard, lock, chunk_rows
 
     def prepare(self, force: bool = False) -> int:
         """Prepare the partial store (reused when already prepared); number of shards, 0 if the store is done."""
@@ -217,7 +217,7 @@ class StoreJob:
                 return 0
             if force:
                 shutil.rmtree(self.out, ignore_errors=True)
-            return shards.prepare(self.out, self.key, self.make_plan, self.dim, self.attrs, self.rows_per_shard, force)
+            return shards.prepare(self.out, self.key, self.make_plan, self.dim, self.attrs, self.rows_per_shard, force, self.chunk_rows)
 
     def fill(self, index: int) -> dict[str, Any]:
         """Compute shard ``index`` unless it is done (or the whole store is)."""

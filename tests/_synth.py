@@ -59,11 +59,13 @@ def make_dataset(
 
 
 def tree_digest(root: Path) -> dict[str, str]:
-    """``{relative path: sha256}`` of every file under ``root``; folders as ``<dir>/``."""
+    """``{relative path: sha256}`` of every file under ``root``; folders as ``<dir>/`` (mtime caches aside)."""
     root = Path(root)
     out: dict[str, str] = {}
     for p in sorted(root.rglob("*")):
         rel = p.relative_to(root).as_posix()
+        if p.name == ".stat-cache.json":  # timestamps of the manifest's fast check, not content
+            continue
         if p.is_dir():
             out[rel + "/"] = "dir"
         else:
