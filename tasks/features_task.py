@@ -256,9 +256,10 @@ def _job(cfg: TrainFlowConfig, out: Path, key: str | None, make_plan, extra: dic
     wdigest = wdigest or backbone_digest(cfg)
     t = cfg.transforms
     lock: LockFn = (lambda name: stage_lock(root, name)) if root is not None else _no_lock
+    chunk = min(CHUNK_ROWS, cfg.task.shard_patches)  # small shards get small chunks: writes stay whole-chunk
     return StoreJob(out, key or out.name, make_plan, {**_feature_params(cfg, wdigest), **extra}, feature_dim(cfg.backbone.name),
                     lambda: _extractor(cfg, out.parent / "onnx", wdigest), (t.input_height, t.input_width), t.mean, t.std,
-                    cfg.datamodule.batch_size, shards.shard_rows(cfg.task.shard_patches), lock)
+                    cfg.datamodule.batch_size, shards.shard_rows(cfg.task.shard_patches, chunk), lock, chunk)
 
 
 def train_pass_job(cfg: TrainFlowConfig, pass_index: int, out: Path, weights_digest: str | None = None,
