@@ -145,7 +145,7 @@ def _process(job: _Job) -> _Result:
     res = _Result()
     # originals
     if p.save_original:
-        (root / "original" / "images" / job.base_name).write_bytes(data)
+        _write_bytes(root / "original" / "images" / job.base_name, data)
         res.files.append(f"original/images/{job.base_name}")
         res.image_entry = f"original/images/{job.base_name}"
     else:
@@ -154,7 +154,7 @@ def _process(job: _Job) -> _Result:
         if p.save_original or p.mask_preprocessing is not None:  # processed masks are always saved (B19)
             dst = root / "original" / "masks" / f"{job.stem}.png"
             if mask_data is not None:
-                dst.write_bytes(mask_data)
+                _write_bytes(dst, mask_data)
             else:
                 _imwrite(dst, mask)
             res.mask_entry = f"original/masks/{job.stem}.png"
@@ -213,10 +213,25 @@ def _process(job: _Job) -> _Result:
     return res
 
 
+_WRITE_FIX = "free disk space, or choose another output_folder if this one is read-only"
+
+
 def _imwrite(path: Path, array: np.ndarray) -> None:
     """Write a PNG or fail loudly (OpenCV only returns False on a full disk or a bad folder)."""
     if not cv2.imwrite(str(path), array):
-        raise OSError(f"could not write {path} (disk full, read-only or missing folder?)")
+        raise OSError(f"could not write {path} (disk full, read-only or missing folder?); {_WRITE_FIX}")
+
+
+def _write_bytes(path: Path, data: bytes | str) -> None:
+    """Write a file; an OS error names the file and the fix."""
+    try:
+        if isinstance(data, str):
+            path.write_text(data)
+        else:
+            path.write_bytes(data)
+    except OSError as exc:
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise OSError(exc.errno, f"could not write {path} ({reason}); {_WRITE_FIX}") from None
 
 
 class _Workers:
@@ -537,7 +552,7 @@ def finish_patch_dataset(tmp: str | Path) -> dict[str, Any]:
             for k, v in res.counts.items():
                 counts[job.split][k] = counts[job.split].get(k, 0) + v
     p = plan.params
-    (tmp / "train" / plan.train_filename).write_text("".join(f"{line}\n" for line in lines))
+    _write_bytes(tmp / "train" / plan.train_filename, "".join(f"{line}\n" for line in lines))
     layout.write_info(tmp, info)
     layout.write_json(
         tmp / layout.SIDECAR_FILE,

@@ -169,6 +169,10 @@ def _pass_plan(cfg: TrainFlowConfig, pass_index: int) -> Callable[[], tuple]:
     def make() -> tuple:
         dm = cfg.datamodule
         data_path = Path(dm.data_path)
+        listing = data_path / "train" / dm.train_filename
+        if not listing.is_file():
+            have = sorted(p.name for p in (data_path / "train").glob("*.txt"))
+            raise ValueError(f"{listing} not found; check datamodule.train_filename (the dataset has {have})")
         entries = read_train_list(data_path, dm.train_filename, dm.include_filter, dm.exclude_filter, dm.class_to_skip_training)
         if not entries:
             raise ValueError(f"no training samples in {data_path / 'train' / dm.train_filename} after filters and skipped classes")

@@ -498,12 +498,6 @@ def test_37_full_output_disk_h5_message(full_disk) -> None:
     assert "free disk space" in res["msg"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs fix in tasks/dataset.py: per-image writes (Path.write_bytes of originals, dataset.txt) raise a bare "
-    "'[Errno 27] File too large' naming no file; wrap OSError in _process/generate_patch_dataset with the path and "
-    "'free disk space or choose another output_folder'",
-)
 def test_38_full_output_disk_message_names_the_file(full_disk) -> None:
     out, res = full_disk["default"]
     assert "could not write" in res["msg"] and "free disk space" in res["msg"], res
@@ -611,11 +605,6 @@ def test_51_val_patch_directly_in_the_split_folder(dataset: Path) -> None:
     expect(DatasetFormatError, lambda: list_split(dataset, "val", CLASS_TO_IDX), stray, fix="must be in")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs fix in tasks/features_task.py extract_train_pass: when train/<train_filename> does not exist, say so "
-    "and name datamodule.train_filename (today: 'no training samples ... after filters and skipped classes')",
-)
 def test_52_train_filename_names_a_missing_file(dataset: Path, tmp_path: Path) -> None:
     from tasks.features_task import extract_train_pass
 
