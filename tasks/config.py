@@ -134,14 +134,27 @@ def parse_cli(model_cls: type[M], argv: Sequence[str] | None, description: str) 
 
 
 def run_cli(main_fn: Callable[[], Any]) -> None:
-    """Run a CLI entry point; configuration errors print one clear message and exit with code 2."""
+    """Run a CLI entry point; configuration errors print one clear message and exit with code 2, input-data errors 1."""
     import sys
+
+    from storage.features import FeatureStoreError
+    from storage.layout import DatasetFormatError
+    from tasks.association import AssociationError
+    from tasks.imageio import InputDataError
 
     try:
         main_fn()
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+    except (InputDataError, AssociationError, DatasetFormatError, FeatureStoreError, FileExistsError) as exc:
+        print(f"error: {exc}", file=sys.stderr)  # bad input data: one line (the run log keeps the traceback)
+        raise SystemExit(1) from None
+    except ValueError as exc:
+        if type(exc).__name__ != "BackboneError":
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 def dump_yaml(cfg: BaseModel) -> str:

@@ -54,7 +54,8 @@ def dask_runner(runner: RunnerSection) -> Iterator[Any]:
         tr = DaskTaskRunner(address=runner.address)
     else:
         tr = DaskTaskRunner(cluster_kwargs={"n_workers": runner.n_workers, "threads_per_worker": runner.threads_per_worker,
-                                            "processes": True, "dashboard_address": None})
+                                            "processes": True, "dashboard_address": None,
+                                            "silence_logs": logging.WARNING})
     with tr:
         yield tr
 

@@ -730,6 +730,31 @@ def test_65_cli_prints_one_error_and_exits_2(tmp_path: Path) -> None:
     assert not out.exists()
 
 
+def test_65b_cli_input_error_ends_with_one_error_line_and_exit_1(tmp_path: Path) -> None:
+    """A bad input found inside a flow run (empty image folder): exit code 1 and one 'error: ...' line naming the folder."""
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    out = tmp_path / "patches"
+    cfg = _yaml(tmp_path, f"""\
+        data:
+          images: {imgs}
+          masks: {imgs}
+          class_to_idx: {{bg: 0, a: 1}}
+        dataset:
+          output_folder: {out}
+          patch_number: [2, 2]
+        storage_root: {tmp_path / 'store'}
+        """)
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env["PREFECT_HOME"] = str(tmp_path / "home")
+    proc = subprocess.run([sys.executable, "-m", "flows.dataset", "--config", str(cfg)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and str(imgs) in errors[0], proc.stderr[-2000:]
+    assert not out.exists()
+
+
 # ==================================================================================== H. backbones
 
 
