@@ -21,6 +21,7 @@ from storage.fingerprint import combine, params_digest
 from tasks.config import StrictModel, parse_cli, run_cli, validate_config
 from tasks.dataset_task import DataSection, GenerationSection
 from tasks.features_task import dataset_key
+from tasks.runner import RunnerSection
 from tasks.promotion import PromotionSection, register_and_promote
 from tasks.train_config import DatamoduleSection, TrainFlowConfig
 
@@ -48,6 +49,8 @@ class RetrainFlowConfig(StrictModel):
     train: RetrainTrainConfig = Field(default_factory=RetrainTrainConfig)
     promotion: PromotionSection = Field(default_factory=PromotionSection)
     storage_root: str | None = Field(None, description="Results/cache/features root shared by the stages")
+    runner: RunnerSection = Field(default_factory=RunnerSection,
+                                  description="Where dataset and feature shards run (replaces train.runner)")
 
 
 @task(name="register-model-version", cache_policy=NO_CACHE)
@@ -60,13 +63,14 @@ def register_task(bundle: str, folder: str, metrics: dict[str, Any], inputs_key:
 def retrain_flow(config: RetrainFlowConfig) -> dict[str, Any]:
     """Rebuild the dataset from the data folder, retrain, version the bundle and promote it if not worse."""
     cfg = validate_config(RetrainFlowConfig, config)
-    data_path = dataset_flow(DatasetFlowConfig(data=cfg.data, dataset=cfg.dataset, storage_root=cfg.storage_root))
+    data_path = dataset_flow(DatasetFlowConfig(data=cfg.data, dataset=cfg.dataset, storage_root=cfg.storage_root, runner=cfg.runner))
     train_cfg = TrainFlowConfig.model_validate(
-        cfg.train.model_dump(mode="json") | {"storage_root": cfg.storage_root}
+        cfg.train.model_dump(mode="json") | {"storage_root": cfg.storage_root, "runner": cfg.runner.model_dump(mode="json")}
         | {"datamodule": cfg.train.datamodule.model_dump(mode="json") | {"data_path": data_path}}
     )
     result = train_flow(train_cfg)
-    training = train_cfg.model_dump(mode="json", exclude={"core": {"runs_folder"}, "force": True, "storage_root": True})
+    training = train_cfg.model_dump(mode="json", exclude={"core": {"runs_folder"}, "force": True, "storage_root": True,
+                                                          "runner": True, "task": {"shard_patches"}})
     training["datamodule"].pop("data_path")
     inputs_key = combine(dataset_key(data_path), params_digest(training))
     folder = Path(cfg.promotion.models_folder) / train_cfg.core.name
