@@ -57,7 +57,8 @@ def dataset_flow(config: DatasetFlowConfig) -> str:
             if n_process is None:
                 scans = run_all(tr, [(scan_shard_task, {"tmp": tmp, "shard": i}) for i in range(n_scan)])
                 n_process = assign_splits_task(tmp, [r for shard in scans for r in shard])
-            run_all(tr, [(process_shard_task, {"tmp": tmp, "shard": i}) for i in range(n_process)])
+            run_all(tr, [(process_shard_task, {"tmp": tmp, "shard": i, "output_folder": config.dataset.output_folder,
+                                               "key": key, "root": str(root)}) for i in range(n_process)])
     return cached_stage(generate_task, root, config.force, done)(association, class_to_idx, config.dataset, key, config.force)
 
 

@@ -422,7 +422,7 @@ def plan_patch_dataset(
     tmp = _partial_dir(out, fingerprint)
     try:
         old = load_plan(tmp)
-        if old.fingerprint == fingerprint and old.order is not None:
+        if old.fingerprint == fingerprint:  # same inputs: resume (or join a concurrent build of them)
             logger.info("resuming the build of %s in %s", out, tmp)
             return tmp
     except (OSError, pickle.UnpicklingError, EOFError, AttributeError):

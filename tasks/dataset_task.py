@@ -15,6 +15,7 @@ from storage import layout
 from storage.manifest import matches_manifest
 from storage.fingerprint import CODE_VERSION, combine, files_digest, params_digest
 from tasks.association import get_image_mask_association
+from tasks.caching import stage_lock
 from tasks.config import ConfigError, StrictModel, import_object
 from tasks.dataset import assign_splits, generate_patch_dataset, plan_patch_dataset, process_shard, scan_shard
 
@@ -148,6 +149,10 @@ def assign_splits_task(tmp: str, scans: list[tuple]) -> int:
 
 
 @task(name="write-patches", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1)
-def process_shard_task(tmp: str, shard: int) -> int:
-    """Write one shard's originals, h5 files and patches (skipped when already done); retried alone on failure."""
-    return process_shard(tmp, shard)
+def process_shard_task(tmp: str, shard: int, output_folder: str, key: str, root: str) -> int:
+    """Write one shard's originals, h5 files and patches (skipped when done, or when a concurrent run of the same
+    inputs already published the dataset); retried alone on failure."""
+    with stage_lock(Path(root), f"{key}:dataset-shard:{shard}"):
+        if dataset_is_current(output_folder, key):
+            return 0
+        return process_shard(tmp, shard)

@@ -186,7 +186,7 @@ def draw_pass(
             label[i] = class_to_idx[e.class_name]
         except KeyError:
             raise DatasetFormatError(
-                f"class {e.class_name!r} of {e.h5_name} (the train list in {data_path / 'train'}) is not in class_to_idx "
+                f"class {e.class_name!r} of {e.h5_name} (train/dataset.txt or your train_filename) is not in class_to_idx "
                 f"{sorted(class_to_idx)}; add it to class_to_idx or list it in class_to_skip"
             ) from None
         groups.setdefault(e.h5_name, []).append(i)
