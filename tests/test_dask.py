@@ -114,3 +114,42 @@ def test_dask_runner_needs_a_real_server() -> None:
         check_runner(RunnerSection())  # thread: fine anywhere
         with pytest.raises(ConfigError, match="PREFECT_API_URL"):
             check_runner(RunnerSection(kind="dask"))
+
+
+def test_existing_dask_cluster_by_address(tmp_path: Path, prefect_harness) -> None:
+    """`runner.address`: a scheduler and 2 workers started outside patchflow (no PREFECT_* env) build the same dataset."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from flows.dataset import dataset_flow
+
+    raw = tmp_path / "raw"
+    make_dataset(raw, n=12, h=64, w=80, seed=9)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    dask = [str(Path(sys.executable).with_name("dask"))]
+    procs = [subprocess.Popen(dask + ["scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)]
+    try:
+        time.sleep(2)
+        procs.append(subprocess.Popen(dask + ["worker", f"tcp://127.0.0.1:{port}", "--nworkers", "2", "--nthreads", "1",
+                                              "--no-dashboard"], env=env, stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.DEVNULL, start_new_session=True))
+        cfg = _dataset_cfg(raw, tmp_path / "ds_cluster", tmp_path / "root_c", {"kind": "dask", "address": f"tcp://127.0.0.1:{port}"})
+        cfg["dataset"].pop("mask_preprocessing")
+        state = dataset_flow(cfg, return_state=True)
+        assert state.is_completed()
+        assert len([r for r in _task_runs(state) if r.name.startswith("write-patches")]) == 3
+        cfg = _dataset_cfg(raw, tmp_path / "ds_one", tmp_path / "root_o", {"kind": "thread"})
+        cfg["dataset"].pop("mask_preprocessing")
+        dataset_flow(cfg)
+        assert tree_digest(tmp_path / "ds_cluster") == tree_digest(tmp_path / "ds_one")
+    finally:
+        for p in procs:
+            os.killpg(p.pid, 15)
+        for p in procs:
+            p.wait(timeout=30)
