@@ -50,3 +50,12 @@ def test_two_concurrent_train_runs_share_every_stage(tmp_path: Path) -> None:
     assert len(runs) == 2
     for name in ("classifier.joblib", "model.pt", "model.json"):
         assert (runs[0] / name).read_bytes() == (runs[1] / name).read_bytes(), name
+    # nothing corrupted: every store is complete, matches its manifest and its recorded content digest
+    from storage import features as fstore
+
+    stores = sorted((tmp_path / "shared-store" / "features").glob("*.zarr"))
+    assert len(stores) == 3 and not list((tmp_path / "shared-store" / "features").glob("*.partial"))
+    for store in stores:
+        assert fstore.is_verified(store)
+        fstore.load_features(store, verify=True)
+    assert not list((tmp_path / "shared-store" / "locks").glob("*.lock"))  # every lock released
