@@ -29,6 +29,24 @@ def flaky_identity(mask: np.ndarray) -> np.ndarray:
     return mask
 
 
+KILL_ENV = "PATCHFLOW_TEST_KILL_AT"
+
+
+def killing_identity(mask: np.ndarray) -> np.ndarray:
+    """mask_preprocessing whose N-th call over all processes SIGKILLs its own process (a worker dying mid-shard)."""
+    spec = os.environ.get(KILL_ENV)
+    if spec:
+        counter, at = spec.rsplit(":", 1)
+        with open(counter, "ab") as f:
+            f.write(b".")
+            n = f.tell()
+        if n == int(at):
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)
+    return mask
+
+
 def _task_runs(state) -> list:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
@@ -153,3 +171,25 @@ def test_existing_dask_cluster_by_address(tmp_path: Path, prefect_harness) -> No
             os.killpg(p.pid, 15)
         for p in procs:
             p.wait(timeout=30)
+
+
+def test_worker_killed_mid_shard_is_recovered(tmp_path: Path, prefect_harness, monkeypatch) -> None:
+    """A Dask worker SIGKILLed while writing a shard (holding its shard lock): the shard is rerun elsewhere, the lock
+    of the dead process reclaimed, and the dataset is byte-identical to the single-process one."""
+    from flows.dataset import dataset_flow
+
+    raw = tmp_path / "raw"
+    make_dataset(raw, n=22, h=64, w=80, seed=5, n_empty=0)
+    counter = tmp_path / "calls"
+    monkeypatch.setenv(KILL_ENV, f"{counter}:30")  # 22 scan calls, then the 8th call of the write phase dies
+    cfg = _dataset_cfg(raw, tmp_path / "ds_dask", tmp_path / "root_dask", DASK)
+    cfg["dataset"]["mask_preprocessing"] = "tests.test_dask:killing_identity"
+    state = dataset_flow(cfg, return_state=True)
+    assert state.is_completed()
+    assert counter.stat().st_size > 30  # the kill happened, and the work went on after it
+    monkeypatch.delenv(KILL_ENV)
+    cfg = _dataset_cfg(raw, tmp_path / "ds_one", tmp_path / "root_one", {"kind": "thread"})
+    cfg["dataset"]["mask_preprocessing"] = "tests.test_dask:killing_identity"
+    dataset_flow(cfg)
+    assert tree_digest(tmp_path / "ds_dask") == tree_digest(tmp_path / "ds_one")
+    assert not list((tmp_path / "root_dask" / "locks").glob("*.lock"))
