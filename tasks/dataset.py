@@ -1,263 +1,33 @@
 """Patch dataset generation (Quadra's ``generate_patch_dataset``): same parameters, same layout, fixed bugs.
 
-Per-image work (validation, copies, h5 sampling files, val/test patches) runs in ``num_workers``
-processes with output identical for any worker count; the dataset is built in a temporary sibling
-folder and renamed into place at the end, so a failed run never leaves a complete-looking dataset.
+Validation, the plan, shards of per-image work (``tasks/dataset_images.py``, on ``num_workers``
+processes or Dask workers, identical output either way) and the final assembly. The dataset is built
+in a temporary sibling folder, resumable shard by shard, and renamed into place at the end, so a
+failed run never leaves a complete-looking dataset.
 """
 
 from __future__ import annotations
 
 import logging
-import math
-import multiprocessing
 import os
 import pickle
 import shutil
-import threading
-from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import cv2
 import numpy as np
 
 from storage import layout
 from storage.fingerprint import CODE_VERSION
+from storage.geometry import GRID_POLICY, validate_geometry_params
 from storage.manifest import write_manifest
-from storage.geometry import GRID_POLICY, PatchGrid, compute_grid, validate_geometry_params
-from storage.h5files import SamplingRegion, write_region
-from tasks.imageio import InputDataError, decode_image, decode_mask, file_image_size, read_bytes
-from tasks.labelling import label_components, label_patches
-from tasks.regions import compute_regions, dataset_lines
+from tasks.dataset_images import Job, Params, Result, Workers, process_image, scan_image, write_bytes
 from tasks.split import split_images
 
 logger = logging.getLogger("patchflow.dataset")
 
 SPLITS = ("train", "val", "test")
-
-
-@dataclass(frozen=True)
-class _Params:
-    """Everything a worker needs, sent once per worker."""
-
-    root: str  # temporary output root
-    class_to_idx: dict[str, int]
-    patch_number: tuple[int, int] | None
-    patch_size: tuple[int, int] | None
-    overlap: float
-    save_original: bool
-    area_threshold: float
-    area_defect_threshold: float
-    mask_extension: str
-    mask_output_folder: str | None
-    save_mask: bool
-    mask_preprocessing: Callable[[np.ndarray], np.ndarray] | None
-    repeat_good_images: int
-    balance_defects: bool
-    annotated_good: tuple[str, ...]
-    missing_mask: str
-
-
-@dataclass
-class _Job:
-    index: int
-    stem: str
-    base_name: str
-    path: str
-    mask: str | None
-    split: str = ""
-    size: tuple[int, int] = (0, 0)
-    values: tuple[int, ...] | None = None  # mask values found by the scan
-    plain_mask: bool = False  # mask file is a 1-channel 8-bit PNG (copyable as is)
-
-
-@dataclass
-class _Result:
-    lines: list[str] = field(default_factory=list)
-    counts: dict[str, int] = field(default_factory=dict)
-    image_entry: str = ""
-    mask_entry: str | None = None
-    files: list[str] = field(default_factory=list)  # written, relative to the dataset root
-
-
-_PARAMS: _Params | None = None
-
-
-def _init_worker(params: _Params) -> None:
-    global _PARAMS
-    _PARAMS = params
-    cv2.setNumThreads(1)
-
-
-def _load_mask(job: _Job, p: _Params) -> tuple[np.ndarray | None, bytes | None]:
-    """Decoded mask and, when the file can be copied as is, its bytes."""
-    if job.mask is None:
-        return None, None
-    data = read_bytes(job.mask)
-    mask, plain = decode_mask(data, job.mask, p.mask_preprocessing)
-    return mask, data if plain else None
-
-
-def _scan(job: _Job) -> tuple[tuple[int, int], list[int] | None, bool]:
-    """Phase 1: image size from its header, mask values (for the split), all validated."""
-    p = _PARAMS
-    h, w = file_image_size(job.path)  # header only: the pixels are decoded once, in phase 2
-    mask, mask_data = _load_mask(job, p)
-    if mask is None:
-        return (h, w), None if p.missing_mask == "test" else [0], False
-    if mask.shape != (h, w):
-        raise InputDataError(
-            f"{job.mask}: mask is {mask.shape[1]}x{mask.shape[0]} but image {job.path} is {w}x{h}; masks must match their image"
-        )
-    values = np.flatnonzero(np.bincount(mask.ravel(), minlength=256)).tolist()
-    known = set(p.class_to_idx.values())
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise InputDataError(
-            f"{job.mask}: mask values {unknown} are not in class_to_idx {p.class_to_idx}; "
-            "add those classes or fix the mask (mask_preprocessing can remap values)"
-        )
-    return (h, w), values, mask_data is not None
-
-
-def _grid(job: _Job, p: _Params) -> PatchGrid:
-    return compute_grid(job.size[0], job.size[1], p.patch_number, p.patch_size, p.overlap)
-
-
-def _process(job: _Job) -> _Result:
-    """Phase 2: copy originals, write h5 regions (train) or patches (val/test) for one image."""
-    p = _PARAMS
-    root = Path(p.root)
-    data = read_bytes(job.path)
-    # train images are only validated (a reduced decode); val/test patches need the pixels
-    img = decode_image(data, job.path, reduced=job.split == "train")
-    if job.split != "train" and img.shape[:2] != job.size:
-        raise InputDataError(f"{job.path}: decoded size {img.shape[:2]} differs from its header {job.size}; re-save the image")
-    if job.mask is not None and job.values == (0,) and (job.plain_mask or not p.save_original):
-        # known empty: no second decode (bytes are copied as they are when the originals are saved)
-        mask = np.zeros(job.size, np.uint8)
-        mask_data = read_bytes(job.mask) if p.save_original else None
-    else:
-        mask, mask_data = _load_mask(job, p)
-    if mask is None and p.missing_mask == "good":
-        mask = np.zeros(job.size, np.uint8)
-    res = _Result()
-    # originals
-    if p.save_original:
-        _write_bytes(root / "original" / "images" / job.base_name, data)
-        res.files.append(f"original/images/{job.base_name}")
-        res.image_entry = f"original/images/{job.base_name}"
-    else:
-        res.image_entry = str(Path(job.path).resolve())
-    if job.mask is not None:
-        if p.save_original or p.mask_preprocessing is not None:  # processed masks are always saved (B19)
-            dst = root / "original" / "masks" / f"{job.stem}.png"
-            if mask_data is not None:
-                _write_bytes(dst, mask_data)
-            else:
-                _imwrite(dst, mask)
-            res.mask_entry = f"original/masks/{job.stem}.png"
-            res.files.append(res.mask_entry)
-        else:
-            res.mask_entry = str(Path(job.mask).resolve())
-    grid = _grid(job, p)
-    components = label_components(mask) if mask is not None and job.values != (0,) else None
-    class_names = {v: k for k, v in p.class_to_idx.items()}
-    if job.split == "train":
-        good_idx = {p.class_to_idx[n] for n in p.annotated_good}
-        good, comps = compute_regions(mask, components, (grid.patch_h, grid.patch_w), class_names, good_idx)
-        for region in ([good] if good is not None else []) + comps:
-            res.files.append(f"train/{job.stem}_{region.suffix}.h5")
-            write_region(
-                root / "train" / f"{job.stem}_{region.suffix}.h5",
-                SamplingRegion(
-                    img_path=res.image_entry,
-                    patch_size=(grid.patch_h, grid.patch_w),
-                    triangles=region.triangles,
-                    weights=region.weights,
-                    mask_path=res.mask_entry if (mask is not None and mask.any()) else None,
-                    labelled_index=region.labelled_index,
-                ),
-            )
-        res.lines = dataset_lines(job.stem, good, comps, set(p.annotated_good), p.repeat_good_images, p.balance_defects)
-        if components is not None and len(components.classes) > 1:
-            _imwrite(root / "original" / "labelled_masks" / f"{job.stem}.png", components.labels.astype(np.uint16))
-            res.files.append(f"original/labelled_masks/{job.stem}.png")
-        for line in res.lines:
-            cls = line.rsplit(",", 1)[1]
-            res.counts[cls] = res.counts.get(cls, 0) + 1
-        return res
-    # val / test grid patches
-    padded = grid.pad(img)
-    background = next(k for k, v in p.class_to_idx.items() if v == 0)
-    if mask is None:
-        labels = [(layout.NONE_CLASS, True)] * grid.num_patches
-    elif components is None:  # empty mask
-        labels = [(background, False)] * grid.num_patches
-    else:
-        labels = label_patches(components, grid, p.class_to_idx, p.area_threshold, p.area_defect_threshold)
-    pmask = grid.pad(mask, is_mask=True) if mask is not None else None
-    split_dir = root / job.split
-    for idx, ((y0, x0, y1, x1), (label, discard)) in enumerate(zip(grid.boxes().tolist(), labels)):
-        name = layout.patch_name(job.stem, idx, discard)
-        _imwrite(split_dir / label / name, padded[y0:y1, x0:x1])
-        res.files.append(f"{job.split}/{label}/{name}")
-        if p.save_mask and pmask is not None:
-            mdir = root / f"{job.split}_masks" / (p.mask_output_folder or "") / label
-            mdir.mkdir(parents=True, exist_ok=True)
-            mname = layout.patch_name(job.stem, idx, discard, suffix=p.mask_extension)
-            _imwrite(mdir / mname, pmask[y0:y1, x0:x1])
-            res.files.append(str((mdir / mname).relative_to(root)))
-        res.counts[label] = res.counts.get(label, 0) + 1
-    return res
-
-
-_WRITE_FIX = "free disk space, or choose another output_folder if this one is read-only"
-
-
-def _imwrite(path: Path, array: np.ndarray) -> None:
-    """Write a PNG or fail loudly (OpenCV only returns False on a full disk or a bad folder)."""
-    if not cv2.imwrite(str(path), array):
-        raise OSError(f"could not write {path} (disk full, read-only or missing folder?); {_WRITE_FIX}")
-
-
-def _write_bytes(path: Path, data: bytes | str) -> None:
-    """Write a file; an OS error names the file and the fix."""
-    try:
-        if isinstance(data, str):
-            path.write_text(data)
-        else:
-            path.write_bytes(data)
-    except OSError as exc:
-        reason = os.strerror(exc.errno) if exc.errno else str(exc)
-        raise OSError(exc.errno, f"could not write {path} ({reason}); {_WRITE_FIX}") from None
-
-
-class _Workers:
-    """Runs per-image functions in order, in-process or on one process pool reused by both phases."""
-
-    def __init__(self, params: _Params, num_workers: int, n_jobs: int) -> None:
-        self.params = params
-        self.pool: ProcessPoolExecutor | None = None
-        self.chunk = max(1, math.ceil(n_jobs / (num_workers * 4)))
-        if num_workers > 1 and n_jobs > 1:
-            # fork is cheapest but unsafe in a multi-threaded process (Prefect's engine runs threads)
-            method = "fork" if threading.active_count() == 1 and os.name == "posix" else "forkserver"
-            ctx = multiprocessing.get_context(method)
-            self.pool = ProcessPoolExecutor(num_workers, mp_context=ctx, initializer=_init_worker, initargs=(params,))
-        else:
-            _init_worker(params)
-
-    def map(self, fn: Callable[[_Job], Any], jobs: Sequence[_Job]) -> list[Any]:
-        if self.pool is None:
-            return [fn(j) for j in jobs]
-        return list(self.pool.map(fn, jobs, chunksize=self.chunk))
-
-    def close(self) -> None:
-        if self.pool is not None:
-            self.pool.shutdown(wait=True, cancel_futures=True)
-            self.pool = None
 
 
 def _validate(
@@ -275,7 +45,7 @@ def _validate(
     num_workers: int,
     repeat_good_images: int,
     missing_mask: str,
-) -> list[_Job]:
+) -> list[Job]:
     validate_geometry_params(patch_number, patch_size, overlap)
     if not data_dictionary:
         raise ValueError("data_dictionary is empty: no images to turn into a dataset (check get_image_mask_association's folder)")
@@ -317,7 +87,7 @@ def _validate(
         if stem in seen:
             raise ValueError(f"duplicate image stem {stem!r}: {seen[stem]} and {path}; rename one (patch names are <stem>_<index>)")
         seen[stem] = path
-        jobs.append(_Job(i, stem, base, path, str(mask) if mask is not None else None))
+        jobs.append(Job(i, stem, base, path, str(mask) if mask is not None else None))
     return jobs
 
 
@@ -325,8 +95,8 @@ def _validate(
 class DatasetPlan:
     """A dataset being built in ``tmp``: parameters, images (with their split once assigned), shards."""
 
-    params: _Params
-    jobs: list[_Job]
+    params: Params
+    jobs: list[Job]
     out: str
     tmp: str
     fingerprint: str | None
@@ -429,7 +199,7 @@ def plan_patch_dataset(
         pass
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    params = _Params(
+    params = Params(
         root=str(tmp), class_to_idx={k: int(v) for k, v in class_to_idx.items()},
         patch_number=tuple(patch_number) if patch_number is not None else None,
         patch_size=tuple(patch_size) if patch_size is not None else None, overlap=float(overlap),
@@ -462,14 +232,14 @@ def shard_counts(tmp: str | Path) -> tuple[int, int | None]:
     return len(plan.shards(ordered=False)), (len(plan.shards(ordered=True)) if plan.order is not None else None)
 
 
-def scan_shard(tmp: str | Path, shard: int, workers: "_Workers | None" = None) -> list[tuple]:
+def scan_shard(tmp: str | Path, shard: int, workers: "Workers | None" = None) -> list[tuple]:
     """Phase 1 of shard ``shard``: sizes and mask values of its images (validated)."""
     plan = load_plan(tmp)
     jobs = [plan.jobs[i] for i in plan.shards(ordered=False)[shard]]
     own = workers is None
-    workers = workers or _Workers(plan.params, 1, len(jobs))
+    workers = workers or Workers(plan.params, 1, len(jobs))
     try:
-        return workers.map(_scan, jobs)
+        return workers.map(scan_image, jobs)
     finally:
         if own:
             workers.close()
@@ -499,7 +269,7 @@ def _shard_marker(tmp: Path, shard: int) -> Path:
     return tmp / SHARD_DIR / f"process-{shard:06d}.pkl"
 
 
-def _load_done(tmp: Path, shard: int) -> list[_Result] | None:
+def _load_done(tmp: Path, shard: int) -> list[Result] | None:
     """Results of a finished process shard whose files are all still there with their recorded sizes."""
     try:
         rec = pickle.loads(_shard_marker(tmp, shard).read_bytes())
@@ -511,7 +281,7 @@ def _load_done(tmp: Path, shard: int) -> list[_Result] | None:
         return None
 
 
-def process_shard(tmp: str | Path, shard: int, workers: "_Workers | None" = None) -> int:
+def process_shard(tmp: str | Path, shard: int, workers: "Workers | None" = None) -> int:
     """Phase 2 of shard ``shard``: write its images' files (skipped when already done); returns its image count."""
     tmp = Path(tmp)
     plan = load_plan(tmp)
@@ -521,9 +291,9 @@ def process_shard(tmp: str | Path, shard: int, workers: "_Workers | None" = None
     if _load_done(tmp, shard) is not None:
         return len(idx)
     own = workers is None
-    workers = workers or _Workers(plan.params, 1, len(idx))
+    workers = workers or Workers(plan.params, 1, len(idx))
     try:
-        results = workers.map(_process, [plan.jobs[i] for i in idx])
+        results = workers.map(process_image, [plan.jobs[i] for i in idx])
     finally:
         if own:
             workers.close()
@@ -552,7 +322,7 @@ def finish_patch_dataset(tmp: str | Path) -> dict[str, Any]:
             for k, v in res.counts.items():
                 counts[job.split][k] = counts[job.split].get(k, 0) + v
     p = plan.params
-    _write_bytes(tmp / "train" / plan.train_filename, "".join(f"{line}\n" for line in lines))
+    write_bytes(tmp / "train" / plan.train_filename, "".join(f"{line}\n" for line in lines))
     layout.write_info(tmp, info)
     layout.write_json(
         tmp / layout.SIDECAR_FILE,
@@ -619,7 +389,7 @@ def generate_patch_dataset(
     kwargs.pop("data_dictionary"), kwargs.pop("class_to_idx")
     tmp = plan_patch_dataset(data_dictionary, class_to_idx, **kwargs)
     plan = load_plan(tmp)
-    workers = _Workers(plan.params, num_workers, len(plan.jobs))
+    workers = Workers(plan.params, num_workers, len(plan.jobs))
     try:
         if plan.order is None:
             scans = [r for i in range(len(plan.shards(ordered=False))) for r in scan_shard(tmp, i, workers)]
