@@ -31,6 +31,7 @@ from tasks.features_task import (
     train_pass_key,
     train_pass_task,
 )
+from tasks.feature_shards import prune_stale_partials
 from tasks.model_task import export_backbone_task, export_task, export_types, fit_task, model_json, validate_task
 from tasks.runner import check_runner, dask_runner, run_all
 from tasks.run_folder import attach_log, detach_log, make_run_dir, write_data_record
@@ -48,6 +49,7 @@ def train_flow(config: TrainFlowConfig) -> dict[str, Any]:
     log = attach_log(run)
     try:
         write_data_record(cfg, run)
+        prune_stale_partials(root / "features")
         dkey, wdig = dataset_key(cfg.datamodule.data_path), backbone_digest(cfg)
         n_pass = cfg.trainer.iteration_over_training
         progress = Progress(n_pass + 5, f"{cfg.core.name}: {n_pass} feature passes, val features, fit, export, validation")

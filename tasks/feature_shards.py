@@ -160,3 +160,19 @@ def finalize(out: Path) -> None:
     write_manifest(part)
     shutil.rmtree(out, ignore_errors=True)
     os.replace(part, out)
+
+
+def prune_stale_partials(features_dir: Path, max_age_days: float = 7.0) -> list[Path]:
+    """Remove partial stores untouched for ``max_age_days`` (left by killed runs of inputs never run again)."""
+    removed = []
+    cutoff = time.time() - max_age_days * 86400
+    for part in Path(features_dir).glob("*.zarr.partial"):
+        try:
+            newest = max((p.stat().st_mtime for p in part.rglob("*")), default=part.stat().st_mtime)
+        except FileNotFoundError:
+            continue
+        if newest < cutoff:
+            shutil.rmtree(part, ignore_errors=True)
+            removed.append(part)
+            logger.info("removed %s: a partial feature store untouched for %.0f days", part, max_age_days)
+    return removed

@@ -121,6 +121,20 @@ def test_feature_store_resumes_verified_shards_only(tmp_path: Path) -> None:
     assert fstore.is_complete(out) and not fstore.is_verified(out)
 
 
+def test_stale_partial_stores_are_pruned(tmp_path: Path) -> None:
+    from tasks import feature_shards as shards
+
+    old, fresh = tmp_path / "a.zarr.partial", tmp_path / "b.zarr.partial"
+    for d in (old, fresh):
+        (d / "_shards").mkdir(parents=True)
+        (d / "_shards" / "000000.json").write_text("{}")
+    week_ago = time.time() - 8 * 86400
+    for p in [old, *old.rglob("*")]:
+        os.utime(p, (week_ago, week_ago))
+    assert shards.prune_stale_partials(tmp_path) == [old]
+    assert not old.exists() and fresh.exists()
+
+
 # ------------------------------------------------------------------------- dataset generation resume
 
 
