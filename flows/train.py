@@ -63,8 +63,9 @@ def train_flow(config: TrainFlowConfig) -> dict[str, Any]:
                     common = {"cfg": cfg, "weights_digest": wdig, "root": str(root)}
                     counts = run_all(tr, [(prepare_features_task, {**common, "what": w, "key": k, "out": str(store_path(root, k)),
                                                                    "force": f}) for w, k, f in todo])
+                    shard_progress = Progress(sum(counts), f"{cfg.core.name}: {sum(counts)} feature shards on Dask")
                     run_all(tr, [(feature_shard_task, {**common, "what": w, "key": k, "out": str(store_path(root, k)), "index": i})
-                                 for (w, k, _), n in zip(todo, counts) for i in range(n)])
+                                 for (w, k, _), n in zip(todo, counts) for i in range(n)], on_done=shard_progress.step)
         stores = []
         for w, key, f in jobs:
             out = store_path(root, key)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Any, Iterator, Literal, Sequence
+from typing import Any, Callable, Iterator, Literal, Sequence
 
 from pydantic import Field
 
@@ -60,14 +60,19 @@ def dask_runner(runner: RunnerSection) -> Iterator[Any]:
         yield tr
 
 
-def run_all(tr: Any, calls: Sequence[tuple[Any, dict[str, Any]]]) -> list[Any]:
+def run_all(tr: Any, calls: Sequence[tuple[Any, dict[str, Any]]], on_done: Callable[[], None] | None = None) -> list[Any]:
     """Submit every ``(task, parameters)`` to the entered runner ``tr`` and return their results in order.
 
     Each task retries on its own (its ``retries``); the first that still fails is raised after all finished.
+    ``on_done`` is called as each task finishes (e.g. to advance a progress artifact).
     """
+    from prefect.futures import as_completed
+
     futures = [tr.submit(task, parameters=params) for task, params in calls]
-    states = [f.wait() or f.state for f in futures]
-    for state in states:
-        if state.is_failed() or state.is_crashed():
-            state.result()  # raises the task's exception
+    for _ in as_completed(futures):
+        if on_done is not None:
+            on_done()
+    for f in futures:
+        if f.state.is_failed() or f.state.is_crashed():
+            f.result()  # raises the task's exception
     return [f.result() for f in futures]

@@ -103,7 +103,16 @@ def test_dask_runs_match_single_process(tmp_path: Path, prefect_harness, monkeyp
 
     # training: feature shards on Dask vs in the flow's process
     data = tmp_path / "ds_one"
-    r_dask = train_flow(_train_cfg(data, tmp_path, tmp_path / "t_dask", DASK))
+    state = train_flow(_train_cfg(data, tmp_path, tmp_path / "t_dask", DASK), return_state=True)
+    r_dask = state.result()
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        arts = client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+    shard_bars = [a for a in arts if a.type == "progress" and "feature shards on Dask" in (a.description or "")]
+    assert len(shard_bars) == 1 and shard_bars[0].data == 100.0  # advanced shard by shard to the end
     r_one = train_flow(_train_cfg(data, tmp_path, tmp_path / "t_one", {"kind": "thread"}))
     stores_dask = sorted((tmp_path / "t_dask" / "features").glob("*.zarr"))
     stores_one = sorted((tmp_path / "t_one" / "features").glob("*.zarr"))
