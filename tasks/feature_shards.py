@@ -135,7 +135,10 @@ def fill_shard(
         feats[rows] = extract(patches)
         t_fwd += time.perf_counter() - t
     if np.isnan(feats).any():
-        raise fstore.FeatureStoreError(f"{part}: shard {index} left rows without features (NaN); this is a bug")
+        raise fstore.FeatureStoreError(
+            f"{part}: shard {index} has NaN features: the backbone produced NaN (check backbone.weights and "
+            "task.precision) or rows were not computed"
+        )
     fstore.write_feature_rows(part, start, feats)
     rec = {"start": start, "end": end, "sha256": _rows_digest(feats)}
     tmp = part / SHARD_DIR / f".{index}.{uuid.uuid4().hex}.tmp"

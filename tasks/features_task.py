@@ -12,6 +12,7 @@ import contextlib
 import importlib.util
 import logging
 import shutil
+import time
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Iterator
 
@@ -240,8 +241,6 @@ class StoreJob:
 
     def build(self, force: bool = False) -> dict[str, Any]:
         """Prepare, fill what is missing and finalize, in this process; returns timing figures."""
-        import time
-
         t0 = time.perf_counter()
         count = self.prepare(force)
         stats = [self.fill(i) for i in range(count)]
