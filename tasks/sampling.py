@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import cv2
 import numpy as np
@@ -142,6 +142,23 @@ def _read_h5(h5_path: Path, data_path: Path) -> _H5Record:
     return _H5Record(image, patch_size, region.triangles, region.weights)
 
 
+_MEMO: dict[tuple, Any] = {}  # per process: h5 records and image sizes keyed by file identity (every pass reuses them)
+
+
+def _memo(kind: str, path: Path | str, compute):
+    """``compute()`` memoised on (kind, path, size, mtime) of ``path``; a missing file is computed (and fails) as usual."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return compute()
+    key = (kind, str(path), st.st_size, st.st_mtime_ns)
+    if key not in _MEMO:
+        if len(_MEMO) > 500_000:
+            _MEMO.clear()
+        _MEMO[key] = compute()
+    return _MEMO[key]
+
+
 # EXIF orientation is ignored everywhere (as in tasks.imageio): masks, triangles and boxes all live
 # in the stored pixel frame.
 _IMREAD_FLAGS = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
@@ -200,13 +217,13 @@ def draw_pass(
     for name, rows_list in groups.items():
         rows = np.asarray(rows_list, dtype=np.int64)
         h5_path = data_path / "train" / name
-        rec = _read_h5(h5_path, data_path)
+        rec = _memo(f"h5:{data_path}", h5_path, lambda: _read_h5(h5_path, data_path))
         if rec.image not in sizes:
             if not os.path.isfile(rec.image):
                 raise DatasetFormatError(
                     f"image {rec.image} referenced by {h5_path} not found; restore the image or regenerate the dataset"
                 )
-            sizes[rec.image] = _image_size(rec.image)
+            sizes[rec.image] = _memo("size", rec.image, lambda: _image_size(rec.image))
         H, W = sizes[rec.image]
         ph, pw = _resolve_patch_size(rec, info, h5_path)
         k = rows.size
