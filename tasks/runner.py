@@ -56,8 +56,14 @@ def dask_runner(runner: RunnerSection) -> Iterator[Any]:
         tr = DaskTaskRunner(cluster_kwargs={"n_workers": runner.n_workers, "threads_per_worker": runner.threads_per_worker,
                                             "processes": True, "dashboard_address": None,
                                             "silence_logs": logging.WARNING})
-    with tr:
-        yield tr
+    quiet = logging.getLogger("distributed")
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)  # no INFO line per worker, comm and nanny in the flow's log
+    try:
+        with tr:
+            yield tr
+    finally:
+        quiet.setLevel(level)
 
 
 def run_all(tr: Any, calls: Sequence[tuple[Any, dict[str, Any]]], on_done: Callable[[], None] | None = None) -> list[Any]:
