@@ -143,19 +143,26 @@ def _read_h5(h5_path: Path, data_path: Path) -> _H5Record:
 
 
 _MEMO: dict[tuple, Any] = {}  # per process: h5 records and image sizes keyed by file identity (every pass reuses them)
+_MEMO_BUDGET = 256 << 20  # bytes of triangles kept; past it the memo starts over (huge datasets just re-read)
+_memo_bytes = 0
 
 
 def _memo(kind: str, path: Path | str, compute):
     """``compute()`` memoised on (kind, path, size, mtime) of ``path``; a missing file is computed (and fails) as usual."""
+    global _memo_bytes
     try:
         st = os.stat(path)
     except OSError:
         return compute()
     key = (kind, str(path), st.st_size, st.st_mtime_ns)
     if key not in _MEMO:
-        if len(_MEMO) > 500_000:
+        value = compute()
+        size = 200 + sum(a.nbytes for a in (getattr(value, "triangles", None), getattr(value, "weights", None)) if a is not None)
+        if _memo_bytes + size > _MEMO_BUDGET:
             _MEMO.clear()
-        _MEMO[key] = compute()
+            _memo_bytes = 0
+        _MEMO[key] = value
+        _memo_bytes += size
     return _MEMO[key]
 
 
