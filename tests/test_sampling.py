@@ -467,3 +467,22 @@ def test_order_by_image_makes_rows_sequential(basic: Path) -> None:
     np.testing.assert_array_equal(np.sort(o.entry_index), s.entry_index)
     np.testing.assert_array_equal(o.box, s.box[o.entry_index])
     np.testing.assert_array_equal(o.label, s.label[o.entry_index])
+
+
+def test_rewritten_h5_is_read_again_not_served_from_the_memo(basic: Path) -> None:
+    """Passes reuse parsed h5 records within a process, but a rewritten file (new size/mtime) is parsed again."""
+    import os
+
+    entries = read_train_list(basic)
+    info = load_info(basic)
+    first = draw_pass(basic, entries, CLASSES, seed=0, pass_index=0, info=info)
+    again = draw_pass(basic, entries, CLASSES, seed=0, pass_index=0, info=info)
+    np.testing.assert_array_equal(first.box, again.box)  # memo hit: same draw
+    h5 = basic / "train" / "im_1_1.h5"
+    st = os.stat(h5)
+    write_h5(h5, "original/images/im_1.png", (32, 32), rect_triangles(0, 0, 5, 5) + rect_triangles(70, 90, 80, 100))
+    os.utime(h5, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))  # even within the same second
+    row = next(i for i, e in enumerate(entries) if e.h5_name == "im_1_1.h5")
+    moved = draw_pass(basic, entries, CLASSES, seed=0, pass_index=0, info=info)
+    cy, cx = moved.center[row]
+    assert (cy < 5 and cx < 5) or (cy >= 70 and cx >= 90), moved.center[row]  # sampled inside the new triangles
