@@ -8,8 +8,11 @@ Layout of a store (a directory ``<name>.zarr``)::
     boxes       int32   (n_rows, 4)     chunks (chunk_rows, 4)     y0, x0, y1, x1 (padded image coords)
 
 Attributes: the caller's ``attrs`` plus ``n_rows``, ``dim``, ``chunk_rows``, ``complete`` (False until
-:func:`mark_complete`), ``chunks_done`` (sorted chunk indices already filled, for resuming) and, once
-complete, ``content_digest`` (:func:`store_digest` of the values).
+:func:`mark_complete`), ``chunks_done`` (chunk indices recorded by :func:`mark_chunks_done`; the
+feature stage records its progress per shard instead, see ``tasks/feature_shards.py``) and, once
+complete, ``content_digest`` (:func:`store_digest` of the values). Stores built by the feature stage
+also hold ``_plan.npz`` (what patch each row is), ``_shards/*.json`` (sha256 of each shard's rows)
+and ``_manifest.json`` (see ``storage/manifest.py``); :func:`is_verified` checks the latter.
 
 Concurrency rule (zarr 3 has no synchronizer; rows written by two processes into the same chunk are
 lost): arrays are pre-sized at creation, every :func:`write_rows` covers whole chunks, and only one
