@@ -49,7 +49,8 @@ def train_flow(config: TrainFlowConfig) -> dict[str, Any]:
     log = attach_log(run)
     try:
         write_data_record(cfg, run)
-        prune_stale_partials(root / "features")
+        for sub in ("features", "backbones", "bundles", "validation"):  # leftovers of killed runs
+            prune_stale_partials(root / sub, patterns=("*.partial", "*/*.partial"))
         dkey, wdig = dataset_key(cfg.datamodule.data_path), backbone_digest(cfg)
         n_pass = cfg.trainer.iteration_over_training
         progress = Progress(n_pass + 5, f"{cfg.core.name}: {n_pass} feature passes, val features, fit, export, validation")

@@ -165,11 +165,11 @@ def finalize(out: Path) -> None:
     os.replace(part, out)
 
 
-def prune_stale_partials(features_dir: Path, max_age_days: float = 7.0) -> list[Path]:
-    """Remove partial stores untouched for ``max_age_days`` (left by killed runs of inputs never run again)."""
+def prune_stale_partials(folder: Path, max_age_days: float = 7.0, patterns: tuple[str, ...] = ("*.partial",)) -> list[Path]:
+    """Remove partial outputs (folders) untouched for ``max_age_days``: left by killed runs of inputs never run again."""
     removed = []
     cutoff = time.time() - max_age_days * 86400
-    for part in Path(features_dir).glob("*.zarr.partial"):
+    for part in sorted({p for pattern in patterns for p in Path(folder).glob(pattern) if p.is_dir()}):
         try:
             newest = max((p.stat().st_mtime for p in part.rglob("*")), default=part.stat().st_mtime)
         except FileNotFoundError:
@@ -177,5 +177,5 @@ def prune_stale_partials(features_dir: Path, max_age_days: float = 7.0) -> list[
         if newest < cutoff:
             shutil.rmtree(part, ignore_errors=True)
             removed.append(part)
-            logger.info("removed %s: a partial feature store untouched for %.0f days", part, max_age_days)
+            logger.info("removed %s: a partial output untouched for %.0f days", part, max_age_days)
     return removed

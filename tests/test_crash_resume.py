@@ -133,6 +133,12 @@ def test_stale_partial_stores_are_pruned(tmp_path: Path) -> None:
         os.utime(p, (week_ago, week_ago))
     assert shards.prune_stale_partials(tmp_path) == [old]
     assert not old.exists() and fresh.exists()
+    nested = tmp_path / "bundles" / "k" / "deployment_model.123.partial"  # an export killed midway
+    nested.mkdir(parents=True)
+    os.utime(nested, (week_ago, week_ago))
+    (tmp_path / "bundles" / "k" / "deployment_model").mkdir()  # finished outputs are never touched
+    assert shards.prune_stale_partials(tmp_path / "bundles", patterns=("*.partial", "*/*.partial")) == [nested]
+    assert (tmp_path / "bundles" / "k" / "deployment_model").is_dir()
 
 
 # ------------------------------------------------------------------------- dataset generation resume
