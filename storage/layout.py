@@ -44,11 +44,23 @@ def parse_patch_name(name: str) -> tuple[str, int, bool]:
     return stem, int(idx), discard
 
 
+def write_atomic(path: Path, data: bytes | str) -> None:
+    """Write a file atomically: a hidden temp file beside it, then rename (readers never see half a file)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        if isinstance(data, str):
+            tmp.write_text(data)
+        else:
+            tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def write_json(path: Path, obj: Any) -> None:
     """Write JSON atomically (temp file + rename), stable formatting."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
 def write_info(root: Path, info: dict[str, Any]) -> None:

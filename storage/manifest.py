@@ -18,6 +18,8 @@ import uuid
 from pathlib import Path
 from typing import Iterator
 
+from storage.layout import write_atomic
+
 MANIFEST_FILE = "_manifest.json"
 STAT_CACHE = ".stat-cache.json"  # mtimes for the fast check; not content, so kept apart from the manifest
 
@@ -57,9 +59,7 @@ def write_manifest(root: Path) -> Path:
 
 
 def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_text(json.dumps(obj, sort_keys=True, separators=(",", ":")))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(obj, sort_keys=True, separators=(",", ":")))
 
 
 def manifest_problem(root: Path) -> str | None:
@@ -115,10 +115,7 @@ def _digest_file(path: Path) -> Path:
 
 def write_file_digest(path: Path) -> None:
     """Record the sha256 of a finished single-file output next to it."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_text(_sha256(path) + "\n")
-    os.replace(tmp, _digest_file(path))
+    write_atomic(_digest_file(Path(path)), _sha256(Path(path)) + "\n")
 
 
 def file_matches(path: Path) -> bool:

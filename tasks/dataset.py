@@ -118,12 +118,6 @@ SHARD_DIR = ".shards"
 PLAN_FILE = "plan.pkl"
 
 
-def _write_pickle(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(pickle.dumps(obj))
-    os.replace(tmp, path)
-
-
 def load_plan(tmp: str | Path) -> DatasetPlan:
     """The plan saved in a dataset being built."""
     return pickle.loads((Path(tmp) / SHARD_DIR / PLAN_FILE).read_bytes())
@@ -222,7 +216,7 @@ def plan_patch_dataset(
     }
     plan = DatasetPlan(params, jobs, str(out), str(tmp), fingerprint, seed, val_size, test_size, geometry,
                        train_filename, int(shard_images))
-    _write_pickle(tmp / SHARD_DIR / PLAN_FILE, plan)
+    layout.write_atomic(tmp / SHARD_DIR / PLAN_FILE, pickle.dumps(plan))
     return tmp
 
 
@@ -261,7 +255,7 @@ def assign_splits(tmp: str | Path, scans: Sequence[tuple]) -> int:
         if job.values is None and split != "train":  # mask-less images land in <split>/None
             (Path(tmp) / split / layout.NONE_CLASS).mkdir(exist_ok=True)
     plan.order = [int(i) for i in order]
-    _write_pickle(Path(tmp) / SHARD_DIR / PLAN_FILE, plan)
+    layout.write_atomic(Path(tmp) / SHARD_DIR / PLAN_FILE, pickle.dumps(plan))
     return len(plan.shards(ordered=True))
 
 
@@ -298,7 +292,7 @@ def process_shard(tmp: str | Path, shard: int, workers: "Workers | None" = None)
         if own:
             workers.close()
     sizes = {rel: (tmp / rel).stat().st_size for r in results for rel in r.files}
-    _write_pickle(_shard_marker(tmp, shard), {"results": results, "sizes": sizes})
+    layout.write_atomic(_shard_marker(tmp, shard), pickle.dumps({"results": results, "sizes": sizes}))
     return len(idx)
 
 

@@ -12,18 +12,19 @@ run.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
 import shutil
 import time
-import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
 
 from storage import features as fstore
+from storage.layout import write_atomic
 from storage.manifest import write_manifest
 
 logger = logging.getLogger("patchflow.features")
@@ -84,9 +85,9 @@ def prepare(
     shutil.rmtree(part, ignore_errors=True)
     fstore.create_store(part, n, dim, {**attrs, "store_key": key, "shard_rows": int(rows_per_shard)}, chunk_rows=chunk_rows)
     fstore.write_row_meta(part, labels, ids, boxes)
-    tmp = part / f".plan.{uuid.uuid4().hex}.npz"
-    np.savez(tmp, **plan)
-    os.replace(tmp, part / PLAN_FILE)
+    buf = io.BytesIO()
+    np.savez(buf, **plan)
+    write_atomic(part / PLAN_FILE, buf.getvalue())
     (part / SHARD_DIR).mkdir(exist_ok=True)
     _set_attr(part, "prepared", True)  # last: a half-prepared store is never reused
     return len(shard_ranges(n, rows_per_shard))
@@ -140,10 +141,7 @@ def fill_shard(
             "task.precision) or rows were not computed"
         )
     fstore.write_feature_rows(part, start, feats)
-    rec = {"start": start, "end": end, "sha256": _rows_digest(feats)}
-    tmp = part / SHARD_DIR / f".{index}.{uuid.uuid4().hex}.tmp"
-    tmp.write_text(json.dumps(rec))
-    os.replace(tmp, _marker(part, index))
+    write_atomic(_marker(part, index), json.dumps({"start": start, "end": end, "sha256": _rows_digest(feats)}))
     return {"index": index, "skipped": False, "rows": end - start, "extract_s": t_fwd}
 
 
