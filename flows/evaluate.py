@@ -11,9 +11,9 @@ from typing import Any, Sequence
 
 from prefect import flow
 
-from storage.manifest import matches_manifest
 from storage import bundle as bdl
 from storage import features as fstore
+from storage.manifest import matches_manifest
 from storage.settings import storage_root
 from tasks.artifacts import publish_task
 from tasks.caching import cached_stage

@@ -12,9 +12,9 @@ from typing import Any, Sequence
 
 from prefect import flow
 
-from storage.manifest import file_matches, matches_manifest
 from storage import features as fstore
 from storage.fingerprint import combine, params_digest
+from storage.manifest import file_matches, matches_manifest
 from storage.settings import storage_root
 from tasks.artifacts import Progress, publish_task
 from tasks.caching import cached_stage

@@ -12,8 +12,8 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import Field, model_validator
 
 from storage import layout
-from storage.manifest import matches_manifest
 from storage.fingerprint import CODE_VERSION, combine, files_digest, params_digest
+from storage.manifest import matches_manifest
 from tasks.association import get_image_mask_association
 from tasks.caching import stage_lock
 from tasks.config import ConfigError, StrictModel, import_object

@@ -10,11 +10,11 @@ from typing import Any, Literal
 from prefect import task
 from pydantic import Field
 
-from storage.manifest import building, matches_manifest
 from storage import bundle as bdl
 from storage import features as fstore
 from storage.fingerprint import combine, file_digest, params_digest
 from storage.layout import read_info
+from storage.manifest import building, matches_manifest
 from tasks.backbones import FeatureExtractor, load_export
 from tasks.config import StrictModel
 from tasks.evaluation import score_split

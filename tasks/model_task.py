@@ -14,11 +14,11 @@ import joblib
 import numpy as np
 from prefect import task
 
-from storage.manifest import building, file_matches, matches_manifest, write_file_digest, write_manifest
 from storage import features as fstore
 from storage import layout
 from storage.fingerprint import CODE_VERSION
 from storage.geometry import GRID_POLICY
+from storage.manifest import MANIFEST_FILE, STAT_CACHE, building, file_matches, matches_manifest, write_file_digest
 from tasks.backbones import build_backbone, export_onnx, export_torchscript
 from tasks.config import import_object
 from tasks.evaluation import score_split
@@ -101,20 +101,6 @@ def model_json(cfg: TrainFlowConfig, weights_digest: str | None = None) -> dict[
     }
 
 
-def _replace_dir(tmp: Path, out: Path) -> Path:
-    write_manifest(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
-    return out
-
-
-def _fresh_tmp(out: Path) -> Path:
-    tmp = out.with_name(out.name + f".{os.getpid()}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    return tmp
-
-
 def export_types(cfg: TrainFlowConfig) -> list[str]:
     """Formats to export: the configured ones, plus ONNX when features were computed with ONNX Runtime."""
     types = set(cfg.export.types)
@@ -128,20 +114,20 @@ def export_backbone(cfg: TrainFlowConfig, out: Path) -> Path:
 
     It depends only on the backbone, its weights and the input size, never on the classifier.
     """
-    tmp = _fresh_tmp(out)
     size = (cfg.transforms.input_height, cfg.transforms.input_width)
     model = build_backbone(cfg.backbone.name, cfg.backbone.weights)
     types = export_types(cfg)
-    if "torchscript" in types:
-        export_torchscript(model, tmp / "model.pt", size)
-    if "onnx" in types:
-        export_onnx(model, tmp / "model.onnx", size)
-    if "pytorch" in types:
-        import torch
+    with building(out) as tmp:
+        if "torchscript" in types:
+            export_torchscript(model, tmp / "model.pt", size)
+        if "onnx" in types:
+            export_onnx(model, tmp / "model.onnx", size)
+        if "pytorch" in types:
+            import torch
 
-        torch.save(model.state_dict(), tmp / "model.pth")
-        (tmp / "model_config.yaml").write_text(f"name: {cfg.backbone.name}\nweights: null\n")
-    return _replace_dir(tmp, out)
+            torch.save(model.state_dict(), tmp / "model.pth")
+            (tmp / "model_config.yaml").write_text(f"name: {cfg.backbone.name}\nweights: null\n")
+    return out
 
 
 def export_bundle(
@@ -155,15 +141,16 @@ def export_bundle(
 
     ``backbone_dir``: an :func:`export_backbone` folder to copy from instead of exporting again.
     """
-    tmp = _fresh_tmp(out)
-    if backbone_dir is None:
-        backbone_dir = export_backbone(cfg, tmp / "backbone")
-    for f in sorted(Path(backbone_dir).iterdir()):
-        shutil.copy2(f, tmp / f.name)
-    shutil.rmtree(tmp / "backbone", ignore_errors=True)
-    shutil.copy2(classifier_path, tmp / "classifier.joblib")
-    (tmp / "model.json").write_text(json.dumps(model_json(cfg, weights_digest), indent=2) + "\n")
-    return _replace_dir(tmp, out)
+    with building(out) as tmp:
+        if backbone_dir is None:
+            backbone_dir = export_backbone(cfg, tmp / "backbone")
+        for f in sorted(Path(backbone_dir).iterdir()):
+            if f.name not in (MANIFEST_FILE, STAT_CACHE):  # the bundle gets a manifest of its own
+                shutil.copy2(f, tmp / f.name)
+        shutil.rmtree(tmp / "backbone", ignore_errors=True)
+        shutil.copy2(classifier_path, tmp / "classifier.joblib")
+        (tmp / "model.json").write_text(json.dumps(model_json(cfg, weights_digest), indent=2) + "\n")
+    return out
 
 
 @task(name="fit-classifier", persist_result=True)
