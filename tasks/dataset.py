@@ -8,12 +8,14 @@ failed run never leaves a complete-looking dataset.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import pickle
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -136,57 +138,41 @@ def _partial_dir(out: Path, fingerprint: str | None) -> Path:
     return tmp
 
 
-def plan_patch_dataset(
-    data_dictionary: list[dict[str, Any]],
-    class_to_idx: dict[str, int],
-    val_size: float = 0.3,
-    test_size: float = 0.0,
-    seed: int = 42,
-    patch_number: tuple[int, ...] | list[int] | None = None,
-    patch_size: tuple[int, ...] | list[int] | None = None,
-    overlap: float = 0.0,
-    output_folder: str = "extraction_data",
-    save_original_images_and_masks: bool = True,
-    area_threshold: float = 0.45,
-    area_defect_threshold: float = 0.2,
-    mask_extension: str = "_mask",
-    mask_output_folder: str | None = None,
-    save_mask: bool = False,
-    clear_output_folder: bool = False,
-    mask_preprocessing: Callable[[np.ndarray], np.ndarray] | None = None,
-    train_filename: str = "dataset.txt",
-    repeat_good_images: int = 1,
-    balance_defects: bool = True,
-    annotated_good: list[str] | None = None,
-    num_workers: int = 1,
-    *,
-    missing_mask: str = "test",
-    fingerprint: str | None = None,
-    shard_images: int = 256,
-) -> Path:
-    """Validate the inputs and prepare the build folder; returns it (a killed build of the same inputs is resumed)."""
+def plan_patch_dataset(data_dictionary: list[dict[str, Any]], class_to_idx: dict[str, int], **params: Any) -> Path:
+    """Validate the inputs and prepare the build folder for :func:`generate_patch_dataset` with the same parameters.
+
+    Returns the build folder; a killed build of the same inputs (same ``fingerprint``) is resumed.
+    """
+    bound = inspect.signature(generate_patch_dataset).bind(data_dictionary, class_to_idx, **params)
+    bound.apply_defaults()
+    return _plan(bound.arguments)
+
+
+def _plan(a: dict[str, Any]) -> Path:
+    """Body of :func:`plan_patch_dataset`; ``a`` holds every parameter of :func:`generate_patch_dataset`."""
+    g = SimpleNamespace(**a)
     jobs = _validate(
-        data_dictionary, class_to_idx, val_size, test_size, patch_number, patch_size, overlap, annotated_good,
-        save_mask, mask_extension, mask_output_folder, num_workers, repeat_good_images, missing_mask,
+        g.data_dictionary, g.class_to_idx, g.val_size, g.test_size, g.patch_number, g.patch_size, g.overlap, g.annotated_good,
+        g.save_mask, g.mask_extension, g.mask_output_folder, g.num_workers, g.repeat_good_images, g.missing_mask,
     )
-    if shard_images < 1:
-        raise ValueError(f"shard_images must be >= 1, got {shard_images}")
-    out = Path(output_folder)
+    if g.shard_images < 1:
+        raise ValueError(f"shard_images must be >= 1, got {g.shard_images}")
+    out = Path(g.output_folder)
     layout.check_output_folder(out)
-    if out.exists() and any(out.iterdir()) and not clear_output_folder:
+    if out.exists() and any(out.iterdir()) and not g.clear_output_folder:
         logger.warning("%s holds a patch dataset: it is replaced as a whole (stale files are never merged)", out)
-    if num_workers > 1 and mask_preprocessing is not None or fingerprint is not None and mask_preprocessing is not None:
+    if g.mask_preprocessing is not None and (g.num_workers > 1 or g.fingerprint is not None):
         try:
-            pickle.dumps(mask_preprocessing)
+            pickle.dumps(g.mask_preprocessing)
         except Exception:  # noqa: BLE001
             raise ValueError(
                 "mask_preprocessing must be a module-level function (picklable) when num_workers > 1 or in a flow; "
                 "lambdas and local functions only work with num_workers=1"
             ) from None
-    tmp = _partial_dir(out, fingerprint)
+    tmp = _partial_dir(out, g.fingerprint)
     try:
         old = load_plan(tmp)
-        if old.fingerprint == fingerprint:  # same inputs: resume (or join a concurrent build of them)
+        if old.fingerprint == g.fingerprint:  # same inputs: resume (or join a concurrent build of them)
             logger.info("resuming the build of %s in %s", out, tmp)
             return tmp
     except (OSError, pickle.UnpicklingError, EOFError, AttributeError):
@@ -194,28 +180,28 @@ def plan_patch_dataset(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     params = Params(
-        root=str(tmp), class_to_idx={k: int(v) for k, v in class_to_idx.items()},
-        patch_number=tuple(patch_number) if patch_number is not None else None,
-        patch_size=tuple(patch_size) if patch_size is not None else None, overlap=float(overlap),
-        save_original=save_original_images_and_masks, area_threshold=area_threshold,
-        area_defect_threshold=area_defect_threshold, mask_extension=mask_extension,
-        mask_output_folder=mask_output_folder, save_mask=save_mask, mask_preprocessing=mask_preprocessing,
-        repeat_good_images=repeat_good_images, balance_defects=balance_defects,
-        annotated_good=tuple(annotated_good or ()), missing_mask=missing_mask,
+        root=str(tmp), class_to_idx={k: int(v) for k, v in g.class_to_idx.items()},
+        patch_number=tuple(g.patch_number) if g.patch_number is not None else None,
+        patch_size=tuple(g.patch_size) if g.patch_size is not None else None, overlap=float(g.overlap),
+        save_original=g.save_original_images_and_masks, area_threshold=g.area_threshold,
+        area_defect_threshold=g.area_defect_threshold, mask_extension=g.mask_extension,
+        mask_output_folder=g.mask_output_folder, save_mask=g.save_mask, mask_preprocessing=g.mask_preprocessing,
+        repeat_good_images=g.repeat_good_images, balance_defects=g.balance_defects,
+        annotated_good=tuple(g.annotated_good or ()), missing_mask=g.missing_mask,
     )
     for sub in ("original/images", "original/masks", "original/labelled_masks", "train", SHARD_DIR):
         (tmp / sub).mkdir(parents=True, exist_ok=True)
     for split in ("val", "test"):
-        for name in list(class_to_idx) + ([layout.NONE_CLASS] if split == "test" else []):
+        for name in list(g.class_to_idx) + ([layout.NONE_CLASS] if split == "test" else []):
             (tmp / split / name).mkdir(parents=True, exist_ok=True)
     geometry = {
-        "patch_size": list(patch_size) if patch_size is not None else None,
-        "patch_number": list(patch_number) if patch_number is not None else None,
-        "overlap": float(overlap),
-        "annotated_good": list(annotated_good) if annotated_good else None,
+        "patch_size": list(g.patch_size) if g.patch_size is not None else None,
+        "patch_number": list(g.patch_number) if g.patch_number is not None else None,
+        "overlap": float(g.overlap),
+        "annotated_good": list(g.annotated_good) if g.annotated_good else None,
     }
-    plan = DatasetPlan(params, jobs, str(out), str(tmp), fingerprint, seed, val_size, test_size, geometry,
-                       train_filename, int(shard_images))
+    plan = DatasetPlan(params, jobs, str(out), str(tmp), g.fingerprint, g.seed, g.val_size, g.test_size, geometry,
+                       g.train_filename, int(g.shard_images))
     layout.write_atomic(tmp / SHARD_DIR / PLAN_FILE, pickle.dumps(plan))
     return tmp
 
@@ -226,9 +212,9 @@ def shard_counts(tmp: str | Path) -> tuple[int, int | None]:
     return len(plan.shards(ordered=False)), (len(plan.shards(ordered=True)) if plan.order is not None else None)
 
 
-def scan_shard(tmp: str | Path, shard: int, workers: "Workers | None" = None) -> list[tuple]:
-    """Phase 1 of shard ``shard``: sizes and mask values of its images (validated)."""
-    plan = load_plan(tmp)
+def scan_shard(tmp: str | Path, shard: int, workers: "Workers | None" = None, plan: DatasetPlan | None = None) -> list[tuple]:
+    """Phase 1 of shard ``shard``: sizes and mask values of its images (validated). ``plan``: already loaded."""
+    plan = plan or load_plan(tmp)
     jobs = [plan.jobs[i] for i in plan.shards(ordered=False)[shard]]
     own = workers is None
     workers = workers or Workers(plan.params, 1, len(jobs))
@@ -239,9 +225,10 @@ def scan_shard(tmp: str | Path, shard: int, workers: "Workers | None" = None) ->
             workers.close()
 
 
-def assign_splits(tmp: str | Path, scans: Sequence[tuple]) -> int:
-    """Record every image's size, mask values and split (seeded split); returns the number of process shards."""
-    plan = load_plan(tmp)
+def assign_splits(tmp: str | Path, scans: Sequence[tuple], plan: DatasetPlan | None = None) -> int:
+    """Record every image's size, mask values and split (seeded split) in the saved plan (and in ``plan``, when
+    given already loaded); returns the number of process shards."""
+    plan = plan or load_plan(tmp)
     if len(scans) != len(plan.jobs):
         raise ValueError(f"{len(scans)} scan results for {len(plan.jobs)} images")
     for job, (size, values, plain) in zip(plan.jobs, scans):
@@ -275,10 +262,10 @@ def _load_done(tmp: Path, shard: int) -> list[Result] | None:
         return None
 
 
-def process_shard(tmp: str | Path, shard: int, workers: "Workers | None" = None) -> int:
+def process_shard(tmp: str | Path, shard: int, workers: "Workers | None" = None, plan: DatasetPlan | None = None) -> int:
     """Phase 2 of shard ``shard``: write its images' files (skipped when already done); returns its image count."""
     tmp = Path(tmp)
-    plan = load_plan(tmp)
+    plan = plan or load_plan(tmp)
     if plan.order is None:
         raise ValueError(f"{tmp}: splits are not assigned yet; run assign_splits first")
     idx = plan.shards(ordered=True)[shard]
@@ -379,17 +366,15 @@ def generate_patch_dataset(
     (a missing mask means a defect-free image). ``fingerprint`` (the inputs' content key) is stored in
     the sidecar and names the build folder, so a build killed midway resumes its finished shards.
     """
-    kwargs = dict(locals())
-    kwargs.pop("data_dictionary"), kwargs.pop("class_to_idx")
-    tmp = plan_patch_dataset(data_dictionary, class_to_idx, **kwargs)
+    tmp = _plan(dict(locals()))  # first statement: locals() holds exactly the parameters
     plan = load_plan(tmp)
     workers = Workers(plan.params, num_workers, len(plan.jobs))
     try:
         if plan.order is None:
-            scans = [r for i in range(len(plan.shards(ordered=False))) for r in scan_shard(tmp, i, workers)]
-            assign_splits(tmp, scans)
-        for i in range(len(load_plan(tmp).shards(ordered=True))):
-            process_shard(tmp, i, workers)
+            scans = [r for i in range(len(plan.shards(ordered=False))) for r in scan_shard(tmp, i, workers, plan)]
+            assign_splits(tmp, scans, plan)
+        for i in range(len(plan.shards(ordered=True))):
+            process_shard(tmp, i, workers, plan)
         workers.close()
         return finish_patch_dataset(tmp)
     except BaseException as exc:
