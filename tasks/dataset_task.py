@@ -113,13 +113,14 @@ def generate_task(
 ) -> str:
     """Build the patch dataset; returns its folder (cached on ``key``; reused if a concurrent run built it)."""
     if force or not dataset_is_current(gen.output_folder, key):
-        kwargs = gen.model_dump(exclude={"missing_mask", "mask_preprocessing"})
-        pre = import_object(gen.mask_preprocessing) if gen.mask_preprocessing else None
-        generate_patch_dataset(
-            [dict(a) for a in association], class_to_idx, mask_preprocessing=pre,
-            missing_mask=gen.missing_mask, fingerprint=key, **kwargs,
-        )
+        generate_patch_dataset([dict(a) for a in association], class_to_idx, **_generation_args(gen, key))
     return str(Path(gen.output_folder).resolve())
+
+
+def _generation_args(gen: GenerationSection, key: str) -> dict[str, Any]:
+    """Keyword arguments of ``generate_patch_dataset`` for this section (mask_preprocessing imported)."""
+    pre = import_object(gen.mask_preprocessing) if gen.mask_preprocessing else None
+    return {**gen.model_dump(exclude={"mask_preprocessing"}), "mask_preprocessing": pre, "fingerprint": key}
 
 
 def dataset_is_current(output_folder: str, key: str) -> bool:
@@ -130,10 +131,7 @@ def dataset_is_current(output_folder: str, key: str) -> bool:
 @task(name="plan-patch-dataset", cache_policy=NO_CACHE)
 def plan_dataset_task(association: list[dict[str, Any]], class_to_idx: dict[str, int], gen: GenerationSection, key: str) -> str:
     """Validate inputs and prepare (or resume) the build folder for sharded generation; returns it."""
-    kwargs = gen.model_dump(exclude={"missing_mask", "mask_preprocessing"})
-    pre = import_object(gen.mask_preprocessing) if gen.mask_preprocessing else None
-    return str(plan_patch_dataset([dict(a) for a in association], class_to_idx, mask_preprocessing=pre,
-                                  missing_mask=gen.missing_mask, fingerprint=key, **kwargs))
+    return str(plan_patch_dataset([dict(a) for a in association], class_to_idx, **_generation_args(gen, key)))
 
 
 @task(name="scan-images", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1)

@@ -14,9 +14,6 @@ from pydantic import Field
 
 from tasks.config import ConfigError, StrictModel
 
-logger = logging.getLogger("patchflow.runner")
-
-
 class RunnerSection(StrictModel):
     """Task runner for per-shard work (dataset generation, feature passes)."""
 
@@ -78,7 +75,4 @@ def run_all(tr: Any, calls: Sequence[tuple[Any, dict[str, Any]]], on_done: Calla
     for _ in as_completed(futures):
         if on_done is not None:
             on_done()
-    for f in futures:
-        if f.state.is_failed() or f.state.is_crashed():
-            f.result()  # raises the task's exception
-    return [f.result() for f in futures]
+    return [f.result() for f in futures]  # a failed task raises its exception here
