@@ -54,25 +54,25 @@ def train_flow(config: TrainFlowConfig) -> dict[str, Any]:
         dkey, wdig = dataset_key(cfg.datamodule.data_path), backbone_digest(cfg)
         n_pass = cfg.trainer.iteration_over_training
         progress = Progress(n_pass + 5, f"{cfg.core.name}: {n_pass} feature passes, val features, fit, export, validation")
-        jobs = [(p, train_pass_key(cfg, dkey, wdig, p), "features" in force) for p in range(n_pass)]
-        jobs.append(("val", split_key(cfg, dkey, wdig, "val"), "val_features" in force))
+        keys = [(p, train_pass_key(cfg, dkey, wdig, p), "features" in force) for p in range(n_pass)]
+        keys.append(("val", split_key(cfg, dkey, wdig, "val"), "val_features" in force))
+        jobs = [(w, k, str(store_path(root, k)), f) for w, k, f in keys]  # (pass index or split, key, store, forced)
         sharded = cfg.runner.kind == "dask"
         if sharded:  # prepare and fill every shard on the cluster; the cached tasks below only finalize
-            todo = [(w, k, f) for w, k, f in jobs if f or not fstore.is_verified(store_path(root, k))]
+            todo = [(w, k, out, f) for w, k, out, f in jobs if f or not fstore.is_verified(Path(out))]
             if todo:
                 with dask_runner(cfg.runner) as tr:
                     common = {"cfg": cfg, "weights_digest": wdig, "root": str(root)}
-                    counts = run_all(tr, [(prepare_features_task, {**common, "what": w, "key": k, "out": str(store_path(root, k)),
-                                                                   "force": f}) for w, k, f in todo])
+                    counts = run_all(tr, [(prepare_features_task, {**common, "what": w, "key": k, "out": out, "force": f})
+                                          for w, k, out, f in todo])
                     shard_progress = Progress(sum(counts), f"{cfg.core.name}: {sum(counts)} feature shards on Dask")
-                    run_all(tr, [(feature_shard_task, {**common, "what": w, "key": k, "out": str(store_path(root, k)), "index": i})
-                                 for (w, k, _), n in zip(todo, counts) for i in range(n)], on_done=shard_progress.step)
+                    run_all(tr, [(feature_shard_task, {**common, "what": w, "key": k, "out": out, "index": i})
+                                 for (w, k, out, _), n in zip(todo, counts) for i in range(n)], on_done=shard_progress.step)
         stores = []
-        for w, key, f in jobs:
-            out = store_path(root, key)
+        for w, key, out, f in jobs:
             stage = train_pass_task if w != "val" else split_features_task
-            done = fstore.is_verified(out)
-            stores.append(cached_stage(stage, root, f, done)(cfg, w, key, str(out), wdig, f and not sharded, str(root)))
+            done = fstore.is_verified(Path(out))
+            stores.append(cached_stage(stage, root, f, done)(cfg, w, key, out, wdig, f and not sharded, str(root)))
             progress.step()
         val_store = stores.pop()
 

@@ -52,6 +52,11 @@ def shard_ranges(n_rows: int, rows_per_shard: int) -> list[tuple[int, int]]:
     return [(s, min(s + rows_per_shard, n_rows)) for s in range(0, n_rows, rows_per_shard)]
 
 
+def _ranges(attrs: dict[str, Any]) -> list[tuple[int, int]]:
+    """Shard row ranges of a prepared store, from its attributes."""
+    return shard_ranges(int(attrs["n_rows"]), int(attrs["shard_rows"]))
+
+
 def _prepared_attrs(part: Path, key: str) -> dict[str, Any] | None:
     try:
         attrs = fstore.store_attrs(part)
@@ -73,11 +78,9 @@ def prepare(
     """
     part = partial_path(out)
     have = None if force else _prepared_attrs(part, key)
-    if have is not None:
-        ranges = shard_ranges(int(have["n_rows"]), int(have["shard_rows"]))
-        done = sum(shard_done(part, i) for i in range(len(ranges)))
-        logger.info("resuming %s: %d of %d shards already done", part.name, done, len(ranges))
-        return len(ranges)
+    if have is not None:  # shards are verified when filled (reused ones are counted in the build's log line)
+        logger.info("resuming %s", part.name)
+        return len(_ranges(have))
     if rows_per_shard % chunk_rows:
         raise ValueError(f"rows_per_shard={rows_per_shard} must be a multiple of chunk_rows={chunk_rows}")
     plan, labels, ids, boxes = make_plan()
@@ -126,7 +129,7 @@ def fill_shard(
     attrs = fstore.store_attrs(part)
     if attrs.get("prepared") is not True:
         raise fstore.FeatureStoreError(f"{part} is not prepared; run the feature stage's prepare step first")
-    start, end = shard_ranges(int(attrs["n_rows"]), int(attrs["shard_rows"]))[index]
+    start, end = _ranges(attrs)[index]
     with np.load(part / PLAN_FILE) as z:
         plan = {k: z[k] for k in z.files}
     feats = np.full((end - start, int(attrs["dim"])), np.nan, dtype=np.float32)
@@ -147,8 +150,7 @@ def fill_shard(
 
 def n_shards(out: Path) -> int:
     """Number of shards of the prepared partial store of ``out``."""
-    attrs = fstore.store_attrs(partial_path(out))
-    return len(shard_ranges(int(attrs["n_rows"]), int(attrs["shard_rows"])))
+    return len(_ranges(fstore.store_attrs(partial_path(out))))
 
 
 def finalize(out: Path) -> None:

@@ -328,15 +328,18 @@ def feature_shard_task(cfg: TrainFlowConfig, what: str | int, key: str, out: str
     return _store_job(cfg, what, out, weights_digest, key, root).fill(index)
 
 
+def _finish_store(cfg: TrainFlowConfig, what: str | int, key: str, out: str, wdigest: str, force: bool, root: str | None) -> str:
+    if force or not fstore.is_verified(Path(out)):
+        _store_job(cfg, what, out, wdigest, key, root).build(force)
+    return out
+
+
 @task(name="train-pass-features", persist_result=True)
 def train_pass_task(
     cfg: TrainFlowConfig, pass_index: int, key: str, out: str, weights_digest: str, force: bool = False, root: str | None = None
 ) -> str:
     """Features of one training pass, finished here (cached on ``key``; resumes a partial store; reuses a concurrent run's)."""
-    job = train_pass_job(cfg, pass_index, Path(out), weights_digest, key, Path(root) if root else None)
-    if force or not fstore.is_verified(Path(out)):
-        job.build(force)
-    return out
+    return _finish_store(cfg, pass_index, key, out, weights_digest, force, root)
 
 
 @task(name="split-features", persist_result=True)
@@ -344,6 +347,4 @@ def split_features_task(
     cfg: TrainFlowConfig, split: str, key: str, out: str, weights_digest: str, force: bool = False, root: str | None = None
 ) -> str:
     """Features of a val/test split, finished here (cached on ``key``; resumes a partial store; reuses a concurrent run's)."""
-    if force or not fstore.is_verified(Path(out)):
-        split_job(cfg, split, Path(out), weights_digest, key, Path(root) if root else None).build(force)
-    return out
+    return _finish_store(cfg, split, key, out, weights_digest, force, root)
