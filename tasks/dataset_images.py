@@ -18,7 +18,7 @@ import numpy as np
 from storage import layout
 from storage.geometry import PatchGrid, compute_grid
 from storage.h5files import SamplingRegion, write_region
-from tasks.imageio import InputDataError, decode_image, decode_mask, file_image_size, read_bytes
+from tasks.imageio import InputDataError, decode_image, decode_mask, file_image_size, read_bytes, write_png
 from tasks.labelling import label_components, label_patches
 from tasks.regions import compute_regions, dataset_lines
 
@@ -203,9 +203,8 @@ WRITE_FIX = "free disk space, or choose another output_folder if this one is rea
 
 
 def imwrite(path: Path, array: np.ndarray) -> None:
-    """Write a PNG or fail loudly (OpenCV only returns False on a full disk or a bad folder)."""
-    if not cv2.imwrite(str(path), array):
-        raise OSError(f"could not write {path} (disk full, read-only or missing folder?); {WRITE_FIX}")
+    """Write a PNG of the dataset, or fail naming the file and the fix."""
+    write_png(path, array, WRITE_FIX)
 
 
 def write_bytes(path: Path, data: bytes | str) -> None:

@@ -122,3 +122,9 @@ def file_image_size(path: str | Path) -> tuple[int, int]:
     """``(height, width)`` of an image file, reading only its header when possible."""
     size = _header_size(str(path))
     return size if size is not None else image_size(read_bytes(path), path)
+
+
+def write_png(path: Path, array: np.ndarray, fix: str) -> None:
+    """Write an image or fail loudly naming the file and ``fix`` (OpenCV only returns False on a full disk or a bad folder)."""
+    if not cv2.imwrite(str(path), array):
+        raise OSError(f"could not write {path} (disk full, read-only or missing folder?); {fix}")

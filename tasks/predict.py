@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-import cv2
 import joblib
 import numpy as np
 from prefect import task
@@ -26,10 +25,12 @@ from storage.geometry import PatchGrid, compute_grid
 from storage.layout import IMAGE_EXTENSIONS, write_json
 from tasks.backbones import FeatureExtractor, load_export
 from tasks.evaluation import full_probabilities
-from tasks.imageio import read_image
+from tasks.imageio import read_image, write_png
 from tasks.reconstruction import SoftMerger, make_merger
 from tasks.region_metrics import prediction_polygons
 from tasks.report import colourise
+
+_OUT_FIX = "free disk space or choose another --out folder"
 
 logger = logging.getLogger("patchflow.predict")
 
@@ -122,17 +123,11 @@ def _finish(item: _Image, proba: np.ndarray, method: str, num_classes: int, idx_
     soft.add(idx, labels, proba)
     polygons = prediction_polygons(class_map, idx_to_class, soft.mean_probabilities(), item.grid.boxes(), labels)
     stem = item.path.stem
-    _imwrite(out_dir / f"{stem}_classmap.png", class_map.astype(np.uint8))
-    _imwrite(out_dir / f"{stem}_overlay.png", colourise(item.image, class_map))
+    write_png(out_dir / f"{stem}_classmap.png", class_map.astype(np.uint8), _OUT_FIX)
+    write_png(out_dir / f"{stem}_overlay.png", colourise(item.image, class_map), _OUT_FIX)
     (out_dir / f"{stem}_polygons.json").write_text(json.dumps({"image": str(item.path), "prediction": polygons}, indent=1) + "\n")
     return {"image": str(item.path), "defect_regions": len(polygons), "defect_pixels": int((class_map > 0).sum()),
             "classes": sorted({p["label"] for p in polygons})}
-
-
-def _imwrite(path: Path, array: np.ndarray) -> None:
-    """Write a PNG or fail loudly (OpenCV only returns False on a full or read-only disk)."""
-    if not cv2.imwrite(str(path), array):
-        raise OSError(f"could not write {path} (disk full or read-only?); free disk space or choose another --out folder")
 
 
 def prediction_key(model_path: Path, images_dir: Path, out_dir: Path, method: str | None) -> str:
