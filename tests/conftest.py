@@ -40,14 +40,32 @@ def mtd_dev() -> Path:
     return SHARED_DATA
 
 
-def task_states(flow_state) -> dict[str, str]:
-    """``{task name (without run suffix): state name}`` of the task runs of a finished flow run."""
+@pytest.fixture(scope="session")
+def demo_patch_dataset(tmp_path_factory) -> Path:
+    """A small patch dataset (14 synthetic demo images, 64x64 patches, val 0.3), built once and only read."""
+    from tasks import generate_patch_dataset, get_image_mask_association
+    from tasks.demo_data import make_demo_dataset
+
+    root = tmp_path_factory.mktemp("demo")
+    d = make_demo_dataset(root / "raw", n_images=14, size=(128, 160), seed=3)
+    assoc = get_image_mask_association(d["images"], d["masks"], mask_extension="_mask")
+    out = root / "patches"
+    generate_patch_dataset(assoc, d["class_to_idx"], val_size=0.3, test_size=0.0, patch_size=[64, 64], output_folder=str(out))
+    return out
+
+
+def task_runs(flow_state) -> list:
+    """The task runs of a finished flow run, read from the Prefect API."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-    flow_run_id = flow_state.state_details.flow_run_id
     with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+        return client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_state.state_details.flow_run_id])))
+
+
+def task_states(flow_state) -> dict[str, str]:
+    """``{task name (without run suffix): state name}`` of the task runs of a finished flow run."""
+    runs = task_runs(flow_state)
     out: dict[str, str] = {}
     for run in runs:
         out[run.name.rsplit("-", 1)[0]] = run.state.name if run.state else "?"

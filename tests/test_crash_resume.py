@@ -14,7 +14,6 @@ from pathlib import Path
 
 import joblib
 import numpy as np
-import pytest
 import torch
 
 from tests._synth import CLASS_TO_IDX, make_dataset, tree_digest
@@ -177,19 +176,6 @@ def test_dataset_generation_killed_midway_resumes_to_identical_output(tmp_path: 
 # ----------------------------------------------------------------------- training: kill, resume, tamper
 
 
-@pytest.fixture(scope="module")
-def demo_data(tmp_path_factory) -> Path:
-    from tasks import generate_patch_dataset, get_image_mask_association
-    from tasks.demo_data import make_demo_dataset
-
-    root = tmp_path_factory.mktemp("demo")
-    d = make_demo_dataset(root / "raw", n_images=14, size=(128, 160), seed=3)
-    assoc = get_image_mask_association(d["images"], d["masks"], mask_extension="_mask")
-    out = root / "patches"
-    generate_patch_dataset(assoc, d["class_to_idx"], val_size=0.3, patch_size=[64, 64], output_folder=str(out))
-    return out
-
-
 def _train_cfg(data: Path, tmp: Path, root: Path) -> dict:
     return {
         "datamodule": {"data_path": str(data), "batch_size": 16},
@@ -209,19 +195,16 @@ def _stores(root: Path) -> dict[str, str]:
 
 
 def _runs_by_name(state) -> dict[str, list[str]]:
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from tests.conftest import task_runs
 
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
     out: dict[str, list[str]] = {}
-    for r in runs:
+    for r in task_runs(state):
         out.setdefault(r.name.rsplit("-", 1)[0], []).append(r.state.name)
     return out
 
 
 def test_train_killed_in_feature_stage_resumes_identical_and_tampering_is_recomputed(
-    demo_data: Path, tmp_path: Path, prefect_harness
+    demo_patch_dataset: Path, tmp_path: Path, prefect_harness
 ) -> None:
     import yaml
 
@@ -229,11 +212,11 @@ def test_train_killed_in_feature_stage_resumes_identical_and_tampering_is_recomp
     from storage import features as fstore
     from storage.fingerprint import file_digest
 
-    ref = train_flow(_train_cfg(demo_data, tmp_path / "a", tmp_path / "ref_root"))
+    ref = train_flow(_train_cfg(demo_patch_dataset, tmp_path / "a", tmp_path / "ref_root"))
 
     root = tmp_path / "root"
     cfg_file = tmp_path / "train.yaml"
-    cfg_file.write_text(yaml.safe_dump(_train_cfg(demo_data, tmp_path / "b", root)))
+    cfg_file.write_text(yaml.safe_dump(_train_cfg(demo_patch_dataset, tmp_path / "b", root)))
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     env["PREFECT_HOME"] = str(tmp_path / "killed-home")  # its own ephemeral API, like a separate machine run
     proc = subprocess.Popen([sys.executable, "-m", "flows.train", "--config", str(cfg_file)], cwd=REPO, env=env,
@@ -249,7 +232,7 @@ def test_train_killed_in_feature_stage_resumes_identical_and_tampering_is_recomp
     finished_before = {p.name for p in (root / "features").glob("*.zarr")}
     assert not (root / "bundles").exists() or not any((root / "bundles").iterdir())
 
-    state = train_flow(_train_cfg(demo_data, tmp_path / "c", root), return_state=True)
+    state = train_flow(_train_cfg(demo_patch_dataset, tmp_path / "c", root), return_state=True)
     assert state.is_completed()
     res = state.result()
     runs = _runs_by_name(state)
@@ -272,7 +255,7 @@ def test_train_killed_in_feature_stage_resumes_identical_and_tampering_is_recomp
     model = next((root / "models").glob("*.joblib"))
     model.write_bytes(model.read_bytes()[:100])
     (next((root / "validation").iterdir()) / "test_results.csv").unlink()
-    state = train_flow(_train_cfg(demo_data, tmp_path / "d", root), return_state=True)
+    state = train_flow(_train_cfg(demo_patch_dataset, tmp_path / "d", root), return_state=True)
     runs = _runs_by_name(state)
     assert sorted(runs["train-pass-features"]).count("Completed") == 1  # only the edited pass is recomputed
     assert runs["fit-classifier"] == ["Completed"] and runs["validate-patches"] == ["Completed"]

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from tests._synth import CLASS_TO_IDX, make_dataset, tree_digest
+from tests.conftest import task_runs
 
 FLAKY_ENV = "PATCHFLOW_TEST_FLAKY_FLAG"
 DASK = {"kind": "dask", "n_workers": 2, "threads_per_worker": 1}
@@ -45,14 +46,6 @@ def killing_identity(mask: np.ndarray) -> np.ndarray:
 
             os.kill(os.getpid(), signal.SIGKILL)
     return mask
-
-
-def _task_runs(state) -> list:
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
-    with get_client(sync_client=True) as client:
-        return client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
 
 
 def _dataset_cfg(raw: Path, out: Path, root: Path, runner: dict) -> dict:
@@ -91,7 +84,7 @@ def test_dask_runs_match_single_process(tmp_path: Path, prefect_harness, monkeyp
     state = dataset_flow(_dataset_cfg(raw, tmp_path / "ds_dask", tmp_path / "root_dask", DASK), return_state=True)
     assert state.is_completed()
     assert (tmp_path / "failed-once").exists()
-    runs = _task_runs(state)
+    runs = task_runs(state)
     scans = [r for r in runs if r.name.startswith("scan-images")]
     writes = [r for r in runs if r.name.startswith("write-patches")]
     assert len(scans) == 5 and len(writes) == 5  # 22 images in shards of 5
@@ -170,7 +163,7 @@ def test_existing_dask_cluster_by_address(tmp_path: Path, prefect_harness) -> No
         cfg["dataset"].pop("mask_preprocessing")
         state = dataset_flow(cfg, return_state=True)
         assert state.is_completed()
-        assert len([r for r in _task_runs(state) if r.name.startswith("write-patches")]) == 3
+        assert len([r for r in task_runs(state) if r.name.startswith("write-patches")]) == 3
         cfg = _dataset_cfg(raw, tmp_path / "ds_one", tmp_path / "root_o", {"kind": "thread"})
         cfg["dataset"].pop("mask_preprocessing")
         dataset_flow(cfg)

@@ -16,19 +16,6 @@ from tests.conftest import task_states
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def demo_patch_dataset(tmp_path_factory) -> Path:
-    from tasks import generate_patch_dataset, get_image_mask_association
-    from tasks.demo_data import make_demo_dataset
-
-    root = tmp_path_factory.mktemp("demo")
-    d = make_demo_dataset(root / "raw", n_images=14, size=(128, 160), seed=3)
-    assoc = get_image_mask_association(d["images"], d["masks"], mask_extension="_mask")
-    out = root / "patches"
-    generate_patch_dataset(assoc, d["class_to_idx"], val_size=0.3, test_size=0.0, patch_size=[64, 64], output_folder=str(out))
-    return out
-
-
 def _cfg(data: Path, tmp: Path, **over) -> dict:
     cfg = {
         "datamodule": {"data_path": str(data), "batch_size": 32},
