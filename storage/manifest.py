@@ -16,7 +16,7 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Mapping
 
 from storage.layout import write_atomic
 
@@ -44,13 +44,19 @@ def _files(root: Path) -> list[str]:
     return out
 
 
-def write_manifest(root: Path) -> Path:
-    """Record every file under ``root`` (call when the output is otherwise final)."""
+def write_manifest(root: Path, known: Mapping[str, tuple[int, str]] | None = None) -> Path:
+    """Record every file under ``root`` (call when the output is otherwise final).
+
+    ``known``: ``{relative path: (size, sha256)}`` of files whose digest the writer already computed
+    from the bytes it wrote; used when the size still matches, the other files are read and hashed.
+    """
     root = Path(root)
+    known = known or {}
     entries, mtimes = {}, {}
     for rel in _files(root):
         st = (root / rel).stat()
-        entries[rel] = [st.st_size, _sha256(root / rel)]
+        size, digest = known.get(rel, (-1, ""))
+        entries[rel] = [st.st_size, digest if size == st.st_size else _sha256(root / rel)]
         mtimes[rel] = st.st_mtime_ns
     _write_json(root / STAT_CACHE, mtimes)
     path = root / MANIFEST_FILE

@@ -264,23 +264,32 @@ def _load_done(tmp: Path, shard: int) -> list[Result] | None:
 
 def process_shard(tmp: str | Path, shard: int, workers: "Workers | None" = None, plan: DatasetPlan | None = None) -> int:
     """Phase 2 of shard ``shard``: write its images' files (skipped when already done); returns its image count."""
+    return process_shards(tmp, [shard], workers, plan)
+
+
+def process_shards(tmp: str | Path, shards: Sequence[int], workers: "Workers | None" = None,
+                   plan: DatasetPlan | None = None) -> int:
+    """Phase 2 of several shards in one pass over ``workers`` (no barrier between shards); each finished
+    shard is recorded on its own, so a killed run resumes shard by shard. Returns the image count."""
     tmp = Path(tmp)
     plan = plan or load_plan(tmp)
     if plan.order is None:
         raise ValueError(f"{tmp}: splits are not assigned yet; run assign_splits first")
-    idx = plan.shards(ordered=True)[shard]
-    if _load_done(tmp, shard) is not None:
-        return len(idx)
+    all_idx = plan.shards(ordered=True)
+    todo = [s for s in shards if _load_done(tmp, s) is None]
+    jobs = [plan.jobs[i] for s in todo for i in all_idx[s]]
     own = workers is None
-    workers = workers or Workers(plan.params, 1, len(idx))
+    workers = workers or Workers(plan.params, 1, len(jobs))
     try:
-        results = workers.map(process_image, [plan.jobs[i] for i in idx])
+        results = workers.imap(process_image, jobs)  # each shard is recorded as soon as its images are done
+        for s in todo:
+            res = [next(results) for _ in all_idx[s]]
+            sizes = {rel: size for r in res for rel, (size, _) in r.files.items()}
+            layout.write_atomic(_shard_marker(tmp, s), pickle.dumps({"results": res, "sizes": sizes}))
     finally:
         if own:
             workers.close()
-    sizes = {rel: (tmp / rel).stat().st_size for r in results for rel in r.files}
-    layout.write_atomic(_shard_marker(tmp, shard), pickle.dumps({"results": results, "sizes": sizes}))
-    return len(idx)
+    return sum(len(all_idx[s]) for s in shards)
 
 
 def finish_patch_dataset(tmp: str | Path) -> dict[str, Any]:
@@ -322,7 +331,7 @@ def finish_patch_dataset(tmp: str | Path) -> dict[str, Any]:
         },
     )
     shutil.rmtree(tmp / SHARD_DIR)
-    write_manifest(tmp)
+    write_manifest(tmp, known={rel: v for results in per_shard for r in results for rel, v in r.files.items()})
     out = Path(plan.out)
     layout.publish(tmp, out)
     logger.info(
@@ -370,11 +379,9 @@ def generate_patch_dataset(
     plan = load_plan(tmp)
     workers = Workers(plan.params, num_workers, len(plan.jobs))
     try:
-        if plan.order is None:
-            scans = [r for i in range(len(plan.shards(ordered=False))) for r in scan_shard(tmp, i, workers, plan)]
-            assign_splits(tmp, scans, plan)
-        for i in range(len(plan.shards(ordered=True))):
-            process_shard(tmp, i, workers, plan)
+        if plan.order is None:  # in-process: one pass over all images, shards only matter on Dask
+            assign_splits(tmp, workers.map(scan_image, plan.jobs), plan)
+        process_shards(tmp, range(len(plan.shards(ordered=True))), workers, plan)
         workers.close()
         return finish_patch_dataset(tmp)
     except BaseException as exc:

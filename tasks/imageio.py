@@ -10,6 +10,7 @@ import numpy as np
 
 _COLOR = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
 _UNCHANGED = cv2.IMREAD_UNCHANGED | cv2.IMREAD_IGNORE_ORIENTATION
+_ANYCOLOR = cv2.IMREAD_ANYCOLOR | cv2.IMREAD_IGNORE_ORIENTATION
 
 
 class InputDataError(ValueError):
@@ -26,12 +27,16 @@ def read_bytes(path: str | Path) -> bytes:
         raise InputDataError(f"{path}: cannot be read ({exc})") from None
 
 
-def decode_image(data: bytes, path: str | Path, reduced: bool = False) -> np.ndarray:
+def decode_image(data: bytes, path: str | Path, reduced: bool = False, keep_gray: bool = False) -> np.ndarray:
     """BGR uint8 (H, W, 3) image from file bytes; grayscale, RGBA and 16-bit inputs are converted.
 
-    ``reduced`` only checks that the file decodes (1/8-scale grayscale, much cheaper).
+    ``reduced`` only checks that the file decodes (1/8-scale grayscale, much cheaper). ``keep_gray``
+    returns a grayscale file as (H, W) uint8 (the same pixels any BGR reader gets, a third of the bytes).
     """
-    flag = (cv2.IMREAD_REDUCED_GRAYSCALE_8 | cv2.IMREAD_IGNORE_ORIENTATION) if reduced else _COLOR
+    if reduced:
+        flag = cv2.IMREAD_REDUCED_GRAYSCALE_8 | cv2.IMREAD_IGNORE_ORIENTATION
+    else:
+        flag = _ANYCOLOR if keep_gray else _COLOR
     img = cv2.imdecode(np.frombuffer(data, np.uint8), flag) if data else None
     if img is None:
         raise InputDataError(f"{path}: not a readable image (corrupt, truncated or unsupported format); replace or remove it")

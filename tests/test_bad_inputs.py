@@ -10,6 +10,7 @@ Test names are ``test_<NN>_<what>``; ``NN`` is the entry number in docs/bad-inpu
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -259,11 +260,13 @@ def test_17_16bit_image_accepted(tmp_path: Path) -> None:
 
 
 def test_18_grayscale_image_accepted(tmp_path: Path) -> None:
-    """Accepted: one channel is repeated into three."""
+    """Accepted: patches stay 1-channel PNGs; any BGR reader (ours, Quadra's cv2.imread) gets the channel repeated."""
     gray = np.random.default_rng(3).integers(0, 255, (16, 20), dtype=np.uint8)
     path = png(tmp_path / "in" / "gray.png", gray)
     patch = _one_val_patch(tmp_path, path, (16, 20))
-    assert patch.shape == (16, 20, 3) and all(np.array_equal(patch[..., c], gray) for c in range(3))
+    assert patch.shape == (16, 20) and np.array_equal(patch, gray)
+    bgr = cv2.imread(str(tmp_path / "out" / "val" / "bg" / "gray_0.png"))
+    assert bgr.shape == (16, 20, 3) and all(np.array_equal(bgr[..., c], gray) for c in range(3))
 
 
 def test_19_image_smaller_than_a_patch_is_padded(tmp_path: Path) -> None:
@@ -445,9 +448,16 @@ def test_34_output_folder_is_a_file(tmp_path: Path) -> None:
 
 
 def test_35_read_only_output_disk_simulated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Simulated: cv2.imwrite returns False (what OpenCV does on a read-only or full disk)."""
+    """Simulated: the file system refuses to write a patch PNG (EROFS, as a read-only mount does)."""
     dd = source(tmp_path)
-    monkeypatch.setattr(cv2, "imwrite", lambda *a, **k: False)
+    real = Path.write_bytes
+
+    def refuse_png(self: Path, data: bytes) -> int:
+        if self.suffix == ".png" and "val" in self.parts:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(self))
+        return real(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", refuse_png)
     out = tmp_path / "out"
     expect(OSError, lambda: generate(dd, out), "could not write", ".png", fix="disk full|read-only")
     assert_no_dataset(out)
