@@ -103,11 +103,13 @@ def evaluate_split(
         merger = make_merger(method, grid, num_classes, thresholds)
         merger.add(idx, labels, probs)
         pred = merger.finalize()
-        soft = SoftMerger(grid, num_classes)
-        soft.add(idx, labels, probs)
-        mean_prob = soft.mean_probabilities()
         if good:
             pred[np.isin(pred, list(good))] = 0  # annotated-good classes are good in maps (B3 fixed)
+        mean_prob = None  # per-pixel probabilities only feed the polygons of predicted defects
+        if pred.any():
+            soft = SoftMerger(grid, num_classes)
+            soft.add(idx, labels, probs)
+            mean_prob = soft.mean_probabilities()
         gt = None
         if mask_path is not None:
             gt = decode_mask(read_bytes(mask_path), mask_path)[0].astype(np.int32)

@@ -24,6 +24,24 @@ from storage.geometry import PatchGrid
 METHODS = ("major_voting", "priority", "soft")
 
 
+class Cells:
+    """The rectangles that the patch boxes cut the padded image into: every pixel of a cell is covered by
+    the same patches, so mergers count per cell (a few hundred values instead of H*W per class) and
+    expand only the result; the maps are identical to per-pixel accumulation."""
+
+    def __init__(self, boxes: np.ndarray, padded_shape: tuple[int, int]) -> None:
+        H, W = padded_shape
+        self.ys = np.unique(np.concatenate([[0, H], boxes[:, 0], boxes[:, 2]]))
+        self.xs = np.unique(np.concatenate([[0, W], boxes[:, 1], boxes[:, 3]]))
+        self.spans = np.stack([np.searchsorted(self.ys, boxes[:, 0]), np.searchsorted(self.xs, boxes[:, 1]),
+                               np.searchsorted(self.ys, boxes[:, 2]), np.searchsorted(self.xs, boxes[:, 3])], axis=1)
+        self.shape = (len(self.ys) - 1, len(self.xs) - 1)
+
+    def expand(self, cells: np.ndarray) -> np.ndarray:
+        """``(..., cells_y, cells_x)`` -> ``(..., H, W)`` of the padded image."""
+        return np.repeat(np.repeat(cells, np.diff(self.ys), axis=-2), np.diff(self.xs), axis=-1)
+
+
 class Merger:
     """Accumulates patch predictions of one image and produces its class map."""
 
@@ -31,6 +49,7 @@ class Merger:
         self.grid = grid
         self.num_classes = int(num_classes)
         self.boxes = grid.boxes()
+        self.cells = Cells(self.boxes, grid.padded_shape)
 
     def add(self, patch_index: np.ndarray, labels: np.ndarray, probabilities: np.ndarray | None = None) -> None:
         """Add predictions (class index per patch, optional (N, C) probabilities) of patches by grid index."""
@@ -46,12 +65,12 @@ class MajorVotingMerger(Merger):
 
     def __init__(self, grid: PatchGrid, num_classes: int) -> None:
         super().__init__(grid, num_classes)
-        self.votes = np.zeros((num_classes, *grid.padded_shape), dtype=np.int32)
+        self.votes = np.zeros((num_classes, *self.cells.shape), dtype=np.int32)
 
     def add(self, patch_index: np.ndarray, labels: np.ndarray, probabilities: np.ndarray | None = None) -> None:
         for i, lab in zip(np.asarray(patch_index).tolist(), np.asarray(labels).tolist()):
             if lab > 0:
-                y0, x0, y1, x1 = self.boxes[i]
+                y0, x0, y1, x1 = self.cells.spans[i]
                 self.votes[lab, y0:y1, x0:x1] += 1
 
     def finalize(self) -> np.ndarray:
@@ -59,7 +78,7 @@ class MajorVotingMerger(Merger):
         # argmax over reversed classes gives the higher index on ties
         best = (v.shape[0] - 1 - np.argmax(v[::-1], axis=0)) + 1
         out = np.where(v.max(axis=0) > 0, best, 0).astype(np.int32)
-        return self.grid.crop(out)
+        return self.grid.crop(self.cells.expand(out))
 
 
 class PriorityMerger(Merger):
@@ -67,16 +86,16 @@ class PriorityMerger(Merger):
 
     def __init__(self, grid: PatchGrid, num_classes: int) -> None:
         super().__init__(grid, num_classes)
-        self.map = np.zeros(grid.padded_shape, dtype=np.int32)
+        self.map = np.zeros(self.cells.shape, dtype=np.int32)
 
     def add(self, patch_index: np.ndarray, labels: np.ndarray, probabilities: np.ndarray | None = None) -> None:
         for i, lab in zip(np.asarray(patch_index).tolist(), np.asarray(labels).tolist()):
             if lab > 0:
-                y0, x0, y1, x1 = self.boxes[i]
+                y0, x0, y1, x1 = self.cells.spans[i]
                 np.maximum(self.map[y0:y1, x0:x1], lab, out=self.map[y0:y1, x0:x1])
 
     def finalize(self) -> np.ndarray:
-        return self.grid.crop(self.map.copy())
+        return self.grid.crop(self.cells.expand(self.map))
 
 
 class SoftMerger(Merger):
@@ -84,8 +103,8 @@ class SoftMerger(Merger):
 
     def __init__(self, grid: PatchGrid, num_classes: int, thresholds: Sequence[float] | None = None) -> None:
         super().__init__(grid, num_classes)
-        self.sum = np.zeros((num_classes, *grid.padded_shape), dtype=np.float32)
-        self.count = np.zeros(grid.padded_shape, dtype=np.int32)
+        self.sum = np.zeros((num_classes, *self.cells.shape), dtype=np.float32)
+        self.count = np.zeros(self.cells.shape, dtype=np.int32)
         self.thresholds = None if thresholds is None else np.asarray(thresholds, dtype=np.float32)
 
     def add(self, patch_index: np.ndarray, labels: np.ndarray, probabilities: np.ndarray | None = None) -> None:
@@ -95,23 +114,25 @@ class SoftMerger(Merger):
         if probs.shape[1] != self.num_classes:
             raise ValueError(f"probabilities have {probs.shape[1]} columns, expected {self.num_classes} (one per class index)")
         for i, p in zip(np.asarray(patch_index).tolist(), probs):
-            y0, x0, y1, x1 = self.boxes[i]
+            y0, x0, y1, x1 = self.cells.spans[i]
             self.sum[:, y0:y1, x0:x1] += p[:, None, None]
             self.count[y0:y1, x0:x1] += 1
 
+    def _mean_cells(self) -> np.ndarray:
+        return self.sum / np.maximum(self.count, 1)[None]
+
     def mean_probabilities(self) -> np.ndarray:
         """(C, H, W) mean probabilities of the original image area (0 where no patch)."""
-        mean = self.sum / np.maximum(self.count, 1)[None]
-        return mean[:, : self.grid.height, : self.grid.width]
+        return self.cells.expand(self._mean_cells())[:, : self.grid.height, : self.grid.width]
 
     def finalize(self) -> np.ndarray:
-        mean = self.mean_probabilities()
+        mean = self._mean_cells()
         out = np.argmax(mean, axis=0).astype(np.int32)
         if self.thresholds is not None:
             win = np.take_along_axis(mean, out[None], axis=0)[0]
             out[win < self.thresholds[out]] = 0
-        out[self.count[: self.grid.height, : self.grid.width] == 0] = 0
-        return out
+        out[self.count == 0] = 0
+        return self.grid.crop(self.cells.expand(out))
 
 
 def make_merger(method: str, grid: PatchGrid, num_classes: int, thresholds: Sequence[float] | None = None) -> Merger:

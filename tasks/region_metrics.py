@@ -98,7 +98,7 @@ def prediction_polygons(
     Coordinates are pixel edges (a 1-pixel region is the unit square around it).
     """
     out = []
-    for c in sorted(int(v) for v in np.unique(pred) if v > 0):
+    for c in np.flatnonzero(np.bincount(pred.ravel().clip(0)))[1:].tolist() if pred.size else []:
         n, lab = cv2.connectedComponents((pred == c).astype(np.uint8), connectivity=8)
         for r in range(1, n):
             region = lab == r

@@ -76,7 +76,7 @@ def read_results(path: Path) -> list[tuple[str, int, int, float]]:
 
 def _png(path: Path, img: np.ndarray) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    ok, buf = cv2.imencode(".png", img, [cv2.IMWRITE_PNG_COMPRESSION, 6])
+    ok, buf = cv2.imencode(".png", img)  # OpenCV's default settings: several times faster than level 6
     if not ok:
         raise ValueError(f"cannot encode {path}")
     path.write_bytes(buf.tobytes())

@@ -77,6 +77,45 @@ def test_soft_merger_lets_good_evidence_outvote_a_weak_defect() -> None:
     assert strict.max() == 0  # 0.6 is below the class threshold
 
 
+def _per_pixel(method: str, grid, num_classes: int, labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    """Brute-force reference: accumulate every patch on every pixel it covers."""
+    H, W = grid.padded_shape
+    votes = np.zeros((num_classes, H, W), np.int64)
+    psum = np.zeros((num_classes, H, W), np.float32)
+    count = np.zeros((H, W), np.int64)
+    for (y0, x0, y1, x1), lab, p in zip(grid.boxes().tolist(), labels.tolist(), probs):
+        votes[lab, y0:y1, x0:x1] += 1
+        psum[:, y0:y1, x0:x1] += p[:, None, None]
+        count[y0:y1, x0:x1] += 1
+    if method == "soft":
+        out = np.argmax(psum / np.maximum(count, 1)[None], axis=0)
+    else:
+        out = np.zeros((H, W), np.int64)
+        for y in range(H):
+            for x in range(W):
+                v = votes[1:, y, x]
+                if v.any():
+                    if method == "priority":
+                        out[y, x] = np.flatnonzero(v).max() + 1
+                    else:
+                        out[y, x] = np.flatnonzero(v == v.max()).max() + 1
+    out[count == 0] = 0
+    return out[: grid.height, : grid.width]
+
+
+@pytest.mark.parametrize("method", ["major_voting", "priority", "soft"])
+@pytest.mark.parametrize("h, w, size, overlap", [(37, 53, (16, 12), 0.5), (40, 30, (7, 9), 0.3), (12, 10, (16, 16), 0.0)])
+def test_cell_mergers_equal_per_pixel_accumulation(method: str, h: int, w: int, size: tuple[int, int], overlap: float) -> None:
+    """Counting per cell of the box arrangement gives exactly the per-pixel maps (overlaps, flush last patch, padding)."""
+    grid = compute_grid(h, w, patch_size=size, overlap=overlap)
+    rng = np.random.default_rng(h * w)
+    probs = rng.dirichlet(np.ones(4), grid.num_patches).astype(np.float32)
+    labels = rng.integers(0, 4, grid.num_patches)
+    got = reconstruct(method, grid, 4, np.arange(grid.num_patches), labels, probs)
+    assert got.shape == (h, w)
+    assert np.array_equal(got, _per_pixel(method, grid, 4, labels, probs))
+
+
 def test_polygons_keep_holes_of_any_region() -> None:
     pred = np.zeros((60, 90), np.int32)
     pred[2:10, 2:10] = 2  # a plain square first in raster order
