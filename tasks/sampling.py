@@ -168,7 +168,8 @@ def _memo(kind: str, path: Path | str, compute):
 
 # EXIF orientation is ignored everywhere (as in tasks.imageio): masks, triangles and boxes all live
 # in the stored pixel frame.
-_IMREAD_FLAGS = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
+# grayscale files decode as 1 channel (cheaper) and only their patches become BGR: the same pixels as a BGR decode
+_IMREAD_FLAGS = cv2.IMREAD_ANYCOLOR | cv2.IMREAD_IGNORE_ORIENTATION
 
 
 def _image_size(path: str) -> tuple[int, int]:
@@ -322,7 +323,8 @@ def iter_pass_patches(samples: PassSamples, batch_size: int) -> Iterator[tuple[n
             cur_img = pad_to(img, (int(need[u, 0]), int(need[u, 1])))
             cur_u = u
         y0, x0, y1, x1 = box[row].tolist()
-        patches.append(np.ascontiguousarray(cur_img[y0:y1, x0:x1]))
+        crop = cur_img[y0:y1, x0:x1]
+        patches.append(cv2.cvtColor(crop, cv2.COLOR_GRAY2BGR) if crop.ndim == 2 else np.ascontiguousarray(crop))
         rows_out.append(row)
         if len(rows_out) == batch_size:
             yield np.asarray(rows_out, dtype=np.int64), patches

@@ -486,3 +486,20 @@ def test_rewritten_h5_is_read_again_not_served_from_the_memo(basic: Path) -> Non
     moved = draw_pass(basic, entries, CLASSES, seed=0, pass_index=0, info=info)
     cy, cx = moved.center[row]
     assert (cy < 5 and cx < 5) or (cy >= 70 and cx >= 90), moved.center[row]  # sampled inside the new triangles
+
+
+def test_grayscale_images_give_the_bgr_patches_of_a_colour_decode(tmp_path: Path) -> None:
+    """A grayscale file is decoded as one channel (cheaper); its patches are the BGR pixels a colour decode gives."""
+    root = make_dataset(tmp_path / "ds", {"g.png": (60, 70)}, {"g.h5": ("g.png", None)}, ["g.h5,bg"], patch_size=[24, 20])
+    gray = np.random.default_rng(5).integers(0, 255, (60, 70), dtype=np.uint8)
+    assert cv2.imwrite(str(root / "original/images/g.png"), gray)
+    s = draw_pass(root, read_train_list(root) * 12, CLASSES, seed=1, pass_index=0)
+    colour = cv2.imread(str(root / "original/images/g.png"), cv2.IMREAD_COLOR)
+    n = 0
+    for rows, patches in iter_pass_patches(s, 5):
+        for r, p in zip(rows, patches):
+            y0, x0, y1, x1 = s.box[r]
+            assert p.shape == (24, 20, 3) and p.flags["C_CONTIGUOUS"]
+            np.testing.assert_array_equal(p, colour[y0:y1, x0:x1])
+            n += 1
+    assert n == 12
