@@ -71,7 +71,7 @@ def create_store(path: Path, n_rows: int, dim: int, attrs: dict, chunk_rows: int
     g.create_array("labels", shape=(n_rows,), dtype="int16", chunks=(chunk_rows,), fill_value=-1)
     g.create_array("sample_ids", shape=(n_rows,), dtype=str, chunks=(chunk_rows,), fill_value="")
     g.create_array("boxes", shape=(n_rows, 4), dtype="int32", chunks=(chunk_rows, 4), fill_value=-1)
-    g.attrs.update(
+    g.update_attributes(  # one metadata write (attrs.update writes zarr.json once per key)
         {
             **user_attrs,
             "n_rows": int(n_rows),
@@ -185,7 +185,7 @@ def mark_complete(path: Path, digest: str) -> None:
     """Flag the store complete with its content digest (call after every row is written)."""
     g = _open(path, "r+")
     # one atomic zarr.json rewrite: complete and content_digest appear together
-    g.attrs.update({"content_digest": str(digest), "complete": True})
+    g.update_attributes({"content_digest": str(digest), "complete": True})
 
 
 def is_verified(path: Path) -> bool:

@@ -16,7 +16,9 @@ import io
 import json
 import logging
 import os
+import queue
 import shutil
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -119,6 +121,46 @@ def shard_done(part: Path, index: int) -> bool:
         return False
 
 
+def prefetch(items: Iterator[Any], depth: int = 2) -> Iterator[Any]:
+    """``items`` computed ahead on a background thread (decoding overlaps the forward pass, which releases
+    the GIL); same items in the same order, an exception is raised where it occurred."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def put(entry: tuple[bool, Any]) -> bool:
+        while not stop.is_set():  # the consumer may have stopped early: never block forever
+            try:
+                q.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def run() -> None:
+        try:
+            for item in items:
+                if not put((True, item)):
+                    return
+            put((True, done))
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            put((False, exc))
+
+    thread = threading.Thread(target=run, name="patchflow-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            ok, item = q.get()
+            if not ok:
+                raise item
+            if item is done:
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+
+
 def fill_shard(
     out: Path, index: int, extract: Callable[[list[np.ndarray]], np.ndarray], batches: BatchFn, batch_size: int,
 ) -> dict[str, Any]:
@@ -134,7 +176,7 @@ def fill_shard(
         plan = {k: z[k] for k in z.files}
     feats = np.full((end - start, int(attrs["dim"])), np.nan, dtype=np.float32)
     t_fwd = 0.0
-    for rows, patches in batches(plan, attrs, start, end, batch_size):
+    for rows, patches in prefetch(batches(plan, attrs, start, end, batch_size)):
         t = time.perf_counter()
         feats[rows] = extract(patches)
         t_fwd += time.perf_counter() - t

@@ -198,3 +198,31 @@ def test_two_processes_disjoint_aligned_chunks(tmp_path: Path) -> None:
     np.testing.assert_array_equal(y, ey)
     assert ids.tolist() == eids
     np.testing.assert_array_equal(boxes, eboxes)
+
+
+def test_prefetch_keeps_order_and_raises_where_the_producer_failed() -> None:
+    import threading
+
+    from tasks.feature_shards import prefetch
+
+    assert list(prefetch(iter(range(50)), depth=2)) == list(range(50))
+
+    def failing():
+        yield 1
+        yield 2
+        raise ValueError("bad image x.png")
+
+    got = []
+    with pytest.raises(ValueError, match="bad image x.png"):
+        for v in prefetch(failing()):
+            got.append(v)
+    assert got == [1, 2]
+    # a consumer that stops early does not leave the producer thread blocked
+    before = threading.active_count()
+    for v in prefetch(iter(range(1000)), depth=1):
+        if v == 3:
+            break
+    import time
+
+    time.sleep(0.3)
+    assert threading.active_count() <= before
