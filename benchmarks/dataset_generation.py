@@ -80,7 +80,8 @@ def codec_floor(data: Path, dataset: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--workers", type=int, nargs="+", default=sorted({1, 2, os.cpu_count() or 1}),
+                    help="num_workers values to time (default: 1, 2 and this machine's CPU count)")
     ap.add_argument("--repeats", type=int, default=2, help="best of N runs per worker count")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/dataset_generation.json"))
     args = ap.parse_args()
