@@ -228,6 +228,8 @@ def score_split(
 
     Patches of skipped classes and of unlabelled images count as -1: left out of patch metrics, kept in
     the reconstruction (as in the reference, but the skipped classes really come from the bundle: B4).
+    ``#DISCARD#`` patches (ambiguous labels) are left out of the patch metrics too, unlike the reference
+    (B28); they still vote in the reconstruction, which needs the whole grid.
     """
     import joblib
 
@@ -237,7 +239,9 @@ def score_split(
     X, y, ids, _ = fstore.load_features(store)
     idx_to_class = {v: k for k, v in class_to_idx.items()}
     skip = {class_to_idx[n] for n in (class_to_skip or []) if n in class_to_idx}
-    y_eval = np.where(np.isin(y, list(skip)), -1, y)
+    names = [layout.parse_patch_name(os.path.basename(sid)) for sid in ids.tolist()]
+    discard = np.array([d for _, _, d in names], dtype=bool)
+    y_eval = np.where(np.isin(y, list(skip)) | discard, -1, y)
     proba = est.predict_proba(X)
     pred = est.classes_[np.argmax(proba, axis=1)]
     out_dir = Path(out_dir)
@@ -245,9 +249,11 @@ def score_split(
     with (out_dir / "test_results.csv").open("w", newline="") as fh:  # the reference's columns (pandas-style index)
         w = csv.writer(fh, lineterminator="\n")
         w.writerow(["", "sample", "real_label", "pred_label", "probability", "filename"])
-        for i, (sid, t, p, pr) in enumerate(zip(ids.tolist(), y_eval.tolist(), pred.tolist(), proba.max(axis=1).tolist())):
-            w.writerow([i, sid, t, p, f"{pr:.6f}", layout.parse_patch_name(os.path.basename(sid))[0]])
+        for i, (sid, t, p, pr, (stem, _, _)) in enumerate(zip(ids.tolist(), y_eval.tolist(), pred.tolist(),
+                                                                proba.max(axis=1).tolist(), names)):
+            w.writerow([i, sid, t, p, f"{pr:.6f}", stem])
     metrics = patch_metrics(y_eval, pred, idx_to_class)
+    metrics["n_discarded"] = int(discard.sum())  # #DISCARD# patches: reconstructed, not scored (B28)
     results = evaluate_split(
         data_path, split, ids.tolist(), pred, full_probabilities(proba, est.classes_, max(class_to_idx.values()) + 1),
         class_to_idx, method, coverage_threshold, maps_dir=out_dir / "maps", soft_thresholds=soft_thresholds,

@@ -280,7 +280,8 @@ def write_report(out_dir: Path, data_path: Path, class_to_idx: dict[str, int], t
     cards = [("accuracy", _fmt(acc)), ("balanced accuracy", _fmt(bal)),
              ("defects detected", f"{alld['detected']}/{alld['defects']}" if alld else "-"),
              ("region precision", _fmt(summary.get("region_precision"))), ("method", method or "-"),
-             ("patches evaluated", f"{metrics.get('n_evaluated', 0)}/{metrics.get('n_patches', len(results))}")]
+             ("patches evaluated", f"{metrics.get('n_evaluated', 0)}/{metrics.get('n_patches', len(results))}"
+              + (f" ({metrics['n_discarded']} #DISCARD# left out)" if metrics.get("n_discarded") else ""))]
     parts = [f"<h1>{html.escape(title)}</h1>", '<div class="cards">']
     parts += [f'<div class="card">{html.escape(k)}<b>{html.escape(str(v))}</b></div>' for k, v in cards]
     parts.append("</div><h2>Patch classification</h2>")

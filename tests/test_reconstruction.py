@@ -188,3 +188,45 @@ def test_evaluate_split_on_a_generated_dataset(tmp_path: Path) -> None:
     assert none["summary"]["all_defects"]["detected"] == 0 and none["summary"]["predicted_regions"] == 0
     with pytest.raises(ValueError, match="unknown classes"):
         evaluate_split(data, "val", ids, labels, probs, classes, "soft", soft_thresholds={"nope": 0.5})
+
+
+def test_discard_patches_are_reconstructed_but_not_scored(tmp_path: Path) -> None:
+    """B28: ambiguous (#DISCARD#) val patches stay out of accuracy and the confusion matrix, yet vote in the maps."""
+    import csv
+
+    import joblib
+    from sklearn.linear_model import LogisticRegression
+
+    from storage import features as fstore
+    from tasks import generate_patch_dataset, get_image_mask_association
+    from tasks.demo_data import make_demo_dataset
+    from tasks.evaluation import score_split
+
+    d = make_demo_dataset(tmp_path / "raw", n_images=8, size=(128, 160), seed=1)
+    assoc = get_image_mask_association(d["images"], d["masks"], mask_extension="_mask")
+    data = tmp_path / "ds"
+    classes = d["class_to_idx"]
+    generate_patch_dataset(assoc, classes, val_size=1.0, patch_size=[32, 32], output_folder=str(data))
+    files = sorted((data / "val").rglob("*.png"))
+    ids = [str(p.relative_to(data)) for p in files]
+    labels = np.array([classes[p.parent.name] for p in files], dtype=np.int16)
+    discard = np.array([p.name.startswith("#DISCARD#") for p in files])
+    assert discard.any() and (~discard).any()
+    # features that make the classifier predict each patch's folder label, except #DISCARD# patches (folder:
+    # background), which it predicts as a defect: were they scored, accuracy would drop below 1
+    shown = np.where(discard, max(classes.values()), labels)
+    X = np.eye(max(classes.values()) + 1, dtype=np.float32)[shown] * 10
+    fstore.create_store(tmp_path / "val.zarr", len(ids), X.shape[1], {"kind": "val"})
+    fstore.write_feature_rows(tmp_path / "val.zarr", 0, X)
+    fstore.write_row_meta(tmp_path / "val.zarr", labels, ids, np.full((len(ids), 4), -1))
+    fstore.mark_complete(tmp_path / "val.zarr", fstore.store_digest(tmp_path / "val.zarr"))
+    clf = LogisticRegression(max_iter=1000).fit(X, shown)
+    joblib.dump(clf, tmp_path / "clf.joblib")
+    m = score_split(tmp_path / "clf.joblib", tmp_path / "val.zarr", data, "val", classes, None, "major_voting", 0.3, tmp_path / "out")
+    assert m["n_patches"] == len(ids) and m["n_discarded"] == int(discard.sum())
+    assert m["n_evaluated"] == int((~discard).sum()) and m["accuracy"] == 1.0
+    assert sum(map(sum, m["confusion_matrix"]["matrix"])) == m["n_evaluated"]
+    rows = list(csv.DictReader((tmp_path / "out" / "test_results.csv").open()))
+    assert [int(r["real_label"]) == -1 for r in rows] == discard.tolist()
+    recon = json.loads((tmp_path / "out" / "reconstruction_results.json").read_text())
+    assert sum(r["n_patches"] for r in recon["reconstructions"]) == len(ids)  # every patch votes
