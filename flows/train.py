@@ -19,7 +19,7 @@ from storage.settings import storage_root
 from tasks.artifacts import Progress, publish_task
 from tasks.caching import cached_stage
 from tasks.config import parse_cli, run_cli, validate_config
-from tasks.evaluation import headline
+from tasks.evaluation import METRICS_VERSION, headline
 from tasks.features_task import (
     backbone_digest,
     dataset_key,
@@ -95,7 +95,7 @@ def train_flow(config: TrainFlowConfig) -> dict[str, Any]:
         skip = sorted(cfg.datamodule.class_to_skip_training or [])
         recon = {"method": cfg.task.reconstruction_method, "coverage": cfg.task.coverage_threshold, "report": cfg.task.report,
                  "soft_thresholds": cfg.task.soft_thresholds}
-        vkey2 = combine("validate", fkey, Path(val_store).name, params_digest({"skip": skip, "reconstruction": recon}))
+        vkey2 = combine("validate", METRICS_VERSION, fkey, Path(val_store).name, params_digest({"skip": skip, "reconstruction": recon}))
         vdir = root / "validation" / vkey2[:32]
         f = "validate" in force
         metrics = cached_stage(validate_task, root, f, matches_manifest(vdir))(cfg, clf, val_store, vkey2, str(vdir), f)

@@ -17,7 +17,7 @@ from storage.layout import read_info
 from storage.manifest import building, matches_manifest
 from tasks.backbones import FeatureExtractor, load_export
 from tasks.config import StrictModel
-from tasks.evaluation import score_split
+from tasks.evaluation import METRICS_VERSION, score_split
 from tasks.features_task import dataset_key, extract_items, split_items
 from tasks.train_config import CoreSection
 
@@ -106,7 +106,7 @@ def evaluate_with_bundle(cfg: EvaluateFlowConfig, store: Path, out: Path) -> dic
 def evaluation_key(cfg: EvaluateFlowConfig, features_key: str, root: Path, meta: dict[str, Any]) -> str:
     """Key of the scoring/report stage: features, classifier bytes, skipped classes and output options."""
     o = cfg.task.output
-    return combine("evaluate", features_key, file_digest(root / "classifier.joblib"),
+    return combine("evaluate", METRICS_VERSION, features_key, file_digest(root / "classifier.joblib"),
                    params_digest({"skip": meta.get("class_to_skip"), "method": o.reconstruction_method or meta.get("reconstruction_method"),
                                   "output": o.model_dump(mode="json", exclude={"folder"}), "classes": meta["classes"]}))
 

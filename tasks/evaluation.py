@@ -24,6 +24,10 @@ from tasks.imageio import decode_mask, file_image_size, read_bytes
 from tasks.reconstruction import SoftMerger, make_merger
 from tasks.region_metrics import defect_coverage, pixel_scores, prediction_polygons, region_counts
 
+#: version of what the scoring writes (metrics, reconstruction results, report): part of the validate and
+#: evaluate cache keys, so results cached by older code are recomputed (2: #DISCARD# patches not scored, B28)
+METRICS_VERSION = "2"
+
 SIZE_BUCKETS = ((0, 100, "<100 px"), (100, 1000, "100-1k px"), (1000, 10000, "1k-10k px"), (10000, None, ">=10k px"))
 
 
