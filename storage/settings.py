@@ -16,6 +16,7 @@ PREFECT_DEFAULTS: dict[str, str] = {
     "PREFECT_SERVER_UI_SHOW_PROMOTIONAL_CONTENT": "false",
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "60",
     "PREFECT_LOGGING_EXTRA_LOGGERS": "patchflow",  # stage logs reach the flow run's log in the UI
+    "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",  # the same functions used as a library, outside any flow
 }
 
 STORAGE_ROOT_ENV = "PATCHFLOW_STORAGE_ROOT"

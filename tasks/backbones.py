@@ -13,8 +13,9 @@ import importlib.util
 import logging
 import os
 import re
-from collections.abc import Mapping, Sequence
-from contextlib import nullcontext
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import cv2
@@ -370,11 +371,10 @@ def export_torchscript(model: nn.Module, path: Path, input_size: tuple[int, int]
     """Trace the model on CPU/fp32 and save it as TorchScript at `path` (atomic replace)."""
     path = Path(path)
     m, example = _export_copy(model, input_size)
-    with torch.no_grad():
-        traced = torch.jit.trace(m, example, check_trace=False)
     tmp = _tmp_path(path)
     try:
-        torch.jit.save(traced, str(tmp))
+        with torch.no_grad(), _no_torchscript_deprecation():
+            torch.jit.save(torch.jit.trace(m, example, check_trace=False), str(tmp))
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -386,8 +386,18 @@ def load_torchscript(path: Path, device: str = "cpu") -> torch.jit.ScriptModule:
     path = Path(path)
     if not path.is_file():
         raise BackboneError(f"TorchScript file does not exist: {path}")
-    module = torch.jit.load(str(path), map_location=parse_device(device))
+    with _no_torchscript_deprecation():
+        module = torch.jit.load(str(path), map_location=parse_device(device))
     return module.eval()
+
+
+@contextmanager
+def _no_torchscript_deprecation() -> Iterator[None]:
+    """TorchScript is the bundle format the reference and its users deploy: its deprecation notice is not
+    something a patchflow user can act on, so it is silenced here (and only here)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.jit\..* is deprecated")
+        yield
 
 
 def export_onnx(model: nn.Module, path: Path, input_size: tuple[int, int] = (224, 224)) -> Path:
@@ -398,9 +408,11 @@ def export_onnx(model: nn.Module, path: Path, input_size: tuple[int, int] = (224
     m, example = _export_copy(model, input_size)
     tmp = _tmp_path(path).with_suffix(".onnx")
     try:
-        torch.onnx.export(m, (example,), str(tmp), dynamo=False, opset_version=17,
-                          input_names=["images"], output_names=["features"],
-                          dynamic_axes={"images": {0: "batch"}, "features": {0: "batch"}})
+        with warnings.catch_warnings():  # the TorchScript-based exporter is chosen on purpose (no onnxscript needed)
+            warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx.*|tasks\.backbones")
+            torch.onnx.export(m, (example,), str(tmp), dynamo=False, opset_version=17,
+                              input_names=["images"], output_names=["features"],
+                              dynamic_axes={"images": {0: "batch"}, "features": {0: "batch"}})
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
