@@ -22,10 +22,11 @@ from tasks.config import StrictModel, parse_cli, run_cli, validate_config
 from tasks.dataset_task import DataSection, GenerationSection
 from tasks.features_task import dataset_key
 from tasks.runner import RunnerSection
-from tasks.promotion import PromotionSection, register_and_promote
+from tasks.promotion import PromotionSection, latest_evaluation_config, newest_inputs_key, register_and_promote
 from tasks.train_config import DatamoduleSection, TrainFlowConfig
 
 from flows.dataset import DatasetFlowConfig, dataset_flow
+from flows.evaluate import evaluate_flow
 from flows.train import train_flow
 
 
@@ -54,9 +55,10 @@ class RetrainFlowConfig(StrictModel):
 
 
 @task(name="register-model-version", cache_policy=NO_CACHE)
-def register_task(bundle: str, folder: str, metrics: dict[str, Any], inputs_key: str, promotion: PromotionSection, run_dir: str) -> dict[str, Any]:
+def register_task(bundle: str, folder: str, metrics: dict[str, Any], inputs_key: str, promotion: PromotionSection, run_dir: str,
+                  latest_metrics: dict[str, Any] | None = None) -> dict[str, Any]:
     """Add the new bundle as a version and promote it by policy."""
-    return register_and_promote(Path(bundle), Path(folder), metrics, inputs_key, promotion, run_dir)
+    return register_and_promote(Path(bundle), Path(folder), metrics, inputs_key, promotion, run_dir, latest_metrics)
 
 
 @flow(name="patchflow-retrain")
@@ -74,7 +76,13 @@ def retrain_flow(config: RetrainFlowConfig) -> dict[str, Any]:
     training["datamodule"].pop("data_path")
     inputs_key = combine(dataset_key(data_path), params_digest(training))
     folder = Path(cfg.promotion.models_folder) / train_cfg.core.name
-    outcome = register_task(result["bundle"], str(folder), result["metrics"], inputs_key, cfg.promotion, result["run_dir"])
+    latest_metrics = None
+    ecfg = latest_evaluation_config(folder, cfg.promotion, train_cfg, cfg.storage_root)
+    if ecfg is not None and newest_inputs_key(folder) != inputs_key:  # a new version: judge both on the same split
+        state = evaluate_flow(ecfg, return_state=True)
+        latest_metrics = state.result()["metrics"] if state.is_completed() else None  # else: the recorded value
+    outcome = register_task(result["bundle"], str(folder), result["metrics"], inputs_key, cfg.promotion, result["run_dir"],
+                            latest_metrics)
     create_markdown_artifact(
         key="retrain-outcome",
         markdown=(

@@ -16,12 +16,16 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field
 
 from storage.layout import write_json
 from tasks.config import StrictModel
+
+if TYPE_CHECKING:
+    from tasks.evaluate_task import EvaluateFlowConfig
+    from tasks.train_config import TrainFlowConfig
 
 METRICS = ("balanced_accuracy", "accuracy", "defect_detection_rate")
 
@@ -59,10 +63,54 @@ def read_latest(folder: Path) -> dict[str, Any] | None:
         return None
 
 
+def newest_inputs_key(folder: Path) -> str | None:
+    """``inputs_key`` of the newest version in ``folder`` (None when there is none)."""
+    versions = _versions(Path(folder))
+    return json.loads((versions[-1] / "version.json").read_text()).get("inputs_key") if versions else None
+
+
+def latest_bundle(folder: Path) -> Path | None:
+    """The promoted version's folder (a deployment bundle), or None before the first promotion."""
+    latest = read_latest(Path(folder))
+    path = Path(folder) / latest["version"] if latest else None
+    return path if path is not None and (path / "model.json").is_file() else None
+
+
+def latest_evaluation_config(folder: Path, promotion: PromotionSection, train_cfg: "TrainFlowConfig",
+                             storage_root: str | None) -> "EvaluateFlowConfig | None":
+    """Evaluation of the promoted model on the val split ``train_cfg`` validates on, with the same scoring
+    settings, so that old and new models are compared on the same patches; None when there is nothing to
+    compare (no promoted model, a policy that does not compare, or another class set)."""
+    from storage import bundle as bdl
+    from tasks.evaluate_task import EvaluateFlowConfig
+    from tasks.features_task import class_map
+
+    bundle = latest_bundle(folder)
+    if bundle is None or promotion.policy != "if_not_worse":
+        return None
+    if bdl.class_to_idx(bdl.read_meta(bundle)) != class_map(train_cfg):
+        return None  # the classes changed: the old model cannot be scored on the new split
+    dm, t = train_cfg.datamodule, train_cfg.task
+    return EvaluateFlowConfig.model_validate({
+        "datamodule": {"data_path": dm.data_path, "split": "val", "include_filter": dm.include_filter,
+                       "exclude_filter": dm.exclude_filter, "batch_size": dm.batch_size},
+        "task": {"model_path": str(bundle), "device": t.device,
+                 "output": {"report": False, "example": False, "reconstruction_method": t.reconstruction_method,
+                            "coverage_threshold": t.coverage_threshold, "soft_thresholds": t.soft_thresholds}},
+        "core": {"name": f"{train_cfg.core.name}-latest-on-val", "runs_folder": train_cfg.core.runs_folder},
+        "storage_root": storage_root,
+    })
+
+
 def register_and_promote(
-    bundle: Path, folder: Path, metrics: dict[str, Any], inputs_key: str, promotion: PromotionSection, run_dir: str
+    bundle: Path, folder: Path, metrics: dict[str, Any], inputs_key: str, promotion: PromotionSection, run_dir: str,
+    latest_metrics: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Add ``bundle`` as a new version unless identical inputs made the newest one; promote by policy. Returns what was done."""
+    """Add ``bundle`` as a new version unless identical inputs made the newest one; promote by policy. Returns what was done.
+
+    ``latest_metrics``: the promoted model's metrics on the same validation split as ``metrics`` (the split
+    moves when images are added); without them the value recorded when it was registered is used.
+    """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     versions = _versions(folder)
@@ -74,14 +122,20 @@ def register_and_promote(
             return {"action": "unchanged", "version": versions[-1].name, "latest": (latest or {}).get("version"),
                     "reason": "no new or changed images and the same configuration: nothing to retrain",
                     "metric": promotion.metric, "value": newest.get("metric_value")}
+    current = (latest or {}).get("metric_value")
+    basis = "recorded when it was registered (another validation split)"
+    if latest is not None and latest_metrics is not None:
+        current = metric_value(latest_metrics, promotion.metric)
+        basis = "re-evaluated on this run's validation split"
     name = f"v{len(versions) + 1:04d}" if not versions else f"v{int(versions[-1].name[1:]) + 1:04d}"
     tmp = folder / f".{name}.{os.getpid()}.partial"
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(bundle, tmp)
     write_json(tmp / "version.json", {"version": name, "inputs_key": inputs_key, "metric": promotion.metric,
-                                      "metric_value": value, "metrics": metrics, "run_dir": run_dir})
+                                      "metric_value": value, "metrics": metrics, "run_dir": run_dir,
+                                      "compared_with": None if latest is None else
+                                      {"version": latest.get("version"), "metric_value": current, "basis": basis}})
     os.replace(tmp, folder / name)
-    current = (latest or {}).get("metric_value")
     if promotion.policy == "never":
         promote, reason = False, "promotion policy is 'never'"
     elif promotion.policy == "always" or latest is None:
@@ -89,9 +143,11 @@ def register_and_promote(
     elif value is None:
         promote, reason = False, f"{promotion.metric} could not be computed for the new model"
     elif current is None or value >= current - promotion.tolerance:
-        promote, reason = True, f"{promotion.metric} {value:.4f} is not worse than {current if current is None else round(current, 4)} (tolerance {promotion.tolerance})"
+        promote, reason = True, (f"{promotion.metric} {value:.4f} is not worse than the latest's "
+                                 f"{current if current is None else round(current, 4)} {basis} (tolerance {promotion.tolerance})")
     else:
-        promote, reason = False, f"{promotion.metric} {value:.4f} is worse than the latest's {current:.4f} (tolerance {promotion.tolerance})"
+        promote, reason = False, (f"{promotion.metric} {value:.4f} is worse than the latest's {current:.4f} {basis} "
+                                  f"(tolerance {promotion.tolerance})")
     if promote:
         write_json(folder / "latest.json", {"version": name, "metric": promotion.metric, "metric_value": value,
                                             "previous": (latest or {}).get("version")})

@@ -40,6 +40,22 @@ def test_register_and_promote_policies(tmp_path: Path) -> None:
     assert det["action"] == "promoted" and det["value"] == 0.5
 
 
+def test_promotion_compares_on_the_same_split_when_given(tmp_path: Path) -> None:
+    """The recorded value came from another val split: the promoted model re-scored on the new one decides."""
+    folder = tmp_path / "models" / "m"
+    pol = PromotionSection()
+    register_and_promote(_bundle(tmp_path, "a"), folder, {"balanced_accuracy": 0.90}, "k1", pol, "r1")
+    # the new split is harder: the new model scores 0.80 there, the promoted one only 0.75
+    fair = register_and_promote(_bundle(tmp_path, "b"), folder, {"balanced_accuracy": 0.80}, "k2", pol, "r2",
+                                latest_metrics={"balanced_accuracy": 0.75})
+    assert fair["action"] == "promoted" and fair["previous_value"] == 0.75 and "re-evaluated" in fair["reason"]
+    rec = json.loads((folder / "v0002" / "version.json").read_text())["compared_with"]
+    assert rec == {"version": "v0001", "metric_value": 0.75, "basis": "re-evaluated on this run's validation split"}
+    # without it, the value recorded at registration is all there is (and the outcome says so)
+    stale = register_and_promote(_bundle(tmp_path, "c"), folder, {"balanced_accuracy": 0.78}, "k3", pol, "r3")
+    assert stale["action"] == "kept_previous" and stale["previous_value"] == 0.80 and "recorded when" in stale["reason"]
+
+
 def test_retrain_flow_picks_up_new_images(tmp_path: Path, prefect_harness) -> None:
     from flows.retrain import retrain_flow
     from tasks.demo_data import make_demo_dataset
@@ -68,6 +84,10 @@ def test_retrain_flow_picks_up_new_images(tmp_path: Path, prefect_harness) -> No
     state = retrain_flow(cfg, return_state=True)
     third = state.result()["outcome"]
     assert third["version"] == "v0002" and third["action"] in ("promoted", "kept_previous")
+    # the promoted v0001 was scored again on this run's val split, so both models are judged on the same patches
+    assert "re-evaluated on this run's validation split" in third["reason"], third
+    compared = json.loads((tmp_path / "models" / "tiles" / "v0002" / "version.json").read_text())["compared_with"]
+    assert compared["version"] == "v0001" and compared["metric_value"] == third["previous_value"]
     latest = json.loads((tmp_path / "models" / "tiles" / "latest.json").read_text())
     assert latest["version"] == ("v0002" if third["action"] == "promoted" else "v0001")
     assert (tmp_path / "models" / "tiles" / "v0002" / "model.json").is_file()
