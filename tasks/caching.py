@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import socket
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -35,6 +36,47 @@ logger = logging.getLogger("patchflow.locks")
 
 #: a lock file still empty after this long was left by a process killed while creating it
 EMPTY_LOCK_GRACE_S = 30.0
+#: holders touch their lock files this often (a lease), so another host can tell a live holder from a dead one
+LEASE_REFRESH_S = float(os.environ.get("PATCHFLOW_LOCK_REFRESH_S", "30"))
+#: a lock held from another host and not refreshed for this long is reclaimed: its host died or lost the
+#: shared storage (clocks of the hosts must agree to well within this; NTP does)
+LEASE_TTL_S = float(os.environ.get("PATCHFLOW_LOCK_TTL_S", "600"))
+
+
+class _LeaseRefresher:
+    """One daemon thread per process that touches the lock files this process holds."""
+
+    def __init__(self) -> None:
+        self.paths: set[Path] = set()
+        self.guard = threading.Lock()
+        self.thread: threading.Thread | None = None
+
+    def add(self, path: Path) -> None:
+        with self.guard:
+            self.paths.add(Path(path))
+            if self.thread is None or not self.thread.is_alive():
+                self.thread = threading.Thread(target=self._run, name="patchflow-lock-lease", daemon=True)
+                self.thread.start()
+
+    def discard(self, path: Path) -> None:
+        with self.guard:
+            self.paths.discard(Path(path))
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(LEASE_REFRESH_S)
+            with self.guard:
+                held = list(self.paths)
+            for path in held:
+                try:
+                    os.utime(path)
+                except FileNotFoundError:
+                    self.discard(path)
+                except OSError:  # shared storage briefly unavailable: try again next round
+                    pass
+
+
+_LEASES = _LeaseRefresher()
 
 
 def _process_start(pid: int) -> str | None:
@@ -57,10 +99,11 @@ def _alive(pid: int, start: str | None) -> bool:
 
 
 class ReclaimingLockManager(FileSystemLockManager):
-    """Prefect's file lock manager, plus: a lock whose holder process is dead (same host) is reclaimed.
+    """Prefect's file lock manager, plus: a lock whose holder is dead is reclaimed.
 
-    Lock files also record the holder's host, pid and process start time. Locks held from another
-    host are honoured as they are (their liveness cannot be checked from here).
+    Lock files record the holder's host, pid and process start time, and the holder touches them every
+    ``LEASE_REFRESH_S``. On the holder's host a lock is stale as soon as its process is gone; from
+    another host, once it has not been touched for ``LEASE_TTL_S`` (the holder's host died).
     """
 
     def _get_lock_info(self, key: str, use_cache: bool = True) -> dict | None:  # type: ignore[override]
@@ -91,14 +134,20 @@ class ReclaimingLockManager(FileSystemLockManager):
             except FileNotFoundError:
                 return False
         pid, host = info.get("pid"), info.get("host")
-        return host == socket.gethostname() and isinstance(pid, int) and not _alive(pid, info.get("start"))
+        if host == socket.gethostname():
+            return isinstance(pid, int) and not _alive(pid, info.get("start"))
+        try:  # another host: its lease lapsed
+            return time.time() - Path(info["path"]).stat().st_mtime > LEASE_TTL_S
+        except FileNotFoundError:
+            return False
 
     def is_locked(self, key: str, use_cache: bool = False) -> bool:
         info = self._get_lock_info(key, use_cache=use_cache)
         if info is None:
             return False
         if self._stale(info):
-            logger.warning("reclaiming lock %s: its holder (pid %s on %s) is gone", info["path"], info.get("pid"), info.get("host"))
+            logger.warning("reclaiming lock %s: its holder (pid %s on %s) is gone or stopped renewing it",
+                           info["path"], info.get("pid"), info.get("host"))
             Path(info["path"]).unlink(missing_ok=True)
             self._locks.pop(key, None)
             return False
@@ -126,7 +175,12 @@ class ReclaimingLockManager(FileSystemLockManager):
             with os.fdopen(fd, "wb") as f:
                 f.write(json.dumps(info).encode())
             self._locks[key] = {**info, "expiration": expiration, "path": path}
+            _LEASES.add(path)
             return True
+
+    def release_lock(self, key: str, holder: str) -> None:
+        _LEASES.discard(self._lock_path_for_key(key))
+        super().release_lock(key, holder)
 
     async def aacquire_lock(self, key: str, holder: str, acquire_timeout: float | None = None, hold_timeout: float | None = None) -> bool:
         return self.acquire_lock(key, holder, acquire_timeout, hold_timeout)

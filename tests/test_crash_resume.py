@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -61,6 +62,47 @@ def test_lock_of_a_killed_process_is_reclaimed(tmp_path: Path) -> None:
     assert not other.acquire_lock("stage", "third", acquire_timeout=0.3)
     m.release_lock("stage", "next-run")
     assert other.acquire_lock("stage", "third", acquire_timeout=1)
+
+
+def _foreign_lock(tmp_path: Path, key: str, age_s: float) -> Path:
+    """A lock file as a holder on another host writes it, last renewed ``age_s`` ago."""
+    from tasks.caching import lock_manager
+
+    m = lock_manager(tmp_path)
+    m._ensure_lock_files_directory_exists()
+    path = m._lock_path_for_key(key)
+    path.write_text(json.dumps({"holder": "h", "expiration": None, "pid": 1, "host": "another-host", "start": "1"}))
+    os.utime(path, (time.time() - age_s, time.time() - age_s))
+    return path
+
+
+def test_lock_of_a_dead_host_is_reclaimed_once_its_lease_lapses(tmp_path: Path) -> None:
+    """Another host's holder cannot be checked by pid: its lock counts while renewed, and is reclaimed after the TTL."""
+    from tasks.caching import LEASE_TTL_S, lock_manager
+
+    _foreign_lock(tmp_path, "live", age_s=5)
+    assert not lock_manager(tmp_path).acquire_lock("live", "me", acquire_timeout=0.3)  # renewed recently: honoured
+    _foreign_lock(tmp_path, "dead", age_s=LEASE_TTL_S + 60)
+    m = lock_manager(tmp_path)
+    assert m.acquire_lock("dead", "me", acquire_timeout=5) and m.is_lock_holder("dead", "me")
+
+
+def test_held_locks_are_renewed_and_released_locks_are_not(tmp_path: Path) -> None:
+    code = textwrap.dedent(f"""
+        import os, time; from pathlib import Path; from tasks.caching import lock_manager
+        m = lock_manager(Path({str(tmp_path)!r}))
+        assert m.acquire_lock('stage', 'holder')
+        path = m._lock_path_for_key('stage')
+        os.utime(path, (time.time() - 1000, time.time() - 1000))
+        time.sleep(1.0)
+        renewed = time.time() - path.stat().st_mtime
+        m.release_lock('stage', 'holder')
+        assert m.acquire_lock('other', 'holder'); m.release_lock('other', 'holder')
+        print(renewed < 5, not path.exists())
+    """)
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True,
+                         env={**os.environ, "PATCHFLOW_LOCK_REFRESH_S": "0.2"})
+    assert out.stdout.split() == ["True", "True"], out.stdout + out.stderr
 
 
 # --------------------------------------------------------------------------- feature shards resume
