@@ -151,7 +151,8 @@ def run_cli(main_fn: Callable[[], Any]) -> None:
         print(f"error: {exc}", file=sys.stderr)  # bad input data: one line (the run log keeps the traceback)
         raise SystemExit(1) from None
     except ValueError as exc:
-        if type(exc).__name__ != "BackboneError":
+        backbones = sys.modules.get("tasks.backbones")  # imported by then if it raised (torch stays unimported otherwise)
+        if backbones is None or not isinstance(exc, backbones.BackboneError):
             raise
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
