@@ -11,6 +11,7 @@ import difflib
 import hashlib
 import importlib.util
 import logging
+import math
 import os
 import re
 import warnings
@@ -175,10 +176,37 @@ def torchvision_to_dino(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Te
 # --------------------------------------------------------------------------- models
 
 
+class AnySizeViT(models.VisionTransformer):
+    """torchvision's ViT for any input size that is a multiple of the patch size (torchvision's asserts
+    224): the 28x28 positional embeddings are interpolated bicubically the way DINO's release does it
+    (``interpolate_pos_encoding``), so dino_vitb8 runs at any ``transforms.input_height/width``, as the
+    reference's torch.hub model does. At 224x224 nothing is interpolated (the plain ViT forward)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = int(x.shape[2]), int(x.shape[3])  # exports trace one fixed size (model.json's input_size); batch stays free
+        p = self.patch_size
+        if h % p or w % p:
+            raise BackboneError(f"dino_vitb8 needs an input size that is a multiple of {p}, got {h}x{w}; "
+                                f"set transforms.input_height/input_width to multiples of {p} (e.g. 224)")
+        x = self.conv_proj(x).flatten(2).transpose(1, 2)  # (B, tokens, hidden)
+        x = torch.cat([self.class_token.expand(x.shape[0], -1, -1), x], dim=1) + self._positions(h // p, w // p)
+        x = self.encoder.ln(self.encoder.layers(self.encoder.dropout(x)))
+        return self.heads(x[:, 0])
+
+    def _positions(self, gh: int, gw: int) -> torch.Tensor:
+        pos = self.encoder.pos_embedding
+        side = int(round(math.sqrt(pos.shape[1] - 1)))
+        if (gh, gw) == (side, side):
+            return pos
+        grid = pos[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
+        # DINO's +0.1 keeps floor(side * scale) at exactly (gh, gw) despite float rounding
+        grid = nn.functional.interpolate(grid, scale_factor=((gh + 0.1) / side, (gw + 0.1) / side), mode="bicubic")
+        return torch.cat([pos[:, :1], grid.permute(0, 2, 3, 1).reshape(1, gh * gw, -1)], dim=1)
+
+
 def _architecture(name: str) -> nn.Module:
     if name == "dino_vitb8":
-        return models.VisionTransformer(image_size=224, patch_size=8, num_layers=12, num_heads=12,
-                                        hidden_dim=768, mlp_dim=3072)
+        return AnySizeViT(image_size=224, patch_size=8, num_layers=12, num_heads=12, hidden_dim=768, mlp_dim=3072)
     return getattr(models, name)(weights=None)
 
 
@@ -392,11 +420,24 @@ def load_torchscript(path: Path, device: str = "cpu") -> torch.jit.ScriptModule:
 
 
 @contextmanager
+def _plain_attention() -> Iterator[None]:
+    """Attention as plain ops while exporting: the fused inference kernel (``_native_multi_head_attention``)
+    has no ONNX form, so ViT backbones (dino_vitb8) would not export."""
+    before = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(before)
+
+
+@contextmanager
 def _no_torchscript_deprecation() -> Iterator[None]:
     """TorchScript is the bundle format the reference and its users deploy: its deprecation notice is not
     something a patchflow user can act on, so it is silenced here (and only here)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.jit\..* is deprecated")
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)  # sizes are fixed on purpose
         yield
 
 
@@ -408,8 +449,9 @@ def export_onnx(model: nn.Module, path: Path, input_size: tuple[int, int] = (224
     m, example = _export_copy(model, input_size)
     tmp = _tmp_path(path).with_suffix(".onnx")
     try:
-        with warnings.catch_warnings():  # the TorchScript-based exporter is chosen on purpose (no onnxscript needed)
+        with warnings.catch_warnings(), _plain_attention():  # the TorchScript-based exporter is chosen on purpose
             warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx.*|tasks\.backbones")
+            warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)  # traced at the fixed input size
             torch.onnx.export(m, (example,), str(tmp), dynamo=False, opset_version=17,
                               input_names=["images"], output_names=["features"],
                               dynamic_axes={"images": {0: "batch"}, "features": {0: "batch"}})

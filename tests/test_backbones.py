@@ -146,6 +146,45 @@ def test_dino_checkpoint_loads_exactly(tmp_path):
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
 
 
+def _dino_reference_positions(pos: torch.Tensor, gh: int, gw: int) -> torch.Tensor:
+    """DINO's release ``interpolate_pos_encoding`` (vision_transformer.py), written out for (rows, cols)."""
+    n = pos.shape[1] - 1
+    grid = pos[:, 1:].reshape(1, int(n ** 0.5), int(n ** 0.5), -1).permute(0, 3, 1, 2)
+    grid = nn.functional.interpolate(grid, scale_factor=((gh + 0.1) / n ** 0.5, (gw + 0.1) / n ** 0.5), mode="bicubic")
+    assert grid.shape[-2:] == (gh, gw)
+    return torch.cat([pos[:, :1], grid.permute(0, 2, 3, 1).reshape(1, -1, pos.shape[-1])], dim=1)
+
+
+def test_dino_runs_at_any_multiple_of_8_as_dino_does():
+    """torchvision's ViT asserts 224x224; the reference's DINO interpolates its position embeddings."""
+    torch.manual_seed(3)
+    model = bb.build_backbone("dino_vitb8", None)
+    x = torch.randn(2, 3, 224, 224)
+    with torch.inference_mode():
+        torch.testing.assert_close(model(x), models.VisionTransformer.forward(model, x), rtol=0, atol=0)  # 224: unchanged
+        pos = model._positions(12, 16)
+    torch.testing.assert_close(pos, _dino_reference_positions(model.encoder.pos_embedding, 12, 16))
+    ex = bb.FeatureExtractor(model)
+    assert ex.extract([np.zeros((50, 70, 3), np.uint8)] * 3, (96, 128)).shape == (3, 768)
+    with pytest.raises(bb.BackboneError, match="multiple of 8"):
+        ex.extract([np.zeros((50, 70, 3), np.uint8)], (100, 96))
+
+
+@pytest.mark.parametrize("size", [(224, 224), (96, 128)])
+def test_dino_exports_to_torchscript_and_onnx(tmp_path, size):
+    """The fused attention kernel has no ONNX form: exports (and the ONNX Runtime feature path) use plain ops."""
+    torch.manual_seed(4)
+    model = bb.build_backbone("dino_vitb8", None)
+    bb.export_torchscript(model, tmp_path / "m.pt", size)
+    bb.export_onnx(model, tmp_path / "m.onnx", size)
+    assert torch.backends.mha.get_fastpath_enabled()  # restored after the export
+    x = torch.randn(3, 3, *size)  # another batch size than the trace example
+    with torch.inference_mode():
+        ref = model(x)
+        torch.testing.assert_close(bb.load_torchscript(tmp_path / "m.pt")(x), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(bb.OnnxBackbone(tmp_path / "m.onnx")(x), ref, rtol=1e-4, atol=1e-4)
+
+
 # ----------------------------------------------------------------- preprocessing
 
 
