@@ -18,7 +18,7 @@ from pathlib import Path
 from benchmarks.dataset_generation import DEFAULT_DATA, build_dataset
 
 
-def bare_forward_rate(cfg, n_batches: int = 6) -> float:
+def bare_forward_rate(cfg, n_batches: int = 12) -> float:
     """Patches/s of preprocess + forward alone on the first batches of pass 0 (no sampling, no I/O)."""
     from pathlib import Path as P
 
