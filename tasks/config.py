@@ -59,6 +59,8 @@ def format_validation_error(exc: ValidationError, model_cls: type[BaseModel], so
             lines.append(f"'{parent}': item {err['loc'][-1]} is missing; give a list with all its items")
         elif err["type"] == "missing":
             lines.append(f"missing required key '{key}'; set it in the config file or pass {key}=VALUE")
+        elif not err["loc"]:  # a rule across keys (model validator): its message names them
+            lines.append(str(err["msg"]).removeprefix("Value error, "))
         else:
             lines.append(f"'{key}': {err['msg']} (got {err.get('input')!r})")
     return f"invalid configuration ({source}):\n  " + "\n  ".join(lines)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from tasks.backbones import SUPPORTED_BACKBONES
 from tasks.runner import RunnerSection
@@ -122,3 +122,11 @@ class TrainFlowConfig(StrictModel):
     force: list[Literal["features", "val_features", "fit", "export", "validate"]] = Field(
         default_factory=list, description="Stages to recompute even when cached"
     )
+
+    @model_validator(mode="after")
+    def _vit_input_size(self) -> "TrainFlowConfig":
+        t = self.transforms
+        if self.backbone.name == "dino_vitb8" and (t.input_height % 8 or t.input_width % 8):
+            raise ValueError(f"backbone dino_vitb8 needs transforms.input_height/input_width that are multiples of 8 "
+                             f"(its patch size), got {t.input_height}x{t.input_width}")
+        return self

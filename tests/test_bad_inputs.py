@@ -930,3 +930,11 @@ def test_79_evaluate_on_a_folder_that_is_not_a_dataset(bundle: Path, tmp_path: P
     store = tmp_path / "store"
     expect(DatasetFormatError, lambda: extract_with_bundle(cfg, store), data / "info.json", fix="point data_path at")
     assert not store.exists()
+
+
+def test_80_dino_input_size_not_a_multiple_of_8() -> None:
+    """Refused when the config is read (not at the first batch): ViT-B/8 cuts images into 8x8 patches."""
+    msg = expect(ConfigError, lambda: load_config(TrainFlowConfig, None, ["datamodule.data_path=x", "backbone.name=dino_vitb8",
+                                                                          "transforms.input_height=100"]),
+                 "dino_vitb8", "transforms.input_height", "100x224", fix="multiples of 8")
+    assert "Value error" not in msg
