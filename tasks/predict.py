@@ -61,7 +61,7 @@ def _tiles(images: list[Path], geometry: dict[str, Any]) -> Iterator[tuple[_Imag
 
 
 def predict_images(
-    model_path: Path, images_dir: Path, out_dir: Path, method: str | None = None, batch_size: int = 64, device: str = "cpu",
+    model_path: Path, images_dir: Path, out_dir: Path, method: str | None = None, batch_size: int = 32, device: str = "cpu",
 ) -> dict[str, Any]:
     """Predict every image of ``images_dir`` and write its class map, polygons and overlay into ``out_dir``."""
     root = bdl.resolve_bundle(model_path)
