@@ -401,7 +401,7 @@ def export_torchscript(model: nn.Module, path: Path, input_size: tuple[int, int]
     m, example = _export_copy(model, input_size)
     tmp = _tmp_path(path)
     try:
-        with torch.no_grad(), _no_torchscript_deprecation():
+        with torch.no_grad(), _quiet_tracing():
             torch.jit.save(torch.jit.trace(m, example, check_trace=False), str(tmp))
         os.replace(tmp, path)
     finally:
@@ -414,7 +414,7 @@ def load_torchscript(path: Path, device: str = "cpu") -> torch.jit.ScriptModule:
     path = Path(path)
     if not path.is_file():
         raise BackboneError(f"TorchScript file does not exist: {path}")
-    with _no_torchscript_deprecation():
+    with _quiet_tracing():
         module = torch.jit.load(str(path), map_location=parse_device(device))
     return module.eval()
 
@@ -432,12 +432,14 @@ def _plain_attention() -> Iterator[None]:
 
 
 @contextmanager
-def _no_torchscript_deprecation() -> Iterator[None]:
-    """TorchScript is the bundle format the reference and its users deploy: its deprecation notice is not
-    something a patchflow user can act on, so it is silenced here (and only here)."""
+def _quiet_tracing() -> Iterator[None]:
+    """TorchScript and the TorchScript-based ONNX exporter are the formats the reference and its users deploy:
+    their deprecation notices are not something a patchflow user can act on, and exports trace one fixed
+    input size on purpose (tracer warnings), so both are silenced here (and only here)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.jit\..* is deprecated")
-        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)  # sizes are fixed on purpose
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx.*|tasks\.backbones")
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         yield
 
 
@@ -449,9 +451,7 @@ def export_onnx(model: nn.Module, path: Path, input_size: tuple[int, int] = (224
     m, example = _export_copy(model, input_size)
     tmp = _tmp_path(path).with_suffix(".onnx")
     try:
-        with warnings.catch_warnings(), _plain_attention():  # the TorchScript-based exporter is chosen on purpose
-            warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx.*|tasks\.backbones")
-            warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)  # traced at the fixed input size
+        with _quiet_tracing(), _plain_attention():  # the TorchScript-based exporter is chosen on purpose
             torch.onnx.export(m, (example,), str(tmp), dynamo=False, opset_version=17,
                               input_names=["images"], output_names=["features"],
                               dynamic_axes={"images": {0: "batch"}, "features": {0: "batch"}})

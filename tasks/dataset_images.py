@@ -19,7 +19,7 @@ import numpy as np
 from storage import layout
 from storage.geometry import PatchGrid, compute_grid
 from storage.h5files import SamplingRegion, encode_region
-from tasks.imageio import InputDataError, decode_image, decode_mask, file_image_size, read_bytes
+from tasks.imageio import InputDataError, decode_image, decode_mask, encode_png, file_image_size, read_bytes
 from tasks.labelling import label_components, label_patches
 from tasks.regions import compute_regions, dataset_lines
 
@@ -196,14 +196,6 @@ def process_image(job: Job) -> Result:
 
 
 WRITE_FIX = "free disk space, or choose another output_folder if this one is read-only"
-
-
-def encode_png(array: np.ndarray, name: str) -> bytes:
-    """PNG bytes of a patch or mask of the dataset (OpenCV's default settings, as ``cv2.imwrite``)."""
-    ok, buf = cv2.imencode(".png", array)
-    if not ok:
-        raise ValueError(f"could not encode {name} as PNG ({array.dtype}, shape {array.shape})")
-    return buf.tobytes()
 
 
 def write_bytes(path: Path, data: bytes | str) -> None:

@@ -21,7 +21,7 @@ import numpy as np
 from storage import layout
 from storage.geometry import compute_grid
 from tasks.imageio import decode_mask, file_image_size, read_bytes
-from tasks.reconstruction import SoftMerger, make_merger
+from tasks.reconstruction import make_merger, mean_probabilities
 from tasks.region_metrics import defect_coverage, pixel_scores, prediction_polygons, region_counts
 
 #: version of what the scoring writes (metrics, reconstruction results, report): part of the validate and
@@ -109,11 +109,8 @@ def evaluate_split(
         pred = merger.finalize()
         if good:
             pred[np.isin(pred, list(good))] = 0  # annotated-good classes are good in maps (B3 fixed)
-        mean_prob = None  # per-pixel probabilities only feed the polygons of predicted defects
-        if pred.any():
-            soft = SoftMerger(grid, num_classes)
-            soft.add(idx, labels, probs)
-            mean_prob = soft.mean_probabilities()
+        # per-pixel probabilities only feed the polygons of predicted defects
+        mean_prob = mean_probabilities(merger, idx, labels, probs) if pred.any() else None
         gt = None
         if mask_path is not None:
             gt = decode_mask(read_bytes(mask_path), mask_path)[0].astype(np.int32)

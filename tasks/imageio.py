@@ -129,6 +129,14 @@ def file_image_size(path: str | Path) -> tuple[int, int]:
     return size if size is not None else image_size(read_bytes(path), path)
 
 
+def encode_png(array: np.ndarray, name: str | Path) -> bytes:
+    """PNG bytes of an array (OpenCV's default settings, as ``cv2.imwrite``); ``name`` is for the error."""
+    ok, buf = cv2.imencode(".png", array)
+    if not ok:
+        raise ValueError(f"could not encode {name} as PNG ({array.dtype}, shape {array.shape})")
+    return buf.tobytes()
+
+
 def write_png(path: Path, array: np.ndarray, fix: str) -> None:
     """Write an image or fail loudly naming the file and ``fix`` (OpenCV only returns False on a full disk or a bad folder)."""
     if not cv2.imwrite(str(path), array):

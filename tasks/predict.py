@@ -26,7 +26,7 @@ from storage.layout import IMAGE_EXTENSIONS, write_json
 from tasks.backbones import FeatureExtractor, load_export
 from tasks.evaluation import full_probabilities
 from tasks.imageio import read_image, write_png
-from tasks.reconstruction import SoftMerger, make_merger
+from tasks.reconstruction import make_merger, mean_probabilities
 from tasks.region_metrics import prediction_polygons
 from tasks.report import colourise
 
@@ -119,9 +119,8 @@ def _finish(item: _Image, proba: np.ndarray, method: str, num_classes: int, idx_
     merger = make_merger(method, item.grid, num_classes)
     merger.add(idx, labels, proba)
     class_map = merger.finalize()
-    soft = SoftMerger(item.grid, num_classes)
-    soft.add(idx, labels, proba)
-    polygons = prediction_polygons(class_map, idx_to_class, soft.mean_probabilities(), item.grid.boxes(), labels)
+    mean_prob = mean_probabilities(merger, idx, labels, proba) if class_map.any() else None  # only polygons use it
+    polygons = prediction_polygons(class_map, idx_to_class, mean_prob, item.grid.boxes(), labels)
     stem = item.path.stem
     write_png(out_dir / f"{stem}_classmap.png", class_map.astype(np.uint8), _OUT_FIX)
     write_png(out_dir / f"{stem}_overlay.png", colourise(item.image, class_map), _OUT_FIX)

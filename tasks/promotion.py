@@ -63,10 +63,14 @@ def read_latest(folder: Path) -> dict[str, Any] | None:
         return None
 
 
+def _newest(versions: list[Path]) -> dict[str, Any] | None:
+    """``version.json`` of the newest of ``versions`` (None when there is none)."""
+    return json.loads((versions[-1] / "version.json").read_text()) if versions else None
+
+
 def newest_inputs_key(folder: Path) -> str | None:
     """``inputs_key`` of the newest version in ``folder`` (None when there is none)."""
-    versions = _versions(Path(folder))
-    return json.loads((versions[-1] / "version.json").read_text()).get("inputs_key") if versions else None
+    return (_newest(_versions(Path(folder))) or {}).get("inputs_key")
 
 
 def latest_bundle(folder: Path) -> Path | None:
@@ -116,12 +120,11 @@ def register_and_promote(
     versions = _versions(folder)
     latest = read_latest(folder)
     value = metric_value(metrics, promotion.metric)
-    if versions:
-        newest = json.loads((versions[-1] / "version.json").read_text())
-        if newest.get("inputs_key") == inputs_key:
-            return {"action": "unchanged", "version": versions[-1].name, "latest": (latest or {}).get("version"),
-                    "reason": "no new or changed images and the same configuration: nothing to retrain",
-                    "metric": promotion.metric, "value": newest.get("metric_value")}
+    newest = _newest(versions)
+    if newest is not None and newest.get("inputs_key") == inputs_key:
+        return {"action": "unchanged", "version": versions[-1].name, "latest": (latest or {}).get("version"),
+                "reason": "no new or changed images and the same configuration: nothing to retrain",
+                "metric": promotion.metric, "value": newest.get("metric_value")}
     current = (latest or {}).get("metric_value")
     basis = "recorded when it was registered (another validation split)"
     if latest is not None and latest_metrics is not None:

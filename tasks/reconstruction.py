@@ -48,8 +48,7 @@ class Merger:
     def __init__(self, grid: PatchGrid, num_classes: int) -> None:
         self.grid = grid
         self.num_classes = int(num_classes)
-        self.boxes = grid.boxes()
-        self.cells = Cells(self.boxes, grid.padded_shape)
+        self.cells = Cells(grid.boxes(), grid.padded_shape)
 
     def add(self, patch_index: np.ndarray, labels: np.ndarray, probabilities: np.ndarray | None = None) -> None:
         """Add predictions (class index per patch, optional (N, C) probabilities) of patches by grid index."""
@@ -133,6 +132,15 @@ class SoftMerger(Merger):
             out[win < self.thresholds[out]] = 0
         out[self.count == 0] = 0
         return self.grid.crop(self.cells.expand(out))
+
+
+def mean_probabilities(merger: Merger, patch_index: np.ndarray, labels: np.ndarray, probabilities: np.ndarray) -> np.ndarray:
+    """(C, H, W) mean class probabilities of the patches ``merger`` was given (the same ones again here);
+    a soft merger's own sums are reused instead of accumulated twice."""
+    if not isinstance(merger, SoftMerger):
+        merger = SoftMerger(merger.grid, merger.num_classes)
+        merger.add(patch_index, labels, probabilities)
+    return merger.mean_probabilities()
 
 
 def make_merger(method: str, grid: PatchGrid, num_classes: int, thresholds: Sequence[float] | None = None) -> Merger:

@@ -19,7 +19,7 @@ import cv2
 import numpy as np
 
 from storage import layout
-from tasks.imageio import InputDataError, decode_mask, read_bytes, read_image
+from tasks.imageio import InputDataError, decode_mask, encode_png, read_bytes, read_image
 
 # BGR class colours shared by the report and the predict overlays; index 0 (background) is transparent and
 # class k uses PALETTE[(k - 1) % len(PALETTE)].
@@ -76,10 +76,7 @@ def read_results(path: Path) -> list[tuple[str, int, int, float]]:
 
 def _png(path: Path, img: np.ndarray) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    ok, buf = cv2.imencode(".png", img)  # OpenCV's default settings: several times faster than level 6
-    if not ok:
-        raise ValueError(f"cannot encode {path}")
-    path.write_bytes(buf.tobytes())
+    path.write_bytes(encode_png(img, path))
     return path
 
 
