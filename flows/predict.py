@@ -13,6 +13,7 @@ from typing import Any, Literal, Sequence
 from prefect import flow
 from pydantic import Field
 
+from storage import bundle as bdl
 from storage.settings import storage_root
 from tasks.caching import cached_stage
 from tasks.config import StrictModel, run_cli, validate_config
@@ -30,6 +31,8 @@ class PredictFlowConfig(StrictModel):
     device: str = "cpu"
     storage_root: str | None = None
     force: bool = False
+    trust_pickle: bool = Field(False, description="Load a bundle without a manifest (hand-made, Quadra's) or with a pickled "
+                               "classifier.joblib; a pickle runs any code it holds: only for bundles whose source you trust")
 
 
 @flow(name="patchflow-predict")
@@ -37,9 +40,11 @@ def predict_flow(config: PredictFlowConfig) -> dict[str, Any]:
     """Predict every image of a folder; returns the per-image summary."""
     cfg = validate_config(PredictFlowConfig, config)
     root = storage_root(cfg.storage_root)
+    bdl.open_bundle(cfg.model, cfg.trust_pickle)  # before any cache lookup: an edited bundle is refused, never served
     key = prediction_key(Path(cfg.model), Path(cfg.images), Path(cfg.out), cfg.method)
     done = (Path(cfg.out) / "predictions.json").is_file()
-    return cached_stage(predict_task, root, cfg.force, done)(cfg.model, cfg.images, cfg.out, cfg.method, cfg.batch_size, cfg.device, key)
+    stage = cached_stage(predict_task, root, cfg.force, done)
+    return stage(cfg.model, cfg.images, cfg.out, cfg.method, cfg.batch_size, cfg.device, key, cfg.trust_pickle)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -53,10 +58,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--storage-root")
     ap.add_argument("--force", action="store_true")
+    ap.add_argument("--trust-pickle", action="store_true",
+                    help="load a bundle without _manifest.json or with a pickled classifier.joblib: a pickle runs any code "
+                         "it holds, so only for bundles whose source you trust")
     a = ap.parse_args(argv)
     cfg = validate_config(PredictFlowConfig, {
         "model": a.model, "images": a.images, "out": a.out, "method": a.method, "batch_size": a.batch_size,
         "device": a.device, "storage_root": a.storage_root, "force": a.force,
+        "trust_pickle": a.trust_pickle,
     })
     res = predict_flow(cfg)
     for item in res["images"]:

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-import joblib
 import numpy as np
 from prefect import task
 
@@ -25,6 +24,7 @@ from storage.geometry import PatchGrid, compute_grid
 from storage.layout import IMAGE_EXTENSIONS, write_json
 from tasks.backbones import FeatureExtractor, load_export
 from tasks.evaluation import full_probabilities
+from tasks.features_task import feature_dim_of
 from tasks.imageio import read_image, write_png
 from tasks.reconstruction import make_merger, mean_probabilities
 from tasks.region_metrics import prediction_polygons
@@ -62,10 +62,12 @@ def _tiles(images: list[Path], geometry: dict[str, Any]) -> Iterator[tuple[_Imag
 
 def predict_images(
     model_path: Path, images_dir: Path, out_dir: Path, method: str | None = None, batch_size: int = 32, device: str = "cpu",
+    trust_pickle: bool = False,
 ) -> dict[str, Any]:
-    """Predict every image of ``images_dir`` and write its class map, polygons and overlay into ``out_dir``."""
-    root = bdl.resolve_bundle(model_path)
-    meta = bdl.read_meta(root)
+    """Predict every image of ``images_dir`` and write its class map, polygons and overlay into ``out_dir``.
+
+    ``trust_pickle``: load a bundle without a manifest or with a pickled classifier (runs the code it holds)."""
+    root, meta = bdl.open_bundle(model_path, trust_pickle)  # every file checked against the manifest first
     classes = bdl.class_to_idx(meta)
     idx_to_class = {v: k for k, v in classes.items()}
     num_classes = max(classes.values()) + 1
@@ -76,10 +78,11 @@ def predict_images(
     out_dir = Path(out_dir)
     # a predictions.json left by an earlier run would make a failed run look complete (it is written last)
     (out_dir / "predictions.json").unlink(missing_ok=True)
-    est = joblib.load(root / "classifier.joblib")
+    est = bdl.load_classifier(root, meta, trust_pickle)
     backbone_path = bdl.backbone_file(root, meta)
     extractor = FeatureExtractor(load_export(backbone_path, meta.get("backbone")),
                                  "cpu" if backbone_path.suffix == ".onnx" else device, batch_size=batch_size)
+    bdl.check_width(root, est, feature_dim_of(extractor, size))  # before any image is read
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = []
     timing = {"extract_s": 0.0}
@@ -139,6 +142,7 @@ def prediction_key(model_path: Path, images_dir: Path, out_dir: Path, method: st
 
 
 @task(name="predict-images", persist_result=True)
-def predict_task(model_path: str, images_dir: str, out_dir: str, method: str | None, batch_size: int, device: str, key: str) -> dict[str, Any]:
+def predict_task(model_path: str, images_dir: str, out_dir: str, method: str | None, batch_size: int, device: str, key: str,
+                 trust_pickle: bool = False) -> dict[str, Any]:
     """Predict a folder of images (cached on ``key``)."""
-    return predict_images(Path(model_path), Path(images_dir), Path(out_dir), method, batch_size, device)
+    return predict_images(Path(model_path), Path(images_dir), Path(out_dir), method, batch_size, device, trust_pickle)
