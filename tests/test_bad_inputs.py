@@ -872,6 +872,9 @@ def test_71_bundle_path_missing(tmp_path: Path) -> None:
 @pytest.mark.parametrize("missing", ["classifier.skops", "model.json"])
 def test_72_bundle_missing_files(bundle: Path, missing: str) -> None:
     (bundle / missing).unlink()
+    expect(bdl.BundleError, lambda: _load(bundle / "model.pth"), bundle, f"{missing} was deleted after export",
+           fix=r"re-export the model \(or restore the file\)")  # an exported bundle: its manifest names the file
+    (bundle / "_manifest.json").unlink()  # a hand-made folder
     expect(bdl.BundleError, lambda: _load(bundle / "model.pth"), bundle, missing,
            fix=r"needs model.json and classifier.skops \(or Quadra's classifier.joblib\)")
 
