@@ -31,8 +31,10 @@ class PredictFlowConfig(StrictModel):
     device: str = "cpu"
     storage_root: str | None = None
     force: bool = False
-    trust_pickle: bool = Field(False, description="Load a bundle without a manifest (hand-made, Quadra's) or with a pickled "
-                               "classifier.joblib; a pickle runs any code it holds: only for bundles whose source you trust")
+    trust_pickle: bool = Field(
+        False, description="Load a bundle without a manifest (hand-made, Quadra's) or with a pickled "
+                            "classifier.joblib; a pickle runs any code it holds: only for bundles whose source you trust",
+    )
 
 
 @flow(name="patchflow-predict")
@@ -59,8 +61,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--storage-root")
     ap.add_argument("--force", action="store_true")
     ap.add_argument("--trust-pickle", action="store_true",
-                    help="load a bundle without _manifest.json or with a pickled classifier.joblib: a pickle runs any code "
-                         "it holds, so only for bundles whose source you trust")
+                    help="load a bundle without _manifest.json or with a pickled classifier.joblib: a pickle runs "
+                         "any code it holds, so only for bundles whose source you trust")
     a = ap.parse_args(argv)
     cfg = validate_config(PredictFlowConfig, {
         "model": a.model, "images": a.images, "out": a.out, "method": a.method, "batch_size": a.batch_size,

@@ -87,7 +87,8 @@ def train_flow(config: TrainFlowConfig) -> dict[str, Any]:
         bout = root / "backbones" / bkey[:32]
         f = "export" in force
         backbone = cached_stage(export_backbone_task, root, f, matches_manifest(bout))(cfg, bkey, str(bout), f)
-        ekey = combine("export", fkey, bkey, params_digest(model_json(cfg, wdig)), f"joblib={cfg.export.joblib_classifier}")
+        ekey = combine("export", fkey, bkey, params_digest(model_json(cfg, wdig)),
+                       f"joblib={cfg.export.joblib_classifier}")
         eout = root / "bundles" / ekey[:32] / "deployment_model"
         bundle = cached_stage(export_task, root, f, matches_manifest(eout))(cfg, clf, backbone, ekey, str(eout), wdig, f)
         progress.step(2)

@@ -21,7 +21,13 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from storage.classifier import JOBLIB_FILE, SKOPS_FILE, ClassifierFileError, load_classifier_file, width_problem
+from storage.classifier import (
+    JOBLIB_FILE,
+    SKOPS_FILE,
+    ClassifierFileError,
+    load_classifier_file,
+    width_problem,
+)
 from storage.fingerprint import combine, file_digest
 from storage.layout import DatasetFormatError
 from storage.manifest import MANIFEST_FILE, manifest_mismatch
@@ -84,7 +90,8 @@ def verify_bundle(root: Path, trust_pickle: bool = False) -> None:
 
 
 def open_bundle(model_path: str | Path, trust_pickle: bool = False) -> tuple[Path, dict[str, Any]]:
-    """Bundle folder and its checked ``model.json``: :func:`resolve_bundle`, :func:`verify_bundle`, :func:`read_meta`."""
+    """Bundle folder and its checked ``model.json``: :func:`resolve_bundle`, :func:`verify_bundle`,
+    :func:`read_meta`."""
     root = resolve_bundle(model_path)
     verify_bundle(root, trust_pickle)
     return root, read_meta(root)
@@ -113,8 +120,9 @@ def load_classifier(root: Path, meta: dict[str, Any], trust_pickle: bool = False
     except (TypeError, ValueError):
         predicted = {-1}
     if not predicted <= known:
-        raise BundleError(f"bundle {root}: the classifier predicts classes {sorted(map(str, est.classes_))} but model.json "
-                          f"lists {sorted(known)}; the classifier comes from another model: re-export the model")
+        raise BundleError(f"bundle {root}: the classifier predicts classes {sorted(map(str, est.classes_))} but "
+                          f"model.json lists {sorted(known)}; the classifier comes from another model: "
+                          "re-export the model")
     return est
 
 

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Collection
 from pathlib import Path
-from typing import Any, Collection, Literal
+from typing import Any, Literal
 
 from storage.layout import DatasetFormatError
 from storage.writes import serialise_to, write_file
@@ -40,7 +41,7 @@ def reviewed_types() -> set[str]:
 
 
 def skops_bytes(est: Any) -> bytes:
-    """The skops serialisation of ``est`` (in memory), byte-identical for an identical model (see :func:`_stable_zip`)."""
+    """The skops serialisation of ``est`` (in memory), the same bytes for the same model (:func:`_stable_zip`)."""
     import io
 
     import skops.io as sio
@@ -80,7 +81,8 @@ def _stable_zip(data: bytes) -> bytes:
             if name.endswith(".npy") and name[:-4].isdigit():
                 name = f"{ids.setdefault(int(name[:-4]), len(ids) + 1)}.npy"
             payload = json.dumps(schema, indent=2).encode() if name == "schema.json" else src.read(info.filename)
-            dst.writestr(zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0)), payload, compress_type=info.compress_type)
+            entry = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+            dst.writestr(entry, payload, compress_type=info.compress_type)
     return buf.getvalue()
 
 
@@ -90,7 +92,7 @@ def untrusted_types(data: bytes | None = None, path: Path | None = None) -> list
 
     try:
         return sio.get_untrusted_types(data=data) if data is not None else sio.get_untrusted_types(file=path)
-    except Exception as exc:  # a truncated or foreign file: BadZipFile, KeyError, JSONDecodeError...
+    except Exception as exc:  # noqa: BLE001 - a truncated or foreign file: BadZipFile, KeyError, JSONDecodeError...
         raise ClassifierFileError(_damaged(Path(path or "classifier"), exc)) from None
 
 
@@ -129,7 +131,7 @@ def load_classifier_file(path: Path, trust: Trust, fix: str) -> Any:
 
         try:
             est = sio.load(path, trusted=types)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - a crafted file can fail in any way
             raise ClassifierFileError(_damaged(path, exc)) from None
     elif path.suffix in PICKLE_SUFFIXES:
         if trust != "all":
@@ -139,17 +141,20 @@ def load_classifier_file(path: Path, trust: Trust, fix: str) -> Any:
 
         try:
             est = joblib.load(path)
-        except Exception as exc:  # truncated: EOFError/UnpicklingError; foreign: anything
+        except Exception as exc:  # noqa: BLE001 - truncated: EOFError/UnpicklingError; foreign: anything
             raise ClassifierFileError(_damaged(path, exc)) from None
     else:
         raise ClassifierFileError(f"{path.name}: unknown classifier format (expected .skops or .joblib)")
     if not (hasattr(est, "predict_proba") and hasattr(est, "classes_")):
-        raise ClassifierFileError(f"{path.name} holds a {type(est).__name__}, not a fitted classifier with predict_proba")
+        raise ClassifierFileError(
+            f"{path.name} holds a {type(est).__name__}, not a fitted classifier with predict_proba"
+        )
     return est
 
 
 def width_problem(est: Any, width: int) -> str | None:
-    """``None`` when ``est`` takes ``width`` features (or does not say), else ``expects N features, backbone gives M``."""
+    """``None`` when ``est`` takes ``width`` features (or does not say), else
+    ``expects N features, backbone gives M``."""
     n = getattr(est, "n_features_in_", None)
     if n is None or int(n) == int(width):
         return None

@@ -11,8 +11,9 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+from collections.abc import Callable, Iterator
+from typing import BinaryIO
 from pathlib import Path
-from typing import Callable, Iterator
 
 #: errno values that mean "no room to write this file"
 DISK_FULL = frozenset({errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)})
@@ -50,7 +51,7 @@ def write_file(path: Path, data: bytes, fix: str = STORAGE_FIX) -> Path:
     return path
 
 
-def serialise_to(path: Path, save: Callable[[object], None], fix: str = STORAGE_FIX) -> Path:
+def serialise_to(path: Path, save: Callable[[BinaryIO], None], fix: str = STORAGE_FIX) -> Path:
     """Run ``save(buffer)`` into memory, then :func:`write_file` the bytes to ``path``."""
     import io
 

@@ -270,7 +270,8 @@ def cached_stage(task_fn: Any, root: Path, force: bool, done: bool) -> Any:
     def run(*args: Any, **kwargs: Any) -> Any:
         key = signature.bind(*args, **kwargs).arguments.get("key")
         plain = not key or record_is_plain_json(root, task_fn.name, key)
-        return task_fn.with_options(cache_policy=content_policy(root), result_storage=results_dir(root),
-                                    result_serializer=RESULT_SERIALIZER, refresh_cache=force or not done or not plain)(*args, **kwargs)
+        stage = task_fn.with_options(cache_policy=content_policy(root), result_storage=results_dir(root),
+                                     result_serializer=RESULT_SERIALIZER, refresh_cache=force or not done or not plain)
+        return stage(*args, **kwargs)
 
     return run

@@ -52,8 +52,10 @@ class EvalTask(StrictModel):
     model_path: str = Field(description="deployment_model/ folder or any file in it (model.pt, model.onnx, model.pth, model.json)")
     device: str = "cpu"
     output: EvalOutput = Field(default_factory=EvalOutput)
-    trust_pickle: bool = Field(False, description="Load a bundle without a manifest (hand-made, Quadra's) or with a pickled "
-                               "classifier.joblib; a pickle runs any code it holds: only for bundles whose source you trust")
+    trust_pickle: bool = Field(
+        False, description="Load a bundle without a manifest (hand-made, Quadra's) or with a pickled "
+                            "classifier.joblib; a pickle runs any code it holds: only for bundles whose source you trust",
+    )
 
 
 class EvaluateFlowConfig(StrictModel):

@@ -14,17 +14,32 @@ from prefect import task
 
 from storage import features as fstore
 from storage import layout
+from storage.classifier import (
+    JOBLIB_FILE,
+    SKOPS_FILE,
+    load_classifier_file,
+    reviewed_types,
+    skops_bytes,
+    untrusted_types,
+    write_joblib,
+    write_skops,
+)
 from storage.fingerprint import CODE_VERSION
 from storage.geometry import GRID_POLICY
-from storage.classifier import JOBLIB_FILE, SKOPS_FILE, load_classifier_file, reviewed_types, skops_bytes, untrusted_types
-from storage.classifier import write_joblib, write_skops
-from storage.manifest import MANIFEST_FILE, STAT_CACHE, building, file_matches, matches_manifest, write_file_digest
+from storage.manifest import (
+    MANIFEST_FILE,
+    STAT_CACHE,
+    building,
+    file_matches,
+    matches_manifest,
+    write_file_digest,
+)
 from storage.writes import naming_write_errors, serialise_to
 from tasks.backbones import build_backbone, export_onnx, export_torchscript
 from tasks.config import ConfigError, import_object
 from tasks.evaluation import score_split
-from tasks.report import write_report
 from tasks.features_task import backbone_digest, class_map, feature_runtime
+from tasks.report import write_report
 from tasks.train_config import TrainFlowConfig
 
 logger = logging.getLogger("patchflow.model")
@@ -73,13 +88,14 @@ def fit_classifier(cfg: TrainFlowConfig, stores: list[str], out: Path) -> dict[s
     est.fit(X, y)
     try:
         data = skops_bytes(est)
-    except Exception as exc:  # skops stores scikit-learn compatible objects only
+    except Exception as exc:  # noqa: BLE001 - skops stores scikit-learn compatible objects only
         raise ConfigError(f"model.classifier {cfg.model.classifier}: skops cannot store the fitted classifier "
-                          f"({type(exc).__name__}: {str(exc)[:200]}); choose a scikit-learn compatible classifier") from None
+                          f"({type(exc).__name__}: {str(exc)[:200]}); choose a scikit-learn compatible classifier"
+                          ) from None
     refused = sorted(set(untrusted_types(data=data)) - trusted_types(cfg))
     if refused:
-        raise ConfigError(f"model.classifier {cfg.model.classifier}: the fitted classifier holds types that skops does not "
-                          f"trust by default: {refused}. {TRAIN_FIX}")
+        raise ConfigError(f"model.classifier {cfg.model.classifier}: the fitted classifier holds types that skops "
+                          f"does not trust by default: {refused}. {TRAIN_FIX}")
     out.parent.mkdir(parents=True, exist_ok=True)
     write_skops(est, out, data)
     logger.info("fitted %s on %d feature rows", type(est).__name__, len(y))

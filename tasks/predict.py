@@ -142,7 +142,7 @@ def prediction_key(model_path: Path, images_dir: Path, out_dir: Path, method: st
 
 
 @task(name="predict-images", persist_result=True)
-def predict_task(model_path: str, images_dir: str, out_dir: str, method: str | None, batch_size: int, device: str, key: str,
-                 trust_pickle: bool = False) -> dict[str, Any]:
+def predict_task(model_path: str, images_dir: str, out_dir: str, method: str | None, batch_size: int, device: str,
+                 key: str, trust_pickle: bool = False) -> dict[str, Any]:
     """Predict a folder of images (cached on ``key``)."""
     return predict_images(Path(model_path), Path(images_dir), Path(out_dir), method, batch_size, device, trust_pickle)

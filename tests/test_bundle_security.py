@@ -19,7 +19,6 @@ import sys
 import textwrap
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pytest
 
@@ -29,7 +28,8 @@ from storage.manifest import MANIFEST_FILE, write_manifest
 from tests._synth import tree_digest
 
 REPO = Path(__file__).resolve().parents[1]
-FILES = ("model.json", "classifier.skops", "model.pt", "model.onnx", "model.pth", "model_config.yaml", "classifier.joblib")
+FILES = ("model.json", "classifier.skops", "model.pt", "model.onnx", "model.pth", "model_config.yaml",
+         "classifier.joblib")
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -169,8 +169,10 @@ def test_90_skops_round_trips_the_usual_classifiers(tmp_path: Path, demo_patch_d
     x, y = rng.normal(size=(60, 16)), np.arange(60) % 3
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # SVC(probability=True) is deprecated in scikit-learn 1.9
-        models = {"lr": LogisticRegression(max_iter=500), "pipe": Pipeline([("s", StandardScaler()), ("c", LogisticRegression())]),
-                  "svc": SVC(probability=True, random_state=0), "rf": RandomForestClassifier(n_estimators=5, random_state=0)}
+        models = {"lr": LogisticRegression(max_iter=500),
+                  "pipe": Pipeline([("s", StandardScaler()), ("c", LogisticRegression())]),
+                  "svc": SVC(probability=True, random_state=0),
+                  "rf": RandomForestClassifier(n_estimators=5, random_state=0)}
         for name, est in models.items():
             est.fit(x, y)
             path = write_skops(est, tmp_path / f"{name}.skops")
@@ -179,7 +181,8 @@ def test_90_skops_round_trips_the_usual_classifiers(tmp_path: Path, demo_patch_d
             back = load_classifier_file(path, trusted, fix="")
             np.testing.assert_array_equal(back.predict_proba(x), est.predict_proba(x))
     # the fit stage stores the forest as skops and loads it back without any flag
-    cfg = _cfg(demo_patch_dataset, model={"classifier": "sklearn.ensemble.RandomForestClassifier", "params": {"n_estimators": 4}})
+    cfg = _cfg(demo_patch_dataset,
+               model={"classifier": "sklearn.ensemble.RandomForestClassifier", "params": {"n_estimators": 4}})
     store = _store(tmp_path / "f.zarr", np.arange(40) % 3, 16, 0)
     fit_classifier(cfg, [store], tmp_path / "rf-fit.skops")
     assert load_fitted(cfg, tmp_path / "rf-fit.skops").n_features_in_ == 16
@@ -245,7 +248,8 @@ def test_91_user_classifier_class_needs_trust(tmp_path: Path, demo_patch_dataset
     (b / "model.json").write_text(json.dumps(meta))
     write_manifest(b)
     msg = expect(bdl.BundleError, lambda: bdl.load_classifier(b, meta), b, "classifier.skops",
-                 "['userclf_91.MyClassifier']", fix="task.trust_pickle: true (evaluate) or pass --trust-pickle (predict)")
+                 "['userclf_91.MyClassifier']",
+                 fix="task.trust_pickle: true (evaluate) or pass --trust-pickle (predict)")
     assert "can run" in msg
     assert type(bdl.load_classifier(b, meta, trust_pickle=True)).__name__ == "MyClassifier"
 
@@ -263,16 +267,16 @@ def test_92_crafted_pickle_never_runs_without_the_flag(bundle: Path, images: Pat
     marker = tmp_path / "PWNED"
     (bundle / "classifier.joblib").write_bytes(_crafted_pickle(marker))
     out = tmp_path / "pred"
-    expect(bdl.BundleError, lambda: _predict(bundle, images, out), bundle, "classifier.joblib was modified after export",
-           fix="re-export the model")
+    expect(bdl.BundleError, lambda: _predict(bundle, images, out), bundle,
+           "classifier.joblib was modified after export", fix="re-export the model")
     (bundle / "classifier.skops").unlink()
     _reseal(bundle)  # a forger rewrites the manifest too
     expect(bdl.BundleError, lambda: _predict(bundle, images, out), "classifier.joblib is a pickle (joblib)",
            fix="--trust-pickle")
     cfg = EvaluateFlowConfig.model_validate({"datamodule": {"data_path": str(demo_patch_dataset), "split": "val"},
                                              "task": {"model_path": str(bundle)}})
-    expect(bdl.BundleError, lambda: extract_with_bundle(cfg, tmp_path / "store"), "classifier.joblib is a pickle (joblib)",
-           fix="--trust-pickle")
+    expect(bdl.BundleError, lambda: extract_with_bundle(cfg, tmp_path / "store"),
+           "classifier.joblib is a pickle (joblib)", fix="--trust-pickle")
     assert not (tmp_path / "store").exists()
     (bundle / MANIFEST_FILE).unlink()  # Quadra-style: no manifest
     expect(bdl.BundleError, lambda: _predict(bundle, images, out), "has no _manifest.json", fix="--trust-pickle")
@@ -293,7 +297,7 @@ def test_92_crafted_pickle_cli_exits_1_with_one_line(bundle: Path, images: Path,
     env["PREFECT_HOME"] = str(tmp_path / "home")
     proc = subprocess.run([sys.executable, "-m", "flows.predict", "--model", str(bundle), "--images", str(images),
                            "--out", str(tmp_path / "pred"), "--storage-root", str(tmp_path / "store")],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 1, proc.stderr[-2000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, proc.stderr[-2000:]  # the run log above it keeps Prefect's traceback (as #65b)
@@ -302,7 +306,8 @@ def test_92_crafted_pickle_cli_exits_1_with_one_line(bundle: Path, images: Path,
     assert not marker.exists() and not (tmp_path / "pred").exists()
 
 
-def test_93_bundle_without_manifest_needs_the_trust_flag(bundles: dict[str, Path], images: Path, tmp_path: Path) -> None:
+def test_93_bundle_without_manifest_needs_the_trust_flag(bundles: dict[str, Path], images: Path,
+                                                        tmp_path: Path) -> None:
     """A hand-made or Quadra bundle (model.json + classifier.joblib + an export, no manifest) is refused without the
     flag and predicts with it; when both classifier files exist, classifier.skops is the one used."""
     quadra = tmp_path / "quadra"
@@ -383,8 +388,8 @@ def test_96_model_json_swapped_classes_or_other_mean_is_refused(bundle: Path, im
     assert not (tmp_path / "pred").exists()
 
 
-def test_97_classifier_from_another_model_with_the_same_feature_size(bundle: Path, bundles: dict[str, Path], images: Path,
-                                                                     tmp_path: Path) -> None:
+def test_97_classifier_from_another_model_with_the_same_feature_size(bundle: Path, bundles: dict[str, Path],
+                                                                     images: Path, tmp_path: Path) -> None:
     """Before: rc 0 with another model's classifier. The manifest refuses it; without a manifest (trusted) a
     classifier whose classes are not model.json's is refused too."""
     shutil.copy2(bundles["c"] / "classifier.skops", bundle / "classifier.skops")
@@ -412,18 +417,19 @@ def test_98_classifier_feature_size_mismatch(bundle: Path, bundles: dict[str, Pa
     (bundle / "model.json").write_text(json.dumps(meta))
     _reseal(bundle)
     out = tmp_path / "pred"
-    expect(bdl.BundleError, lambda: _predict(bundle, images, out), "bundle classifier expects 512 features, backbone gives 1280",
-           fix="re-export the model")
+    expect(bdl.BundleError, lambda: _predict(bundle, images, out),
+           "bundle classifier expects 512 features, backbone gives 1280", fix="re-export the model")
     assert not out.exists()
     cfg = EvaluateFlowConfig.model_validate({"datamodule": {"data_path": str(demo_patch_dataset), "split": "val"},
                                              "task": {"model_path": str(bundle)}})
     store = tmp_path / "store"
-    expect(bdl.BundleError, lambda: extract_with_bundle(cfg, store), "bundle classifier expects 512 features, backbone gives 1280",
-           fix="re-export the model")
+    expect(bdl.BundleError, lambda: extract_with_bundle(cfg, store),
+           "bundle classifier expects 512 features, backbone gives 1280", fix="re-export the model")
     assert not store.exists()
 
 
-def test_99_truncated_classifier_in_a_trusted_bundle_without_manifest(bundle: Path, images: Path, tmp_path: Path) -> None:
+def test_99_truncated_classifier_in_a_trusted_bundle_without_manifest(bundle: Path, images: Path,
+                                                                      tmp_path: Path) -> None:
     """The manifest catches a truncated classifier (#94); without a manifest the loader says so itself."""
     (bundle / MANIFEST_FILE).unlink()
     data = (bundle / "classifier.skops").read_bytes()
@@ -448,7 +454,8 @@ _FULL_DISK_EXPORT = textwrap.dedent(
     from tasks.model_task import export_backbone
     from tasks.train_config import TrainFlowConfig
     args = json.loads(sys.argv[1])
-    cfgs = {t: TrainFlowConfig.model_validate({**args["cfg"], "export": {"types": [t]}}) for t in ("torchscript", "onnx", "pytorch")}
+    cfgs = {t: TrainFlowConfig.model_validate({**args["cfg"], "export": {"types": [t]}})
+            for t in ("torchscript", "onnx", "pytorch")}
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG instead of killing us
     resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))  # the exports are ~9 MB
     res = {}
@@ -468,14 +475,16 @@ def test_100_full_disk_during_backbone_export(tmp_path: Path, demo_patch_dataset
     cfg = {"datamodule": {"data_path": str(demo_patch_dataset)}, "backbone": {"name": "mobilenet_v2", "weights": None},
            "transforms": {"input_height": 32, "input_width": 32}, "task": {"runtime": "torch"}}
     out = tmp_path / "backbones"
-    proc = subprocess.run([sys.executable, "-c", _FULL_DISK_EXPORT, json.dumps({"cfg": cfg, "out": str(out)})], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
+    arg = json.dumps({"cfg": cfg, "out": str(out)})
+    proc = subprocess.run([sys.executable, "-c", _FULL_DISK_EXPORT, arg], cwd=REPO,
+                          capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(proc.stdout.strip().splitlines()[-1])
     for t, name in {"torchscript": "model.pt", "onnx": "model.onnx", "pytorch": "model.pth"}.items():
         r = res[t]
         assert r["oserror"] and r["errno"] == 27, (t, r)  # EFBIG, as on a full disk
-        assert f"/{name}: disk full (File too large); free disk space or set storage_root to another disk" in r["msg"], r
+        fix = "free disk space or set storage_root to another disk"
+        assert f"/{name}: disk full (File too large); {fix}" in r["msg"], r
         assert r["msg"].startswith("could not write ") and "\n" not in r["msg"]
     assert not out.exists() or not any(out.iterdir())  # nothing published, no partial folder left
 
@@ -520,7 +529,8 @@ def test_101_planted_cache_record_is_never_decoded(tmp_path: Path, prefect_harne
     assert not marker.exists()
 
     (tmp_path / "mods").mkdir()
-    (tmp_path / "mods" / "evil_mod_101.py").write_text(f"import pathlib; pathlib.Path({str(marker)!r}).write_text('imported')\n")
+    payload = f"import pathlib; pathlib.Path({str(marker)!r}).write_text('imported')\n"
+    (tmp_path / "mods" / "evil_mod_101.py").write_text(payload)
     monkeypatch.syspath_prepend(str(tmp_path / "mods"))
     json_rec = dict(good, metadata={**good["metadata"], "serializer": {
         **good["metadata"]["serializer"], "object_decoder": "prefect.serializers.prefect_json_object_decoder"}})
@@ -551,10 +561,12 @@ def flows_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     d = make_demo_dataset(tmp / "raw", n_images=10, size=(128, 160), seed=4)
     ds_cfg = {"data": {"images": d["images"], "masks": d["masks"], "mask_extension": "_mask",
                        "class_to_idx_file": str(tmp / "raw" / "class_to_idx.json")},
-              "dataset": {"output_folder": str(tmp / "patches"), "patch_size": [64, 64], "val_size": 0.3, "test_size": 0.3},
+              "dataset": {"output_folder": str(tmp / "patches"), "patch_size": [64, 64], "val_size": 0.3,
+                          "test_size": 0.3},
               "storage_root": str(tmp / "store")}
     ds_state = dataset_flow(ds_cfg, return_state=True)
-    train_cfg = {"datamodule": {"data_path": str(tmp / "patches")}, "backbone": {"name": "mobilenet_v2", "weights": "imagenet"},
+    train_cfg = {"datamodule": {"data_path": str(tmp / "patches")},
+                 "backbone": {"name": "mobilenet_v2", "weights": "imagenet"},
                  "transforms": {"input_height": 32, "input_width": 32}, "trainer": {"iteration_over_training": 3},
                  "task": {"runtime": "torch", "report": False}, "export": {"types": ["torchscript", "pytorch"]},
                  "core": {"runs_folder": str(tmp / "runs")}, "storage_root": str(tmp / "store")}
@@ -632,7 +644,7 @@ def test_103_dataset_and_evaluation_outputs_tampered_are_recomputed(flows_run: d
     tmp = flows_run["tmp"]
     patches = tmp / "patches"
     before, raw_before = tree_digest(patches), tree_digest(tmp / "raw")
-    _flip_middle(sorted(patches.glob("train/*.h5"))[0])
+    _flip_middle(min(patches.glob("train/*.h5")))
     state = dataset_flow(flows_run["ds_cfg"], return_state=True)
     assert task_states(state)["generate-patch-dataset"] == "Completed"
     assert tree_digest(patches) == before and tree_digest(tmp / "raw") == raw_before  # inputs untouched

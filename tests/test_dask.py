@@ -7,9 +7,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import skops.io
 import numpy as np
 import pytest
+import skops.io
 
 from tests._synth import CLASS_TO_IDX, make_dataset, tree_digest
 from tests.conftest import task_runs
