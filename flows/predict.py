@@ -20,7 +20,6 @@ from pydantic import Field
 from storage.settings import storage_root
 from tasks.caching import cached_stage
 from tasks.config import StrictModel, run_cli, validate_config
-from tasks.predict import prediction_key, predict_task
 from tasks.predict_outputs import check_output_folder, outputs_problem
 
 logger = logging.getLogger("patchflow.predict")
@@ -42,6 +41,8 @@ class PredictFlowConfig(StrictModel):
 @flow(name="patchflow-predict")
 def predict_flow(config: PredictFlowConfig) -> dict[str, Any]:
     """Predict every image of a folder; returns the per-image summary."""
+    from tasks.predict import predict_task, prediction_key  # torch: not needed for a CLI error
+
     cfg = validate_config(PredictFlowConfig, config)
     root = storage_root(cfg.storage_root)
     out = check_output_folder(cfg.images, cfg.out)  # refused before anything is written or deleted
