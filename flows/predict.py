@@ -51,7 +51,8 @@ def predict_flow(config: PredictFlowConfig) -> dict[str, Any]:
     if problem is not None and not cfg.force:
         logger.info("computing predictions (%s)", problem)
     done = problem is None
-    return cached_stage(predict_task, root, cfg.force, done)(cfg.model, cfg.images, str(out), cfg.method, cfg.batch_size, cfg.device, key)
+    stage = cached_stage(predict_task, root, cfg.force, done)
+    return stage(cfg.model, cfg.images, str(out), cfg.method, cfg.batch_size, cfg.device, key)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

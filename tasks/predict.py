@@ -110,7 +110,8 @@ def predict_images(
         proba = full_probabilities(est.predict_proba(feats), est.classes_, num_classes)
         start = 0
         for item, n in pending:
-            summary.append(_finish(item, plan[item.path], proba[start : start + n], method, num_classes, idx_to_class, out_dir))
+            part = proba[start : start + n]
+            summary.append(_finish(item, plan[item.path], part, method, num_classes, idx_to_class, out_dir))
             start += n
         pending.clear()
         patches.clear()
@@ -122,12 +123,14 @@ def predict_images(
             flush()
     flush()
     timing["wall_s"] = time.perf_counter() - t0
-    result = {"model": str(root), "method": method, "key": key, "out": str(out_dir), "images": summary, "timing": timing}
+    result = {"model": str(root), "method": method, "key": key, "out": str(out_dir), "images": summary,
+              "timing": timing}
     return write_predictions(out_dir, result)
 
 
 def _finish(
-    item: _Image, names: ImageOutputs, proba: np.ndarray, method: str, num_classes: int, idx_to_class: dict[int, str], out_dir: Path,
+    item: _Image, names: ImageOutputs, proba: np.ndarray, method: str, num_classes: int,
+    idx_to_class: dict[int, str], out_dir: Path,
 ) -> dict[str, Any]:
     idx = np.arange(item.grid.num_patches)
     labels = proba.argmax(axis=1)
@@ -137,14 +140,15 @@ def _finish(
     mean_prob = mean_probabilities(merger, idx, labels, proba) if class_map.any() else None  # only polygons use it
     polygons = prediction_polygons(class_map, idx_to_class, mean_prob, item.grid.boxes(), labels)
     files = names.files
-    outputs = {
-        "classmap": write_output(out_dir, files["classmap"], encode_png(class_map.astype(np.uint8), files["classmap"])),
-        "polygons": write_output(out_dir, files["polygons"],
-                                 (json.dumps({"image": str(item.path), "prediction": polygons}, indent=1) + "\n").encode()),
-        "overlay": write_output(out_dir, files["overlay"], encode_png(colourise(item.image, class_map), files["overlay"])),
+    data = {
+        "classmap": encode_png(class_map.astype(np.uint8), files["classmap"]),
+        "polygons": (json.dumps({"image": str(item.path), "prediction": polygons}, indent=1) + "\n").encode(),
+        "overlay": encode_png(colourise(item.image, class_map), files["overlay"]),
     }
+    outputs = {kind: write_output(out_dir, files[kind], data[kind]) for kind in ("classmap", "polygons", "overlay")}
     return {"image": str(item.path), "relative_path": names.rel, "defect_regions": len(polygons),
-            "defect_pixels": int((class_map > 0).sum()), "classes": sorted({p["label"] for p in polygons}), "outputs": outputs}
+            "defect_pixels": int((class_map > 0).sum()), "classes": sorted({p["label"] for p in polygons}),
+            "outputs": outputs}
 
 
 def prediction_key(model_path: Path, images_dir: Path, out_dir: Path, method: str | None) -> str:
@@ -153,7 +157,8 @@ def prediction_key(model_path: Path, images_dir: Path, out_dir: Path, method: st
     images_dir = Path(images_dir).expanduser()
     files = list_images(images_dir)
     return combine("predict", bdl.bundle_digest(root), files_digest(files), params_digest({
-        "names": [p.relative_to(images_dir).as_posix() for p in files], "method": method, "out": str(user_path(out_dir)),
+        "names": [p.relative_to(images_dir).as_posix() for p in files], "method": method,
+        "out": str(user_path(out_dir)),
     }))
 
 

@@ -55,7 +55,8 @@ def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = make_demo_dataset(root / "raw", n_images=6, size=(96, 128), seed=3)
     assoc = get_image_mask_association(d["images"], d["masks"], mask_extension="_mask")
     data = root / "patches"
-    generate_patch_dataset(assoc, d["class_to_idx"], val_size=0.3, test_size=0.0, patch_size=[64, 64], output_folder=str(data))
+    generate_patch_dataset(assoc, d["class_to_idx"], val_size=0.3, test_size=0.0, patch_size=[64, 64],
+                           output_folder=str(data))
     cfg = TrainFlowConfig.model_validate({
         "datamodule": {"data_path": str(data)}, "transforms": {"input_height": 32, "input_width": 32},
         "trainer": {"iteration_over_training": 1}, "export": {"types": ["pytorch"]}, "backbone": {"weights": None},
@@ -86,7 +87,8 @@ def predict(bundle: Path, images: Path, out: Path, **kw) -> dict:
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "flows.predict", *args], cwd=REPO, capture_output=True, text=True, timeout=120)
+    cmd = [sys.executable, "-m", "flows.predict", *args]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
 
 
 def one_error_line(proc: subprocess.CompletedProcess, rc: int = 1) -> str:
@@ -173,6 +175,15 @@ def test_144_same_stem_twice_in_one_folder_is_refused(bundle: Path, tmp_path: Pa
            fix="rename or remove one of them")
     assert not out.exists()  # refused before the output folder is created
     assert tree_digest(images) == before
+    # any other pair of images whose outputs would share a path: a subfolder named like an output
+    (images / "a.jpg").unlink()
+    img(images / "a_classmap.png" / "x.png", 4)
+    expect(InputDataError, lambda: predict(bundle, images, out), images / "a.png", images / "a_classmap.png" / "x.png",
+           fix="rename or move one of them")
+    img(tmp_path / "i2" / "predictions.json" / "x.png", 5)
+    expect(InputDataError, lambda: predict(bundle, tmp_path / "i2", out), "predict's own predictions.json",
+           fix="rename its folder")
+    assert not out.exists()
 
 
 def test_145_out_or_images_is_a_file(bundle: Path, tmp_path: Path) -> None:
@@ -182,8 +193,8 @@ def test_145_out_or_images_is_a_file(bundle: Path, tmp_path: Path) -> None:
     out.write_bytes(b"the user's file")
     before = tree_digest(tmp_path)
     expect(OutputFolderError, lambda: predict(bundle, images, out), out, "is a file", fix="choose another --out folder")
-    expect(OutputFolderError, lambda: predict(bundle, images, out / "sub"), out / "sub", f"under {out}, which is a file",
-           fix="choose another --out folder")
+    expect(OutputFolderError, lambda: predict(bundle, images, out / "sub"), out / "sub",
+           f"under {out}, which is a file", fix="choose another --out folder")
     expect(FileNotFoundError, lambda: predict(bundle, out, tmp_path / "o"), out, "is not a folder",
            fix="point --images at a folder")
     assert tree_digest(tmp_path) == before
