@@ -41,7 +41,8 @@ class PredictFlowConfig(StrictModel):
 @flow(name="patchflow-predict")
 def predict_flow(config: PredictFlowConfig) -> dict[str, Any]:
     """Predict every image of a folder; returns the per-image summary."""
-    from tasks.predict import predict_task, prediction_key  # torch: not needed for a CLI error
+    # imported here: torch is not needed for a CLI error
+    from tasks.predict import predict_task, prediction_key
 
     cfg = validate_config(PredictFlowConfig, config)
     root = storage_root(cfg.storage_root)
