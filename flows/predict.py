@@ -1,11 +1,15 @@
 """Predict flow: raw images of any size -> class maps, polygons and overlays with a deployment bundle.
 
 ``python -m flows.predict --model runs/<name>/<ts>/deployment_model --images DIR --out DIR [--method soft]``
+
+The output folder must lie outside the images folder. The task is reused from the cache only when
+``predictions.json`` is this run's and every output file it lists still has its recorded size and sha256.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 from typing import Any, Literal, Sequence
@@ -16,7 +20,9 @@ from pydantic import Field
 from storage.settings import storage_root
 from tasks.caching import cached_stage
 from tasks.config import StrictModel, run_cli, validate_config
-from tasks.predict import prediction_key, predict_task
+from tasks.predict_outputs import check_output_folder, outputs_problem
+
+logger = logging.getLogger("patchflow.predict")
 
 
 class PredictFlowConfig(StrictModel):
@@ -35,11 +41,19 @@ class PredictFlowConfig(StrictModel):
 @flow(name="patchflow-predict")
 def predict_flow(config: PredictFlowConfig) -> dict[str, Any]:
     """Predict every image of a folder; returns the per-image summary."""
+    # imported here: torch is not needed for a CLI error
+    from tasks.predict import predict_task, prediction_key
+
     cfg = validate_config(PredictFlowConfig, config)
     root = storage_root(cfg.storage_root)
-    key = prediction_key(Path(cfg.model), Path(cfg.images), Path(cfg.out), cfg.method)
-    done = (Path(cfg.out) / "predictions.json").is_file()
-    return cached_stage(predict_task, root, cfg.force, done)(cfg.model, cfg.images, cfg.out, cfg.method, cfg.batch_size, cfg.device, key)
+    out = check_output_folder(cfg.images, cfg.out)  # refused before anything is written or deleted
+    key = prediction_key(Path(cfg.model), Path(cfg.images), out, cfg.method)
+    problem = outputs_problem(out, key)  # deleted, resized or edited outputs are recomputed, never served
+    if problem is not None and not cfg.force:
+        logger.info("computing predictions (%s)", problem)
+    done = problem is None
+    stage = cached_stage(predict_task, root, cfg.force, done)
+    return stage(cfg.model, cfg.images, str(out), cfg.method, cfg.batch_size, cfg.device, key)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -58,6 +72,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "model": a.model, "images": a.images, "out": a.out, "method": a.method, "batch_size": a.batch_size,
         "device": a.device, "storage_root": a.storage_root, "force": a.force,
     })
+    check_output_folder(cfg.images, cfg.out)  # one line before a flow run (and an API server) starts
     res = predict_flow(cfg)
     for item in res["images"]:
         print(f"{item['image']}: {item['defect_regions']} defect regions {item['classes']}")
