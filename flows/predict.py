@@ -11,11 +11,10 @@ from pathlib import Path
 from typing import Any, Literal, Sequence
 
 from prefect import flow
-from pydantic import Field
+from pydantic import Field, StrictInt
 
-from storage.settings import storage_root
 from tasks.caching import cached_stage
-from tasks.config import StrictModel, run_cli, validate_config
+from tasks.config import StrictModel, ensure_storage_root, run_cli, validate_config
 from tasks.predict import prediction_key, predict_task
 
 
@@ -26,7 +25,7 @@ class PredictFlowConfig(StrictModel):
     images: str = Field(description="Folder of images (searched recursively)")
     out: str = Field(description="Output folder for class maps, polygons and overlays")
     method: Literal["major_voting", "priority", "soft"] | None = Field(None, description="Default: the bundle's")
-    batch_size: int = Field(32, ge=1, description="Patches per forward; 32 keeps the peak memory of a CPU forward about 350 MB lower than 64 at the same speed")
+    batch_size: StrictInt = Field(32, ge=1, description="Patches per forward; 32 keeps the peak memory of a CPU forward about 350 MB lower than 64 at the same speed")
     device: str = "cpu"
     storage_root: str | None = None
     force: bool = False
@@ -36,7 +35,7 @@ class PredictFlowConfig(StrictModel):
 def predict_flow(config: PredictFlowConfig) -> dict[str, Any]:
     """Predict every image of a folder; returns the per-image summary."""
     cfg = validate_config(PredictFlowConfig, config)
-    root = storage_root(cfg.storage_root)
+    root = ensure_storage_root(cfg.storage_root)
     key = prediction_key(Path(cfg.model), Path(cfg.images), Path(cfg.out), cfg.method)
     done = (Path(cfg.out) / "predictions.json").is_file()
     return cached_stage(predict_task, root, cfg.force, done)(cfg.model, cfg.images, cfg.out, cfg.method, cfg.batch_size, cfg.device, key)
