@@ -124,16 +124,17 @@ def _check_graph(root: Node, loader: _BoundedLoader) -> None:
     for node, path in _walk(root):
         if not isinstance(node, MappingNode):
             continue
-        lines: dict[tuple[str, str], int] = {}
+        marks: dict[tuple[str, str], yaml.Mark] = {}
         for key, _ in node.value:
             if not isinstance(key, ScalarNode) or key.tag == _MERGE_TAG:
                 continue
-            line = key.start_mark.line + 1
-            if (key.tag, key.value) in lines:
+            first, second = marks.setdefault((key.tag, key.value), key.start_mark), key.start_mark
+            if first is not second:
                 dotted = clip(f"{path}.{key.value}" if path else key.value)
-                raise YamlError(f"{source}: key '{dotted}' is given twice (lines {lines[key.tag, key.value]} and {line}); "
+                where = (f"lines {first.line + 1} and {second.line + 1}" if first.line != second.line
+                         else f"line {first.line + 1}, columns {first.column + 1} and {second.column + 1}")
+                raise YamlError(f"{source}: key '{dotted}' is given twice ({where}); "
                                 "YAML would silently keep only the second: merge them into one")
-            lines[key.tag, key.value] = line
 
 
 def _one_line(exc: yaml.YAMLError, text: str) -> str:
