@@ -112,7 +112,7 @@ def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
 
 
 def parse_overrides(overrides: Sequence[str]) -> list[tuple[str, Any]]:
-    """``["a.b=1", "c=[1, 2]"]`` -> ``[("a.b", 1), ("c", [1, 2])]`` (values parsed as YAML, with config files' bounds)."""
+    """``["a.b=1", "c=[1, 2]"]`` -> ``[("a.b", 1), ("c", [1, 2])]`` (values read as YAML, bounded as files are)."""
     out = []
     for item in overrides:
         key, sep, raw = item.partition("=")
@@ -171,7 +171,8 @@ def ensure_storage_root(configured: str | None) -> Path:
     raw = clip(configured or os.environ.get(STORAGE_ROOT_ENV) or "")
     label, fix = {
         "storage_root": (f"storage_root {raw}", "set storage_root"),
-        f"${STORAGE_ROOT_ENV}": (f"${STORAGE_ROOT_ENV}={raw}", f"set {STORAGE_ROOT_ENV} (or the config key storage_root)"),
+        f"${STORAGE_ROOT_ENV}": (f"${STORAGE_ROOT_ENV}={raw}",
+                                 f"set {STORAGE_ROOT_ENV} (or the config key storage_root)"),
     }.get(origin, (origin, f"set storage_root or {STORAGE_ROOT_ENV}"))
     fix += " to a writable folder: results, cache records, locks and features live there"
     try:

@@ -119,8 +119,9 @@ def _check_graph(root: Node, loader: _BoundedLoader) -> None:
             raise YamlError(f"{source}: an alias refers to the list or mapping that contains it (a recursive value; "
                             f"first alias at line {first}); write the value out instead")
         if size - distinct > MAX_ALIAS_NODES:
-            raise YamlError(f"{source}: aliases expand the document by more than {MAX_ALIAS_NODES} values (first alias "
-                            f"at line {first}); a configuration needs far fewer: write the values out or use fewer aliases")
+            raise YamlError(f"{source}: aliases expand the document by more than {MAX_ALIAS_NODES} values (first "
+                            f"alias at line {first}); a configuration needs far fewer: write the values out or use "
+                            "fewer aliases")
     for node, path in _walk(root):
         if not isinstance(node, MappingNode):
             continue

@@ -73,7 +73,8 @@ def test_130_moderate_aliases_are_still_allowed(tmp_path: Path) -> None:
                  "  exclude_filter: *f\n")
     data = load_yaml(cfg)
     data.pop("defaults")
-    assert load_config(TrainFlowConfig, None, [f"datamodule={json.dumps(data['datamodule'])}"]).datamodule.include_filter == ["a", "b"]
+    cfg = load_config(TrainFlowConfig, None, [f"datamodule={json.dumps(data['datamodule'])}"])
+    assert cfg.datamodule.include_filter == cfg.datamodule.exclude_filter == ["a", "b"]
 
 
 def test_130_cli_alias_bomb_is_one_short_error_line(tmp_path: Path) -> None:
@@ -83,7 +84,8 @@ def test_130_cli_alias_bomb_is_one_short_error_line(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "flows.dataset", "--config", str(bomb)], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
-    assert proc.stderr.startswith("error: ") and len(proc.stderr) < 600 and proc.stderr.count("\n") == 1, proc.stderr[:2000]
+    assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr[:2000]
+    assert len(proc.stderr) < 600
     assert str(bomb) in proc.stderr and "line 5" in proc.stderr
 
 
@@ -240,8 +242,8 @@ def test_135_evaluate_predict_retrain_configs_are_strict() -> None:
            "'task.output.n_overlays'", fix="true/false")
     expect(ConfigError, lambda: load_config(EvaluateFlowConfig, None, [*ev, "datamodule.batch_size=8.0"]),
            "'datamodule.batch_size'", fix="decimal point: 8")
-    expect(ConfigError, lambda: validate_config(PredictFlowConfig, {"model": "m", "images": "i", "out": "o",
-                                                                    "batch_size": True}), "'batch_size'", fix="true/false")
+    predict = {"model": "m", "images": "i", "out": "o", "batch_size": True}
+    expect(ConfigError, lambda: validate_config(PredictFlowConfig, predict), "'batch_size'", fix="true/false")
     rt = ["data.images=imgs", "data.class_to_idx={bg: 0, a: 1}", "dataset.patch_size=[64, 64]"]
     expect(ConfigError, lambda: load_config(RetrainFlowConfig, None, [*rt, "train.datamodule.seed=1.0"]),
            "'train.datamodule.seed'", fix="decimal point")
@@ -251,10 +253,10 @@ def test_135_floats_stay_lax_and_tuples_take_lists() -> None:
     from flows.dataset import DatasetFlowConfig
 
     cfg = load_config(DatasetFlowConfig, None, ["data.images=imgs", "data.class_to_idx={bg: 0, a: 1}",
-                                                "dataset.patch_size=[64, 32]", "dataset.val_size=0", "dataset.overlap=0",
-                                                "dataset.test_size=1"])
+                                                "dataset.patch_size=[64, 32]", "dataset.val_size=0",
+                                                "dataset.overlap=0", "dataset.test_size=1"])
     assert cfg.dataset.patch_size == (64, 32) and cfg.dataset.val_size == 0.0 and isinstance(cfg.dataset.overlap, float)
-    again = validate_config(DatasetFlowConfig, json.loads(json.dumps(cfg.model_dump(mode="json"))))  # Prefect's JSON path
+    again = validate_config(DatasetFlowConfig, json.loads(json.dumps(cfg.model_dump(mode="json"))))  # as Prefect sends
     assert again == cfg
 
 
@@ -401,11 +403,11 @@ def test_139_every_flow_refuses_a_file_shaped_storage_root_before_any_work(tmp_p
     calls = {
         "dataset": lambda: dataset_flow({"data": data, "dataset": {"output_folder": str(out), "patch_number": [2, 2]},
                                          "storage_root": str(root)}),
-        "train": lambda: train_flow({"datamodule": {"data_path": str(tmp_path / "ds")}, "core": {"runs_folder": str(runs)},
-                                     "storage_root": str(root)}),
+        "train": lambda: train_flow({"datamodule": {"data_path": str(tmp_path / "ds")},
+                                     "core": {"runs_folder": str(runs)}, "storage_root": str(root)}),
         "evaluate": lambda: evaluate_flow({"datamodule": {"data_path": str(tmp_path / "ds")},
-                                           "task": {"model_path": str(tmp_path / "m")}, "core": {"runs_folder": str(runs)},
-                                           "storage_root": str(root)}),
+                                           "task": {"model_path": str(tmp_path / "m")},
+                                           "core": {"runs_folder": str(runs)}, "storage_root": str(root)}),
         "predict": lambda: predict_flow({"model": str(tmp_path / "m"), "images": images, "out": str(out),
                                          "storage_root": str(root)}),
         "retrain": lambda: retrain_flow({"data": data, "dataset": {"output_folder": str(out), "patch_size": [32, 32]},
@@ -417,3 +419,20 @@ def test_139_every_flow_refuses_a_file_shaped_storage_root_before_any_work(tmp_p
     assert root.read_bytes() == b"keep me"
     assert not out.exists() and not runs.exists()
     assert tree_digest(tmp_path / "src") == before
+
+
+def test_133_bundle_model_config_yaml_uses_the_same_loader(tmp_path: Path) -> None:
+    """A bundle's model_config.yaml (read to rebuild a .pth backbone) is user YAML too: bounded, no tags."""
+    from tasks.backbones import BackboneError, load_export
+
+    pth = tmp_path / "model.pth"
+    pth.write_bytes(b"never read")
+    cfg = tmp_path / "model_config.yaml"
+    for text, name in [("name: mobilenet_v2\nx:\n" + _lol(), "fewer aliases"),
+                       ("name: !!python/object/apply:os.system ['true']\n", "remove the tag"),
+                       ("name: mobilenet_v2\nname: resnet18\n", "given twice"),
+                       ("- mobilenet_v2\n", "must hold a mapping")]:
+        cfg.write_text(text)
+        expect(BackboneError, lambda: load_export(pth), cfg, name, fix="export the bundle again")
+    cfg.write_bytes(b"name: r\xe9snet\n")
+    expect(BackboneError, lambda: load_export(pth), cfg, "utf-8", fix="export the bundle again")
