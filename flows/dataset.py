@@ -11,9 +11,8 @@ from typing import Sequence
 from prefect import flow
 from pydantic import Field
 
-from storage.settings import storage_root
 from tasks.caching import cached_stage
-from tasks.config import StrictModel, parse_cli, run_cli, validate_config
+from tasks.config import StrictModel, ensure_storage_root, parse_cli, run_cli, validate_config
 from tasks.dataset import shard_counts
 from tasks.dataset_task import (
     DataSection,
@@ -44,7 +43,7 @@ class DatasetFlowConfig(StrictModel):
 def dataset_flow(config: DatasetFlowConfig) -> str:
     """Build (or reuse) the patch dataset described by ``config``; returns its folder."""
     config = validate_config(DatasetFlowConfig, config)
-    root = storage_root(config.storage_root)
+    root = ensure_storage_root(config.storage_root)
     check_runner(config.runner)
     class_to_idx = config.data.resolved_class_to_idx()
     association = associate_task(config.data)

@@ -32,6 +32,11 @@ logger = logging.getLogger("patchflow.dataset")
 SPLITS = ("train", "val", "test")
 
 
+def _is_int(value: Any) -> bool:
+    """A whole number given as one: an int (numpy's too), not a bool and not a float like 1.0."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
 def _validate(
     data_dictionary: Sequence[dict[str, Any]],
     class_to_idx: dict[str, int],
@@ -53,9 +58,13 @@ def _validate(
         raise ValueError("data_dictionary is empty: no images to turn into a dataset (check get_image_mask_association's folder)")
     if not class_to_idx or 0 not in class_to_idx.values():
         raise ValueError(f"class_to_idx must map a background class to 0, got {class_to_idx}")
+    for name, v in class_to_idx.items():
+        if not _is_int(v) or not 0 <= v <= 255:
+            raise ValueError(f"class_to_idx[{str(name)[:100]!r}] = {v!r} ({type(v).__name__}): class_to_idx values "
+                             "must be distinct integers in 0..255 (not true/false or 1.0)")
     values = list(class_to_idx.values())
-    if len(set(values)) != len(values) or any(not isinstance(v, (int, np.integer)) or v < 0 or v > 255 for v in values):
-        raise ValueError(f"class_to_idx values must be distinct integers in 0..255, got {class_to_idx}")
+    if len(set(values)) != len(values):
+        raise ValueError(f"class_to_idx values must be distinct integers in 0..255, got {str(class_to_idx)[:300]}")
     bad_names = [
         k for k in class_to_idx
         if not isinstance(k, str) or not k or k.startswith(".") or any(c in k for c in ",/\\") or k == layout.NONE_CLASS
@@ -72,10 +81,9 @@ def _validate(
             raise ValueError(f"annotated_good entry {name!r} must be a non-background class name of class_to_idx")
     if save_mask and not mask_extension and mask_output_folder is None:
         raise ValueError("save_mask needs a mask_extension or a mask_output_folder, or patch masks would overwrite patches")
-    if not isinstance(num_workers, int) or num_workers < 1:
-        raise ValueError(f"num_workers must be an integer >= 1, got {num_workers}")
-    if repeat_good_images < 1:
-        raise ValueError(f"repeat_good_images must be >= 1, got {repeat_good_images}")
+    for name, value in (("num_workers", num_workers), ("repeat_good_images", repeat_good_images)):
+        if not _is_int(value) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r} ({type(value).__name__})")
     if missing_mask not in ("test", "good"):
         raise ValueError(f"missing_mask must be 'test' or 'good', got {missing_mask!r}")
     jobs, seen = [], {}
@@ -155,8 +163,10 @@ def _plan(a: dict[str, Any]) -> Path:
         g.data_dictionary, g.class_to_idx, g.val_size, g.test_size, g.patch_number, g.patch_size, g.overlap, g.annotated_good,
         g.save_mask, g.mask_extension, g.mask_output_folder, g.num_workers, g.repeat_good_images, g.missing_mask,
     )
-    if g.shard_images < 1:
-        raise ValueError(f"shard_images must be >= 1, got {g.shard_images}")
+    if not _is_int(g.shard_images) or g.shard_images < 1:
+        raise ValueError(f"shard_images must be an integer >= 1, got {g.shard_images!r}")
+    if not _is_int(g.seed):
+        raise ValueError(f"seed must be an integer, got {g.seed!r} ({type(g.seed).__name__})")
     out = Path(g.output_folder)
     layout.check_output_folder(out)
     if out.exists() and any(out.iterdir()) and not g.clear_output_folder:

@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from pydantic import Field, model_validator
+from pydantic import Field, StrictInt, model_validator
 
 from storage import layout
 from storage.fingerprint import CODE_VERSION, combine, files_digest, params_digest
@@ -18,6 +18,7 @@ from tasks.association import get_image_mask_association
 from tasks.caching import stage_lock
 from tasks.config import ConfigError, StrictModel, import_object
 from tasks.dataset import assign_splits, generate_patch_dataset, plan_patch_dataset, process_shard, scan_shard
+from tasks.safe_yaml import clip
 
 logger = logging.getLogger("patchflow.dataset")
 
@@ -29,7 +30,7 @@ class DataSection(StrictModel):
     masks: str | None = Field(None, description="Folder of index masks; None: masks live among the images")
     mask_extension: str = Field("", description="Mask file = <image stem><mask_extension>.<any image ext>")
     warning_on_missing_mask: bool = True
-    class_to_idx: dict[str, int] | None = Field(None, description="Class name -> mask value; 0 = background")
+    class_to_idx: dict[str, StrictInt] | None = Field(None, description="Class name -> mask value; 0 = background")
     class_to_idx_file: str | None = Field(None, description="JSON file with class_to_idx (used when class_to_idx is not set)")
 
     @model_validator(mode="after")
@@ -44,12 +45,28 @@ class DataSection(StrictModel):
             return dict(self.class_to_idx)
         path = Path(self.class_to_idx_file)
         try:
-            data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ConfigError(f"data.class_to_idx_file {path}: cannot read a JSON mapping ({exc})") from None
-        if not isinstance(data, dict) or not all(isinstance(v, int) for v in data.values()):
-            raise ConfigError(f"data.class_to_idx_file {path} must map class names to integer mask values")
+            data = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_no_duplicate_keys)
+        except (OSError, ValueError) as exc:  # JSONDecodeError, UnicodeDecodeError, a key given twice
+            raise ConfigError(f"data.class_to_idx_file {path}: cannot read a JSON mapping ({clip(exc, 200)})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"data.class_to_idx_file {path} must map class names to integer mask values, "
+                              f"not hold a {type(data).__name__}")
+        for name, value in data.items():
+            if type(value) is not int:  # noqa: E721 - true/false and 1.0 are not mask values
+                raise ConfigError(f"data.class_to_idx_file {path} must map class names to integer mask values: "
+                                  f"class {clip(repr(name))} maps to {clip(json.dumps(value))} "
+                                  f"({type(value).__name__}); write a whole number such as 1")
         return data
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object; a key given twice is an error (json would silently keep the second)."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"key {clip(repr(key))} is given twice")
+        out[key] = value
+    return out
 
 
 class GenerationSection(StrictModel):
@@ -58,9 +75,9 @@ class GenerationSection(StrictModel):
     output_folder: str = Field("extraction_data", description="Patch dataset folder (replaced as a whole on rerun)")
     val_size: float = Field(0.3, ge=0, le=1, description="Share of images in val")
     test_size: float = Field(0.0, ge=0, le=1, description="Share of images in test")
-    seed: int = 42
-    patch_number: tuple[int, int] | None = Field(None, description="[n_vertical, n_horizontal] patches per image")
-    patch_size: tuple[int, int] | None = Field(None, description="[height, width] of patches in pixels")
+    seed: StrictInt = 42
+    patch_number: tuple[StrictInt, StrictInt] | None = Field(None, description="[n_vertical, n_horizontal] patches per image")
+    patch_size: tuple[StrictInt, StrictInt] | None = Field(None, description="[height, width] of patches in pixels")
     overlap: float = Field(0.0, ge=0, lt=1)
     save_original_images_and_masks: bool = True
     area_threshold: float = Field(0.45, ge=0, le=1)
@@ -71,12 +88,12 @@ class GenerationSection(StrictModel):
     clear_output_folder: bool = False
     mask_preprocessing: str | None = Field(None, description="Import path 'module:function' of a mask preprocessing function")
     train_filename: str = "dataset.txt"
-    repeat_good_images: int = Field(1, ge=1)
+    repeat_good_images: StrictInt = Field(1, ge=1)
     balance_defects: bool = True
     annotated_good: list[str] | None = None
-    num_workers: int = Field(1, ge=1)
+    num_workers: StrictInt = Field(1, ge=1)
     missing_mask: Literal["test", "good"] = Field("test", description="Images without a mask: to test/None, or treated as defect-free")
-    shard_images: int = Field(256, ge=1, description="Images per shard: the unit of parallel work (runner.kind=dask) and of resume")
+    shard_images: StrictInt = Field(256, ge=1, description="Images per shard: the unit of parallel work (runner.kind=dask) and of resume")
 
     @model_validator(mode="after")
     def _one_geometry(self) -> "GenerationSection":
