@@ -30,6 +30,8 @@ class PredictFlowConfig(StrictModel):
     device: str = "cpu"
     storage_root: str | None = None
     force: bool = False
+    max_image_pixels: int | None = Field(None, ge=1, description="Refuse larger images (pixels, from the header) before "
+                                         "decoding; None: $PATCHFLOW_MAX_IMAGE_PIXELS, else 200000000")
 
 
 @flow(name="patchflow-predict")
@@ -39,7 +41,9 @@ def predict_flow(config: PredictFlowConfig) -> dict[str, Any]:
     root = storage_root(cfg.storage_root)
     key = prediction_key(Path(cfg.model), Path(cfg.images), Path(cfg.out), cfg.method)
     done = (Path(cfg.out) / "predictions.json").is_file()
-    return cached_stage(predict_task, root, cfg.force, done)(cfg.model, cfg.images, cfg.out, cfg.method, cfg.batch_size, cfg.device, key)
+    return cached_stage(predict_task, root, cfg.force, done)(
+        cfg.model, cfg.images, cfg.out, cfg.method, cfg.batch_size, cfg.device, key, cfg.max_image_pixels
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -53,10 +57,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--storage-root")
     ap.add_argument("--force", action="store_true")
+    ap.add_argument("--max-image-pixels", type=int, help="refuse larger images (default $PATCHFLOW_MAX_IMAGE_PIXELS or 200000000)")
     a = ap.parse_args(argv)
     cfg = validate_config(PredictFlowConfig, {
         "model": a.model, "images": a.images, "out": a.out, "method": a.method, "batch_size": a.batch_size,
         "device": a.device, "storage_root": a.storage_root, "force": a.force,
+        "max_image_pixels": a.max_image_pixels,
     })
     res = predict_flow(cfg)
     for item in res["images"]:
