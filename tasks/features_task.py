@@ -30,6 +30,7 @@ from tasks.config import ConfigError
 from tasks.imageio import (
     LEGACY_SIXTEEN_BIT,
     Decoding,
+    ImageTooLargeError,
     InputDataError,
     dataset_decoding,
     make_decoding,
@@ -159,8 +160,10 @@ def _patch_batches(data_path: Path, rels: list[str], batch_size: int,
         for rel in rels[s : s + batch_size]:
             try:
                 patches.append(read_image(data_path / rel, decoding))
-            except InputDataError as exc:
-                raise ValueError(f"{exc} (a patch image of the dataset); regenerate the dataset") from None
+            except ImageTooLargeError:
+                raise
+            except InputDataError:
+                raise ValueError(f"{data_path / rel}: unreadable patch image; regenerate the dataset") from None
         yield np.arange(s, s + len(patches)), patches
 
 

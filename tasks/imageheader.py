@@ -35,6 +35,10 @@ class InputDataError(ValueError):
     """A user input file is unusable; the message names the file and the fix."""
 
 
+class ImageTooLargeError(InputDataError):
+    """An image is over the pixel limit (or over what OpenCV decodes); found from its header."""
+
+
 # ----------------------------------------------------------------------------------------- settings
 
 
@@ -207,17 +211,21 @@ def warn_once(key: str, path: str | Path, msg: str, *args: Any) -> None:
         logger.warning(msg, *args)
 
 
+def _memory(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.1f} GiB" if nbytes >= 2**30 else f"{max(1, round(nbytes / 2**20))} MiB"
+
+
 def check_pixels(height: int, width: int, path: str | Path, dec: Decoding) -> None:
     """Refuse an image over the pixel limit (or over what OpenCV decodes) before it is decoded."""
     n = int(height) * int(width)
     if n > dec.max_pixels:
-        raise InputDataError(
-            f"{path}: {width}x{height} pixels ({n / 1e6:.0f} MP) is over the limit of {dec.max_pixels} pixels "
-            f"({dec.max_pixels / 1e6:g} MP); decoding it takes at least {3 * n / 2**30:.1f} GiB of memory: "
+        raise ImageTooLargeError(
+            f"{path}: {width}x{height} = {n} pixels ({n / 1e6:g} MP) is over the limit of {dec.max_pixels} pixels "
+            f"({dec.max_pixels / 1e6:g} MP); decoding it takes at least {_memory(3 * n)} of memory: "
             f"raise {dec.limit_setting} if the machine has it, or split the image"
         )
     if n > CV_MAX_PIXELS or width > CV_MAX_SIDE or height > CV_MAX_SIDE:
-        raise InputDataError(
+        raise ImageTooLargeError(
             f"{path}: {width}x{height} pixels is more than OpenCV decodes (2^30 pixels, 2^20 per side); split the image"
         )
 

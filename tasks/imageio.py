@@ -21,6 +21,7 @@ from tasks.imageheader import (  # noqa: F401 - re-exported: callers import deco
     MAX_PIXELS_ENV,
     Decoding,
     Header,
+    ImageTooLargeError,
     InputDataError,
     bundle_decoding,
     SixteenBit,
@@ -70,7 +71,7 @@ def _lut(rule: SixteenBit, bits: int) -> np.ndarray:
     values = np.arange(65536, dtype=np.float64)
     if isinstance(rule, tuple):
         low, high = rule
-        return np.clip(np.round((values - low) * (255.0 / (high - low))), 0, 255).astype(np.uint8)
+        return np.clip(np.round((values - low) * 255.0 / (high - low)), 0, 255).astype(np.uint8)
     return np.minimum(np.arange(65536) >> (bits - 8), 255).astype(np.uint8)
 
 
