@@ -30,8 +30,9 @@ class PredictFlowConfig(StrictModel):
     device: str = "cpu"
     storage_root: str | None = None
     force: bool = False
-    max_image_pixels: int | None = Field(None, ge=1, description="Refuse larger images (pixels, from the header) before "
-                                         "decoding; None: $PATCHFLOW_MAX_IMAGE_PIXELS, else 200000000")
+    max_image_pixels: int | None = Field(
+        None, ge=1, description="Refuse larger images (pixels, from the header) before decoding; "
+        "None: $PATCHFLOW_MAX_IMAGE_PIXELS, else 200000000")
 
 
 @flow(name="patchflow-predict")
@@ -57,7 +58,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--storage-root")
     ap.add_argument("--force", action="store_true")
-    ap.add_argument("--max-image-pixels", type=int, help="refuse larger images (default $PATCHFLOW_MAX_IMAGE_PIXELS or 200000000)")
+    ap.add_argument("--max-image-pixels", type=int,
+                    help="refuse larger images (default $PATCHFLOW_MAX_IMAGE_PIXELS or 200000000)")
     a = ap.parse_args(argv)
     cfg = validate_config(PredictFlowConfig, {
         "model": a.model, "images": a.images, "out": a.out, "method": a.method, "batch_size": a.batch_size,

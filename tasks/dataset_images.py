@@ -117,7 +117,9 @@ def _size_mismatch(job: Job, mask_hw: tuple[int, int], h: int, w: int, orientati
             f"{w}x{h}, but its mask {job.mask} is {mw}x{mh} (the displayed, rotated frame); rotate the mask to the "
             "stored frame or re-save the image without the EXIF rotation"
         )
-    return InputDataError(f"{job.mask}: mask is {mw}x{mh} but image {job.path} is {w}x{h}; masks must match their image")
+    return InputDataError(
+        f"{job.mask}: mask is {mw}x{mh} but image {job.path} is {w}x{h}; masks must match their image"
+    )
 
 
 def scan_image(job: Job) -> tuple[tuple[int, int], list[int] | None, bool]:

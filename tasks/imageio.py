@@ -8,6 +8,7 @@ to the same pixels.
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Callable
@@ -63,7 +64,12 @@ def _imdecode(data: bytes, flag: int, path: str | Path) -> np.ndarray | None:
         return cv2.imdecode(np.frombuffer(data, np.uint8), flag)
     except cv2.error as exc:  # e.g. OpenCV's own size limits on a header PIL could not read
         reason = str(exc).split("error: ", 1)[-1].split(" in function", 1)[0].strip()
-        raise InputDataError(f"{path}: OpenCV refuses to decode it ({reason}); re-save it as PNG or split it") from None
+        reason = re.sub(r"^\(-?\d+:[^)]*\)\s*", "", reason)  # "(-215:Assertion failed) "
+        if "CV_IO_MAX_IMAGE" in reason:
+            reason = f"over OpenCV's size limits of 2^30 pixels and 2^20 per side: {reason} failed"
+        raise InputDataError(
+            f"{path}: OpenCV refuses to decode it ({reason}); split the image or re-save it as PNG"
+        ) from None
 
 
 @lru_cache(maxsize=16)

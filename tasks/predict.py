@@ -52,7 +52,8 @@ class _Image:
     grid: PatchGrid
 
 
-def _tiles(images: list[Path], geometry: dict[str, Any], decoding: Decoding) -> Iterator[tuple[_Image, list[np.ndarray]]]:
+def _tiles(images: list[Path], geometry: dict[str, Any],
+           decoding: Decoding) -> Iterator[tuple[_Image, list[np.ndarray]]]:
     for path in images:
         img = read_image(path, decoding)  # pixel limit from the header first; 16-bit images by the bundle's rule
         grid = compute_grid(img.shape[0], img.shape[1], geometry["patch_number"], geometry["patch_size"], geometry["overlap"])
@@ -66,7 +67,8 @@ def predict_images(
 ) -> dict[str, Any]:
     """Predict every image of ``images_dir`` and write its class map, polygons and overlay into ``out_dir``.
 
-    ``max_image_pixels``: larger images are refused from their header (None: ``$PATCHFLOW_MAX_IMAGE_PIXELS``, else 200 MP).
+    ``max_image_pixels``: larger images are refused from their header (None: ``$PATCHFLOW_MAX_IMAGE_PIXELS``,
+    else 200 MP).
     """
     root = bdl.resolve_bundle(model_path)
     meta = bdl.read_meta(root)
@@ -144,7 +146,8 @@ def prediction_key(model_path: Path, images_dir: Path, out_dir: Path, method: st
 
 
 @task(name="predict-images", persist_result=True)
-def predict_task(model_path: str, images_dir: str, out_dir: str, method: str | None, batch_size: int, device: str, key: str,
-                 max_image_pixels: int | None = None) -> dict[str, Any]:
+def predict_task(model_path: str, images_dir: str, out_dir: str, method: str | None, batch_size: int, device: str,
+                 key: str, max_image_pixels: int | None = None) -> dict[str, Any]:
     """Predict a folder of images (cached on ``key``)."""
-    return predict_images(Path(model_path), Path(images_dir), Path(out_dir), method, batch_size, device, max_image_pixels)
+    return predict_images(Path(model_path), Path(images_dir), Path(out_dir), method, batch_size, device,
+                          max_image_pixels)

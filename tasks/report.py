@@ -112,7 +112,8 @@ def confusion_matrix_image(labels: list[str], matrix: list[list[int]], title: st
     return img
 
 
-def _tile(data_path: Path, sample: str, caption: list[str], size: int = 128, decoding: Decoding | None = None) -> np.ndarray:
+def _tile(data_path: Path, sample: str, caption: list[str], size: int = 128,
+          decoding: Decoding | None = None) -> np.ndarray:
     tile = np.full((size + 40, size + 8, 3), 255, np.uint8)
     try:
         patch = read_image(data_path / sample, decoding)

@@ -30,7 +30,13 @@ from tasks.config import ConfigError, load_config, validate_config
 from tasks.imageio import MAX_PIXELS_ENV, InputDataError, dataset_decoding, read_image
 from tasks.sampling import draw_pass, iter_pass_patches, read_train_list
 from tests._synth import CLASS_TO_IDX, make_dataset, tree_digest, write_image
-from tests.test_bad_inputs import _edit_meta, assert_no_dataset, bundle_src, expect, generate  # noqa: F401 - fixture
+from tests.test_bad_inputs import (  # the catalogue's helpers; bundle_src is its bundle fixture
+    _edit_meta,
+    assert_no_dataset,
+    bundle_src,  # noqa: F401
+    expect,
+    generate,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -58,7 +64,7 @@ def huge_png(path: Path, width: int, height: int) -> Path:
 
 
 def header_only_png(path: Path, width: int, height: int) -> Path:
-    """A PNG whose header claims ``width x height`` 8-bit gray pixels, followed by almost no data (a few hundred bytes)."""
+    """A PNG whose header claims ``width x height`` 8-bit gray pixels, with almost no data (a few hundred bytes)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
                      + _chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + _chunk(b"IEND", b""))
@@ -66,7 +72,7 @@ def header_only_png(path: Path, width: int, height: int) -> Path:
 
 
 def gradient12(h: int = 64, w: int = 80, channels: int = 1) -> np.ndarray:
-    """A 12-bit horizontal ramp 0..4095 (plus a row offset) in a uint16 array: what a 12-bit camera writes to a 16-bit PNG."""
+    """A 12-bit ramp 0..4095 (plus a row offset) in a uint16 array: what a 12-bit camera writes to a 16-bit PNG."""
     ramp = np.round(np.linspace(0, 4095, w))[None, :] * np.ones((h, 1))
     img = np.clip(ramp + np.arange(h)[:, None] * 3, 0, 4095).astype(np.uint16)
     return np.dstack([img, img // 2, 4095 - img]) if channels == 3 else img
@@ -76,7 +82,9 @@ def entries(images: dict[str, np.ndarray], root: Path, masks: bool = True) -> li
     out = []
     for name, img in images.items():
         ip = write_image(root / "images" / name, img)
-        mp = write_image(root / "masks" / f"{Path(name).stem}.png", np.zeros(img.shape[:2], np.uint8)) if masks else None
+        mp = None
+        if masks:
+            mp = write_image(root / "masks" / f"{Path(name).stem}.png", np.zeros(img.shape[:2], np.uint8))
         out.append({"base_name": ip.name, "path": str(ip), "mask": str(mp) if mp else None})
     return out
 
@@ -87,7 +95,8 @@ def peak_rss_mb() -> float:
 
 def patches_of(out: Path) -> dict[str, np.ndarray]:
     """Every val/test patch as a BGR reader (Quadra's cv2.imread) sees it."""
-    return {p.relative_to(out).as_posix(): cv2.imread(str(p)) for s in ("val", "test") for p in sorted((out / s).rglob("*.png"))}
+    files = [p for s in ("val", "test") for p in sorted((out / s).rglob("*.png"))]
+    return {p.relative_to(out).as_posix(): cv2.imread(str(p)) for p in files}
 
 
 def bgr(img8: np.ndarray) -> np.ndarray:
@@ -117,7 +126,8 @@ def test_120_huge_png_refused_from_its_header(tmp_path: Path) -> None:
     assert_no_dataset(out)
 
 
-def test_120b_pixel_limit_from_the_environment_and_the_config_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_120b_pixel_limit_from_the_environment_and_the_config_key(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """Without dataset.max_image_pixels, $PATCHFLOW_MAX_IMAGE_PIXELS applies; the config key wins over it."""
     from flows.dataset import DatasetFlowConfig
 
@@ -127,12 +137,13 @@ def test_120b_pixel_limit_from_the_environment_and_the_config_key(tmp_path: Path
     expect(InputDataError, lambda: generate(dd, out), "1000", fix="raise dataset.max_image_pixels")
     generate(dd, out, max_image_pixels=64 * 80)  # exactly the image size: accepted
     assert (out / "info.json").is_file()
-    cfg = load_config(DatasetFlowConfig, None, ["data.images=i", "data.class_to_idx={bg: 0}", "dataset.patch_number=[2, 2]",
-                                                "dataset.max_image_pixels=400000000"])
+    cfg = load_config(DatasetFlowConfig, None, ["data.images=i", "data.class_to_idx={bg: 0}",
+                                                "dataset.patch_number=[2, 2]", "dataset.max_image_pixels=400000000"])
     assert cfg.dataset.max_image_pixels == 400_000_000
 
 
-def test_121_pixel_limit_in_the_training_evaluation_and_report_stages(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_121_pixel_limit_in_the_training_evaluation_and_report_stages(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """Stages after the dataset read the limit from $PATCHFLOW_MAX_IMAGE_PIXELS and name it in the error."""
     from tasks.evaluation import evaluate_split
     from tasks.features_task import plan_batches
@@ -154,12 +165,12 @@ def test_121_pixel_limit_in_the_training_evaluation_and_report_stages(tmp_path: 
     ids = [rel]
     expect(InputDataError, lambda: evaluate_split(out, "val", ids, np.zeros(1, int), np.ones((1, 3), np.float32) / 3,
                                                   CLASS_TO_IDX), "64", MAX_PIXELS_ENV, fix="raise")
-    rec = {"image_path": val[0]["image_path"], "mask_path": val[0]["mask_path"], "file_name": Path(val[0]["image_path"]).name}
+    rec = {**val[0], "file_name": Path(val[0]["image_path"]).name}
     expect(InputDataError, lambda: overlay_image(rec, out, tmp_path / "maps", CLASS_TO_IDX), "64", MAX_PIXELS_ENV,
            fix="raise")
 
 
-def test_122_predict_pixel_limit_flag(bundle_src: Path, tmp_path: Path) -> None:
+def test_122_predict_pixel_limit_flag(bundle_src: Path, tmp_path: Path) -> None:  # noqa: F811
     """predict refuses an image over --max-image-pixels (default: the environment's limit) before decoding it."""
     from flows.predict import PredictFlowConfig
     from tasks.predict import predict_images
@@ -182,10 +193,12 @@ def test_123_header_beyond_opencv_limits_is_one_clear_line(tmp_path: Path, monke
     claim = header_only_png(tmp_path / "claim.png", 40000, 40000)  # 1.6 GP in a few hundred bytes
     expect(InputDataError, lambda: read_image(claim), claim, "40000x40000", fix=f"raise {MAX_PIXELS_ENV}")
     monkeypatch.setenv(MAX_PIXELS_ENV, str(4 * 10**9))  # a limit above OpenCV's own
-    expect(InputDataError, lambda: read_image(claim), claim, "40000x40000", fix="more than OpenCV decodes.*split the image")
+    expect(InputDataError, lambda: read_image(claim), claim, "40000x40000",
+           fix="more than OpenCV decodes.*split the image")
     hdr = tmp_path / "radiance.png"  # unknown to PIL: no header check possible, OpenCV's refusal becomes one line
     hdr.write_bytes(b"#?RADIANCE\nFORMAT=32-bit_rle_rgbe\n\n-Y 40000 +X 40000\n" + b"\x00" * 64)
-    expect(InputDataError, lambda: read_image(hdr), hdr, fix="OpenCV refuses to decode it.*split it")
+    expect(InputDataError, lambda: read_image(hdr), hdr,
+           fix="OpenCV refuses to decode it.*size limits.*split the image")
 
 
 def test_123b_cli_huge_header_ends_with_one_error_line(tmp_path: Path) -> None:
@@ -218,7 +231,7 @@ def test_123b_cli_huge_header_ends_with_one_error_line(tmp_path: Path) -> None:
     assert not (out / "info.json").exists()
 
 
-def test_124_12bit_data_in_16bit_png_has_the_full_range_everywhere(bundle_src: Path, tmp_path: Path) -> None:
+def test_124_12bit_data_in_16bit_png_has_the_full_range_everywhere(bundle_src: Path, tmp_path: Path) -> None:  # noqa: F811
     """Rule "auto" (default): a 12-bit ramp saved as 16-bit PNG gives 0..255 (value >> 4), not 0..15 (>> 8), in the
     val/test patches, in training crops and in predict; patchflow.json and model.json record the rule."""
     from tasks.features_task import decode_attrs
@@ -329,7 +342,8 @@ def test_127_exif_rotated_jpeg_with_a_mask_of_the_displayed_size(tmp_path: Path,
     before = tree_digest(tmp_path / "src")
     out = tmp_path / "out"
     expect(InputDataError, lambda: generate(dd, out), jpg, mask, f"EXIF rotation (orientation {orientation})",
-           "stored pixel frame 80x30", fix="rotate the mask to the stored frame or re-save the image without the EXIF rotation")
+           "stored pixel frame 80x30",
+           fix="rotate the mask to the stored frame or re-save the image without the EXIF rotation")
     assert_no_dataset(out)
     assert tree_digest(tmp_path / "src") == before
 
@@ -363,7 +377,7 @@ def test_128_exif_flip_cannot_be_seen_by_size_warns_once(tmp_path: Path, caplog:
             np.testing.assert_array_equal(cv2.imread(str(p)), stored[32 * y:32 * y + 32, 40 * x:40 * x + 40])
 
 
-def test_129_bad_decoding_settings(tmp_path: Path, bundle_src: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_129_bad_decoding_settings(tmp_path: Path, bundle_src: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
     """sixteen_bit, max_image_pixels and $PATCHFLOW_MAX_IMAGE_PIXELS are checked before anything is read."""
     from flows.dataset import DatasetFlowConfig
     from flows.predict import PredictFlowConfig
@@ -375,8 +389,9 @@ def test_129_bad_decoding_settings(tmp_path: Path, bundle_src: Path, monkeypatch
                "dataset.sixteen_bit", fix="'auto'.*8..16.*low, high")
     expect(ConfigError, lambda: load_config(DatasetFlowConfig, None, [*base, "dataset.max_image_pixels=0"]),
            "dataset.max_image_pixels", fix="greater than or equal to 1")
-    expect(ConfigError, lambda: validate_config(PredictFlowConfig, {"model": "m", "images": "i", "out": "o",
-                                                                     "max_image_pixels": 0}), "max_image_pixels", fix="greater than or equal to 1")
+    pred = {"model": "m", "images": "i", "out": "o", "max_image_pixels": 0}
+    expect(ConfigError, lambda: validate_config(PredictFlowConfig, pred), "max_image_pixels",
+           fix="greater than or equal to 1")
     dd = make_dataset(tmp_path / "src", n=3, n_empty=1)
     out = tmp_path / "out"
     expect(ValueError, lambda: generate(dd, out, sixteen_bit=17), "sixteen_bit", "17", fix="8..16")
