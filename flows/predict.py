@@ -35,6 +35,9 @@ class PredictFlowConfig(StrictModel):
     device: str = "cpu"
     storage_root: str | None = None
     force: bool = False
+    max_image_pixels: StrictInt | None = Field(
+        None, ge=1, description="Refuse larger images (pixels, from the header) before decoding; "
+        "None: $PATCHFLOW_MAX_IMAGE_PIXELS, else 200000000")
 
 
 @flow(name="patchflow-predict")
@@ -52,7 +55,7 @@ def predict_flow(config: PredictFlowConfig) -> dict[str, Any]:
         logger.info("computing predictions (%s)", problem)
     done = problem is None
     stage = cached_stage(predict_task, root, cfg.force, done)
-    return stage(cfg.model, cfg.images, str(out), cfg.method, cfg.batch_size, cfg.device, key)
+    return stage(cfg.model, cfg.images, str(out), cfg.method, cfg.batch_size, cfg.device, key, cfg.max_image_pixels)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -66,10 +69,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--storage-root")
     ap.add_argument("--force", action="store_true")
+    ap.add_argument("--max-image-pixels", type=int,
+                    help="refuse larger images (default $PATCHFLOW_MAX_IMAGE_PIXELS or 200000000)")
     a = ap.parse_args(argv)
     cfg = validate_config(PredictFlowConfig, {
         "model": a.model, "images": a.images, "out": a.out, "method": a.method, "batch_size": a.batch_size,
         "device": a.device, "storage_root": a.storage_root, "force": a.force,
+        "max_image_pixels": a.max_image_pixels,
     })
     check_output_folder(cfg.images, cfg.out)  # one line before a flow run (and an API server) starts
     res = predict_flow(cfg)

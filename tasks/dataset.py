@@ -13,7 +13,7 @@ import logging
 import os
 import pickle
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable, Sequence
@@ -25,6 +25,8 @@ from storage.fingerprint import CODE_VERSION
 from storage.geometry import GRID_POLICY, validate_geometry_params
 from storage.manifest import write_manifest
 from tasks.dataset_images import Job, Params, Result, Workers, process_image, scan_image, write_bytes
+from tasks.imageio import max_image_pixels as pixel_limit
+from tasks.imageio import parse_sixteen_bit, sixteen_bit_json
 from tasks.split import split_images
 
 logger = logging.getLogger("patchflow.dataset")
@@ -167,6 +169,7 @@ def _plan(a: dict[str, Any]) -> Path:
         raise ValueError(f"shard_images must be an integer >= 1, got {g.shard_images!r}")
     if not _is_int(g.seed):
         raise ValueError(f"seed must be an integer, got {g.seed!r} ({type(g.seed).__name__})")
+    limit, rule = pixel_limit(g.max_image_pixels), parse_sixteen_bit(g.sixteen_bit, "sixteen_bit")
     out = Path(g.output_folder)
     layout.check_output_folder(out)
     if out.exists() and any(out.iterdir()) and not g.clear_output_folder:
@@ -184,6 +187,9 @@ def _plan(a: dict[str, Any]) -> Path:
         old = load_plan(tmp)
         if old.fingerprint == g.fingerprint:  # same inputs: resume (or join a concurrent build of them)
             logger.info("resuming the build of %s in %s", out, tmp)
+            if old.params.max_image_pixels != limit:  # not part of the fingerprint: a raised limit applies on resume
+                old.params = replace(old.params, max_image_pixels=limit)
+                layout.write_atomic(tmp / SHARD_DIR / PLAN_FILE, pickle.dumps(old))
             return tmp
     except (OSError, pickle.UnpicklingError, EOFError, AttributeError):
         pass
@@ -198,6 +204,7 @@ def _plan(a: dict[str, Any]) -> Path:
         mask_output_folder=g.mask_output_folder, save_mask=g.save_mask, mask_preprocessing=g.mask_preprocessing,
         repeat_good_images=g.repeat_good_images, balance_defects=g.balance_defects,
         annotated_good=tuple(g.annotated_good or ()), missing_mask=g.missing_mask,
+        max_image_pixels=limit, sixteen_bit=rule,
     )
     for sub in ("original/images", "original/masks", "original/labelled_masks", "train", SHARD_DIR):
         (tmp / sub).mkdir(parents=True, exist_ok=True)
@@ -334,6 +341,7 @@ def finish_patch_dataset(tmp: str | Path) -> dict[str, Any]:
             "class_to_idx": dict(p.class_to_idx),
             "train_filename": plan.train_filename,
             "missing_mask": p.missing_mask,
+            "sixteen_bit": sixteen_bit_json(p.sixteen_bit),  # how 16-bit images became 8-bit: later stages decode alike
             "seed": plan.seed,
             "images": {s: len(info[f"{s}_files"]) for s in SPLITS},
             "counts": counts,
@@ -378,12 +386,17 @@ def generate_patch_dataset(
     missing_mask: str = "test",
     fingerprint: str | None = None,
     shard_images: int = 256,
+    max_image_pixels: int | None = None,
+    sixteen_bit: str | int | Sequence[int] = "auto",
 ) -> dict[str, Any]:
     """Build a Quadra-layout patch dataset in ``output_folder``; returns the ``info.json`` content.
 
     ``missing_mask``: ``"test"`` (reference behaviour: mask-less images go to test/None) or ``"good"``
     (a missing mask means a defect-free image). ``fingerprint`` (the inputs' content key) is stored in
     the sidecar and names the build folder, so a build killed midway resumes its finished shards.
+    ``max_image_pixels``: larger images are refused from their header (None: ``$PATCHFLOW_MAX_IMAGE_PIXELS``,
+    else 200 MP). ``sixteen_bit``: how 16-bit images become 8-bit (``"auto"``, the camera's bits 8..16 or a
+    ``[low, high]`` window; ``tasks/imageio.py: to_uint8``), recorded in ``patchflow.json``.
     """
     tmp = _plan(dict(locals()))  # first statement: locals() holds exactly the parameters
     plan = load_plan(tmp)

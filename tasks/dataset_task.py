@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from pydantic import Field, StrictInt, model_validator
+from pydantic import Field, StrictInt, field_validator, model_validator
 
 from storage import layout
 from storage.fingerprint import CODE_VERSION, combine, files_digest, params_digest
@@ -18,6 +18,7 @@ from tasks.association import get_image_mask_association
 from tasks.caching import stage_lock
 from tasks.config import ConfigError, StrictModel, import_object
 from tasks.dataset import assign_splits, generate_patch_dataset, plan_patch_dataset, process_shard, scan_shard
+from tasks.imageio import parse_sixteen_bit, sixteen_bit_json
 from tasks.safe_yaml import clip
 
 logger = logging.getLogger("patchflow.dataset")
@@ -94,6 +95,17 @@ class GenerationSection(StrictModel):
     num_workers: StrictInt = Field(1, ge=1)
     missing_mask: Literal["test", "good"] = Field("test", description="Images without a mask: to test/None, or treated as defect-free")
     shard_images: StrictInt = Field(256, ge=1, description="Images per shard: the unit of parallel work (runner.kind=dask) and of resume")
+    max_image_pixels: StrictInt | None = Field(
+        None, ge=1, description="Images larger than this (pixels, read from the header) are refused before decoding; "
+        "None: $PATCHFLOW_MAX_IMAGE_PIXELS, else 200000000 (docs/bad-inputs.md, section M)")
+    sixteen_bit: str | StrictInt | tuple[int, int] = Field(
+        "auto", description="16-bit images to 8 bits: 'auto' (per image, the smallest of 10/12/14/16 bits holding its "
+        "largest value), the bits the camera uses (8..16) or a [low, high] window mapped to 0..255")
+
+    @field_validator("sixteen_bit", mode="before")
+    @classmethod
+    def _sixteen_bit(cls, value: Any) -> Any:
+        return sixteen_bit_json(parse_sixteen_bit(value, "dataset.sixteen_bit"))
 
     @model_validator(mode="after")
     def _one_geometry(self) -> "GenerationSection":
@@ -106,7 +118,9 @@ class GenerationSection(StrictModel):
 
 def dataset_fingerprint(association: list[dict[str, Any]], class_to_idx: dict[str, int], gen: GenerationSection) -> str:
     """Content key of a dataset: image and mask bytes, their names, class map and every parameter that changes output."""
-    params = gen.model_dump(mode="json", exclude={"num_workers", "clear_output_folder", "output_folder", "shard_images"})
+    params = gen.model_dump(
+        mode="json", exclude={"num_workers", "clear_output_folder", "output_folder", "shard_images", "max_image_pixels"}
+    )
     names = [(a["base_name"], a["path"] is not None, a["mask"] is not None) for a in association]
     contents = files_digest([a["path"] for a in association] + [a["mask"] for a in association])
     return combine(CODE_VERSION, params_digest({"params": params, "classes": class_to_idx, "names": names}), contents)

@@ -27,7 +27,7 @@ from storage.layout import IMAGE_EXTENSIONS
 from storage.paths import user_path
 from tasks.backbones import FeatureExtractor, load_export
 from tasks.evaluation import full_probabilities
-from tasks.imageio import encode_png, read_image
+from tasks.imageio import Decoding, bundle_decoding, encode_png, read_image
 from tasks.predict_outputs import (
     PREDICTIONS_FILE,
     ImageOutputs,
@@ -61,9 +61,10 @@ class _Image:
     grid: PatchGrid
 
 
-def _tiles(images: list[Path], geometry: dict[str, Any]) -> Iterator[tuple[_Image, list[np.ndarray]]]:
+def _tiles(images: list[Path], geometry: dict[str, Any],
+           decoding: Decoding) -> Iterator[tuple[_Image, list[np.ndarray]]]:
     for path in images:
-        img = read_image(path)
+        img = read_image(path, decoding)  # pixel limit from the header first; 16-bit images by the bundle's rule
         grid = compute_grid(img.shape[0], img.shape[1], geometry["patch_number"], geometry["patch_size"], geometry["overlap"])
         padded = grid.pad(img)
         yield _Image(path, img, grid), [padded[y0:y1, x0:x1] for y0, x0, y1, x1 in grid.boxes().tolist()]
@@ -72,10 +73,13 @@ def _tiles(images: list[Path], geometry: dict[str, Any]) -> Iterator[tuple[_Imag
 def predict_images(
     model_path: Path, images_dir: Path, out_dir: Path, method: str | None = None, batch_size: int = 32, device: str = "cpu",
     key: str | None = None,
+    max_image_pixels: int | None = None,
 ) -> dict[str, Any]:
     """Predict every image of ``images_dir`` and write its class map, polygons and overlay into ``out_dir``.
 
     ``key`` (the flow's cache key) is recorded in ``predictions.json`` so the flow can tell its own outputs.
+    ``max_image_pixels``: larger images are refused from their header (None: ``$PATCHFLOW_MAX_IMAGE_PIXELS``,
+    else 200 MP).
     """
     root = bdl.resolve_bundle(model_path)
     meta = bdl.read_meta(root)
@@ -85,6 +89,7 @@ def predict_images(
     method = method or meta.get("reconstruction_method") or "major_voting"
     geometry = bdl.geometry(meta)
     size = bdl.input_size(meta)
+    decoding = bundle_decoding(meta, root, max_image_pixels, "--max-image-pixels" if max_image_pixels else None)
     images = list_images(images_dir)
     out_dir = check_output_folder(images_dir, out_dir)  # before anything is written or deleted
     plan = {p.image: p for p in plan_outputs(images_dir, images)}
@@ -116,7 +121,7 @@ def predict_images(
         pending.clear()
         patches.clear()
 
-    for item, tiles in _tiles(images, geometry):
+    for item, tiles in _tiles(images, geometry, decoding):
         pending.append((item, len(tiles)))
         patches.extend(tiles)
         if len(patches) >= batch_size:
@@ -163,6 +168,8 @@ def prediction_key(model_path: Path, images_dir: Path, out_dir: Path, method: st
 
 
 @task(name="predict-images", persist_result=True)
-def predict_task(model_path: str, images_dir: str, out_dir: str, method: str | None, batch_size: int, device: str, key: str) -> dict[str, Any]:
+def predict_task(model_path: str, images_dir: str, out_dir: str, method: str | None, batch_size: int, device: str,
+                 key: str, max_image_pixels: int | None = None) -> dict[str, Any]:
     """Predict a folder of images (cached on ``key``)."""
-    return predict_images(Path(model_path), Path(images_dir), Path(out_dir), method, batch_size, device, key=key)
+    return predict_images(Path(model_path), Path(images_dir), Path(out_dir), method, batch_size, device, key=key,
+                          max_image_pixels=max_image_pixels)
