@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Sequence
 
 from prefect import flow
@@ -50,10 +51,7 @@ def dataset_flow(config: DatasetFlowConfig, config_file: str | None = None) -> s
     config = validate_config(DatasetFlowConfig, config)
     root = storage_root(config.storage_root)
     check_runner(config.runner)
-    out = output_folder_path(config.dataset.output_folder)
-    check_flow_paths(out, config.data.images, config.data.masks,
-                     {"data.class_to_idx_file": config.data.class_to_idx_file, "the config file": config_file}, root)
-    layout.check_output_folder(out)
+    out = check_paths(config, config_file)
     class_to_idx = config.data.resolved_class_to_idx()
     with layout.build_lock(out):  # one build of a folder at a time, for the whole build (Dask shards included)
         association = associate_task(config.data)
@@ -72,10 +70,24 @@ def dataset_flow(config: DatasetFlowConfig, config_file: str | None = None) -> s
                                                                      config.force)
 
 
+def check_paths(config: DatasetFlowConfig, config_file: str | None = None) -> Path:
+    """The output folder (``~`` expanded, symlinks followed) once it is checked to hold none of the inputs (images and
+    masks folders, class map file, config file, storage root) and to lie inside neither the images nor the masks
+    folder; nothing is written or deleted before."""
+    out = output_folder_path(config.dataset.output_folder)
+    check_flow_paths(out, config.data.images, config.data.masks,
+                     {"data.class_to_idx_file": config.data.class_to_idx_file, "the config file": config_file},
+                     storage_root(config.storage_root))
+    layout.check_output_folder(out)
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    """CLI entry point."""
+    """CLI entry point (the paths are checked before Prefect starts)."""
     cfg = parse_cli(DatasetFlowConfig, argv, description=__doc__)
-    print(dataset_flow(cfg, config_file=_config_file(argv)))
+    config_file = _config_file(argv)
+    check_paths(cfg, config_file)
+    print(dataset_flow(cfg, config_file=config_file))
 
 
 def _config_file(argv: Sequence[str] | None) -> str | None:

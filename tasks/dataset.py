@@ -25,7 +25,7 @@ from storage import layout
 from storage.fingerprint import CODE_VERSION
 from storage.geometry import GRID_POLICY, validate_geometry_params
 from storage.manifest import write_manifest
-from tasks.dataset_images import Job, Params, Result, Workers, process_image, scan_image, write_bytes
+from tasks.dataset_images import Job, Params, Workers, process_image, scan_image, write_bytes
 from tasks.dataset_output import check_name, check_output_names, output_folder_path, refuse_inputs_in, resolve_inputs
 from tasks.dataset_state import (
     SHARD_DIR, DatasetPlan, callable_path, load_marker, load_plan, planned_part, plan_data, read_plan_data, write_marker,

@@ -66,7 +66,7 @@ def check_name(name: str, what: str, where: str) -> None:
     if bad or name in ("", ".", ".."):
         reason = " and ".join(bad) if bad else "an empty or dot name"
         raise InputDataError(
-            f"{what} {name!r} ({where}) holds {reason}; it names patch and h5 files and dataset.txt fields "
+            f"{what} {name!r} ({where!r}) holds {reason}; it names patch and h5 files and dataset.txt fields "
             "(no commas, line breaks or slashes). Rename it"
         )
 

@@ -55,12 +55,12 @@ def callable_path(fn: Callable[..., Any] | None) -> str | None:
     if fn is None:
         return None
     module, qualname = getattr(fn, "__module__", None), getattr(fn, "__qualname__", None)
-    if not isinstance(module, str) or not isinstance(qualname, str) or "<" in qualname:
-        return None
+    if not isinstance(module, str) or not isinstance(qualname, str) or "<" in qualname or module == "__main__":
+        return None  # __main__ is another module in each worker process
     path = f"{module}:{qualname}"
     try:
         return path if import_callable(path) is fn else None
-    except (ImportError, AttributeError, ValueError):
+    except (ImportError, AttributeError, ValueError, TypeError):
         return None
 
 
@@ -73,7 +73,7 @@ def import_callable(path: str) -> Callable[..., Any]:
     for part in qualname.split("."):
         obj = getattr(obj, part)
     if not callable(obj):
-        raise ValueError(f"{path} is not callable")
+        raise TypeError(f"{path} is not callable")
     return obj
 
 
