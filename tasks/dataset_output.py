@@ -64,9 +64,9 @@ def check_name(name: str, what: str, where: str) -> None:
     path separator, or is empty, ``.`` or ``..``."""
     bad = [label for ch, label in BAD_NAME_CHARS.items() if ch in name]
     if bad or name in ("", ".", ".."):
-        reason = " and ".join(bad) if bad else "an empty or dot name"
+        reason = f"holds {' and '.join(bad)}" if bad else "is empty, '.' or '..'"
         raise InputDataError(
-            f"{what} {name!r} ({where!r}) holds {reason}; it names patch and h5 files and dataset.txt fields "
+            f"{what} {name!r} ({where!r}) {reason}; it names patch and h5 files and dataset.txt fields "
             "(no commas, line breaks or slashes). Rename it"
         )
 

@@ -423,5 +423,5 @@ def test_119_output_names_that_leave_the_dataset(tmp_path: Path, kw: dict) -> No
     if "base_name" in kw:
         dd[0]["base_name"] = kw.pop("base_name")
     before = tree_digest(tmp_path)
-    expect((ValueError, InputDataError), lambda: generate(dd, tmp_path / "ds", **kw), fix="slash|relative folder|dot name")
+    expect((ValueError, InputDataError), lambda: generate(dd, tmp_path / "ds", **kw), fix="slash|relative folder|is empty, '.' or '..'")
     assert tree_digest(tmp_path) == before
