@@ -115,7 +115,8 @@ def _partial_dir(out: Path, fingerprint: str | None, inputs: Sequence[tuple[str,
     build lock, so the other build folders of ``out`` are no live run's: they are removed (matched literally)."""
     keep = out.parent / f".{out.name}.partial-{_tag(fingerprint)}" if fingerprint is not None else None
     for other in layout.stale_build_folders(out, keep):
-        refuse_inputs_in(other, inputs, key="the old build folder")
+        refuse_inputs_in(other, inputs, key="build folder",
+                         action="it is a killed build's leftover, and removing it would delete the input")
         shutil.rmtree(other, ignore_errors=True)  # left by a killed run
     if keep is None:
         return layout.temp_sibling(out)

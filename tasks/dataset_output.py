@@ -45,17 +45,18 @@ def resolve_inputs(paths: Iterable[str | os.PathLike[str]]) -> list[tuple[str, s
     return out
 
 
-def refuse_inputs_in(folder: Path, inputs: Sequence[tuple[str, str]], key: str = "output_folder") -> None:
+def refuse_inputs_in(folder: Path, inputs: Sequence[tuple[str, str]], key: str = "output_folder",
+                     action: str = "a build replaces output_folder as a whole and would delete it") -> None:
     """Raise :class:`OutputFolderError` naming both paths when a resolved input lies inside ``folder`` (resolved),
-    which is about to be replaced or cleared."""
+    which is about to be replaced or cleared (``action`` says how)."""
     root = os.fspath(folder)
     prefix = root.rstrip(os.sep) + os.sep
     for given, real in inputs:
         if real == root or real.startswith(prefix):
             shown = given if os.path.abspath(given) == real else f"{given} (= {real})"
             raise OutputFolderError(
-                f"{key} {folder} holds the input {shown}; a build replaces {key} as a whole and would delete it. "
-                f"Move your inputs out of {folder} (e.g. a dataset's original/ copy) or choose another {key}"
+                f"{key} {folder} holds the input {shown}; {action}. "
+                f"Move your inputs out of {folder} (e.g. a dataset's original/ copy) or choose another output_folder"
             )
 
 

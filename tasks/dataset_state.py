@@ -169,7 +169,8 @@ def _job(values: list[Any]) -> Job:
         _check(getattr(job, key), str, key)
     _check(job.mask, (str, type(None)), "mask")
     _check(job.plain_mask, bool, "plain_mask")
-    job.size, job.values = _ints(job.size, "size", 2), _ints(job.values, "values")
+    size = _ints(_check(job.size, list, "size"), "size", 2)
+    job.size, job.values = (size[0], size[1]) if size else (0, 0), _ints(job.values, "values")
     return job
 
 
@@ -195,7 +196,8 @@ def load_plan(tmp: str | Path, mask_preprocessing: Callable[..., Any] | None = N
         _check(plan.shard_images, int, "shard_images")
         _check(plan.info_geometry, dict, "info_geometry")
         plan.val_size, plan.test_size = (float(_check(v, (int, float), "split size")) for v in (plan.val_size, plan.test_size))
-        plan.order = list(_ints(plan.order, "order")) if plan.order is not None else None
+        order = _ints(plan.order, "order")
+        plan.order = list(order) if order is not None else None
         if Path(plan.tmp) != tmp or not layout.build_folder_pattern(Path(plan.out)).fullmatch(tmp.name):
             raise TypeError(f"it belongs to {plan.tmp} for {plan.out}")
         if plan.shard_images < 1 or any(j.index != i for i, j in enumerate(plan.jobs)):

@@ -44,7 +44,7 @@ class DataSection(StrictModel):
         """class_to_idx, read from the JSON file if needed."""
         if self.class_to_idx is not None:
             return dict(self.class_to_idx)
-        path = user_path(self.class_to_idx_file)
+        path = user_path(str(self.class_to_idx_file))
         try:
             data = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as exc:

@@ -84,13 +84,20 @@ def flow_cfg(images: Path, masks: Path | None, out: Path, root: Path, **data) ->
 # ====================================================== L. inputs inside the output folder are never deleted
 
 
-@pytest.mark.parametrize("how", ["copied", "symlinked"])
+@pytest.mark.parametrize("how", ["copied", "symlinked", "in-a-leftover-build-folder"])
 def test_105_raw_inputs_inside_the_output_folder(tmp_path: Path, how: str) -> None:
-    """Raw images and masks kept in ``out/ds/raw/`` (or linked from there), rebuilt into ``out/ds``: refused."""
+    """Raw images and masks kept in ``out/ds/raw/`` (or linked from there, or kept in a killed build's leftover
+    folder ``out/.ds.partial-<hex>/``, which a build removes), rebuilt into ``out/ds``: refused."""
     out = tmp_path / "out" / "ds"
     generate(source(tmp_path / "first"), out)
     raw = out / "raw"
-    if how == "copied":
+    fix = "would delete it.*choose another output_folder"
+    if how == "in-a-leftover-build-folder":
+        raw = out.parent / f".ds.partial-{'0' * 16}" / "raw"
+        shutil.copytree(tmp_path / "first", raw)
+        dd = get_image_mask_association(str(raw / "images"), str(raw / "masks"))
+        out, fix = raw.parent, "killed build's leftover"
+    elif how == "copied":
         shutil.copytree(tmp_path / "first", raw)
         dd = get_image_mask_association(str(raw / "images"), str(raw / "masks"))
     else:  # inputs outside, but symlinks to files inside the output folder
@@ -100,7 +107,8 @@ def test_105_raw_inputs_inside_the_output_folder(tmp_path: Path, how: str) -> No
             (tmp_path / "links" / f.name).symlink_to(f)
             dd.append({"base_name": f.name, "path": str(tmp_path / "links" / f.name), "mask": None})
     before = tree_digest(tmp_path)
-    msg = expect(OutputFolderError, lambda: generate(dd, out, seed=7), out, fix="would delete it.*choose another output_folder")
+    target = tmp_path / "out" / "ds"
+    msg = expect(OutputFolderError, lambda: generate(dd, target, seed=7, fingerprint="f" * 64), out, fix=fix)
     assert dd[0]["path"] in msg
     assert tree_digest(tmp_path) == before  # every input byte-identical, and nothing written (no lock, no build folder)
 
@@ -211,8 +219,8 @@ def test_111_output_folder_dot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.chdir(work)
     before = tree_digest(tmp_path)
     for kw in ({}, {"fingerprint": "f" * 64}):
-        expect(FileExistsError, lambda: generate(dd, ".", **kw), work, fix="is the current folder.*choose a sub-folder")
-        expect(FileExistsError, lambda: generate(dd, "..", **kw), tmp_path, fix="or holds it")
+        expect(FileExistsError, lambda kw=kw: generate(dd, ".", **kw), work, fix="is the current folder.*choose a sub-folder")
+        expect(FileExistsError, lambda kw=kw: generate(dd, "..", **kw), tmp_path, fix="or holds it")
     assert tree_digest(tmp_path) == before
     generate(dd, "extraction_data")  # the fix the message gives
     assert layout.is_complete(work / "extraction_data")
@@ -309,11 +317,9 @@ def test_115_flow_holds_the_build_lock(tmp_path: Path, prefect_harness) -> None:
 
     source(tmp_path / "src")
     out = tmp_path / "ds"
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from storage import layout\n"
-         f"with layout.build_lock({str(out)!r}):\n    print('held', flush=True); time.sleep(4); print(time.time(), flush=True)"],
-        cwd=REPO, stdout=subprocess.PIPE, text=True,
-    )
+    code = ("import sys, time; from storage import layout\n"
+            f"with layout.build_lock({str(out)!r}):\n    print('held', flush=True); time.sleep(4); print(time.time(), flush=True)")
+    holder = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"
     assert layout.lock_path(out).exists()
     dataset_flow(flow_cfg(tmp_path / "src" / "images", tmp_path / "src" / "masks", out, tmp_path / "store"))
