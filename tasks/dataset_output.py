@@ -105,7 +105,7 @@ def check_flow_paths(
         if is_within(out, folder):
             raise OutputFolderError(
                 f"output_folder {out} is inside {key} {user_path(folder)}: a rerun would read its own patches as "
-                f"images (and then delete them). Choose an output_folder outside {key}"
+                f"{key.split('.')[1]} (and then delete them). Choose an output_folder outside {key}"
             )
     for key, path in files.items():
         if path is not None and is_within(path, out):
