@@ -14,12 +14,14 @@ from pydantic import Field, StrictInt, field_validator, model_validator
 from storage import layout
 from storage.fingerprint import CODE_VERSION, combine, files_digest, params_digest
 from storage.manifest import matches_manifest
+from storage.paths import user_path
 from tasks.association import get_image_mask_association
 from tasks.caching import stage_lock
 from tasks.config import ConfigError, StrictModel, import_object
 from tasks.dataset import assign_splits, generate_patch_dataset, plan_patch_dataset, process_shard, scan_shard
 from tasks.imageio import parse_sixteen_bit, sixteen_bit_json
 from tasks.safe_yaml import clip
+from tasks.dataset_output import output_folder_path
 
 logger = logging.getLogger("patchflow.dataset")
 
@@ -44,7 +46,7 @@ class DataSection(StrictModel):
         """class_to_idx, read from the JSON file if needed."""
         if self.class_to_idx is not None:
             return dict(self.class_to_idx)
-        path = Path(self.class_to_idx_file)
+        path = user_path(str(self.class_to_idx_file))
         try:
             data = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_no_duplicate_keys)
         except (OSError, ValueError) as exc:  # JSONDecodeError, UnicodeDecodeError, a key given twice
@@ -73,7 +75,10 @@ def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 class GenerationSection(StrictModel):
     """Parameters of ``generate_patch_dataset`` (Quadra's names and defaults)."""
 
-    output_folder: str = Field("extraction_data", description="Patch dataset folder (replaced as a whole on rerun)")
+    output_folder: str = Field(
+        "extraction_data",
+        description="Patch dataset folder (replaced as a whole on rerun; ~ expanded, a symlink is followed to its target)",
+    )
     val_size: float = Field(0.3, ge=0, le=1, description="Share of images in val")
     test_size: float = Field(0.0, ge=0, le=1, description="Share of images in test")
     seed: StrictInt = 42
@@ -145,7 +150,7 @@ def generate_task(
     """Build the patch dataset; returns its folder (cached on ``key``; reused if a concurrent run built it)."""
     if force or not dataset_is_current(gen.output_folder, key):
         generate_patch_dataset([dict(a) for a in association], class_to_idx, **_generation_args(gen, key))
-    return str(Path(gen.output_folder).resolve())
+    return str(output_folder_path(gen.output_folder))
 
 
 def _generation_args(gen: GenerationSection, key: str) -> dict[str, Any]:
@@ -156,7 +161,8 @@ def _generation_args(gen: GenerationSection, key: str) -> dict[str, Any]:
 
 def dataset_is_current(output_folder: str, key: str) -> bool:
     """The folder holds a complete dataset built from exactly these inputs, unchanged since (manifest)."""
-    return layout.is_complete(Path(output_folder), key) and matches_manifest(Path(output_folder))
+    out = output_folder_path(output_folder)
+    return layout.is_complete(out, key) and matches_manifest(out)
 
 
 @task(name="plan-patch-dataset", cache_policy=NO_CACHE)
