@@ -45,14 +45,16 @@ def _flows() -> dict[str, tuple[Any, type]]:
 
 def deployment_specs(prefect_yaml: Path = PREFECT_YAML) -> list[dict[str, Any]]:
     """The deployments of ``prefect.yaml`` as keyword arguments of ``flow.to_deployment`` (plus ``flow``)."""
-    import yaml
     from prefect.schedules import Cron
+
+    from tasks.config import load_yaml, validate_config
 
     flows = _flows()
     specs = []
-    for dep in yaml.safe_load(prefect_yaml.read_text())["deployments"]:
+    for dep in load_yaml(prefect_yaml)["deployments"]:  # bounded aliases, duplicate keys refused
         flow, model = flows[dep["entrypoint"]]
-        config = model.model_validate(dep.get("parameters", {}).get("config", {}))
+        config = validate_config(model, dep.get("parameters", {}).get("config", {}),
+                                 source=f"{prefect_yaml}, deployment {dep.get('name')!r}")
         schedules = [Cron(s["cron"], timezone=s.get("timezone", "UTC"), active=s.get("active", True))
                      for s in dep.get("schedules") or [] if "cron" in s]
         specs.append({

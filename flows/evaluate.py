@@ -14,10 +14,9 @@ from prefect import flow
 from storage import bundle as bdl
 from storage import features as fstore
 from storage.manifest import matches_manifest
-from storage.settings import storage_root
 from tasks.artifacts import publish_task
 from tasks.caching import cached_stage
-from tasks.config import parse_cli, run_cli, validate_config
+from tasks.config import ensure_storage_root, parse_cli, run_cli, validate_config
 from tasks.evaluate_task import EvaluateFlowConfig, bundle_features_task, bundle_split_key, evaluate_task, evaluation_key
 from tasks.evaluation import headline
 from tasks.features_task import store_path
@@ -28,7 +27,7 @@ from tasks.run_folder import attach_log, detach_log, make_run_dir
 def evaluate_flow(config: EvaluateFlowConfig) -> dict[str, Any]:
     """Evaluate a bundle; returns the run folder, the output folder and the metrics."""
     cfg = validate_config(EvaluateFlowConfig, config)
-    root = storage_root(cfg.storage_root)
+    root = ensure_storage_root(cfg.storage_root)
     bundle_root, meta = bdl.open_bundle(cfg.task.model_path, cfg.task.trust_pickle)  # every file checked first
     run = make_run_dir(cfg)
     log = attach_log(run)

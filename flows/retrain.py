@@ -18,7 +18,7 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import Field
 
 from storage.fingerprint import combine, params_digest
-from tasks.config import StrictModel, parse_cli, run_cli, validate_config
+from tasks.config import StrictModel, ensure_storage_root, parse_cli, run_cli, validate_config
 from tasks.dataset_task import DataSection, GenerationSection
 from tasks.features_task import dataset_key
 from tasks.runner import RunnerSection
@@ -65,6 +65,7 @@ def register_task(bundle: str, folder: str, metrics: dict[str, Any], inputs_key:
 def retrain_flow(config: RetrainFlowConfig) -> dict[str, Any]:
     """Rebuild the dataset from the data folder, retrain, version the bundle and promote it if not worse."""
     cfg = validate_config(RetrainFlowConfig, config)
+    ensure_storage_root(cfg.storage_root)  # before any stage: one clear line for a file-shaped or read-only root
     data_path = dataset_flow(DatasetFlowConfig(data=cfg.data, dataset=cfg.dataset, storage_root=cfg.storage_root, runner=cfg.runner))
     train_cfg = TrainFlowConfig.model_validate(
         cfg.train.model_dump(mode="json") | {"storage_root": cfg.storage_root, "runner": cfg.runner.model_dump(mode="json")}

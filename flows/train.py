@@ -15,10 +15,9 @@ from prefect import flow
 from storage import features as fstore
 from storage.fingerprint import combine, params_digest
 from storage.manifest import file_matches, matches_manifest
-from storage.settings import storage_root
 from tasks.artifacts import Progress, publish_task
 from tasks.caching import cached_stage
-from tasks.config import parse_cli, run_cli, validate_config
+from tasks.config import ensure_storage_root, parse_cli, run_cli, validate_config
 from tasks.evaluation import METRICS_VERSION, headline
 from tasks.features_task import (
     backbone_digest,
@@ -42,7 +41,7 @@ from tasks.train_config import TrainFlowConfig
 def train_flow(config: TrainFlowConfig) -> dict[str, Any]:
     """Train a patch classifier on a patch dataset; returns the run folder, bundle and val metrics."""
     cfg = validate_config(TrainFlowConfig, config)
-    root = storage_root(cfg.storage_root)
+    root = ensure_storage_root(cfg.storage_root)
     check_runner(cfg.runner)
     force = set(cfg.force)
     run = make_run_dir(cfg)

@@ -12,12 +12,21 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import fcntl
 import json
+import logging
 import os
+import re
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
+
+from storage.paths import siblings_with_prefix
+
+logger = logging.getLogger("patchflow.dataset")
 
 INFO_FILE = "info.json"
 SIDECAR_FILE = "patchflow.json"
@@ -133,14 +142,20 @@ def check_output_folder(root: Path) -> None:
     root = Path(root)
     if root.exists() and not root.is_dir():
         raise FileExistsError(f"output_folder {root} is a file; choose a folder path")
+    resolved = root.resolve()
+    if resolved == Path(resolved.anchor) or resolved == Path.home().resolve():
+        raise FileExistsError(f"output_folder {root} is a filesystem root or your home folder; choose a sub-folder")
+    cwd = Path.cwd().resolve()
+    if cwd == resolved or resolved in cwd.parents:
+        raise FileExistsError(
+            f"output_folder {root} is the current folder {cwd} or holds it; a build replaces that folder as a whole. "
+            "Choose a sub-folder such as extraction_data"
+        )
     if root.is_dir() and any(root.iterdir()) and not is_patch_dataset(root):
         raise FileExistsError(
             f"output_folder {root} exists, is not empty and is not a patch dataset (no valid {INFO_FILE}); "
             "refusing to replace it. Choose a new or empty folder."
         )
-    resolved = root.resolve()
-    if resolved == Path(resolved.anchor) or resolved == Path.home().resolve():
-        raise FileExistsError(f"output_folder {root} is a filesystem root or your home folder; choose a sub-folder")
 
 
 def temp_sibling(root: Path) -> Path:
@@ -150,6 +165,81 @@ def temp_sibling(root: Path) -> Path:
     tmp = root.parent / f".{root.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     return tmp
+
+
+def build_folder_pattern(root: Path) -> re.Pattern[str]:
+    """Names of the hidden siblings a build of ``root`` makes: ``.<name>.partial-<16 hex>`` (resumable build),
+    ``.<name>.tmp-<pid>-<8 hex>`` (one-off build) and ``.<name>.old-<8 hex>`` (a replaced dataset being removed).
+    Matched literally: the folder name is escaped, never used as a glob pattern."""
+    return re.compile(rf"\.{re.escape(Path(root).name)}\.(partial-[0-9a-f]{{16}}|tmp-\d+-[0-9a-f]{{8}}|old-[0-9a-f]{{8}})")
+
+
+def stale_build_folders(root: Path, keep: Path | None = None) -> list[Path]:
+    """Build folders of ``root`` other than ``keep``: left by killed runs (call it holding :func:`build_lock`)."""
+    pattern = build_folder_pattern(root)
+    return [p for p in siblings_with_prefix(root, f".{Path(root).name}.")
+            if pattern.fullmatch(p.name) and p.is_dir() and not p.is_symlink() and p != keep]
+
+
+_HELD_LOCKS: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar("patchflow_build_locks", default=frozenset())
+
+
+def lock_path(root: Path) -> Path:
+    """The lock file that serialises builds of the dataset folder ``root``: ``.<name>.lock`` beside it."""
+    root = Path(root)
+    return root.parent / f".{root.name}.lock"
+
+
+def _open_locked(path: Path, root: Path) -> int:
+    """Open and exclusively ``flock`` the lock file ``path`` (waiting for its holder); a descriptor of the file
+    that is still at ``path`` (a holder removes it on release, so a waiter may have locked a removed one)."""
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise OSError(exc.errno, f"cannot create the lock file {path} ({os.strerror(exc.errno or 0)}); "
+                                     f"the folder that holds output_folder {root} must be writable") from None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                logger.info("waiting for another build of %s to finish (it holds %s)", root, path)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            st = os.fstat(fd)
+            try:
+                now = os.stat(path)
+            except FileNotFoundError:
+                now = None
+            if now is not None and (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):
+                os.ftruncate(fd, 0)
+                os.write(fd, f"{os.getpid()}\n".encode())
+                return fd
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def build_lock(root: Path) -> Iterator[None]:
+    """Hold the exclusive lock of the dataset folder ``root`` for a whole build: a second build of the same
+    folder (another process, another seed) waits until this one has published or failed. Released by the OS
+    when the holder dies, so a killed run never blocks later ones. Re-entrant within one call chain (the flow
+    holds it around its tasks, which take it again)."""
+    key = str(lock_path(root))
+    if key in _HELD_LOCKS.get():
+        yield
+        return
+    Path(root).parent.mkdir(parents=True, exist_ok=True)
+    fd = _open_locked(Path(key), Path(root))
+    token = _HELD_LOCKS.set(_HELD_LOCKS.get() | {key})
+    try:
+        yield
+    finally:
+        _HELD_LOCKS.reset(token)
+        with contextlib.suppress(OSError):
+            os.unlink(key)  # still holding it: a waiter that opened this file retries on the new one
+        os.close(fd)
 
 
 def publish(tmp: Path, root: Path) -> None:

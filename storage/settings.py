@@ -7,7 +7,9 @@ a default: a variable already set in the environment wins.
 
 from __future__ import annotations
 
+import errno
 import os
+import uuid
 from pathlib import Path
 
 PREFECT_DEFAULTS: dict[str, str] = {
@@ -33,6 +35,51 @@ def storage_root(configured: str | os.PathLike[str] | None = None) -> Path:
     """Root for task results, cache records and locks: config value, else $PATCHFLOW_STORAGE_ROOT, else ./.patchflow."""
     root = configured or os.environ.get(STORAGE_ROOT_ENV) or DEFAULT_STORAGE_ROOT
     return Path(root).expanduser().resolve()
+
+
+def storage_root_origin(configured: str | os.PathLike[str] | None = None) -> str:
+    """Where :func:`storage_root` takes its value from: the config key, the environment variable or the default."""
+    if configured:
+        return "storage_root"
+    if os.environ.get(STORAGE_ROOT_ENV):
+        return f"${STORAGE_ROOT_ENV}"
+    return f"the default storage root ./{DEFAULT_STORAGE_ROOT}"
+
+
+def _file_ancestor(path: Path) -> Path | None:
+    """The nearest ancestor of ``path`` (or itself) that exists and is not a folder."""
+    for p in (path, *path.parents):
+        if p.exists() or p.is_symlink():
+            return None if p.is_dir() else p
+    return None
+
+
+def _reason(exc: OSError, path: Path) -> str:
+    if isinstance(exc, (FileExistsError, NotADirectoryError)) or exc.errno in (errno.EEXIST, errno.ENOTDIR):
+        blocker = _file_ancestor(path)
+        return "is a file" if blocker in (None, path) else f"lies under {blocker}, which is a file"
+    if exc.errno == errno.EROFS:
+        return "is on a read-only file system"
+    if isinstance(exc, PermissionError) or exc.errno in (errno.EACCES, errno.EPERM):
+        return "cannot be written: permission denied"
+    if exc.errno == errno.ENOSPC:
+        return "cannot be written: the disk is full"
+    return f"cannot be written ({exc.strerror or exc})"
+
+
+def folder_problem(path: Path) -> str | None:
+    """Why ``path`` cannot serve as a writable folder (it is created when missing), or None when it can."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        if not path.is_dir():
+            return "is a file"
+        probe = path / f".write-test-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        return _reason(exc, path)
+    return None
 
 
 def results_dir(root: Path) -> Path:

@@ -502,9 +502,15 @@ def load_export(path: Path, backbone_name: str | None = None) -> nn.Module:
         cfg_file = path.with_name("model_config.yaml")
         name = backbone_name
         if cfg_file.is_file():
-            import yaml
+            from tasks.safe_yaml import YamlError, load
 
-            name = (yaml.safe_load(cfg_file.read_text()) or {}).get("name", name)
+            try:
+                cfg = load(cfg_file.read_text(encoding="utf-8"), str(cfg_file)) or {}
+            except (OSError, ValueError) as exc:  # YamlError, UnicodeDecodeError
+                raise BackboneError(f"{cfg_file} cannot be read ({exc}); export the bundle again") from None
+            if not isinstance(cfg, dict):
+                raise BackboneError(f"{cfg_file} must hold a mapping with the backbone 'name'; export the bundle again")
+            name = cfg.get("name", name)
         if not name:
             raise BackboneError(f"{path}: a .pth export needs model_config.yaml (or model.json's backbone) to rebuild the architecture")
         model = build_backbone(name, None)

@@ -8,12 +8,14 @@ failed run never leaves a complete-looking dataset.
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import logging
 import os
 import pickle
+import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable, Sequence
@@ -24,12 +26,25 @@ from storage import layout
 from storage.fingerprint import CODE_VERSION
 from storage.geometry import GRID_POLICY, validate_geometry_params
 from storage.manifest import write_manifest
-from tasks.dataset_images import Job, Params, Result, Workers, process_image, scan_image, write_bytes
+from tasks.dataset_images import Job, Params, Workers, process_image, scan_image, write_bytes
+from tasks.dataset_output import check_name, check_output_names, output_folder_path, refuse_inputs_in, resolve_inputs
+from tasks.dataset_state import (
+    SHARD_DIR, DatasetPlan, callable_path, load_marker, load_plan, planned_part, plan_data, read_plan_data, write_marker,
+    write_plan,
+)
+from tasks.imageio import InputDataError
+from tasks.imageio import max_image_pixels as pixel_limit
+from tasks.imageio import parse_sixteen_bit, sixteen_bit_json
 from tasks.split import split_images
 
 logger = logging.getLogger("patchflow.dataset")
 
 SPLITS = ("train", "val", "test")
+
+
+def _is_int(value: Any) -> bool:
+    """A whole number given as one: an int (numpy's too), not a bool and not a float like 1.0."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
 def _validate(
@@ -53,17 +68,21 @@ def _validate(
         raise ValueError("data_dictionary is empty: no images to turn into a dataset (check get_image_mask_association's folder)")
     if not class_to_idx or 0 not in class_to_idx.values():
         raise ValueError(f"class_to_idx must map a background class to 0, got {class_to_idx}")
+    for name, v in class_to_idx.items():
+        if not _is_int(v) or not 0 <= v <= 255:
+            raise ValueError(f"class_to_idx[{str(name)[:100]!r}] = {v!r} ({type(v).__name__}): class_to_idx values "
+                             "must be distinct integers in 0..255 (not true/false or 1.0)")
     values = list(class_to_idx.values())
-    if len(set(values)) != len(values) or any(not isinstance(v, (int, np.integer)) or v < 0 or v > 255 for v in values):
-        raise ValueError(f"class_to_idx values must be distinct integers in 0..255, got {class_to_idx}")
+    if len(set(values)) != len(values):
+        raise ValueError(f"class_to_idx values must be distinct integers in 0..255, got {str(class_to_idx)[:300]}")
     bad_names = [
         k for k in class_to_idx
-        if not isinstance(k, str) or not k or k.startswith(".") or any(c in k for c in ",/\\") or k == layout.NONE_CLASS
+        if not isinstance(k, str) or not k or k.startswith(".") or any(c in k for c in ",/\\\n\r") or k == layout.NONE_CLASS
     ]
     if bad_names:
-        raise ValueError(
+        raise InputDataError(
             f"class names {bad_names} cannot be used: they name folders and dataset.txt fields "
-            "(no commas or slashes, no leading dot, not 'None', not empty)"
+            "(no commas or slashes, no line breaks, no leading dot, not 'None', not empty)"
         )
     if val_size < 0 or test_size < 0 or val_size + test_size > 1:
         raise ValueError(f"val_size and test_size must be >= 0 with a sum <= 1 (got {val_size}, {test_size})")
@@ -72,10 +91,9 @@ def _validate(
             raise ValueError(f"annotated_good entry {name!r} must be a non-background class name of class_to_idx")
     if save_mask and not mask_extension and mask_output_folder is None:
         raise ValueError("save_mask needs a mask_extension or a mask_output_folder, or patch masks would overwrite patches")
-    if not isinstance(num_workers, int) or num_workers < 1:
-        raise ValueError(f"num_workers must be an integer >= 1, got {num_workers}")
-    if repeat_good_images < 1:
-        raise ValueError(f"repeat_good_images must be >= 1, got {repeat_good_images}")
+    for name, value in (("num_workers", num_workers), ("repeat_good_images", repeat_good_images)):
+        if not _is_int(value) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r} ({type(value).__name__})")
     if missing_mask not in ("test", "good"):
         raise ValueError(f"missing_mask must be 'test' or 'good', got {missing_mask!r}")
     jobs, seen = [], {}
@@ -85,100 +103,94 @@ def _validate(
         except (KeyError, TypeError):
             raise ValueError(f"data_dictionary[{i}] must be a dict with 'path' (and 'mask'), got {item!r}") from None
         base = item.get("base_name") or os.path.basename(path)
+        check_name(str(base), "image name", path)
         stem = os.path.splitext(base)[0]
+        check_name(stem, "image name", path)
         if stem in seen:
-            raise ValueError(f"duplicate image stem {stem!r}: {seen[stem]} and {path}; rename one (patch names are <stem>_<index>)")
+            raise InputDataError(
+                f"duplicate image stem {stem!r}: {seen[stem]} and {path}; rename one (patch names are <stem>_<index>)"
+            )
         seen[stem] = path
         jobs.append(Job(i, stem, base, path, str(mask) if mask is not None else None))
     return jobs
 
 
-@dataclass
-class DatasetPlan:
-    """A dataset being built in ``tmp``: parameters, images (with their split once assigned), shards."""
-
-    params: Params
-    jobs: list[Job]
-    out: str
-    tmp: str
-    fingerprint: str | None
-    seed: int
-    val_size: float
-    test_size: float
-    info_geometry: dict[str, Any]
-    train_filename: str
-    shard_images: int
-    order: list[int] | None = None  # processing order (by split), once splits are assigned
-
-    def shards(self, ordered: bool) -> list[list[int]]:
-        """Job indices of each shard (in processing order once splits are assigned)."""
-        idx = list(self.order) if ordered and self.order is not None else list(range(len(self.jobs)))
-        return [idx[s : s + self.shard_images] for s in range(0, len(idx), self.shard_images)]
+def _tag(fingerprint: str) -> str:
+    """Build folder suffix of a fingerprint: its first 16 hex digits (a digest of it when it is not hex)."""
+    head = fingerprint[:16]
+    return head if re.fullmatch(r"[0-9a-f]{16}", head) else hashlib.sha256(fingerprint.encode()).hexdigest()[:16]
 
 
-SHARD_DIR = ".shards"
-PLAN_FILE = "plan.pkl"
-
-
-def load_plan(tmp: str | Path) -> DatasetPlan:
-    """The plan saved in a dataset being built."""
-    return pickle.loads((Path(tmp) / SHARD_DIR / PLAN_FILE).read_bytes())
-
-
-def _partial_dir(out: Path, fingerprint: str | None) -> Path:
-    """Build folder: keyed by the inputs' fingerprint (so a killed run resumes), else fresh."""
-    if fingerprint is None:
+def _partial_dir(out: Path, fingerprint: str | None, inputs: Sequence[tuple[str, str]]) -> Path:
+    """Build folder: keyed by the inputs' fingerprint (so a killed run resumes), else fresh. Called holding the
+    build lock, so the other build folders of ``out`` are no live run's: they are removed (matched literally)."""
+    keep = out.parent / f".{out.name}.partial-{_tag(fingerprint)}" if fingerprint is not None else None
+    for other in layout.stale_build_folders(out, keep):
+        refuse_inputs_in(other, inputs, key="build folder",
+                         action="it is a killed build's leftover, and removing it would delete the input")
+        shutil.rmtree(other, ignore_errors=True)  # left by a killed run
+    if keep is None:
         return layout.temp_sibling(out)
-    tag = fingerprint[:16]
-    for other in out.parent.glob(f".{out.name}.partial-*"):
-        if other.name != f".{out.name}.partial-{tag}":
-            shutil.rmtree(other, ignore_errors=True)  # left by a killed run on other inputs
-    tmp = out.parent / f".{out.name}.partial-{tag}"
-    tmp.mkdir(parents=True, exist_ok=True)
-    return tmp
+    keep.mkdir(parents=True, exist_ok=True)
+    return keep
 
 
 def plan_patch_dataset(data_dictionary: list[dict[str, Any]], class_to_idx: dict[str, int], **params: Any) -> Path:
     """Validate the inputs and prepare the build folder for :func:`generate_patch_dataset` with the same parameters.
 
-    Returns the build folder; a killed build of the same inputs (same ``fingerprint``) is resumed.
+    Returns the build folder; a killed build of the same inputs (same ``fingerprint``) is resumed. Its shards
+    read the plan from disk, so ``mask_preprocessing`` must be importable (``module:name``).
     """
     bound = inspect.signature(generate_patch_dataset).bind(data_dictionary, class_to_idx, **params)
     bound.apply_defaults()
-    return _plan(bound.arguments)
+    g, jobs, out, inputs = _checked(bound.arguments, from_disk=True)
+    with layout.build_lock(out):
+        return _prepare(g, jobs, out, inputs)
 
 
-def _plan(a: dict[str, Any]) -> Path:
-    """Body of :func:`plan_patch_dataset`; ``a`` holds every parameter of :func:`generate_patch_dataset`."""
-    g = SimpleNamespace(**a)
-    jobs = _validate(
-        g.data_dictionary, g.class_to_idx, g.val_size, g.test_size, g.patch_number, g.patch_size, g.overlap, g.annotated_good,
-        g.save_mask, g.mask_extension, g.mask_output_folder, g.num_workers, g.repeat_good_images, g.missing_mask,
-    )
-    if g.shard_images < 1:
-        raise ValueError(f"shard_images must be >= 1, got {g.shard_images}")
-    out = Path(g.output_folder)
-    layout.check_output_folder(out)
-    if out.exists() and any(out.iterdir()) and not g.clear_output_folder:
-        logger.warning("%s holds a patch dataset: it is replaced as a whole (stale files are never merged)", out)
-    if g.mask_preprocessing is not None and (g.num_workers > 1 or g.fingerprint is not None):
+def _check_preprocessing(fn: Callable[..., Any] | None, num_workers: int, from_disk: bool) -> None:
+    """A lambda or local function works in-process only (it is handed over in memory, never stored)."""
+    if fn is None:
+        return
+    if from_disk and callable_path(fn) is None:
+        raise ValueError(
+            "mask_preprocessing must be a module-level function (importable as module:name) when shards run from the "
+            "saved plan (plan_patch_dataset, a flow); lambdas and local functions only work in generate_patch_dataset"
+        )
+    if num_workers > 1:
         try:
-            pickle.dumps(g.mask_preprocessing)
+            pickle.dumps(fn)  # sent in memory to the worker processes (never stored in a file)
         except Exception:  # noqa: BLE001
             raise ValueError(
                 "mask_preprocessing must be a module-level function (picklable) when num_workers > 1 or in a flow; "
                 "lambdas and local functions only work with num_workers=1"
             ) from None
-    tmp = _partial_dir(out, g.fingerprint)
-    try:
-        old = load_plan(tmp)
-        if old.fingerprint == g.fingerprint:  # same inputs: resume (or join a concurrent build of them)
-            logger.info("resuming the build of %s in %s", out, tmp)
-            return tmp
-    except (OSError, pickle.UnpicklingError, EOFError, AttributeError):
-        pass
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+
+
+def _checked(a: dict[str, Any], from_disk: bool) -> tuple[SimpleNamespace, list[Job], Path, list[tuple[str, str]]]:
+    """Every check of a build, before anything is written or deleted: parameters, names, the output folder and the
+    inputs (none may lie inside the output folder). ``a`` holds every parameter of :func:`generate_patch_dataset`."""
+    g = SimpleNamespace(**a)
+    jobs = _validate(
+        g.data_dictionary, g.class_to_idx, g.val_size, g.test_size, g.patch_number, g.patch_size, g.overlap, g.annotated_good,
+        g.save_mask, g.mask_extension, g.mask_output_folder, g.num_workers, g.repeat_good_images, g.missing_mask,
+    )
+    if not _is_int(g.shard_images) or g.shard_images < 1:
+        raise ValueError(f"shard_images must be an integer >= 1, got {g.shard_images!r}")
+    if not _is_int(g.seed):
+        raise ValueError(f"seed must be an integer, got {g.seed!r} ({type(g.seed).__name__})")
+    g.max_image_pixels = pixel_limit(g.max_image_pixels)
+    g.sixteen_bit = parse_sixteen_bit(g.sixteen_bit, "sixteen_bit")
+    check_output_names(g.train_filename, g.mask_extension, g.mask_output_folder)
+    out = output_folder_path(g.output_folder)
+    layout.check_output_folder(out)
+    inputs = resolve_inputs([j.path for j in jobs] + [j.mask for j in jobs if j.mask is not None])
+    refuse_inputs_in(out, inputs)
+    _check_preprocessing(g.mask_preprocessing, g.num_workers, from_disk)
+    return g, jobs, out, inputs
+
+
+def _new_plan(g: SimpleNamespace, jobs: list[Job], out: Path, tmp: Path) -> DatasetPlan:
     params = Params(
         root=str(tmp), class_to_idx={k: int(v) for k, v in g.class_to_idx.items()},
         patch_number=tuple(g.patch_number) if g.patch_number is not None else None,
@@ -188,21 +200,49 @@ def _plan(a: dict[str, Any]) -> Path:
         mask_output_folder=g.mask_output_folder, save_mask=g.save_mask, mask_preprocessing=g.mask_preprocessing,
         repeat_good_images=g.repeat_good_images, balance_defects=g.balance_defects,
         annotated_good=tuple(g.annotated_good or ()), missing_mask=g.missing_mask,
+        max_image_pixels=g.max_image_pixels, sixteen_bit=g.sixteen_bit,
     )
-    for sub in ("original/images", "original/masks", "original/labelled_masks", "train", SHARD_DIR):
-        (tmp / sub).mkdir(parents=True, exist_ok=True)
-    for split in ("val", "test"):
-        for name in list(g.class_to_idx) + ([layout.NONE_CLASS] if split == "test" else []):
-            (tmp / split / name).mkdir(parents=True, exist_ok=True)
     geometry = {
         "patch_size": list(g.patch_size) if g.patch_size is not None else None,
         "patch_number": list(g.patch_number) if g.patch_number is not None else None,
         "overlap": float(g.overlap),
         "annotated_good": list(g.annotated_good) if g.annotated_good else None,
     }
-    plan = DatasetPlan(params, jobs, str(out), str(tmp), g.fingerprint, g.seed, g.val_size, g.test_size, geometry,
+    return DatasetPlan(params, jobs, str(out), str(tmp), g.fingerprint, g.seed, g.val_size, g.test_size, geometry,
                        g.train_filename, int(g.shard_images))
-    layout.write_atomic(tmp / SHARD_DIR / PLAN_FILE, pickle.dumps(plan))
+
+
+def _prepare(g: SimpleNamespace, jobs: list[Job], out: Path, inputs: Sequence[tuple[str, str]]) -> Path:
+    """The build folder (call holding the build lock): resumed when its saved plan is exactly this one, else new."""
+    layout.check_output_folder(out)  # again: another build may have published while this one waited for the lock
+    if out.exists() and any(out.iterdir()) and not g.clear_output_folder:
+        logger.warning("%s holds a patch dataset: it is replaced as a whole (stale files are never merged)", out)
+    tmp = _partial_dir(out, g.fingerprint, inputs)
+    plan = _new_plan(g, jobs, out, tmp)
+    if g.fingerprint is not None:
+        try:  # same inputs and parameters: resume (a plan that differs in anything is never trusted)
+            if planned_part(read_plan_data(tmp)) == planned_part(plan_data(plan)):
+                old = load_plan(tmp, g.mask_preprocessing)  # every field checked
+                logger.info("resuming the build of %s in %s", out, tmp)
+                if old.params.max_image_pixels != g.max_image_pixels:  # not in the fingerprint: a raised limit applies
+                    old.params = replace(old.params, max_image_pixels=g.max_image_pixels)
+                    write_plan(tmp, old)
+                return tmp
+        except layout.DatasetFormatError:
+            pass
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    try:
+        for sub in ("original/images", "original/masks", "original/labelled_masks", "train", SHARD_DIR):
+            (tmp / sub).mkdir(parents=True, exist_ok=True)
+        for split in ("val", "test"):
+            for name in list(g.class_to_idx) + ([layout.NONE_CLASS] if split == "test" else []):
+                (tmp / split / name).mkdir(parents=True, exist_ok=True)
+        write_plan(tmp, plan)
+    except BaseException:
+        if g.fingerprint is None:
+            shutil.rmtree(tmp, ignore_errors=True)  # a one-off build folder: nothing to resume
+        raise
     return tmp
 
 
@@ -242,24 +282,8 @@ def assign_splits(tmp: str | Path, scans: Sequence[tuple], plan: DatasetPlan | N
         if job.values is None and split != "train":  # mask-less images land in <split>/None
             (Path(tmp) / split / layout.NONE_CLASS).mkdir(exist_ok=True)
     plan.order = [int(i) for i in order]
-    layout.write_atomic(Path(tmp) / SHARD_DIR / PLAN_FILE, pickle.dumps(plan))
+    write_plan(Path(tmp), plan)
     return len(plan.shards(ordered=True))
-
-
-def _shard_marker(tmp: Path, shard: int) -> Path:
-    return tmp / SHARD_DIR / f"process-{shard:06d}.pkl"
-
-
-def _load_done(tmp: Path, shard: int) -> list[Result] | None:
-    """Results of a finished process shard whose files are all still there with their recorded sizes."""
-    try:
-        rec = pickle.loads(_shard_marker(tmp, shard).read_bytes())
-        for rel, size in rec["sizes"].items():
-            if (tmp / rel).stat().st_size != size:
-                return None
-        return rec["results"]
-    except (OSError, pickle.UnpicklingError, EOFError, KeyError, TypeError):
-        return None
 
 
 def process_shard(tmp: str | Path, shard: int, workers: "Workers | None" = None, plan: DatasetPlan | None = None) -> int:
@@ -276,28 +300,27 @@ def process_shards(tmp: str | Path, shards: Sequence[int], workers: "Workers | N
     if plan.order is None:
         raise ValueError(f"{tmp}: splits are not assigned yet; run assign_splits first")
     all_idx = plan.shards(ordered=True)
-    todo = [s for s in shards if _load_done(tmp, s) is None]
+    todo = [s for s in shards if load_marker(tmp, s, len(all_idx[s])) is None]
     jobs = [plan.jobs[i] for s in todo for i in all_idx[s]]
     own = workers is None
     workers = workers or Workers(plan.params, 1, len(jobs))
     try:
         results = workers.imap(process_image, jobs)  # each shard is recorded as soon as its images are done
         for s in todo:
-            res = [next(results) for _ in all_idx[s]]
-            sizes = {rel: size for r in res for rel, (size, _) in r.files.items()}
-            layout.write_atomic(_shard_marker(tmp, s), pickle.dumps({"results": res, "sizes": sizes}))
+            write_marker(tmp, s, [next(results) for _ in all_idx[s]])
     finally:
         if own:
             workers.close()
     return sum(len(all_idx[s]) for s in shards)
 
 
-def finish_patch_dataset(tmp: str | Path) -> dict[str, Any]:
-    """Assemble dataset.txt, info.json and the sidecar from finished shards, then publish the dataset."""
+def finish_patch_dataset(tmp: str | Path, plan: DatasetPlan | None = None) -> dict[str, Any]:
+    """Assemble dataset.txt, info.json and the sidecar from finished shards, then publish the dataset (under the
+    output folder's build lock). ``plan``: already loaded."""
     tmp = Path(tmp)
-    plan = load_plan(tmp)
+    plan = plan or load_plan(tmp)
     shards = plan.shards(ordered=True)
-    per_shard = [_load_done(tmp, i) for i in range(len(shards))]
+    per_shard = [load_marker(tmp, i, len(idx)) for i, idx in enumerate(shards)]
     missing = [i for i, r in enumerate(per_shard) if r is None]
     if missing:
         raise RuntimeError(f"{tmp}: shards {missing} are not finished; rerun the dataset stage to resume")
@@ -324,6 +347,7 @@ def finish_patch_dataset(tmp: str | Path) -> dict[str, Any]:
             "class_to_idx": dict(p.class_to_idx),
             "train_filename": plan.train_filename,
             "missing_mask": p.missing_mask,
+            "sixteen_bit": sixteen_bit_json(p.sixteen_bit),  # how 16-bit images became 8-bit: later stages decode alike
             "seed": plan.seed,
             "images": {s: len(info[f"{s}_files"]) for s in SPLITS},
             "counts": counts,
@@ -333,7 +357,8 @@ def finish_patch_dataset(tmp: str | Path) -> dict[str, Any]:
     shutil.rmtree(tmp / SHARD_DIR)
     write_manifest(tmp, known={rel: v for results in per_shard for r in results for rel, v in r.files.items()})
     out = Path(plan.out)
-    layout.publish(tmp, out)
+    with layout.build_lock(out):
+        layout.publish(tmp, out)
     logger.info(
         "patch dataset in %s: %d train / %d val / %d test images, %d train lines",
         out, len(info["train_files"]), len(info["val_files"]), len(info["test_files"]), len(lines),
@@ -368,24 +393,32 @@ def generate_patch_dataset(
     missing_mask: str = "test",
     fingerprint: str | None = None,
     shard_images: int = 256,
+    max_image_pixels: int | None = None,
+    sixteen_bit: str | int | Sequence[int] = "auto",
 ) -> dict[str, Any]:
     """Build a Quadra-layout patch dataset in ``output_folder``; returns the ``info.json`` content.
 
     ``missing_mask``: ``"test"`` (reference behaviour: mask-less images go to test/None) or ``"good"``
     (a missing mask means a defect-free image). ``fingerprint`` (the inputs' content key) is stored in
     the sidecar and names the build folder, so a build killed midway resumes its finished shards.
+    ``max_image_pixels``: larger images are refused from their header (None: ``$PATCHFLOW_MAX_IMAGE_PIXELS``,
+    else 200 MP). ``sixteen_bit``: how 16-bit images become 8-bit (``"auto"``, the camera's bits 8..16 or a
+    ``[low, high]`` window; ``tasks/imageio.py: to_uint8``), recorded in ``patchflow.json``.
     """
-    tmp = _plan(dict(locals()))  # first statement: locals() holds exactly the parameters
-    plan = load_plan(tmp)
-    workers = Workers(plan.params, num_workers, len(plan.jobs))
-    try:
-        if plan.order is None:  # in-process: one pass over all images, shards only matter on Dask
-            assign_splits(tmp, workers.map(scan_image, plan.jobs), plan)
-        process_shards(tmp, range(len(plan.shards(ordered=True))), workers, plan)
-        workers.close()
-        return finish_patch_dataset(tmp)
-    except BaseException as exc:
-        workers.close()  # wait for running workers before touching the folder they write into
-        if fingerprint is None or not isinstance(exc, (KeyboardInterrupt, OSError, MemoryError)):
-            shutil.rmtree(tmp, ignore_errors=True)  # bad input: nothing worth resuming
-        raise
+    a = dict(locals())  # first statement: locals() holds exactly the parameters
+    g, jobs, out, inputs = _checked(a, from_disk=False)
+    with layout.build_lock(out):  # one build of a folder at a time (a second one waits, then builds)
+        tmp = _prepare(g, jobs, out, inputs)
+        plan = load_plan(tmp, mask_preprocessing)
+        workers = Workers(plan.params, num_workers, len(plan.jobs))
+        try:
+            if plan.order is None:  # in-process: one pass over all images, shards only matter on Dask
+                assign_splits(tmp, workers.map(scan_image, plan.jobs), plan)
+            process_shards(tmp, range(len(plan.shards(ordered=True))), workers, plan)
+            workers.close()
+            return finish_patch_dataset(tmp, plan)
+        except BaseException as exc:
+            workers.close()  # wait for running workers before touching the folder they write into
+            if fingerprint is None or not isinstance(exc, (KeyboardInterrupt, OSError, MemoryError)):
+                shutil.rmtree(tmp, ignore_errors=True)  # bad input: nothing worth resuming
+            raise

@@ -19,7 +19,16 @@ import numpy as np
 from storage import layout
 from storage.geometry import PatchGrid, compute_grid
 from storage.h5files import SamplingRegion, encode_region
-from tasks.imageio import InputDataError, decode_image, decode_mask, encode_png, file_image_size, read_bytes
+from tasks.imageio import (
+    Decoding,
+    InputDataError,
+    decode_image,
+    decode_mask,
+    encode_png,
+    image_header,
+    parse_sixteen_bit,
+    read_bytes,
+)
 from tasks.labelling import label_components, label_patches
 from tasks.regions import compute_regions, dataset_lines
 
@@ -44,6 +53,8 @@ class Params:
     balance_defects: bool
     annotated_good: tuple[str, ...]
     missing_mask: str
+    max_image_pixels: int  # refused above this (header check before any decode)
+    sixteen_bit: Any  # 16-bit rule ("auto", bits or [low, high]; tasks/imageio.py: to_uint8)
 
 
 @dataclass
@@ -82,26 +93,45 @@ def init_worker(params: Params) -> None:
     cv2.setNumThreads(1)
 
 
+LIMIT_SETTING = "dataset.max_image_pixels"
+
+
+def _decoding(p: Params) -> Decoding:
+    return Decoding(p.max_image_pixels, LIMIT_SETTING, parse_sixteen_bit(p.sixteen_bit, "dataset.sixteen_bit"))
+
+
 def _load_mask(job: Job, p: Params) -> tuple[np.ndarray | None, bytes | None]:
     """Decoded mask and, when the file can be copied as is, its bytes."""
     if job.mask is None:
         return None, None
     data = read_bytes(job.mask)
-    mask, plain = decode_mask(data, job.mask, p.mask_preprocessing)
+    mask, plain = decode_mask(data, job.mask, p.mask_preprocessing, _decoding(p))
     return mask, data if plain else None
 
 
+def _size_mismatch(job: Job, mask_hw: tuple[int, int], h: int, w: int, orientation: int) -> InputDataError:
+    mh, mw = mask_hw
+    if orientation in (5, 6, 7, 8) and (mh, mw) == (w, h):  # the mask was drawn on the rotated (displayed) image
+        return InputDataError(
+            f"{job.path} carries an EXIF rotation (orientation {orientation}): patchflow uses the stored pixel frame "
+            f"{w}x{h}, but its mask {job.mask} is {mw}x{mh} (the displayed, rotated frame); rotate the mask to the "
+            "stored frame or re-save the image without the EXIF rotation"
+        )
+    return InputDataError(
+        f"{job.mask}: mask is {mw}x{mh} but image {job.path} is {w}x{h}; masks must match their image"
+    )
+
+
 def scan_image(job: Job) -> tuple[tuple[int, int], list[int] | None, bool]:
-    """Phase 1: image size from its header, mask values (for the split), all validated."""
+    """Phase 1: image size from its header (pixel limit checked), mask values (for the split), all validated."""
     p = _PARAMS
-    h, w = file_image_size(job.path)  # header only: the pixels are decoded once, in phase 2
+    hdr = image_header(job.path, _decoding(p))  # header only: the pixels are decoded once, in phase 2
+    h, w = hdr.height, hdr.width
     mask, mask_data = _load_mask(job, p)
     if mask is None:
         return (h, w), None if p.missing_mask == "test" else [0], False
     if mask.shape != (h, w):
-        raise InputDataError(
-            f"{job.mask}: mask is {mask.shape[1]}x{mask.shape[0]} but image {job.path} is {w}x{h}; masks must match their image"
-        )
+        raise _size_mismatch(job, mask.shape, h, w, hdr.orientation)
     values = np.flatnonzero(np.bincount(mask.ravel(), minlength=256)).tolist()
     known = set(p.class_to_idx.values())
     unknown = sorted(set(values) - known)
@@ -124,7 +154,7 @@ def process_image(job: Job) -> Result:
     data = read_bytes(job.path)
     # train images are only validated (a reduced decode); val/test patches need the pixels (grayscale
     # files stay 1-channel: the patches read back as the same BGR pixels, written ~3x faster)
-    img = decode_image(data, job.path, reduced=job.split == "train", keep_gray=True)
+    img = decode_image(data, job.path, reduced=job.split == "train", keep_gray=True, decoding=_decoding(p))
     if job.split != "train" and img.shape[:2] != job.size:
         raise InputDataError(f"{job.path}: decoded size {img.shape[:2]} differs from its header {job.size}; re-save the image")
     if job.mask is not None and job.values == (0,) and (job.plain_mask or not p.save_original):

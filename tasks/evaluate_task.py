@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from prefect import task
-from pydantic import Field
+from pydantic import Field, StrictInt
 
 from storage import bundle as bdl
 from storage import features as fstore
@@ -29,7 +29,7 @@ class EvalDatamodule(StrictModel):
     split: Literal["test", "val"] = "test"
     include_filter: list[str] | None = None
     exclude_filter: list[str] | None = None
-    batch_size: int = Field(32, ge=1)
+    batch_size: StrictInt = Field(32, ge=1)
 
 
 class EvalOutput(StrictModel):
@@ -43,7 +43,7 @@ class EvalOutput(StrictModel):
     )
     coverage_threshold: float = Field(0.3, gt=0, le=1)
     soft_thresholds: dict[str, float] | None = Field(None, description="soft method only: class name -> minimum mean probability")
-    n_overlays: int = Field(6, ge=0)
+    n_overlays: StrictInt = Field(6, ge=0)
 
 
 class EvalTask(StrictModel):

@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Iterator
 
-import cv2
 import numpy as np
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -28,6 +27,16 @@ from tasks import feature_shards as shards
 from tasks.backbones import FeatureExtractor, build_backbone, feature_dim, onnx_backbone, resolve_weights, weights_digest
 from tasks.caching import stage_lock
 from tasks.config import ConfigError
+from tasks.imageio import (
+    LEGACY_SIXTEEN_BIT,
+    Decoding,
+    ImageTooLargeError,
+    InputDataError,
+    dataset_decoding,
+    make_decoding,
+    read_image,
+    sixteen_bit_json,
+)
 from tasks.sampling import (
     PassSamples,
     balance_entries,
@@ -144,26 +153,36 @@ def split_items(data_path: Path, split: str, class_to_idx: dict[str, int], inclu
     return items
 
 
-def _patch_batches(data_path: Path, rels: list[str], batch_size: int) -> Iterator[tuple[np.ndarray, list[np.ndarray]]]:
+def _patch_batches(data_path: Path, rels: list[str], batch_size: int,
+                   decoding: Decoding) -> Iterator[tuple[np.ndarray, list[np.ndarray]]]:
     for s in range(0, len(rels), batch_size):
         patches = []
         for rel in rels[s : s + batch_size]:
-            img = cv2.imread(str(data_path / rel), cv2.IMREAD_COLOR)
-            if img is None:
-                raise ValueError(f"{data_path / rel}: unreadable patch image; regenerate the dataset")
-            patches.append(img)
+            try:
+                patches.append(read_image(data_path / rel, decoding))
+            except ImageTooLargeError:
+                raise
+            except InputDataError:
+                raise ValueError(f"{data_path / rel}: unreadable patch image; regenerate the dataset") from None
         yield np.arange(s, s + len(patches)), patches
+
+
+def decode_attrs(data_path: Path) -> dict[str, Any]:
+    """Store attributes that say how the dataset's images are decoded (its 16-bit rule)."""
+    return {"sixteen_bit": sixteen_bit_json(dataset_decoding(data_path).sixteen_bit)}
 
 
 def plan_batches(plan: dict[str, np.ndarray], attrs: dict[str, Any], start: int, end: int, batch_size: int):
     """Batches of rows ``[start, end)`` of a store's plan: (row indices relative to ``start``, BGR patches)."""
+    # stores prepared before the rule was recorded were filled with the legacy rule: keep it for their last shards
+    dec = make_decoding(sixteen_bit=attrs.get("sixteen_bit", LEGACY_SIXTEEN_BIT))
     if str(plan["kind"]) == "train":
         sl = slice(start, end)
         sub = PassSamples(plan["entry_index"][sl], plan["image_path"][sl], plan["label"][sl], plan["box"][sl],
                           plan["center"][sl], plan["image_size"][sl] if "image_size" in plan else None)
-        yield from iter_pass_patches(sub, batch_size)
+        yield from iter_pass_patches(sub, batch_size, dec)
     else:
-        yield from _patch_batches(Path(attrs["data_path"]), plan["rel"][start:end].tolist(), batch_size)
+        yield from _patch_batches(Path(attrs["data_path"]), plan["rel"][start:end].tolist(), batch_size, dec)
 
 
 def _pass_plan(cfg: TrainFlowConfig, pass_index: int) -> Callable[[], tuple]:
@@ -275,7 +294,8 @@ def _job(cfg: TrainFlowConfig, out: Path, key: str | None, make_plan, extra: dic
 def train_pass_job(cfg: TrainFlowConfig, pass_index: int, out: Path, weights_digest: str | None = None,
                    key: str | None = None, root: Path | None = None) -> StoreJob:
     """The store job of training pass ``pass_index`` (one patch per ``dataset.txt`` line, drawn from seed and pass)."""
-    return _job(cfg, Path(out), key, _pass_plan(cfg, pass_index), {"kind": "train", "pass_index": pass_index}, weights_digest, root)
+    extra = {"kind": "train", "pass_index": pass_index, **decode_attrs(Path(cfg.datamodule.data_path))}
+    return _job(cfg, Path(out), key, _pass_plan(cfg, pass_index), extra, weights_digest, root)
 
 
 def split_job(cfg: TrainFlowConfig, split: str, out: Path, weights_digest: str | None = None,
@@ -283,7 +303,8 @@ def split_job(cfg: TrainFlowConfig, split: str, out: Path, weights_digest: str |
     """The store job of every patch of ``split`` (val/test)."""
     data_path = Path(cfg.datamodule.data_path).resolve()
     items = split_items(data_path, split, class_map(cfg), cfg.datamodule.include_filter, cfg.datamodule.exclude_filter)
-    return _job(cfg, Path(out), key, _items_plan(items), {"kind": split, "data_path": str(data_path)}, weights_digest, root)
+    extra = {"kind": split, "data_path": str(data_path), **decode_attrs(data_path)}
+    return _job(cfg, Path(out), key, _items_plan(items), extra, weights_digest, root)
 
 
 def extract_train_pass(cfg: TrainFlowConfig, pass_index: int, out: Path, weights_digest: str | None = None) -> dict[str, Any]:
@@ -301,7 +322,8 @@ def extract_items(
     batch_size: int, out: Path, attrs: dict[str, Any], rows_per_shard: int = 4096, force: bool = False,
 ) -> dict[str, Any]:
     """Store the features of listed patch files at ``out`` (labels and relative paths as sample ids)."""
-    job = StoreJob(out, Path(out).name, _items_plan(items), {**attrs, "data_path": str(Path(data_path).resolve())},
+    job = StoreJob(out, Path(out).name, _items_plan(items),
+                   {**attrs, "data_path": str(Path(data_path).resolve()), **decode_attrs(Path(data_path))},
                    feature_dim_of(extractor, size), lambda: extractor, size, mean, std, batch_size, shards.shard_rows(rows_per_shard))
     return job.build(force)
 

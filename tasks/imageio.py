@@ -1,20 +1,50 @@
-"""Reading images and index masks with clear errors (decode once, from bytes)."""
+"""Reading images and index masks with clear errors (decode once, from bytes).
+
+Every decode checks the file's header against the pixel limit first (``tasks/imageheader.py``), then
+decodes once with OpenCV in the stored pixel frame; 16-bit images become 8-bit by one rule
+(:func:`to_uint8`), recorded in the dataset sidecar and in ``model.json`` so every stage decodes a file
+to the same pixels.
+"""
 
 from __future__ import annotations
 
+import re
+from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import cv2
 import numpy as np
 
+from tasks.imageheader import (  # noqa: F401 - re-exported: callers import decoding settings from here
+    DEFAULT_MAX_IMAGE_PIXELS,
+    LEGACY_SIXTEEN_BIT,
+    MAX_PIXELS_ENV,
+    Decoding,
+    Header,
+    ImageTooLargeError,
+    InputDataError,
+    bundle_decoding,
+    SixteenBit,
+    check_header,
+    check_pixels,
+    dataset_decoding,
+    default_decoding,
+    make_decoding,
+    max_image_pixels,
+    parse_sixteen_bit,
+    pil_open,
+    sixteen_bit_json,
+    warn_once,
+)
+
 _COLOR = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
 _UNCHANGED = cv2.IMREAD_UNCHANGED | cv2.IMREAD_IGNORE_ORIENTATION
-_ANYCOLOR = cv2.IMREAD_ANYCOLOR | cv2.IMREAD_IGNORE_ORIENTATION
+# 8-bit files decode exactly as with _COLOR (grayscale ones as 1 channel); 16-bit ones keep their values
+_NATIVE = cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR | cv2.IMREAD_IGNORE_ORIENTATION
 
 
-class InputDataError(ValueError):
-    """A user input file is unusable; the message names the file and the fix."""
+# ------------------------------------------------------------------------------------------ decoding
 
 
 def read_bytes(path: str | Path) -> bytes:
@@ -27,49 +57,115 @@ def read_bytes(path: str | Path) -> bytes:
         raise InputDataError(f"{path}: cannot be read ({exc})") from None
 
 
-def decode_image(data: bytes, path: str | Path, reduced: bool = False, keep_gray: bool = False) -> np.ndarray:
-    """BGR uint8 (H, W, 3) image from file bytes; grayscale, RGBA and 16-bit inputs are converted.
+def _imdecode(data: bytes, flag: int, path: str | Path) -> np.ndarray | None:
+    if not data:
+        return None
+    try:
+        return cv2.imdecode(np.frombuffer(data, np.uint8), flag)
+    except cv2.error as exc:  # e.g. OpenCV's own size limits on a header PIL could not read
+        reason = str(exc).split("error: ", 1)[-1].split(" in function", 1)[0].strip()
+        reason = re.sub(r"^\(-?\d+:[^)]*\)\s*", "", reason)  # "(-215:Assertion failed) "
+        if "CV_IO_MAX_IMAGE" in reason:
+            reason = f"over OpenCV's size limits of 2^30 pixels and 2^20 per side: {reason} failed"
+        raise InputDataError(
+            f"{path}: OpenCV refuses to decode it ({reason}); split the image or re-save it as PNG"
+        ) from None
 
-    ``reduced`` only checks that the file decodes (1/8-scale grayscale, much cheaper). ``keep_gray``
-    returns a grayscale file as (H, W) uint8 (the same pixels any BGR reader gets, a third of the bytes).
+
+@lru_cache(maxsize=16)
+def _lut(rule: SixteenBit, bits: int) -> np.ndarray:
+    values = np.arange(65536, dtype=np.float64)
+    if isinstance(rule, tuple):
+        low, high = rule
+        return np.clip(np.round((values - low) * 255.0 / (high - low)), 0, 255).astype(np.uint8)
+    return np.minimum(np.arange(65536) >> (bits - 8), 255).astype(np.uint8)
+
+
+def to_uint8(img: np.ndarray, rule: SixteenBit, path: str | Path) -> np.ndarray:
+    """An 8-bit copy of a decoded image by the 16-bit rule (8-bit images are returned as they are).
+
+    ``"auto"``: per image, the smallest of 10, 12, 14, 16 bits that holds its largest value, shifted to 8
+    (``>> 2 .. >> 8``); ``bits``: ``>> (bits - 8)``, larger values clipped to 255; ``(low, high)``: a linear
+    map of ``[low, high]`` to ``[0, 255]``, clipped.
     """
-    if reduced:
-        flag = cv2.IMREAD_REDUCED_GRAYSCALE_8 | cv2.IMREAD_IGNORE_ORIENTATION
-    else:
-        flag = _ANYCOLOR if keep_gray else _COLOR
-    img = cv2.imdecode(np.frombuffer(data, np.uint8), flag) if data else None
-    if img is None:
-        raise InputDataError(f"{path}: not a readable image (corrupt, truncated or unsupported format); replace or remove it")
+    if img.dtype == np.uint8:
+        return img
+    if img.dtype != np.uint16:
+        raise InputDataError(f"{path}: {img.dtype} pixels are not supported; save it as an 8- or 16-bit image")
+    top = int(img.max()) if img.size else 0
+    if top < 256:
+        warn_once("depth", path, "%s is a 16-bit image whose largest value is %d: it uses less than 8 bits of range "
+                  "and decodes dark under sixteen_bit=%r; check the camera's bit depth (or set sixteen_bit)",
+                  path, top, sixteen_bit_json(rule))
+    bits = 0
+    if rule == "auto":
+        bits = next(b for b in (10, 12, 14, 16) if top < 1 << b)
+    elif isinstance(rule, int):
+        bits = rule
+    return np.take(_lut(rule if isinstance(rule, tuple) else "bits", bits), img)
+
+
+def _as_bgr(img: np.ndarray, keep_gray: bool) -> np.ndarray:
+    if img.ndim == 3 and img.shape[2] == 1:
+        img = img[..., 0]
+    if img.ndim == 3 and img.shape[2] == 4:
+        return cv2.cvtColor(img, cv2.COLOR_BGRA2BGR)
+    if img.ndim == 2 and not keep_gray:
+        return cv2.cvtColor(img, cv2.COLOR_GRAY2BGR)
     return img
 
 
-def read_image(path: str | Path) -> np.ndarray:
-    """BGR uint8 image from a path."""
-    return decode_image(read_bytes(path), path)
+def decode_image(
+    data: bytes, path: str | Path, reduced: bool = False, keep_gray: bool = False, decoding: Decoding | None = None,
+) -> np.ndarray:
+    """BGR uint8 (H, W, 3) image from file bytes; grayscale and RGBA inputs are converted, 16-bit ones by the rule.
+
+    The header is checked against the pixel limit first. ``reduced`` only checks that the file decodes
+    (1/8-scale grayscale, much cheaper). ``keep_gray`` returns a grayscale file as (H, W) uint8 (the same
+    pixels any BGR reader gets, a third of the bytes). ``decoding``: None means the environment's limit and
+    the ``"auto"`` rule.
+    """
+    dec = decoding or default_decoding()
+    hdr = check_header(data, path, dec)
+    flag = cv2.IMREAD_REDUCED_GRAYSCALE_8 | cv2.IMREAD_IGNORE_ORIENTATION if reduced else _NATIVE
+    img = _imdecode(data, flag, path)
+    if img is None:
+        raise InputDataError(f"{path}: not a readable image (corrupt, truncated or unsupported format); replace or remove it")
+    if hdr is None:  # PIL could not read the header: the limit still holds (OpenCV's own limits came first)
+        scale = 8 if reduced else 1
+        check_pixels(img.shape[0] * scale, img.shape[1] * scale, path, dec)
+    if reduced:
+        return img
+    return _as_bgr(to_uint8(img, dec.sixteen_bit, path), keep_gray)
+
+
+def read_image(path: str | Path, decoding: Decoding | None = None, keep_gray: bool = False) -> np.ndarray:
+    """BGR uint8 image from a path (see :func:`decode_image`)."""
+    return decode_image(read_bytes(path), path, keep_gray=keep_gray, decoding=decoding)
 
 
 def decode_mask(
-    data: bytes, path: str | Path, preprocessing: Callable[[np.ndarray], np.ndarray] | None = None
+    data: bytes, path: str | Path, preprocessing: Callable[[np.ndarray], np.ndarray] | None = None,
+    decoding: Decoding | None = None,
 ) -> tuple[np.ndarray, bool]:
     """``(uint8 (H, W) index mask, plain)``; ``plain`` means the file already is a 1-channel 8-bit PNG.
 
     ``preprocessing`` gets the 3-channel BGR mask, as in the reference. Palette PNGs give their indices.
+    The header is checked against the pixel limit first.
     """
+    dec = decoding or default_decoding()
+    hdr = check_header(data, path, dec)
     buf = np.frombuffer(data, np.uint8)
     mask = None
     plain = False
     if preprocessing is not None:
-        raw = cv2.imdecode(buf, _COLOR) if data else None
+        raw = _imdecode(data, _COLOR, path)
         if raw is None:
             raise InputDataError(f"{path}: not a readable mask image; replace it")
         mask = np.asarray(preprocessing(raw))
     else:
         try:
-            from io import BytesIO
-
-            from PIL import Image
-
-            with Image.open(BytesIO(data)) as im:
+            with pil_open(data) as im:
                 if im.mode == "L":  # the common case: OpenCV decodes it faster
                     mask = cv2.imdecode(buf, cv2.IMREAD_GRAYSCALE)
                     plain = im.format == "PNG"
@@ -78,9 +174,11 @@ def decode_mask(
         except Exception:  # noqa: BLE001 - not decodable by PIL: try OpenCV below
             mask = None
         if mask is None:
-            mask = cv2.imdecode(buf, _UNCHANGED) if data else None
+            mask = _imdecode(data, _UNCHANGED, path)
         if mask is None:
             raise InputDataError(f"{path}: not a readable mask image; replace it")
+    if hdr is None:
+        check_pixels(mask.shape[0], mask.shape[1], path, dec)
     if mask.ndim == 3:
         chans = mask[..., :3]
         if not (np.array_equal(chans[..., 0], chans[..., 1]) and np.array_equal(chans[..., 0], chans[..., 2])):
@@ -96,37 +194,31 @@ def decode_mask(
     return np.ascontiguousarray(mask), plain
 
 
-def _header_size(source: Any) -> tuple[int, int] | None:
-    """``(height, width)`` from an image header (path or file object), None if PIL cannot tell."""
-    try:
-        import warnings
-
-        from PIL import Image
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # e.g. decompression-bomb warnings on huge images
-            with Image.open(source) as im:
-                w, h = im.size
-                return int(h), int(w)
-    except Exception:  # noqa: BLE001 - unknown to PIL, truncated...: the caller decodes instead
-        return None
+def image_header(path: str | Path, decoding: Decoding | None = None) -> Header:
+    """Stored size and EXIF orientation of an image file, checked against the pixel limit (header only
+    when PIL can read it, else by decoding)."""
+    dec = decoding or default_decoding()
+    hdr = check_header(str(path), path, dec)
+    if hdr is None:
+        img = decode_image(read_bytes(path), path, decoding=dec)
+        hdr = Header(int(img.shape[0]), int(img.shape[1]))
+    return hdr
 
 
-def image_size(data: bytes, path: str | Path) -> tuple[int, int]:
-    """``(height, width)`` of image bytes from the header when possible, else by decoding."""
-    from io import BytesIO
-
-    size = _header_size(BytesIO(data))
-    if size is None:
-        img = decode_image(data, path)
-        size = int(img.shape[0]), int(img.shape[1])
-    return size
+def file_image_size(path: str | Path, decoding: Decoding | None = None) -> tuple[int, int]:
+    """``(height, width)`` of an image file, reading only its header when possible (pixel limit checked)."""
+    hdr = image_header(path, decoding)
+    return hdr.height, hdr.width
 
 
-def file_image_size(path: str | Path) -> tuple[int, int]:
-    """``(height, width)`` of an image file, reading only its header when possible."""
-    size = _header_size(str(path))
-    return size if size is not None else image_size(read_bytes(path), path)
+def image_size(data: bytes, path: str | Path, decoding: Decoding | None = None) -> tuple[int, int]:
+    """``(height, width)`` of image bytes from the header when possible, else by decoding (pixel limit checked)."""
+    dec = decoding or default_decoding()
+    hdr = check_header(data, path, dec)
+    if hdr is None:
+        img = decode_image(data, path, decoding=dec)
+        return int(img.shape[0]), int(img.shape[1])
+    return hdr.height, hdr.width
 
 
 def encode_png(array: np.ndarray, name: str | Path) -> bytes:

@@ -39,6 +39,7 @@ from tasks.backbones import build_backbone, export_onnx, export_torchscript
 from tasks.config import ConfigError, import_object
 from tasks.evaluation import score_split
 from tasks.features_task import backbone_digest, class_map, feature_runtime
+from tasks.imageio import dataset_decoding, sixteen_bit_json
 from tasks.report import write_report
 from tasks.train_config import TrainFlowConfig
 
@@ -138,6 +139,8 @@ def model_json(cfg: TrainFlowConfig, weights_digest: str | None = None) -> dict[
         "backbone": cfg.backbone.name,
         "weights_digest": weights_digest or backbone_digest(cfg),
         "patchflow_version": CODE_VERSION,
+        # how 16-bit images became 8-bit in the dataset: predict decodes its images the same way
+        "sixteen_bit": sixteen_bit_json(dataset_decoding(Path(cfg.datamodule.data_path)).sixteen_bit),
     }
 
 

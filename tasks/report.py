@@ -19,7 +19,7 @@ import cv2
 import numpy as np
 
 from storage import layout
-from tasks.imageio import InputDataError, decode_mask, encode_png, read_bytes, read_image
+from tasks.imageio import Decoding, InputDataError, dataset_decoding, decode_mask, encode_png, read_bytes, read_image
 
 # BGR class colours shared by the report and the predict overlays; index 0 (background) is transparent and
 # class k uses PALETTE[(k - 1) % len(PALETTE)].
@@ -112,10 +112,11 @@ def confusion_matrix_image(labels: list[str], matrix: list[list[int]], title: st
     return img
 
 
-def _tile(data_path: Path, sample: str, caption: list[str], size: int = 128) -> np.ndarray:
+def _tile(data_path: Path, sample: str, caption: list[str], size: int = 128,
+          decoding: Decoding | None = None) -> np.ndarray:
     tile = np.full((size + 40, size + 8, 3), 255, np.uint8)
     try:
-        patch = read_image(data_path / sample)
+        patch = read_image(data_path / sample, decoding)
         h, w = patch.shape[:2]
         s = size / max(h, w)
         patch = cv2.resize(patch, (max(1, round(w * s)), max(1, round(h * s))),
@@ -129,9 +130,13 @@ def _tile(data_path: Path, sample: str, caption: list[str], size: int = 128) -> 
 
 
 def example_grids(out_dir: Path, data_path: Path, results: list[tuple[str, int, int, float]],
-                  idx_to_class: dict[int, str], grid: tuple[int, int] = (3, 4), seed: int = 0) -> list[Path]:
-    """``example/{concordant,discordant}_<class>.png`` per predicted class (labelled patches only); their paths."""
+                  idx_to_class: dict[int, str], grid: tuple[int, int] = (3, 4), seed: int = 0,
+                  decoding: Decoding | None = None) -> list[Path]:
+    """``example/{concordant,discordant}_<class>.png`` per predicted class (labelled patches only); their paths.
+
+    ``decoding``: how the dataset's images decode (None: read from its sidecar)."""
     rows_n, cols_n = grid
+    decoding = decoding or dataset_decoding(data_path)
     written = []
     for c in sorted(idx_to_class):
         for k, kind in enumerate(("concordant", "discordant")):
@@ -141,7 +146,7 @@ def example_grids(out_dir: Path, data_path: Path, results: list[tuple[str, int, 
             rng = np.random.default_rng([seed, k, c])
             chosen = sorted(rng.choice(len(pick), size=min(len(pick), rows_n * cols_n), replace=False).tolist())
             tiles = [_tile(data_path, pick[i][0], [f"{idx_to_class.get(pick[i][1], pick[i][1])}->{idx_to_class[c]}",
-                                                  f"p={pick[i][3]:.2f}"]) for i in chosen]
+                                                  f"p={pick[i][3]:.2f}"], decoding=decoding) for i in chosen]
             th, tw = tiles[0].shape[:2]
             n_rows = -(-len(tiles) // cols_n)
             img = np.full((36 + n_rows * th, max(cols_n * tw, 420), 3), 255, np.uint8)
@@ -174,14 +179,16 @@ def _resolve(stored: str | None, data_path: Path, sub: str) -> Path | None:
 
 
 def overlay_image(rec: dict[str, Any], data_path: Path, maps_dir: Path, class_to_idx: dict[str, int],
-                  good: set[int] | None = None) -> np.ndarray:
-    """One row of panels: image | ground truth over image | prediction over image with polygon outlines, plus a legend."""
-    img = read_image(_resolve(rec["image_path"], data_path, "images"))
+                  good: set[int] | None = None, decoding: Decoding | None = None) -> np.ndarray:
+    """One row of panels: image | ground truth over image | prediction over image with polygon outlines, plus a legend.
+
+    ``decoding``: how the dataset's images decode (None: read from its sidecar)."""
+    img = read_image(_resolve(rec["image_path"], data_path, "images"), decoding or dataset_decoding(data_path))
     h, w = img.shape[:2]
     gt = None
     mpath = _resolve(rec.get("mask_path"), data_path, "masks")
     if mpath is not None and mpath.is_file():
-        gt = decode_mask(read_bytes(mpath), mpath)[0].astype(np.int32)
+        gt = decode_mask(read_bytes(mpath), mpath, decoding=decoding)[0].astype(np.int32)
         if good:
             gt[np.isin(gt, list(good))] = 0
     pmap = maps_dir / f"{Path(rec['file_name']).stem}.png"
@@ -261,6 +268,7 @@ def write_report(out_dir: Path, data_path: Path, class_to_idx: dict[str, int], t
                  n_overlays: int = 6, examples: bool = True, grid: tuple[int, int] = (3, 4), seed: int = 0) -> Path:
     """Write the confusion matrix, example grids, overlays and ``report.html`` into ``out_dir``; returns the HTML path."""
     out_dir, data_path = Path(out_dir), Path(data_path)
+    decoding = dataset_decoding(data_path)  # 16-bit images shown as the dataset stage decoded them
     idx_to_class = {v: k for k, v in class_to_idx.items()}
     metrics = _load_json(out_dir / "metrics.json")
     recon = _load_json(out_dir / "reconstruction_results.json")
@@ -324,13 +332,13 @@ def write_report(out_dir: Path, data_path: Path, class_to_idx: dict[str, int], t
         for rec in chosen:
             try:
                 png = _png(out_dir / "reconstruction" / f"{Path(rec['file_name']).stem}.png",
-                           overlay_image(rec, data_path, out_dir / "maps", class_to_idx, good))
+                           overlay_image(rec, data_path, out_dir / "maps", class_to_idx, good, decoding))
                 parts.append(_img_tag(png, rec["file_name"]))
             except InputDataError as exc:
                 parts.append(f'<p class="muted">{html.escape(rec["file_name"])}: {html.escape(str(exc))}</p>')
     if examples:
         parts.append("<h2>Examples</h2>")
-        grids = example_grids(out_dir, data_path, results, idx_to_class, grid, seed)
+        grids = example_grids(out_dir, data_path, results, idx_to_class, grid, seed, decoding)
         parts += [_img_tag(p, p.stem) for p in grids] or ['<p class="muted">No labelled patch to show.</p>']
     page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
             f"<style>{CSS}</style></head><body>\n" + "\n".join(parts) + "\n</body></html>\n")

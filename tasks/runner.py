@@ -10,7 +10,7 @@ import contextlib
 import logging
 from typing import Any, Callable, Iterator, Literal, Sequence
 
-from pydantic import Field
+from pydantic import Field, StrictInt
 
 from tasks.config import ConfigError, StrictModel
 
@@ -21,8 +21,8 @@ class RunnerSection(StrictModel):
         "thread", description="thread: shards run one after another in the flow's process; dask: on a Dask cluster"
     )
     address: str | None = Field(None, description="dask: address of an existing scheduler (tcp://host:8786); None = start a local cluster")
-    n_workers: int = Field(2, ge=1, description="dask, local cluster: worker processes")
-    threads_per_worker: int = Field(1, ge=1, description="dask, local cluster: threads per worker process")
+    n_workers: StrictInt = Field(2, ge=1, description="dask, local cluster: worker processes")
+    threads_per_worker: StrictInt = Field(1, ge=1, description="dask, local cluster: threads per worker process")
 
 
 def check_runner(runner: RunnerSection) -> None:

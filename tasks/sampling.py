@@ -27,7 +27,7 @@ from storage.geometry import pad_to, safe_crop_origin
 from storage.h5files import read_region
 from storage.layout import NONE_CLASS, DatasetFormatError, read_info, resolve_path
 from storage.layout import PATCH_EXTENSIONS as IMAGE_EXTENSIONS
-from tasks.imageio import InputDataError, file_image_size
+from tasks.imageio import Decoding, InputDataError, file_image_size, read_image
 from tasks.triangulation import sample_points
 
 
@@ -168,14 +168,21 @@ def _memo(kind: str, path: Path | str, compute):
 
 # EXIF orientation is ignored everywhere (as in tasks.imageio): masks, triangles and boxes all live
 # in the stored pixel frame.
-# grayscale files decode as 1 channel (cheaper) and only their patches become BGR: the same pixels as a BGR decode
-_IMREAD_FLAGS = cv2.IMREAD_ANYCOLOR | cv2.IMREAD_IGNORE_ORIENTATION
 
 
 def _image_size(path: str) -> tuple[int, int]:
-    """(H, W) of an image in the stored pixel frame (header only when possible)."""
+    """(H, W) of an image in the stored pixel frame (header only when possible; pixel limit checked)."""
     try:
         return file_image_size(path)
+    except InputDataError as exc:
+        raise DatasetFormatError(str(exc)) from None
+
+
+def _decode(path: str, decoding: Decoding | None) -> np.ndarray:
+    """The image as the dataset stage decoded it (pixel limit, 16-bit rule); grayscale files stay 1 channel
+    (cheaper: only their patches become BGR, the same pixels as a BGR decode)."""
+    try:
+        return read_image(path, decoding, keep_gray=True)
     except InputDataError as exc:
         raise DatasetFormatError(str(exc)) from None
 
@@ -287,11 +294,15 @@ def order_by_image(samples: PassSamples) -> PassSamples:
     )
 
 
-def iter_pass_patches(samples: PassSamples, batch_size: int) -> Iterator[tuple[np.ndarray, list[np.ndarray]]]:
+def iter_pass_patches(
+    samples: PassSamples, batch_size: int, decoding: Decoding | None = None,
+) -> Iterator[tuple[np.ndarray, list[np.ndarray]]]:
     """Yield ``(row indices, BGR uint8 patches)`` in batches, decoding each distinct image once.
 
     Rows are grouped by image (images in first-appearance order, rows ascending within an image),
     so the yielded order is generally not ``0..N-1``: store each feature at its yielded row index.
+    ``decoding``: the dataset's (``tasks.imageio.dataset_decoding``), so 16-bit images become the same
+    8-bit pixels as in the dataset stage; None: the environment's pixel limit and the ``"auto"`` rule.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -310,11 +321,7 @@ def iter_pass_patches(samples: PassSamples, batch_size: int) -> Iterator[tuple[n
         u = int(inv[row])
         if u != cur_u:
             cur_img = None  # release the previous image before decoding the next
-            img = cv2.imread(str(uniq[u]), _IMREAD_FLAGS)
-            if img is None:
-                raise DatasetFormatError(
-                    f"cannot read image {uniq[u]}; check that it exists and is a valid image"
-                )
+            img = _decode(str(uniq[u]), decoding)
             if samples.image_size is not None and tuple(img.shape[:2]) != tuple(samples.image_size[row]):
                 raise DatasetFormatError(
                     f"image {uniq[u]} decodes to {img.shape[:2]} but the pass was drawn for "

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, StrictInt, model_validator
 
 from tasks.backbones import SUPPORTED_BACKBONES
 from tasks.runner import RunnerSection
@@ -21,10 +21,10 @@ class DatamoduleSection(StrictModel):
     train_filename: str = "dataset.txt"
     include_filter: list[str] | None = Field(None, description="Keep only samples whose name contains one of these")
     exclude_filter: list[str] | None = Field(None, description="Drop samples whose name contains one of these")
-    class_to_idx: dict[str, int] | None = Field(None, description="Class map; default: the dataset's own (patchflow.json)")
-    seed: int = 42
-    batch_size: int = Field(32, ge=1)
-    num_workers: int = Field(1, ge=0, description="Kept for config compatibility; decoding is done once per image")
+    class_to_idx: dict[str, StrictInt] | None = Field(None, description="Class map; default: the dataset's own (patchflow.json)")
+    seed: StrictInt = 42
+    batch_size: StrictInt = Field(32, ge=1)
+    num_workers: StrictInt = Field(1, ge=0, description="Kept for config compatibility; decoding is done once per image")
     balance_classes: bool = False
     class_to_skip_training: list[str] | None = Field(None, description="Class names left out of training (-1 in validation)")
 
@@ -40,8 +40,8 @@ class BackboneSection(StrictModel):
 class TransformsSection(StrictModel):
     """Patch preprocessing (the same for every split)."""
 
-    input_height: int = Field(224, ge=16)
-    input_width: int = Field(224, ge=16)
+    input_height: StrictInt = Field(224, ge=16)
+    input_width: StrictInt = Field(224, ge=16)
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
@@ -49,7 +49,7 @@ class TransformsSection(StrictModel):
 class TrainerSection(StrictModel):
     """How many random passes over the training list."""
 
-    iteration_over_training: int = Field(20, ge=1, le=1000)
+    iteration_over_training: StrictInt = Field(20, ge=1, le=1000)
 
 
 class ModelSection(StrictModel):
@@ -69,7 +69,7 @@ class ModelSection(StrictModel):
 class AutoBatchSection(StrictModel):
     """Halve the batch on out-of-memory (never on other errors)."""
 
-    starting_batch_size: int = Field(1024, ge=1)
+    starting_batch_size: StrictInt = Field(1024, ge=1)
     disable: bool = True
 
 
@@ -79,7 +79,7 @@ class TaskSection(StrictModel):
     device: str = Field("cpu", description="cpu, cuda or cuda:N")
     automatic_batch_size: AutoBatchSection = Field(default_factory=AutoBatchSection)
     precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 = autocast (fast on AMX CPUs and recent GPUs)")
-    shard_patches: int = Field(
+    shard_patches: StrictInt = Field(
         4096, ge=1, description="Patches per feature shard (rounded up to whole 1024-row chunks): the unit of parallel work and of resume"
     )
     runtime: Literal["auto", "torch", "onnxruntime"] = Field(
@@ -111,7 +111,7 @@ class CoreSection(StrictModel):
 
     name: str = "sklearn-classification-patch"
     tag: str = "run"
-    seed: int = 42
+    seed: StrictInt = 42
     runs_folder: str = Field("runs", description="Run folders go to <runs_folder>/<name>/<timestamp>")
 
 

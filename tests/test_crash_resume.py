@@ -199,14 +199,12 @@ def test_dataset_generation_killed_midway_resumes_to_identical_output(tmp_path: 
             f"**json.loads({json.dumps(json.dumps(kw))}))")
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, start_new_session=True)
     partial = tmp_path / f".ds.partial-{'f' * 16}"
-    _kill_when(proc, lambda: len(list((partial / ".shards").glob("process-*.pkl"))) >= 3)
+    _kill_when(proc, lambda: len(list((partial / ".shards").glob("process-*.json"))) >= 3)
     assert not out.exists()  # nothing complete-looking
-    import pickle
-
     kept = {}  # files of the shards that had finished before the kill, and their mtimes
-    for marker in sorted((partial / ".shards").glob("process-*.pkl")):
-        for res in pickle.loads(marker.read_bytes())["results"]:
-            kept.update({rel: (partial / rel).stat().st_mtime_ns for rel in res.files})
+    for marker in sorted((partial / ".shards").glob("process-*.json")):  # plain JSON state (never pickle)
+        for res in json.loads(marker.read_text())["results"]:
+            kept.update({rel: (partial / rel).stat().st_mtime_ns for rel in res["files"]})
     assert len(kept) > 10
 
     generate_patch_dataset(assoc, CLASS_TO_IDX, output_folder=str(out), mask_preprocessing=slow_identity, **kw)

@@ -353,13 +353,13 @@ def test_iter_pass_patches_decodes_each_image_once(basic: Path, monkeypatch: pyt
     s = draw_pass(basic, entries, CLASSES, seed=2, pass_index=0)
     direct = {p: cv2.imread(p) for p in set(s.image_path)}
     calls: list[str] = []
-    real = cv2.imread
+    real = sampling.read_image  # the one decode per image (tasks.imageio: header check, then OpenCV)
 
-    def counting(path, *args):
+    def counting(path, *args, **kwargs):
         calls.append(str(path))
-        return real(path, *args)
+        return real(path, *args, **kwargs)
 
-    monkeypatch.setattr(sampling.cv2, "imread", counting)
+    monkeypatch.setattr(sampling, "read_image", counting)
     seen: list[int] = []
     for rows, patches in iter_pass_patches(s, batch_size=7):
         assert len(rows) == len(patches) <= 7
