@@ -7,6 +7,7 @@ import hashlib
 import math
 import multiprocessing
 import os
+import signal
 import threading
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -80,6 +81,13 @@ def init_worker(params: Params) -> None:
     global _PARAMS
     _PARAMS = params
     cv2.setNumThreads(1)
+
+
+def init_pool_worker(params: Params) -> None:
+    """:func:`init_worker` in a pool process, which leaves Ctrl-C to the run: a terminal sends it to every
+    process of the group, and the run stops the pool (no traceback per worker)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    init_worker(params)
 
 
 def _load_mask(job: Job, p: Params) -> tuple[np.ndarray | None, bytes | None]:
@@ -221,7 +229,7 @@ class Workers:
             # fork is cheapest but unsafe in a multi-threaded process (Prefect's engine runs threads)
             method = "fork" if threading.active_count() == 1 and os.name == "posix" else "forkserver"
             ctx = multiprocessing.get_context(method)
-            self.pool = ProcessPoolExecutor(num_workers, mp_context=ctx, initializer=init_worker, initargs=(params,))
+            self.pool = ProcessPoolExecutor(num_workers, mp_context=ctx, initializer=init_pool_worker, initargs=(params,))
         else:
             init_worker(params)
 
