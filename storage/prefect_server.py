@@ -30,8 +30,9 @@ import logging
 import os
 import subprocess
 import sys
+from collections.abc import Sequence
 from types import ModuleType
-from typing import Any, Sequence
+from typing import Any
 
 TARGET = "prefect.server.api.server"
 logger = logging.getLogger("patchflow.prefect_server")
@@ -80,8 +81,8 @@ _run_uvicorn_command.patchflow_guard = True  # type: ignore[attr-defined]  # tes
 def _patch(module: ModuleType) -> None:
     cls = getattr(module, "SubprocessASGIServer", None)
     if cls is None or not callable(getattr(cls, "_run_uvicorn_command", None)):
-        logger.warning("prefect.server.api.server.SubprocessASGIServer._run_uvicorn_command is gone (Prefect upgrade?): "
-                       "Ctrl-C will also stop Prefect's temporary server; see storage/prefect_server.py")
+        logger.warning("Prefect's SubprocessASGIServer._run_uvicorn_command is gone (a Prefect upgrade?): Ctrl-C "
+                       "will stop its temporary server too; see storage/prefect_server.py")
         return
     cls._run_uvicorn_command = _run_uvicorn_command
 

@@ -170,7 +170,7 @@ def cli_error(exc: BaseException) -> tuple[int, str] | None:
     if isinstance(exc, (Terminated, prefect_term)):
         return 143, TERMINATED
     backbones = sys.modules.get("tasks.backbones")  # imported by then if it raised (torch stays unimported otherwise)
-    known: tuple[type[BaseException], ...] = (InputDataError, AssociationError, DatasetFormatError, FeatureStoreError, OSError)
+    known = (InputDataError, AssociationError, DatasetFormatError, FeatureStoreError, OSError)
     if isinstance(exc, known) or (backbones is not None and isinstance(exc, backbones.BackboneError)):
         return 1, str(exc)
     return None
@@ -201,9 +201,9 @@ def _quiet_console_tracebacks() -> None:
     import prefect.logging  # noqa: F401  (configures Prefect's console handler on the root logger)
 
     for handler in logging.getLogger().handlers:
-        if type(handler) is not logging.FileHandler and isinstance(handler, logging.StreamHandler):
-            if not isinstance(handler.formatter, _NoTracebackForKnownErrors):
-                handler.setFormatter(_NoTracebackForKnownErrors(handler.formatter))
+        console = type(handler) is not logging.FileHandler and isinstance(handler, logging.StreamHandler)
+        if console and not isinstance(handler.formatter, _NoTracebackForKnownErrors):
+            handler.setFormatter(_NoTracebackForKnownErrors(handler.formatter))
 
 
 def run_cli(main_fn: Callable[[], Any]) -> None:
