@@ -348,7 +348,7 @@ def test_87_input_error_in_a_flow_keeps_the_traceback_off_the_console_and_in_the
     imgs = tmp_path / "imgs"
     imgs.mkdir()
     cfg = tmp_path / "bad.yaml"
-    cfg.write_text(yaml.safe_dump({"data": {"images": str(imgs), "class_to_idx": {"bg": 0, "a": 1}},
+    cfg.write_text(yaml.safe_dump({"data": {"images": str(imgs), "masks": str(imgs), "class_to_idx": {"bg": 0, "a": 1}},
                                    "dataset": {"output_folder": str(tmp_path / "ds"), "patch_number": [2, 2]},
                                    "storage_root": str(tmp_path / "store")}))
     run = CliRun(tmp_path, "bad", "flows.dataset", "--config", str(cfg))
