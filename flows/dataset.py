@@ -49,9 +49,9 @@ def dataset_flow(config: DatasetFlowConfig, config_file: str | None = None) -> s
     """Build (or reuse) the patch dataset described by ``config``; returns its folder. ``config_file``: the file the
     CLI read ``config`` from (refused inside the output folder, like every other input)."""
     config = validate_config(DatasetFlowConfig, config)
+    out = check_paths(config, config_file)  # before anything is written (the storage root included)
     root = ensure_storage_root(config.storage_root)
     check_runner(config.runner)
-    out = check_paths(config, config_file)
     class_to_idx = config.data.resolved_class_to_idx()
     with layout.build_lock(out):  # one build of a folder at a time, for the whole build (Dask shards included)
         association = associate_task(config.data)

@@ -2,7 +2,8 @@
 
 Imported (for its side effect) by ``tasks`` and ``flows`` before anything imports prefect, so the
 project, not the user, sets telemetry off and a tolerant ephemeral-server start-up. Every value is
-a default: a variable already set in the environment wins.
+a default: a variable already set in the environment wins. It also installs the override that starts
+Prefect's temporary API server out of reach of a terminal's Ctrl-C (``storage/prefect_server.py``).
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import errno
 import os
 import uuid
 from pathlib import Path
+
+from storage import prefect_server
 
 PREFECT_DEFAULTS: dict[str, str] = {
     "DO_NOT_TRACK": "1",
@@ -93,3 +96,4 @@ def locks_dir(root: Path) -> Path:
 
 
 apply_prefect_defaults()
+prefect_server.install()  # Prefect's temporary server in its own session, guarded (see storage/prefect_server.py)

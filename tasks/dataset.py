@@ -419,6 +419,13 @@ def generate_patch_dataset(
             return finish_patch_dataset(tmp, plan)
         except BaseException as exc:
             workers.close()  # wait for running workers before touching the folder they write into
-            if fingerprint is None or not isinstance(exc, (KeyboardInterrupt, OSError, MemoryError)):
-                shutil.rmtree(tmp, ignore_errors=True)  # bad input: nothing worth resuming
-            raise
+            if fingerprint is None or _bad_input(exc):
+                shutil.rmtree(tmp, ignore_errors=True)  # nothing worth resuming: fixed inputs get another fingerprint
+            raise  # anything else (Ctrl-C, SIGTERM, disk full, a crash) keeps the finished shards for the rerun
+
+
+def _bad_input(exc: BaseException) -> bool:
+    """A known bad-input error: our ValueError subclasses (InputDataError, DatasetFormatError, AssociationError,
+    ...) and the plain ValueErrors of validation. Interruptions (KeyboardInterrupt, Prefect's TerminationSignal
+    on SIGTERM), OSError, MemoryError and unexpected errors are not."""
+    return isinstance(exc, ValueError)

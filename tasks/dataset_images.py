@@ -7,6 +7,7 @@ import hashlib
 import math
 import multiprocessing
 import os
+import signal
 import threading
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -98,6 +99,13 @@ LIMIT_SETTING = "dataset.max_image_pixels"
 
 def _decoding(p: Params) -> Decoding:
     return Decoding(p.max_image_pixels, LIMIT_SETTING, parse_sixteen_bit(p.sixteen_bit, "dataset.sixteen_bit"))
+
+
+def init_pool_worker(params: Params) -> None:
+    """:func:`init_worker` in a pool process, which leaves Ctrl-C to the run: a terminal sends it to every
+    process of the group, and the run stops the pool (no traceback per worker)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    init_worker(params)
 
 
 def _load_mask(job: Job, p: Params) -> tuple[np.ndarray | None, bytes | None]:
@@ -251,7 +259,7 @@ class Workers:
             # fork is cheapest but unsafe in a multi-threaded process (Prefect's engine runs threads)
             method = "fork" if threading.active_count() == 1 and os.name == "posix" else "forkserver"
             ctx = multiprocessing.get_context(method)
-            self.pool = ProcessPoolExecutor(num_workers, mp_context=ctx, initializer=init_worker, initargs=(params,))
+            self.pool = ProcessPoolExecutor(num_workers, mp_context=ctx, initializer=init_pool_worker, initargs=(params,))
         else:
             init_worker(params)
 

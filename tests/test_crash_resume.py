@@ -37,7 +37,7 @@ def _kill_when(proc: subprocess.Popen, ready, timeout: float = 240.0) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
             raise AssertionError("the kill point was never reached")
         time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)  # the run and everything it started (its ephemeral Prefect server)
+    os.killpg(proc.pid, signal.SIGKILL)  # the run and its workers; its Prefect server (own session) exits by itself
     proc.wait()
 
 
