@@ -12,8 +12,8 @@ import contextlib
 import errno
 import os
 from collections.abc import Callable, Iterator
-from typing import BinaryIO
 from pathlib import Path
+from typing import BinaryIO
 
 #: errno values that mean "no room to write this file"
 DISK_FULL = frozenset({errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)})
