@@ -28,8 +28,7 @@ def evaluate_flow(config: EvaluateFlowConfig) -> dict[str, Any]:
     """Evaluate a bundle; returns the run folder, the output folder and the metrics."""
     cfg = validate_config(EvaluateFlowConfig, config)
     root = ensure_storage_root(cfg.storage_root)
-    bundle_root = bdl.resolve_bundle(cfg.task.model_path)
-    meta = bdl.read_meta(bundle_root)
+    bundle_root, meta = bdl.open_bundle(cfg.task.model_path, cfg.task.trust_pickle)  # every file checked first
     run = make_run_dir(cfg)
     log = attach_log(run)
     try:

@@ -17,6 +17,7 @@ from typing import Any, Literal, Sequence
 from prefect import flow
 from pydantic import Field, StrictInt
 
+from storage import bundle as bdl
 from tasks.caching import cached_stage
 from tasks.config import StrictModel, ensure_storage_root, run_cli, validate_config
 from tasks.predict_outputs import check_output_folder, outputs_problem
@@ -38,6 +39,10 @@ class PredictFlowConfig(StrictModel):
     max_image_pixels: StrictInt | None = Field(
         None, ge=1, description="Refuse larger images (pixels, from the header) before decoding; "
         "None: $PATCHFLOW_MAX_IMAGE_PIXELS, else 200000000")
+    trust_pickle: bool = Field(
+        False, description="Load a bundle without a manifest (hand-made, Quadra's) or with a pickled "
+                            "classifier.joblib; a pickle runs any code it holds: only for bundles whose source you trust",
+    )
 
 
 @flow(name="patchflow-predict")
@@ -49,13 +54,15 @@ def predict_flow(config: PredictFlowConfig) -> dict[str, Any]:
     cfg = validate_config(PredictFlowConfig, config)
     root = ensure_storage_root(cfg.storage_root)
     out = check_output_folder(cfg.images, cfg.out)  # refused before anything is written or deleted
+    bdl.open_bundle(cfg.model, cfg.trust_pickle)  # before any cache lookup: an edited bundle is refused, never served
     key = prediction_key(Path(cfg.model), Path(cfg.images), out, cfg.method)
     problem = outputs_problem(out, key)  # deleted, resized or edited outputs are recomputed, never served
     if problem is not None and not cfg.force:
         logger.info("computing predictions (%s)", problem)
     done = problem is None
     stage = cached_stage(predict_task, root, cfg.force, done)
-    return stage(cfg.model, cfg.images, str(out), cfg.method, cfg.batch_size, cfg.device, key, cfg.max_image_pixels)
+    return stage(cfg.model, cfg.images, str(out), cfg.method, cfg.batch_size, cfg.device, key, cfg.max_image_pixels,
+                 cfg.trust_pickle)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -71,11 +78,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--force", action="store_true")
     ap.add_argument("--max-image-pixels", type=int,
                     help="refuse larger images (default $PATCHFLOW_MAX_IMAGE_PIXELS or 200000000)")
+    ap.add_argument("--trust-pickle", action="store_true",
+                    help="load a bundle without _manifest.json or with a pickled classifier.joblib: a pickle runs "
+                         "any code it holds, so only for bundles whose source you trust")
     a = ap.parse_args(argv)
     cfg = validate_config(PredictFlowConfig, {
         "model": a.model, "images": a.images, "out": a.out, "method": a.method, "batch_size": a.batch_size,
         "device": a.device, "storage_root": a.storage_root, "force": a.force,
-        "max_image_pixels": a.max_image_pixels,
+        "max_image_pixels": a.max_image_pixels, "trust_pickle": a.trust_pickle,
     })
     check_output_folder(cfg.images, cfg.out)  # one line before a flow run (and an API server) starts
     res = predict_flow(cfg)

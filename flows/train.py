@@ -76,7 +76,7 @@ def train_flow(config: TrainFlowConfig) -> dict[str, Any]:
         val_store = stores.pop()
 
         fkey = combine("fit", *sorted(Path(s).name for s in stores), params_digest(cfg.model.model_dump(mode="json")), str(cfg.core.seed))
-        fout = root / "models" / f"{fkey[:32]}.joblib"
+        fout = root / "models" / f"{fkey[:32]}.skops"
         f = "fit" in force
         clf = cached_stage(fit_task, root, f, file_matches(fout))(cfg, stores, fkey, str(fout), f)
         progress.step()
@@ -86,7 +86,8 @@ def train_flow(config: TrainFlowConfig) -> dict[str, Any]:
         bout = root / "backbones" / bkey[:32]
         f = "export" in force
         backbone = cached_stage(export_backbone_task, root, f, matches_manifest(bout))(cfg, bkey, str(bout), f)
-        ekey = combine("export", fkey, bkey, params_digest(model_json(cfg, wdig)))
+        ekey = combine("export", fkey, bkey, params_digest(model_json(cfg, wdig)),
+                       f"joblib={cfg.export.joblib_classifier}")
         eout = root / "bundles" / ekey[:32] / "deployment_model"
         bundle = cached_stage(export_task, root, f, matches_manifest(eout))(cfg, clf, backbone, ekey, str(eout), wdig, f)
         progress.step(2)

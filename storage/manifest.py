@@ -15,8 +15,8 @@ import json
 import os
 import shutil
 import uuid
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Iterator, Mapping
 
 from storage.layout import write_atomic
 
@@ -68,31 +68,53 @@ def _write_json(path: Path, obj: dict) -> None:
     write_atomic(path, json.dumps(obj, sort_keys=True, separators=(",", ":")))
 
 
-def manifest_problem(root: Path) -> str | None:
-    """``None`` if ``root`` matches its manifest, else what is wrong (missing, extra or changed file)."""
+def manifest_mismatch(root: Path, rehash: bool = False, ignore: Iterable[str] = ()) -> tuple[str, str, str] | None:
+    """``None`` if ``root`` matches its manifest, else ``(kind, relative path, detail)``.
+
+    ``kind`` is ``unreadable`` (no or a damaged manifest), ``deleted``, ``added``, ``resized`` or ``modified``.
+    ``rehash``: hash every file (ignore the mtime fast path), for files whose bytes are about to be trusted.
+    ``ignore``: relative paths that may be added after the manifest was written.
+    """
     root = Path(root)
     try:
-        entries = json.loads((root / MANIFEST_FILE).read_text())["files"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return f"{root / MANIFEST_FILE} is missing or unreadable"
+        entries = {str(rel): (int(size), str(digest)) for rel, (size, digest) in
+                   json.loads((root / MANIFEST_FILE).read_text())["files"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return ("unreadable", MANIFEST_FILE, "missing or unreadable")
     try:
-        mtimes = json.loads((root / STAT_CACHE).read_text())
+        mtimes = {} if rehash else json.loads((root / STAT_CACHE).read_text())
     except (OSError, ValueError):
         mtimes = {}
     present = set(_files(root))
     missing = sorted(set(entries) - present)
     if missing:
-        return f"{root / missing[0]} was deleted ({len(missing)} file(s) missing)"
-    extra = sorted(present - set(entries) - {p for p in present if os.path.basename(p).startswith(".")})
+        return ("deleted", missing[0], f"{len(missing)} file(s) missing")
+    extra = sorted(present - set(entries) - set(ignore) - {p for p in present if os.path.basename(p).startswith(".")})
     if extra:
-        return f"{root / extra[0]} was added after the output was finished"
+        return ("added", extra[0], f"{len(extra)} file(s) added")
     for rel, (size, digest) in entries.items():
         st = (root / rel).stat()
         if st.st_size != size:
-            return f"{root / rel} changed size ({size} -> {st.st_size} bytes)"
-        if st.st_mtime_ns != mtimes.get(rel) and _sha256(root / rel) != digest:
-            return f"{root / rel} was modified"
+            return ("resized", rel, f"{size} -> {st.st_size} bytes")
+        if (not isinstance(mtimes, dict) or st.st_mtime_ns != mtimes.get(rel)) and _sha256(root / rel) != digest:
+            return ("modified", rel, "same size, other bytes")
     return None
+
+
+def manifest_problem(root: Path) -> str | None:
+    """``None`` if ``root`` matches its manifest, else what is wrong (missing, extra or changed file)."""
+    root = Path(root)
+    found = manifest_mismatch(root)
+    if found is None:
+        return None
+    kind, rel, detail = found
+    return {
+        "unreadable": f"{root / MANIFEST_FILE} is missing or unreadable",
+        "deleted": f"{root / rel} was deleted ({detail})",
+        "added": f"{root / rel} was added after the output was finished",
+        "resized": f"{root / rel} changed size ({detail})",
+        "modified": f"{root / rel} was modified",
+    }[kind]
 
 
 def matches_manifest(root: Path) -> bool:

@@ -18,12 +18,15 @@ import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
 import torch
 from torch import nn
 from torchvision import models
+
+from storage.writes import serialise_to
 
 logger = logging.getLogger("patchflow.backbones")
 
@@ -390,23 +393,15 @@ def _export_copy(model: nn.Module, input_size: tuple[int, int]) -> tuple[nn.Modu
     return m, example
 
 
-def _tmp_path(path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
-
-
 def export_torchscript(model: nn.Module, path: Path, input_size: tuple[int, int] = (224, 224)) -> Path:
-    """Trace the model on CPU/fp32 and save it as TorchScript at `path` (atomic replace)."""
+    """Trace the model on CPU/fp32 and save it as TorchScript at `path` (atomic replace; a full disk is named)."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     m, example = _export_copy(model, input_size)
-    tmp = _tmp_path(path)
-    try:
-        with torch.no_grad(), _quiet_tracing():
-            torch.jit.save(torch.jit.trace(m, example, check_trace=False), str(tmp))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    with torch.no_grad(), _quiet_tracing():
+        traced = torch.jit.trace(m, example, check_trace=False)
+        # serialised in memory, then written by Python: torch's own writer reports a full disk without its errno
+        return serialise_to(path, lambda fh: torch.jit.save(traced, fh))
 
 
 def load_torchscript(path: Path, device: str = "cpu") -> torch.jit.ScriptModule:
@@ -448,17 +443,16 @@ def export_onnx(model: nn.Module, path: Path, input_size: tuple[int, int] = (224
     if importlib.util.find_spec("onnx") is None:
         raise BackboneError("ONNX export needs the `onnx` package: pip install onnx")
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     m, example = _export_copy(model, input_size)
-    tmp = _tmp_path(path).with_suffix(".onnx")
-    try:
+
+    def save(fh: Any) -> None:
         with _quiet_tracing(), _plain_attention():  # the TorchScript-based exporter is chosen on purpose
-            torch.onnx.export(m, (example,), str(tmp), dynamo=False, opset_version=17,
+            torch.onnx.export(m, (example,), fh, dynamo=False, opset_version=17,
                               input_names=["images"], output_names=["features"],
                               dynamic_axes={"images": {0: "batch"}, "features": {0: "batch"}})
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+
+    return serialise_to(path, save)  # in memory first: a full disk is named (see export_torchscript)
 
 
 # --------------------------------------------------------------------------- ONNX Runtime

@@ -7,11 +7,19 @@ cache record on ``task name + that key``. Concurrent runs of the same key comput
 (SERIALIZABLE isolation with file locks under the shared storage root). A lock left behind by a
 process that died (SIGKILL, OOM kill, power loss of a worker) is reclaimed instead of blocking
 every later run forever.
+
+Cache records hold JSON only (:data:`RESULT_SERIALIZER`: our stages return paths and JSON metrics).
+Prefect decodes a record with the serializer *named inside the record*, so a planted record saying
+``"serializer": {"type": "pickle"}`` would be unpickled on a cache hit whatever the task configures,
+and Prefect's own JSON decoder imports any module named in a ``__class__`` key. So before a stage
+runs, :func:`record_is_plain_json` reads its record as plain JSON; any other record is ignored (the
+stage recomputes and overwrites it) and never reaches Prefect's decoder.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import logging
 import os
@@ -26,6 +34,7 @@ from typing import Any, Iterator
 
 from prefect.cache_policies import CachePolicy
 from prefect.locking.filesystem import FileSystemLockManager
+from prefect.serializers import JSONSerializer
 from prefect.transactions import IsolationLevel
 from prefect.types._datetime import now, parse_datetime
 
@@ -222,11 +231,47 @@ def content_policy(root: Path, key_param: str = "key") -> CachePolicy:
     return ContentKey(key_param=key_param).configure(isolation_level=IsolationLevel.SERIALIZABLE, lock_manager=lock_manager(root))
 
 
+#: results are plain JSON, decoded without Prefect's object hook (which imports the module named in ``__class__``)
+RESULT_SERIALIZER = JSONSerializer(object_decoder=None)
+
+
+def record_is_plain_json(root: Path, task_name: str, key: str) -> bool:
+    """True when the cache record of ``task_name``/``key`` under ``root`` is absent or a plain JSON record as
+    :data:`RESULT_SERIALIZER` writes it; anything else (a pickle record, another decoder) is not to be read."""
+    path = results_dir(root) / combine(task_name, str(key))
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    try:
+        record = json.loads(raw)
+        ser = record["metadata"]["serializer"]
+        ok = (ser.get("type") == "json" and ser.get("jsonlib") == "json" and ser.get("object_decoder") is None
+              and not ser.get("loads_kwargs") and isinstance(record.get("result"), str))
+    except (ValueError, KeyError, TypeError, AttributeError):
+        ok = False
+    if not ok:
+        logger.warning("cache record %s is not a plain JSON record (written by an older patchflow, or planted): "
+                       "it is ignored and the stage recomputed", path)
+    return ok
+
+
 def cached_stage(task_fn: Any, root: Path, force: bool, done: bool) -> Any:
     """``task_fn`` with the content-keyed cache under ``root``; refreshed when forced or when its output is missing.
 
     A cache hit does not check that a stage's outputs still exist, so the flow passes ``done``
     (the output is present, complete and unchanged) and a missing or altered output is rebuilt,
-    never served.
+    never served. A cache record that is not plain JSON is never read (the stage is recomputed).
     """
-    return task_fn.with_options(cache_policy=content_policy(root), result_storage=results_dir(root), refresh_cache=force or not done)
+    signature = inspect.signature(task_fn.fn)
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        key = signature.bind(*args, **kwargs).arguments.get("key")
+        plain = not key or record_is_plain_json(root, task_fn.name, key)
+        stage = task_fn.with_options(cache_policy=content_policy(root), result_storage=results_dir(root),
+                                     result_serializer=RESULT_SERIALIZER, refresh_cache=force or not done or not plain)
+        return stage(*args, **kwargs)
+
+    return run

@@ -18,7 +18,7 @@ from storage.manifest import building, matches_manifest
 from tasks.backbones import FeatureExtractor, load_export
 from tasks.config import StrictModel
 from tasks.evaluation import METRICS_VERSION, score_split
-from tasks.features_task import dataset_key, extract_items, split_items
+from tasks.features_task import dataset_key, extract_items, feature_dim_of, split_items
 from tasks.train_config import CoreSection
 
 
@@ -52,6 +52,10 @@ class EvalTask(StrictModel):
     model_path: str = Field(description="deployment_model/ folder or any file in it (model.pt, model.onnx, model.pth, model.json)")
     device: str = "cpu"
     output: EvalOutput = Field(default_factory=EvalOutput)
+    trust_pickle: bool = Field(
+        False, description="Load a bundle without a manifest (hand-made, Quadra's) or with a pickled "
+                            "classifier.joblib; a pickle runs any code it holds: only for bundles whose source you trust",
+    )
 
 
 class EvaluateFlowConfig(StrictModel):
@@ -73,27 +77,28 @@ def bundle_split_key(cfg: EvaluateFlowConfig, root: Path, meta: dict[str, Any]) 
 
 
 def extract_with_bundle(cfg: EvaluateFlowConfig, out: Path, force: bool = False) -> dict[str, Any]:
-    """Store the split's features computed by the bundle's backbone."""
-    root = bdl.resolve_bundle(cfg.task.model_path)
-    meta = bdl.read_meta(root)
+    """Store the split's features computed by the bundle's backbone (the classifier is checked to fit it first)."""
+    root, meta = bdl.open_bundle(cfg.task.model_path, cfg.task.trust_pickle)
     dm = cfg.datamodule
     data_path = Path(dm.data_path)
     read_info(data_path)  # a clear error naming info.json when data_path is not a patch dataset
     items = split_items(data_path, dm.split, bdl.class_to_idx(meta), dm.include_filter, dm.exclude_filter)
+    est = bdl.load_classifier(root, meta, cfg.task.trust_pickle)
     model = load_export(bdl.backbone_file(root, meta), meta.get("backbone"))
     extractor = FeatureExtractor(model, cfg.task.device if bdl.backbone_file(root, meta).suffix != ".onnx" else "cpu")
+    bdl.check_width(root, est, feature_dim_of(extractor, bdl.input_size(meta)))  # before any patch is read
     attrs = {"kind": dm.split, "bundle_backbone": bdl.backbone_file(root, meta).name}
     return extract_items(extractor, bdl.input_size(meta), meta["mean"], meta["std"], data_path, items, dm.batch_size, out, attrs, force=force)
 
 
 def evaluate_with_bundle(cfg: EvaluateFlowConfig, store: Path, out: Path) -> dict[str, Any]:
     """Score, reconstruct and (optionally) report a split with a bundle's classifier."""
-    root = bdl.resolve_bundle(cfg.task.model_path)
-    meta = bdl.read_meta(root)
+    root, meta = bdl.open_bundle(cfg.task.model_path, cfg.task.trust_pickle)
     classes = bdl.class_to_idx(meta)
     o = cfg.task.output
     method = o.reconstruction_method or meta.get("reconstruction_method") or "major_voting"
-    metrics = score_split(root / "classifier.joblib", store, Path(cfg.datamodule.data_path), cfg.datamodule.split,
+    est = bdl.load_classifier(root, meta, cfg.task.trust_pickle)
+    metrics = score_split(est, store, Path(cfg.datamodule.data_path), cfg.datamodule.split,
                           classes, meta.get("class_to_skip"), method, o.coverage_threshold, out, o.soft_thresholds)
     if o.report:
         from tasks.report import write_report
@@ -106,7 +111,7 @@ def evaluate_with_bundle(cfg: EvaluateFlowConfig, store: Path, out: Path) -> dic
 def evaluation_key(cfg: EvaluateFlowConfig, features_key: str, root: Path, meta: dict[str, Any]) -> str:
     """Key of the scoring/report stage: features, classifier bytes, skipped classes and output options."""
     o = cfg.task.output
-    return combine("evaluate", METRICS_VERSION, features_key, file_digest(root / "classifier.joblib"),
+    return combine("evaluate", METRICS_VERSION, features_key, file_digest(bdl.classifier_file(root)),
                    params_digest({"skip": meta.get("class_to_skip"), "method": o.reconstruction_method or meta.get("reconstruction_method"),
                                   "output": o.model_dump(mode="json", exclude={"folder"}), "classes": meta["classes"]}))
 

@@ -214,7 +214,7 @@ def patch_metrics(y_true: np.ndarray, pred: np.ndarray, idx_to_class: dict[int, 
 
 
 def score_split(
-    classifier_path: Path,
+    est: Any,
     store: Path,
     data_path: Path,
     split: str,
@@ -230,14 +230,17 @@ def score_split(
     Patches of skipped classes and of unlabelled images count as -1: left out of patch metrics, kept in
     the reconstruction (as in the reference, but the skipped classes really come from the bundle: B4).
     ``#DISCARD#`` patches (ambiguous labels) are left out of the patch metrics too, unlike the reference
-    (B28); they still vote in the reconstruction, which needs the whole grid.
+    (B28); they still vote in the reconstruction, which needs the whole grid. ``est``: the fitted classifier,
+    loaded by ``storage.bundle.load_classifier`` or ``tasks.model_task.load_fitted`` (never unpickled here).
     """
-    import joblib
-
     from storage import features as fstore
+    from storage.classifier import width_problem
 
-    est = joblib.load(classifier_path)
     X, y, ids, _ = fstore.load_features(store)
+    problem = width_problem(est, X.shape[1])
+    if problem:
+        raise fstore.FeatureStoreError(f"classifier {problem} (feature store {store}); the classifier and the "
+                                       "features come from different backbones: re-export or retrain the model")
     idx_to_class = {v: k for k, v in class_to_idx.items()}
     skip = {class_to_idx[n] for n in (class_to_skip or []) if n in class_to_idx}
     names = [layout.parse_patch_name(os.path.basename(sid)) for sid in ids.tolist()]

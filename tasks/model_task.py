@@ -5,26 +5,42 @@ from __future__ import annotations
 import inspect
 import json
 import logging
-import os
 import shutil
 from pathlib import Path
 from typing import Any
 
-import joblib
 import numpy as np
 from prefect import task
 
 from storage import features as fstore
 from storage import layout
+from storage.classifier import (
+    JOBLIB_FILE,
+    SKOPS_FILE,
+    load_classifier_file,
+    reviewed_types,
+    skops_bytes,
+    untrusted_types,
+    write_joblib,
+    write_skops,
+)
 from storage.fingerprint import CODE_VERSION
 from storage.geometry import GRID_POLICY
-from storage.manifest import MANIFEST_FILE, STAT_CACHE, building, file_matches, matches_manifest, write_file_digest
+from storage.manifest import (
+    MANIFEST_FILE,
+    STAT_CACHE,
+    building,
+    file_matches,
+    matches_manifest,
+    write_file_digest,
+)
+from storage.writes import naming_write_errors, serialise_to
 from tasks.backbones import build_backbone, export_onnx, export_torchscript
-from tasks.config import import_object
+from tasks.config import ConfigError, import_object
 from tasks.evaluation import score_split
-from tasks.report import write_report
 from tasks.features_task import backbone_digest, class_map, feature_runtime
 from tasks.imageio import dataset_decoding, sixteen_bit_json
+from tasks.report import write_report
 from tasks.train_config import TrainFlowConfig
 
 logger = logging.getLogger("patchflow.model")
@@ -46,8 +62,24 @@ def make_classifier(cfg: TrainFlowConfig) -> Any:
     return est
 
 
+TRAIN_FIX = ("If you trust them, list them in model.trusted_types (loading a type runs its code), "
+             "or choose another model.classifier")
+
+
+def trusted_types(cfg: TrainFlowConfig) -> set[str]:
+    """Types the train flow accepts in its own classifier file beyond skops's defaults: the configured class
+    (the config imports it anyway), ``model.trusted_types`` and scikit-learn's tree storage (holds no code)."""
+    cls = import_object(cfg.model.classifier)
+    return {f"{cls.__module__}.{cls.__qualname__}", *cfg.model.trusted_types} | reviewed_types()
+
+
+def load_fitted(cfg: TrainFlowConfig, path: Path) -> Any:
+    """The fit stage's classifier file, loaded with :func:`trusted_types` only (never unpickled)."""
+    return load_classifier_file(Path(path), trusted_types(cfg), TRAIN_FIX)
+
+
 def fit_classifier(cfg: TrainFlowConfig, stores: list[str], out: Path) -> dict[str, Any]:
-    """Fit on the features of all training passes and save the classifier with joblib."""
+    """Fit on the features of all training passes and save the classifier with skops (loading it cannot run code)."""
     X, y = fstore.concat_stores([Path(s) for s in stores])
     keep = y >= 0
     X, y = X[keep], y[keep]
@@ -55,10 +87,18 @@ def fit_classifier(cfg: TrainFlowConfig, stores: list[str], out: Path) -> dict[s
         raise ValueError("training features hold fewer than 2 classes; check class_to_skip_training and the dataset")
     est = make_classifier(cfg)
     est.fit(X, y)
+    try:
+        data = skops_bytes(est)
+    except Exception as exc:  # noqa: BLE001 - skops stores scikit-learn compatible objects only
+        raise ConfigError(f"model.classifier {cfg.model.classifier}: skops cannot store the fitted classifier "
+                          f"({type(exc).__name__}: {str(exc)[:200]}); choose a scikit-learn compatible classifier"
+                          ) from None
+    refused = sorted(set(untrusted_types(data=data)) - trusted_types(cfg))
+    if refused:
+        raise ConfigError(f"model.classifier {cfg.model.classifier}: the fitted classifier holds types that skops "
+                          f"does not trust by default: {refused}. {TRAIN_FIX}")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + f".{os.getpid()}.tmp")
-    joblib.dump(est, tmp)
-    os.replace(tmp, out)
+    write_skops(est, out, data)
     logger.info("fitted %s on %d feature rows", type(est).__name__, len(y))
     return {"rows": int(len(y)), "classes": sorted(int(c) for c in np.unique(y))}
 
@@ -66,7 +106,7 @@ def fit_classifier(cfg: TrainFlowConfig, stores: list[str], out: Path) -> dict[s
 def validate(cfg: TrainFlowConfig, classifier_path: Path, store: Path, out_dir: Path) -> dict[str, Any]:
     """Patch metrics, reconstruction and report of the val split (metrics.json, test_results.csv, reconstruction_results.json, report.html)."""
     metrics = score_split(
-        classifier_path, store, Path(cfg.datamodule.data_path), "val", class_map(cfg),
+        load_fitted(cfg, classifier_path), store, Path(cfg.datamodule.data_path), "val", class_map(cfg),
         cfg.datamodule.class_to_skip_training, cfg.task.reconstruction_method, cfg.task.coverage_threshold, out_dir,
         cfg.task.soft_thresholds,
     )
@@ -128,8 +168,9 @@ def export_backbone(cfg: TrainFlowConfig, out: Path) -> Path:
         if "pytorch" in types:
             import torch
 
-            torch.save(model.state_dict(), tmp / "model.pth")
-            (tmp / "model_config.yaml").write_text(f"name: {cfg.backbone.name}\nweights: null\n")
+            serialise_to(tmp / "model.pth", lambda fh: torch.save(model.state_dict(), fh))
+            with naming_write_errors(tmp / "model_config.yaml"):
+                (tmp / "model_config.yaml").write_text(f"name: {cfg.backbone.name}\nweights: null\n")
     return out
 
 
@@ -140,7 +181,8 @@ def export_bundle(
     weights_digest: str | None = None,
     backbone_dir: Path | None = None,
 ) -> Path:
-    """Write ``deployment_model/`` (backbone export, classifier.joblib, model.json) atomically.
+    """Write ``deployment_model/`` (backbone export, classifier.skops, model.json; classifier.joblib too when
+    ``export.joblib_classifier``) atomically, with a manifest that every load checks.
 
     ``backbone_dir``: an :func:`export_backbone` folder to copy from instead of exporting again.
     """
@@ -149,10 +191,15 @@ def export_bundle(
             backbone_dir = export_backbone(cfg, tmp / "backbone")
         for f in sorted(Path(backbone_dir).iterdir()):
             if f.name not in (MANIFEST_FILE, STAT_CACHE):  # the bundle gets a manifest of its own
-                shutil.copy2(f, tmp / f.name)
+                with naming_write_errors(tmp / f.name):
+                    shutil.copy2(f, tmp / f.name)
         shutil.rmtree(tmp / "backbone", ignore_errors=True)
-        shutil.copy2(classifier_path, tmp / "classifier.joblib")
-        (tmp / "model.json").write_text(json.dumps(model_json(cfg, weights_digest), indent=2) + "\n")
+        with naming_write_errors(tmp / SKOPS_FILE):
+            shutil.copy2(classifier_path, tmp / SKOPS_FILE)
+        if cfg.export.joblib_classifier:  # Quadra's test task reads it
+            write_joblib(load_fitted(cfg, classifier_path), tmp / JOBLIB_FILE)
+        with naming_write_errors(tmp / "model.json"):
+            (tmp / "model.json").write_text(json.dumps(model_json(cfg, weights_digest), indent=2) + "\n")
     return out
 
 

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-import joblib
 import numpy as np
 from prefect import task
 
@@ -27,6 +26,7 @@ from storage.layout import IMAGE_EXTENSIONS
 from storage.paths import user_path
 from tasks.backbones import FeatureExtractor, load_export
 from tasks.evaluation import full_probabilities
+from tasks.features_task import feature_dim_of
 from tasks.imageio import Decoding, bundle_decoding, encode_png, read_image
 from tasks.predict_outputs import (
     PREDICTIONS_FILE,
@@ -74,15 +74,16 @@ def predict_images(
     model_path: Path, images_dir: Path, out_dir: Path, method: str | None = None, batch_size: int = 32, device: str = "cpu",
     key: str | None = None,
     max_image_pixels: int | None = None,
+    trust_pickle: bool = False,
 ) -> dict[str, Any]:
     """Predict every image of ``images_dir`` and write its class map, polygons and overlay into ``out_dir``.
 
     ``key`` (the flow's cache key) is recorded in ``predictions.json`` so the flow can tell its own outputs.
     ``max_image_pixels``: larger images are refused from their header (None: ``$PATCHFLOW_MAX_IMAGE_PIXELS``,
     else 200 MP).
+    ``trust_pickle``: load a bundle without a manifest or with a pickled classifier (runs the code it holds).
     """
-    root = bdl.resolve_bundle(model_path)
-    meta = bdl.read_meta(root)
+    root, meta = bdl.open_bundle(model_path, trust_pickle)  # every file checked against the manifest first
     classes = bdl.class_to_idx(meta)
     idx_to_class = {v: k for k, v in classes.items()}
     num_classes = max(classes.values()) + 1
@@ -95,10 +96,11 @@ def predict_images(
     plan = {p.image: p for p in plan_outputs(images_dir, images)}
     # a predictions.json left by an earlier run would make a failed run look complete (it is written last)
     (out_dir / PREDICTIONS_FILE).unlink(missing_ok=True)
-    est = joblib.load(root / "classifier.joblib")
+    est = bdl.load_classifier(root, meta, trust_pickle)
     backbone_path = bdl.backbone_file(root, meta)
     extractor = FeatureExtractor(load_export(backbone_path, meta.get("backbone")),
                                  "cpu" if backbone_path.suffix == ".onnx" else device, batch_size=batch_size)
+    bdl.check_width(root, est, feature_dim_of(extractor, size))  # before any image is read
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = []
     timing = {"extract_s": 0.0}
@@ -169,7 +171,7 @@ def prediction_key(model_path: Path, images_dir: Path, out_dir: Path, method: st
 
 @task(name="predict-images", persist_result=True)
 def predict_task(model_path: str, images_dir: str, out_dir: str, method: str | None, batch_size: int, device: str,
-                 key: str, max_image_pixels: int | None = None) -> dict[str, Any]:
+                 key: str, max_image_pixels: int | None = None, trust_pickle: bool = False) -> dict[str, Any]:
     """Predict a folder of images (cached on ``key``)."""
     return predict_images(Path(model_path), Path(images_dir), Path(out_dir), method, batch_size, device, key=key,
-                          max_image_pixels=max_image_pixels)
+                          max_image_pixels=max_image_pixels, trust_pickle=trust_pickle)

@@ -13,6 +13,7 @@ promoted when its validation metric is not worse than the current one (configura
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -22,6 +23,8 @@ from pydantic import Field
 
 from storage.layout import write_json
 from tasks.config import StrictModel
+
+logger = logging.getLogger("patchflow.promotion")
 
 if TYPE_CHECKING:
     from tasks.evaluate_task import EvaluateFlowConfig
@@ -91,6 +94,10 @@ def latest_evaluation_config(folder: Path, promotion: PromotionSection, train_cf
 
     bundle = latest_bundle(folder)
     if bundle is None or promotion.policy != "if_not_worse":
+        return None
+    if not (bundle / bdl.SKOPS_FILE).is_file() or not (bundle / bdl.MANIFEST_FILE).is_file():
+        logger.warning("latest model %s predates classifier.skops and bundle manifests (it would need trust_pickle): "
+                       "compared by the metric recorded when it was registered", bundle)
         return None
     if bdl.class_to_idx(bdl.read_meta(bundle)) != class_map(train_cfg):
         return None  # the classes changed: the old model cannot be scored on the new split

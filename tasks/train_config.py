@@ -57,6 +57,13 @@ class ModelSection(StrictModel):
 
     classifier: str = Field("sklearn.linear_model.LogisticRegression", description="Import path of the classifier class")
     params: dict[str, Any] = Field(default_factory=lambda: {"max_iter": 10000})
+    trusted_types: list[str] = Field(
+        default_factory=list,
+        description="Types outside skops's trusted defaults that the fitted classifier may hold and the train flow "
+                    "may load back (e.g. sklearn.neural_network._stochastic_optimizers.AdamOptimizer); loading a type "
+                    "runs its code. The configured classifier class and scikit-learn's tree storage are always "
+                    "accepted",
+    )
 
 
 class AutoBatchSection(StrictModel):
@@ -92,6 +99,11 @@ class ExportSection(StrictModel):
     """Deployment bundle formats."""
 
     types: list[Literal["torchscript", "onnx", "pytorch"]] = Field(default_factory=lambda: ["torchscript"])
+    joblib_classifier: bool = Field(
+        False, description="Also write classifier.joblib (a pickle) for Quadra's test task; patchflow reads "
+                           "classifier.skops, and loads a joblib classifier only with trust_pickle (a pickle runs any "
+                           "code it holds)",
+    )
 
 
 class CoreSection(StrictModel):

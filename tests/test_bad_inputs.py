@@ -29,6 +29,7 @@ from storage import bundle as bdl
 from storage.fingerprint import CODE_VERSION
 from storage.h5files import read_region
 from storage.layout import DatasetFormatError, read_info
+from storage.manifest import write_manifest
 from tasks.association import AssociationError, get_image_mask_association
 from tasks.config import ConfigError, load_config, load_yaml, parse_cli
 from tasks.dataset import generate_patch_dataset
@@ -815,7 +816,7 @@ def test_70_imagenet_weights_absent_offline(tmp_path: Path, monkeypatch: pytest.
 @pytest.fixture(scope="module")
 def bundle_src(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small valid bundle: random-init MobileNetV2 (.pth export), a logistic regression, 2x2 grid, 32 px input."""
-    import joblib
+    import skops.io
     import torch
     import yaml
     from sklearn.linear_model import LogisticRegression
@@ -828,7 +829,7 @@ def bundle_src(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (root / "model_config.yaml").write_text(yaml.safe_dump({"name": "mobilenet_v2"}))
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=(20, 1280)), np.arange(20) % 2
-    joblib.dump(LogisticRegression(max_iter=200).fit(x, y), root / "classifier.joblib")
+    skops.io.dump(LogisticRegression(max_iter=200).fit(x, y), root / "classifier.skops")
     meta = {
         "input_size": [[3, 32, 32]], "classes": {"0": "bg", "1": "a"}, "mean": [0.485, 0.456, 0.406],
         "std": [0.229, 0.224, 0.225], "horizontal_patches": 2, "vertical_patches": 2, "patch_height": None,
@@ -836,6 +837,7 @@ def bundle_src(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "backbone": "mobilenet_v2", "runtime": "torch", "patchflow_version": CODE_VERSION,
     }
     (root / "model.json").write_text(json.dumps(meta))
+    write_manifest(root)  # as the train flow's export does
     return root
 
 
@@ -859,6 +861,7 @@ def _edit_meta(b: Path, **changes) -> None:
     meta.update(changes)
     meta = {k: v for k, v in meta.items() if v is not ...}
     (b / "model.json").write_text(json.dumps(meta))
+    write_manifest(b)  # a bundle exported that way (an edit after export is refused: tests/test_bundle_security.py)
 
 
 def test_71_bundle_path_missing(tmp_path: Path) -> None:
@@ -866,10 +869,14 @@ def test_71_bundle_path_missing(tmp_path: Path) -> None:
            fix="point it at a deployment_model/ folder")
 
 
-@pytest.mark.parametrize("missing", ["classifier.joblib", "model.json"])
+@pytest.mark.parametrize("missing", ["classifier.skops", "model.json"])
 def test_72_bundle_missing_files(bundle: Path, missing: str) -> None:
     (bundle / missing).unlink()
-    expect(bdl.BundleError, lambda: _load(bundle / "model.pth"), bundle, missing, fix="needs model.json and classifier.joblib")
+    expect(bdl.BundleError, lambda: _load(bundle / "model.pth"), bundle, f"{missing} was deleted after export",
+           fix=r"re-export the model \(or restore the file\)")  # an exported bundle: its manifest names the file
+    (bundle / "_manifest.json").unlink()  # a hand-made folder
+    expect(bdl.BundleError, lambda: _load(bundle / "model.pth"), bundle, missing,
+           fix=r"needs model.json and classifier.skops \(or Quadra's classifier.joblib\)")
 
 
 def test_73_bundle_from_an_incompatible_version(bundle: Path) -> None:

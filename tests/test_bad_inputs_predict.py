@@ -64,8 +64,8 @@ def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     })
     wdig = backbone_digest(cfg)
     extract_train_pass(cfg, 0, root / "pass0.zarr", wdig)
-    fit_classifier(cfg, [str(root / "pass0.zarr")], root / "classifier.joblib")
-    return export_bundle(cfg, root / "classifier.joblib", root / "deployment_model", wdig)
+    fit_classifier(cfg, [str(root / "pass0.zarr")], root / "classifier.skops")
+    return export_bundle(cfg, root / "classifier.skops", root / "deployment_model", wdig)
 
 
 def img(path: Path, seed: int, shape: tuple[int, int] = (72, 88)) -> Path:

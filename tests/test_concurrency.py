@@ -48,7 +48,7 @@ def test_two_concurrent_train_runs_share_every_stage(tmp_path: Path) -> None:
     assert both.count("fitted LogisticRegression") == 1, both[-4000:]
     runs = sorted((tmp_path / "runs").glob("*/*/deployment_model"))
     assert len(runs) == 2
-    for name in ("classifier.joblib", "model.pt", "model.json"):
+    for name in ("classifier.skops", "model.pt", "model.json", "_manifest.json"):
         assert (runs[0] / name).read_bytes() == (runs[1] / name).read_bytes(), name
     # nothing corrupted: every store is complete, matches its manifest and its recorded content digest
     from storage import features as fstore

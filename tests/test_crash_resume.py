@@ -13,8 +13,8 @@ import textwrap
 import time
 from pathlib import Path
 
-import joblib
 import numpy as np
+import skops.io
 import torch
 
 from tests._synth import CLASS_TO_IDX, make_dataset, tree_digest
@@ -281,8 +281,8 @@ def test_train_killed_in_feature_stage_resumes_identical_and_tampering_is_recomp
     assert not list((root / "features").glob("*.partial"))
     # identical model, predictions, metrics and report
     X = fstore.load_features(next(p for p in (root / "features").glob("*.zarr") if fstore.store_attrs(p)["kind"] == "val"))[0]
-    a = joblib.load(Path(ref["bundle"]) / "classifier.joblib")
-    b = joblib.load(Path(res["bundle"]) / "classifier.joblib")
+    a = skops.io.load(Path(ref["bundle"]) / "classifier.skops")
+    b = skops.io.load(Path(res["bundle"]) / "classifier.skops")
     np.testing.assert_array_equal(a.predict_proba(X), b.predict_proba(X))
     assert res["metrics"] == ref["metrics"]
     for name in ("report.html", "test_results.csv", "reconstruction_results.json"):
@@ -292,7 +292,7 @@ def test_train_killed_in_feature_stage_resumes_identical_and_tampering_is_recomp
     pass_store = next(p for p in sorted((root / "features").glob("*.zarr")) if fstore.store_attrs(p)["kind"] == "train")
     chunk = next(p for p in sorted((pass_store / "features" / "c").rglob("*")) if p.is_file())
     chunk.write_bytes(bytes(x ^ 0x55 for x in chunk.read_bytes()))
-    model = next((root / "models").glob("*.joblib"))
+    model = next((root / "models").glob("*.skops"))
     model.write_bytes(model.read_bytes()[:100])
     (next((root / "validation").iterdir()) / "test_results.csv").unlink()
     state = train_flow(_train_cfg(demo_patch_dataset, tmp_path / "d", root), return_state=True)

@@ -7,9 +7,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import joblib
 import numpy as np
 import pytest
+import skops.io
 
 from tests._synth import CLASS_TO_IDX, make_dataset, tree_digest
 from tests.conftest import task_runs
@@ -118,8 +118,8 @@ def test_dask_runs_match_single_process(tmp_path: Path, prefect_harness, monkeyp
     assert n_shards > 3  # several shards per store really ran
     val = next(p for p in stores_one if fstore.store_attrs(p)["kind"] == "val")
     X = fstore.load_features(val)[0]
-    clf_dask = joblib.load(Path(r_dask["bundle"]) / "classifier.joblib")
-    clf_one = joblib.load(Path(r_one["bundle"]) / "classifier.joblib")
+    clf_dask = skops.io.load(Path(r_dask["bundle"]) / "classifier.skops")
+    clf_one = skops.io.load(Path(r_one["bundle"]) / "classifier.skops")
     np.testing.assert_array_equal(clf_dask.predict_proba(X), clf_one.predict_proba(X))
     assert r_dask["metrics"] == r_one["metrics"]
 

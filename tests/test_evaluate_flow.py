@@ -119,7 +119,7 @@ def test_evaluate_rejects_a_folder_that_is_not_a_bundle(tmp_path: Path) -> None:
     from storage.bundle import BundleError, resolve_bundle
 
     (tmp_path / "model.pt").write_bytes(b"x")
-    with pytest.raises(BundleError, match="model.json and classifier.joblib"):
+    with pytest.raises(BundleError, match=r"model.json and classifier.skops \(or Quadra's classifier.joblib\)"):
         resolve_bundle(tmp_path / "model.pt")
     with pytest.raises(BundleError, match="does not exist"):
         resolve_bundle(tmp_path / "nope")

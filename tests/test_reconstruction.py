@@ -194,7 +194,6 @@ def test_discard_patches_are_reconstructed_but_not_scored(tmp_path: Path) -> Non
     """B28: ambiguous (#DISCARD#) val patches stay out of accuracy and the confusion matrix, yet vote in the maps."""
     import csv
 
-    import joblib
     from sklearn.linear_model import LogisticRegression
 
     from storage import features as fstore
@@ -221,8 +220,7 @@ def test_discard_patches_are_reconstructed_but_not_scored(tmp_path: Path) -> Non
     fstore.write_row_meta(tmp_path / "val.zarr", labels, ids, np.full((len(ids), 4), -1))
     fstore.mark_complete(tmp_path / "val.zarr", fstore.store_digest(tmp_path / "val.zarr"))
     clf = LogisticRegression(max_iter=1000).fit(X, shown)
-    joblib.dump(clf, tmp_path / "clf.joblib")
-    m = score_split(tmp_path / "clf.joblib", tmp_path / "val.zarr", data, "val", classes, None, "major_voting", 0.3, tmp_path / "out")
+    m = score_split(clf, tmp_path / "val.zarr", data, "val", classes, None, "major_voting", 0.3, tmp_path / "out")
     assert m["n_patches"] == len(ids) and m["n_discarded"] == int(discard.sum())
     assert m["n_evaluated"] == int((~discard).sum()) and m["accuracy"] == 1.0
     assert sum(map(sum, m["confusion_matrix"]["matrix"])) == m["n_evaluated"]

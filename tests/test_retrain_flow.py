@@ -15,7 +15,7 @@ def _bundle(tmp: Path, name: str) -> Path:
     b = tmp / name
     b.mkdir()
     (b / "model.json").write_text("{}")
-    (b / "classifier.joblib").write_bytes(name.encode())
+    (b / "classifier.skops").write_bytes(name.encode())
     return b
 
 
@@ -30,7 +30,7 @@ def test_register_and_promote_policies(tmp_path: Path) -> None:
     assert slightly_worse["action"] == "promoted" and read_latest(folder)["version"] == "v0002"  # within tolerance
     worse = register_and_promote(_bundle(tmp_path, "d"), folder, {"balanced_accuracy": 0.70}, "k3", pol, "r4")
     assert worse["action"] == "kept_previous" and worse["version"] == "v0003" and read_latest(folder)["version"] == "v0002"
-    assert (folder / "v0003" / "classifier.joblib").read_bytes() == b"d"  # kept for inspection, not promoted
+    assert (folder / "v0003" / "classifier.skops").read_bytes() == b"d"  # kept for inspection, not promoted
     assert (folder / "latest").resolve() == (folder / "v0002").resolve()
     never = register_and_promote(_bundle(tmp_path, "e"), folder, {"balanced_accuracy": 0.99}, "k4",
                                  PromotionSection(policy="never"), "r5")

@@ -39,7 +39,7 @@ def test_train_flow_stages_are_cached_by_content(demo_patch_dataset: Path, tmp_p
     res = state.result()
     run = Path(res["run_dir"])
     for name in ("config_resolved.yaml", "config_tree.txt", "main.log", "data/train_list.csv", "data/val_list.csv",
-                 "deployment_model/model.pt", "deployment_model/classifier.joblib", "deployment_model/model.json",
+                 "deployment_model/model.pt", "deployment_model/classifier.skops", "deployment_model/model.json",
                  "validation/metrics.json", "validation/test_results.csv", "validation/report.html",
                  "validation/confusion_matrix.png"):
         assert (run / name).is_file(), name
@@ -123,8 +123,8 @@ def test_exported_backbone_reproduces_training_features(demo_patch_dataset: Path
     cfg = TrainFlowConfig.model_validate(_cfg(demo_patch_dataset, tmp_path))
     extract_train_pass(cfg, 0, tmp_path / "p0.zarr")
     extract_split(cfg, "val", tmp_path / "val.zarr")
-    fit_classifier(cfg, [str(tmp_path / "p0.zarr")], tmp_path / "clf.joblib")
-    bundle = export_bundle(cfg, tmp_path / "clf.joblib", tmp_path / "deployment_model")
+    fit_classifier(cfg, [str(tmp_path / "p0.zarr")], tmp_path / "clf.skops")
+    bundle = export_bundle(cfg, tmp_path / "clf.skops", tmp_path / "deployment_model")
     X, y, ids, _ = fstore.load_features(tmp_path / "val.zarr")
     ts = torch.jit.load(str(bundle / "model.pt"))
     patches = [cv2.imread(str(demo_patch_dataset / p)) for p in ids[:8]]
