@@ -25,8 +25,8 @@ def main() -> None:
     args = ap.parse_args()
 
     from flows.train import train_flow
-    from tasks.evaluate_task import EvaluateFlowConfig, evaluate_with_bundle, extract_with_bundle
-    from tasks.predict import predict_images
+    from tasks.evaluation.stage import EvaluateFlowConfig, evaluate_with_bundle, extract_with_bundle
+    from tasks.predict.stage import predict_images
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -22,8 +22,8 @@ def bare_forward_rate(cfg, n_batches: int = 12) -> float:
     """Patches/s of preprocess + forward alone on the first batches of pass 0 (no sampling, no I/O)."""
     from pathlib import Path as P
 
-    from tasks.features_task import _extractor, class_map
-    from tasks.sampling import draw_pass, iter_pass_patches, load_info, order_by_image, read_train_list
+    from tasks.features.stage import _extractor, class_map
+    from tasks.features.sampler import draw_pass, iter_pass_patches, load_info, order_by_image, read_train_list
 
     dm = cfg.datamodule
     entries = read_train_list(P(dm.data_path), dm.train_filename)
@@ -49,7 +49,7 @@ def bare_fit_seconds(cfg, store_root: Path) -> float:
     """Seconds of the classifier's own ``fit`` on the stored training features (no Prefect, no I/O):
     the part of a rerun after a classifier change that belongs to the classifier, not to patchflow."""
     from storage import features as fstore
-    from tasks.model_task import make_classifier
+    from tasks.model.stage import make_classifier
 
     stores = sorted((p for p in (store_root / "features").glob("*.zarr") if fstore.store_attrs(p).get("kind") == "train"),
                     key=lambda p: fstore.store_attrs(p)["pass_index"])
@@ -82,7 +82,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from flows.train import train_flow
-    from tasks.train_config import TrainFlowConfig
+    from tasks.model.config import TrainFlowConfig
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -15,10 +15,10 @@ from pydantic import Field
 
 from storage import layout
 from storage.settings import storage_root
-from tasks.caching import cached_stage
+from tasks.stage import cached_stage
 from tasks.config import StrictModel, ensure_storage_root, parse_cli, run_cli, validate_config
-from tasks.dataset import shard_counts
-from tasks.dataset_task import (
+from tasks.dataset.generate import shard_counts
+from tasks.dataset.stage import (
     DataSection,
     GenerationSection,
     assign_splits_task,
@@ -30,7 +30,7 @@ from tasks.dataset_task import (
     process_shard_task,
     scan_shard_task,
 )
-from tasks.dataset_output import check_flow_paths, output_folder_path
+from tasks.dataset.output import check_flow_paths, output_folder_path
 from tasks.runner import RunnerSection, check_runner, dask_runner, run_all
 
 

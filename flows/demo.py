@@ -12,7 +12,7 @@ from typing import Sequence
 
 from tasks.config import load_config, run_cli
 from tasks.demo_data import make_demo_dataset
-from tasks.evaluation import headline
+from tasks.evaluation.scoring import headline
 
 from flows.dataset import DatasetFlowConfig, dataset_flow
 from flows.train import TrainFlowConfig, train_flow

@@ -15,11 +15,11 @@ from storage import bundle as bdl
 from storage import features as fstore
 from storage.manifest import matches_manifest
 from tasks.artifacts import publish_task
-from tasks.caching import cached_stage
+from tasks.stage import cached_stage
 from tasks.config import ensure_storage_root, parse_cli, run_cli, validate_config
-from tasks.evaluate_task import EvaluateFlowConfig, bundle_features_task, bundle_split_key, evaluate_task, evaluation_key
-from tasks.evaluation import headline
-from tasks.features_task import store_path
+from tasks.evaluation.stage import EvaluateFlowConfig, bundle_features_task, bundle_split_key, evaluate_task, evaluation_key
+from tasks.evaluation.scoring import headline
+from tasks.features.stage import store_path
 from tasks.run_folder import attach_log, detach_log, make_run_dir
 
 

@@ -18,9 +18,9 @@ from prefect import flow
 from pydantic import Field, StrictInt
 
 from storage import bundle as bdl
-from tasks.caching import cached_stage
+from tasks.stage import cached_stage
 from tasks.config import StrictModel, ensure_storage_root, run_cli, validate_config
-from tasks.predict_outputs import check_output_folder, outputs_problem
+from tasks.predict.outputs import check_output_folder, outputs_problem
 
 logger = logging.getLogger("patchflow.predict")
 
@@ -49,7 +49,7 @@ class PredictFlowConfig(StrictModel):
 def predict_flow(config: PredictFlowConfig) -> dict[str, Any]:
     """Predict every image of a folder; returns the per-image summary."""
     # imported here: torch is not needed for a CLI error
-    from tasks.predict import predict_task, prediction_key
+    from tasks.predict.stage import predict_task, prediction_key
 
     cfg = validate_config(PredictFlowConfig, config)
     root = ensure_storage_root(cfg.storage_root)

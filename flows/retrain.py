@@ -19,11 +19,11 @@ from pydantic import Field
 
 from storage.fingerprint import combine, params_digest
 from tasks.config import StrictModel, ensure_storage_root, parse_cli, run_cli, validate_config
-from tasks.dataset_task import DataSection, GenerationSection
-from tasks.features_task import dataset_key
+from tasks.dataset.stage import DataSection, GenerationSection
+from tasks.features.stage import dataset_key
 from tasks.runner import RunnerSection
 from tasks.promotion import PromotionSection, latest_evaluation_config, newest_inputs_key, register_and_promote
-from tasks.train_config import DatamoduleSection, TrainFlowConfig
+from tasks.model.config import DatamoduleSection, TrainFlowConfig
 
 from flows.dataset import DatasetFlowConfig, dataset_flow
 from flows.evaluate import evaluate_flow

@@ -16,10 +16,10 @@ from storage import features as fstore
 from storage.fingerprint import combine, params_digest
 from storage.manifest import file_matches, matches_manifest
 from tasks.artifacts import Progress, publish_task
-from tasks.caching import cached_stage
+from tasks.stage import cached_stage
 from tasks.config import ensure_storage_root, parse_cli, run_cli, validate_config
-from tasks.evaluation import METRICS_VERSION, headline
-from tasks.features_task import (
+from tasks.evaluation.scoring import METRICS_VERSION, headline
+from tasks.features.stage import (
     backbone_digest,
     dataset_key,
     feature_shard_task,
@@ -30,11 +30,11 @@ from tasks.features_task import (
     train_pass_key,
     train_pass_task,
 )
-from tasks.feature_shards import prune_stale_partials
-from tasks.model_task import export_backbone_task, export_task, export_types, fit_task, model_json, validate_task
+from tasks.features.shards import prune_stale_partials
+from tasks.model.stage import export_backbone_task, export_task, export_types, fit_task, model_json, validate_task
 from tasks.runner import check_runner, dask_runner, run_all
 from tasks.run_folder import attach_log, detach_log, make_run_dir, write_data_record
-from tasks.train_config import TrainFlowConfig
+from tasks.model.config import TrainFlowConfig
 
 
 @flow(name="patchflow-train")

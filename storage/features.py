@@ -9,7 +9,7 @@ Layout of a store (a directory ``<name>.zarr``)::
 
 Attributes: the caller's ``attrs`` plus ``n_rows``, ``dim``, ``chunk_rows``, ``complete`` (False until
 :func:`mark_complete`), ``chunks_done`` (chunk indices recorded by :func:`mark_chunks_done`; the
-feature stage records its progress per shard instead, see ``tasks/feature_shards.py``) and, once
+feature stage records its progress per shard instead, see ``tasks/features/shards.py``) and, once
 complete, ``content_digest`` (:func:`store_digest` of the values). Stores built by the feature stage
 also hold ``_plan.npz`` (what patch each row is), ``_shards/*.json`` (sha256 of each shard's rows)
 and ``_manifest.json`` (see ``storage/manifest.py``); :func:`is_verified` checks the latter.

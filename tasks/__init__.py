@@ -1,7 +1,7 @@
 """patchflow stages: plain functions (the logic) and their Prefect task entry points."""
 
 import storage.settings  # noqa: F401  (project Prefect defaults, before prefect is imported)
-from tasks.association import get_image_mask_association
-from tasks.dataset import generate_patch_dataset
+from tasks.dataset.association import get_image_mask_association
+from tasks.dataset.generate import generate_patch_dataset
 
 __all__ = ["get_image_mask_association", "generate_patch_dataset"]

@@ -237,7 +237,7 @@ def cli_error(exc: BaseException) -> tuple[int, str] | None:
 
     from storage.features import FeatureStoreError
     from storage.layout import DatasetFormatError
-    from tasks.association import AssociationError
+    from tasks.dataset.association import AssociationError
     from tasks.imageio import InputDataError
 
     if isinstance(exc, ConfigError):
@@ -247,7 +247,7 @@ def cli_error(exc: BaseException) -> tuple[int, str] | None:
     prefect_term = getattr(sys.modules.get("prefect.exceptions"), "TerminationSignal", Terminated)
     if isinstance(exc, (Terminated, prefect_term)):
         return 143, TERMINATED
-    backbones = sys.modules.get("tasks.backbones")  # imported by then if it raised (torch stays unimported otherwise)
+    backbones = sys.modules.get("tasks.features.backbones")  # imported by then if it raised (torch stays unimported otherwise)
     known = (InputDataError, AssociationError, DatasetFormatError, FeatureStoreError, OSError)
     if isinstance(exc, known) or (backbones is not None and isinstance(exc, backbones.BackboneError)):
         return 1, str(exc)

@@ -10,9 +10,9 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from tasks.config import config_tree, dump_yaml
-from tasks.features_task import class_map
-from tasks.sampling import list_split, read_train_list
-from tasks.train_config import TrainFlowConfig
+from tasks.features.stage import class_map
+from tasks.features.sampler import list_split, read_train_list
+from tasks.model.config import TrainFlowConfig
 
 
 def make_run_dir(cfg: BaseModel) -> Path:

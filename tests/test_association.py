@@ -1,4 +1,4 @@
-"""Image/mask pairing (tasks/association.py), spec §1, with bug B18 fixed."""
+"""Image/mask pairing (tasks/dataset/association.py), spec §1, with bug B18 fixed."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 import pytest
 
-from tasks.association import AssociationError, get_image_mask_association
+from tasks.dataset.association import AssociationError, get_image_mask_association
 
 
 def write_png(path: Path, value: int = 0, shape=(8, 10), channels: int = 3) -> Path:

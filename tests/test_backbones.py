@@ -1,4 +1,4 @@
-"""Tests for tasks.backbones: offline weight resolution, real models, preprocessing, extraction, export."""
+"""Tests for tasks.features.backbones: offline weight resolution, real models, preprocessing, extraction, export."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import torch
 from torch import nn
 from torchvision import models
 
-from tasks import backbones as bb
-from tasks.backbones import BackboneError
+from tasks.features import backbones as bb
+from tasks.features.backbones import BackboneError
 
 MOBILENET_SHA_PREFIX = "b03531047ffa"
 

@@ -30,12 +30,12 @@ from storage.fingerprint import CODE_VERSION
 from storage.h5files import read_region
 from storage.layout import DatasetFormatError, read_info
 from storage.manifest import write_manifest
-from tasks.association import AssociationError, get_image_mask_association
+from tasks.dataset.association import AssociationError, get_image_mask_association
 from tasks.config import ConfigError, load_config, load_yaml, parse_cli
-from tasks.dataset import generate_patch_dataset
+from tasks.dataset.generate import generate_patch_dataset
 from tasks.imageio import InputDataError
-from tasks.sampling import draw_pass, list_split, read_train_list
-from tasks.train_config import TrainFlowConfig
+from tasks.features.sampler import draw_pass, list_split, read_train_list
+from tasks.model.config import TrainFlowConfig
 from tests._synth import CLASS_TO_IDX, make_dataset, tree_digest, write_image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -467,7 +467,7 @@ def test_35_read_only_output_disk_simulated(tmp_path: Path, monkeypatch: pytest.
 _FULL_DISK = textwrap.dedent(
     """
     import json, resource, signal, sys
-    from tasks.dataset import generate_patch_dataset
+    from tasks.dataset.generate import generate_patch_dataset
     args = json.loads(sys.argv[1])
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG instead of killing us
     resource.setrlimit(resource.RLIMIT_FSIZE, (2000, 2000))
@@ -617,7 +617,7 @@ def test_51_val_patch_directly_in_the_split_folder(dataset: Path) -> None:
 
 
 def test_52_train_filename_names_a_missing_file(dataset: Path, tmp_path: Path) -> None:
-    from tasks.features_task import extract_train_pass
+    from tasks.features.stage import extract_train_pass
 
     cfg = TrainFlowConfig.model_validate({"datamodule": {"data_path": str(dataset), "train_filename": "datset.txt"},
                                           "backbone": {"weights": None}})
@@ -703,7 +703,7 @@ def test_62_dataset_config_geometry_and_class_map() -> None:
 
 
 def test_63_class_to_idx_file_unreadable(tmp_path: Path) -> None:
-    from tasks.dataset_task import DataSection
+    from tasks.dataset.stage import DataSection
 
     bad = tmp_path / "classes.json"
     bad.write_text("{bg: 0")
@@ -714,7 +714,7 @@ def test_63_class_to_idx_file_unreadable(tmp_path: Path) -> None:
 
 
 def test_64_evaluate_config_unknown_key() -> None:
-    from tasks.evaluate_task import EvaluateFlowConfig
+    from tasks.evaluation.stage import EvaluateFlowConfig
 
     expect(ConfigError, lambda: load_config(EvaluateFlowConfig, None, [
         "datamodule.data_path=x", "task.model_path=m", "task.output.reconstruction=soft"]),
@@ -770,20 +770,20 @@ def test_65b_cli_input_error_ends_with_one_error_line_and_exit_1(tmp_path: Path)
 
 
 def test_66_unknown_backbone() -> None:
-    from tasks.backbones import BackboneError, resolve_weights
+    from tasks.features.backbones import BackboneError, resolve_weights
 
     expect(BackboneError, lambda: resolve_weights("resnet19", None), "'resnet19'", fix="did you mean: resnet18")
 
 
 def test_67_weights_file_missing(tmp_path: Path) -> None:
-    from tasks.backbones import BackboneError, resolve_weights
+    from tasks.features.backbones import BackboneError, resolve_weights
 
     expect(BackboneError, lambda: resolve_weights("mobilenet_v2", str(tmp_path / "w.pth")), tmp_path / "w.pth",
            fix="fix backbone.weights")
 
 
 def test_68_weights_file_not_a_checkpoint(tmp_path: Path) -> None:
-    from tasks.backbones import BackboneError, build_backbone
+    from tasks.features.backbones import BackboneError, build_backbone
 
     w = tmp_path / "w.pth"
     w.write_bytes(b"definitely not a torch file")
@@ -794,7 +794,7 @@ def test_69_weights_of_another_architecture(tmp_path: Path) -> None:
     import torch
     from torchvision import models
 
-    from tasks.backbones import BackboneError, build_backbone
+    from tasks.features.backbones import BackboneError, build_backbone
 
     w = tmp_path / "resnet18.pth"
     torch.save(models.resnet18(weights=None).state_dict(), w)
@@ -803,7 +803,7 @@ def test_69_weights_of_another_architecture(tmp_path: Path) -> None:
 
 
 def test_70_imagenet_weights_absent_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from tasks.backbones import BackboneError, resolve_weights
+    from tasks.features.backbones import BackboneError, resolve_weights
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     expect(BackboneError, lambda: resolve_weights("resnet18", "imagenet"), "resnet18-f37072fd.pth",
@@ -821,7 +821,7 @@ def bundle_src(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import yaml
     from sklearn.linear_model import LogisticRegression
 
-    from tasks.backbones import build_backbone
+    from tasks.features.backbones import build_backbone
 
     root = tmp_path_factory.mktemp("bundle") / "deployment_model"
     root.mkdir()
@@ -897,7 +897,7 @@ def test_75_bundle_without_backbone_export(bundle: Path) -> None:
 
 
 def test_76_predict_corrupt_image_removes_stale_marker(bundle: Path, tmp_path: Path) -> None:
-    from tasks.predict import predict_images
+    from tasks.predict.stage import predict_images
 
     images, out = tmp_path / "raw", tmp_path / "pred"
     png(images / "a.png", np.random.default_rng(5).integers(0, 255, (40, 48, 3), dtype=np.uint8))
@@ -910,7 +910,7 @@ def test_76_predict_corrupt_image_removes_stale_marker(bundle: Path, tmp_path: P
 
 
 def test_77_predict_images_folder_missing(bundle: Path, tmp_path: Path) -> None:
-    from tasks.predict import predict_images
+    from tasks.predict.stage import predict_images
 
     out = tmp_path / "pred"
     expect(FileNotFoundError, lambda: predict_images(bundle, tmp_path / "nope", out), tmp_path / "nope",
@@ -919,7 +919,7 @@ def test_77_predict_images_folder_missing(bundle: Path, tmp_path: Path) -> None:
 
 
 def test_78_predict_with_an_incompatible_bundle(bundle: Path, tmp_path: Path) -> None:
-    from tasks.predict import predict_images
+    from tasks.predict.stage import predict_images
 
     _edit_meta(bundle, patchflow_version="patchflow-9.0.0")
     png(tmp_path / "raw" / "a.png", np.zeros((8, 8, 3), np.uint8))
@@ -929,7 +929,7 @@ def test_78_predict_with_an_incompatible_bundle(bundle: Path, tmp_path: Path) ->
 
 
 def test_79_evaluate_on_a_folder_that_is_not_a_dataset(bundle: Path, tmp_path: Path) -> None:
-    from tasks.evaluate_task import EvaluateFlowConfig, extract_with_bundle
+    from tasks.evaluation.stage import EvaluateFlowConfig, extract_with_bundle
 
     data = tmp_path / "raw_images"
     png(data / "test" / "a.png", np.zeros((8, 8, 3), np.uint8))

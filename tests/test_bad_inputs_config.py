@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from tasks.config import ConfigError, ensure_storage_root, load_config, load_yaml, parse_overrides, validate_config
-from tasks.train_config import TrainFlowConfig
+from tasks.model.config import TrainFlowConfig
 from tests._synth import CLASS_TO_IDX, make_dataset, tree_digest
 from tests.test_bad_inputs import expect
 
@@ -235,7 +235,7 @@ def test_135_dataset_config_counts_seeds_and_indices_are_strict(override: str, k
 def test_135_evaluate_predict_retrain_configs_are_strict() -> None:
     from flows.predict import PredictFlowConfig
     from flows.retrain import RetrainFlowConfig
-    from tasks.evaluate_task import EvaluateFlowConfig
+    from tasks.evaluation.stage import EvaluateFlowConfig
 
     ev = ["datamodule.data_path=x", "task.model_path=m"]
     expect(ConfigError, lambda: load_config(EvaluateFlowConfig, None, [*ev, "task.output.n_overlays=true"]),
@@ -265,7 +265,7 @@ def test_135_deployment_configs_and_json_parameters_still_validate() -> None:
     (the Prefect UI and API send JSON: ints stay ints, tuples arrive as lists)."""
     from deployments.serve import _flows, deployment_specs
     from flows.dataset import DatasetFlowConfig
-    from tasks.evaluate_task import EvaluateFlowConfig
+    from tasks.evaluation.stage import EvaluateFlowConfig
 
     dep = REPO / "deployments"
     load_config(DatasetFlowConfig, dep / "demo_dataset.yaml")
@@ -294,7 +294,7 @@ def test_135_deployment_configs_and_json_parameters_still_validate() -> None:
     ],
 )
 def test_136_class_to_idx_file_values_are_strict(tmp_path: Path, content: str, names: list[str], fix: str) -> None:
-    from tasks.dataset_task import DataSection
+    from tasks.dataset.stage import DataSection
 
     f = tmp_path / "classes.json"
     f.write_text(content)
@@ -303,7 +303,7 @@ def test_136_class_to_idx_file_values_are_strict(tmp_path: Path, content: str, n
 
 
 def test_136_class_to_idx_file_not_utf8(tmp_path: Path) -> None:
-    from tasks.dataset_task import DataSection
+    from tasks.dataset.stage import DataSection
 
     f = tmp_path / "classes.json"
     f.write_bytes('{"bg": 0, "défaut": 1}'.encode("latin-1"))
@@ -327,7 +327,7 @@ def test_136_class_to_idx_file_not_utf8(tmp_path: Path) -> None:
 )
 def test_137_generate_patch_dataset_refuses_bools_and_floats_for_integers(tmp_path: Path, kw: dict, classes: dict,
                                                                           names: list[str]) -> None:
-    from tasks.dataset import generate_patch_dataset
+    from tasks.dataset.generate import generate_patch_dataset
 
     dd = make_dataset(tmp_path / "src", n=2, n_empty=0)
     before = tree_digest(tmp_path / "src")
@@ -423,7 +423,7 @@ def test_139_every_flow_refuses_a_file_shaped_storage_root_before_any_work(tmp_p
 
 def test_133_bundle_model_config_yaml_uses_the_same_loader(tmp_path: Path) -> None:
     """A bundle's model_config.yaml (read to rebuild a .pth backbone) is user YAML too: bounded, no tags."""
-    from tasks.backbones import BackboneError, load_export
+    from tasks.features.backbones import BackboneError, load_export
 
     pth = tmp_path / "model.pth"
     pth.write_bytes(b"never read")

@@ -28,8 +28,8 @@ import yaml
 
 from storage import layout
 from storage.paths import OutputFolderError
-from tasks.association import get_image_mask_association
-from tasks.dataset import generate_patch_dataset, plan_patch_dataset, scan_shard
+from tasks.dataset.association import get_image_mask_association
+from tasks.dataset.generate import generate_patch_dataset, plan_patch_dataset, scan_shard
 from tasks.imageio import InputDataError
 from tests._synth import CLASS_TO_IDX, make_dataset, tree_digest
 
@@ -228,7 +228,7 @@ def test_111_output_folder_dot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
 
 def test_112_output_folder_with_tilde(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """``output_folder: ~/x`` is expanded (as storage_root is), never a folder literally named ``~``."""
-    from tasks.dataset_task import dataset_is_current
+    from tasks.dataset.stage import dataset_is_current
 
     home, work = tmp_path / "home", tmp_path / "work"
     home.mkdir()
@@ -270,7 +270,7 @@ _BUILD = textwrap.dedent(
     """
     import json, logging, sys
     logging.basicConfig(level=logging.INFO, format="%(name)s %(message)s")
-    from tasks.dataset import generate_patch_dataset
+    from tasks.dataset.generate import generate_patch_dataset
     from tests.test_bad_inputs_dataset import slow_identity
     a = json.loads(sys.argv[1])
     generate_patch_dataset(a["dd"], a["classes"], output_folder=a["out"], seed=a["seed"], fingerprint=a["fp"],

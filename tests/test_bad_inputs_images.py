@@ -28,7 +28,7 @@ from storage import bundle as bdl
 from storage.layout import DatasetFormatError
 from tasks.config import ConfigError, load_config, validate_config
 from tasks.imageio import MAX_PIXELS_ENV, InputDataError, dataset_decoding, read_image
-from tasks.sampling import draw_pass, iter_pass_patches, read_train_list
+from tasks.features.sampler import draw_pass, iter_pass_patches, read_train_list
 from tests._synth import CLASS_TO_IDX, make_dataset, tree_digest, write_image
 from tests.test_bad_inputs import (  # the catalogue's helpers; bundle_src is its bundle fixture
     _edit_meta,
@@ -145,9 +145,9 @@ def test_120b_pixel_limit_from_the_environment_and_the_config_key(tmp_path: Path
 def test_121_pixel_limit_in_the_training_evaluation_and_report_stages(tmp_path: Path,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """Stages after the dataset read the limit from $PATCHFLOW_MAX_IMAGE_PIXELS and name it in the error."""
-    from tasks.evaluation import evaluate_split
-    from tasks.features_task import plan_batches
-    from tasks.report import overlay_image
+    from tasks.evaluation.scoring import evaluate_split
+    from tasks.features.stage import plan_batches
+    from tasks.evaluation.report import overlay_image
 
     out, fresh = tmp_path / "ds", tmp_path / "ds2"
     generate(make_dataset(tmp_path / "src", n=6, n_empty=1), out)
@@ -173,7 +173,7 @@ def test_121_pixel_limit_in_the_training_evaluation_and_report_stages(tmp_path: 
 def test_122_predict_pixel_limit_flag(bundle_src: Path, tmp_path: Path) -> None:  # noqa: F811
     """predict refuses an image over --max-image-pixels (default: the environment's limit) before decoding it."""
     from flows.predict import PredictFlowConfig
-    from tasks.predict import predict_images
+    from tasks.predict.stage import predict_images
 
     images, out = tmp_path / "raw", tmp_path / "pred"
     write_image(images / "a.png", np.random.default_rng(1).integers(0, 255, (40, 48, 3), dtype=np.uint8))
@@ -234,10 +234,10 @@ def test_123b_cli_huge_header_ends_with_one_error_line(tmp_path: Path) -> None:
 def test_124_12bit_data_in_16bit_png_has_the_full_range_everywhere(bundle_src: Path, tmp_path: Path) -> None:  # noqa: F811
     """Rule "auto" (default): a 12-bit ramp saved as 16-bit PNG gives 0..255 (value >> 4), not 0..15 (>> 8), in the
     val/test patches, in training crops and in predict; patchflow.json and model.json record the rule."""
-    from tasks.features_task import decode_attrs
-    from tasks.model_task import model_json
-    from tasks.predict import predict_images
-    from tasks.train_config import TrainFlowConfig
+    from tasks.features.stage import decode_attrs
+    from tasks.model.stage import model_json
+    from tasks.predict.stage import predict_images
+    from tasks.model.config import TrainFlowConfig
 
     ramps = {f"r{i}.png": gradient12(channels=3 if i % 2 else 1) for i in range(4)}
     expected = {Path(k).stem: bgr((v >> 4).astype(np.uint8)) for k, v in ramps.items()}
@@ -273,7 +273,7 @@ def test_124_12bit_data_in_16bit_png_has_the_full_range_everywhere(bundle_src: P
         predict_images(bundle, images, tmp_path / f"pred-{rule}", batch_size=8)
         overlay = cv2.imread(str(tmp_path / f"pred-{rule}" / "r1_overlay.png")).astype(np.int32)
         cmap = cv2.imread(str(tmp_path / f"pred-{rule}" / "r1_classmap.png"), cv2.IMREAD_UNCHANGED)
-        from tasks.report import class_colour
+        from tasks.evaluation.report import class_colour
 
         base = overlay.copy()
         for c in np.unique(cmap[cmap > 0]):
@@ -289,8 +289,8 @@ def test_124_12bit_data_in_16bit_png_has_the_full_range_everywhere(bundle_src: P
 def test_125_sixteen_bit_fixed_bits_and_window(tmp_path: Path, rule, expect_fn) -> None:
     """sixteen_bit=<bits>: value >> (bits - 8), clipped; [low, high]: a linear map to 0..255, clipped. Recorded in
     patchflow.json and model.json; a Quadra dataset (no sidecar) gets the legacy >> 8 that cut its patches."""
-    from tasks.model_task import model_json
-    from tasks.train_config import TrainFlowConfig
+    from tasks.model.stage import model_json
+    from tasks.model.config import TrainFlowConfig
 
     img = gradient12()
     out = tmp_path / "ds"
@@ -381,7 +381,7 @@ def test_129_bad_decoding_settings(tmp_path: Path, bundle_src: Path, monkeypatch
     """sixteen_bit, max_image_pixels and $PATCHFLOW_MAX_IMAGE_PIXELS are checked before anything is read."""
     from flows.dataset import DatasetFlowConfig
     from flows.predict import PredictFlowConfig
-    from tasks.predict import predict_images
+    from tasks.predict.stage import predict_images
 
     base = ["data.images=i", "data.class_to_idx={bg: 0}", "dataset.patch_number=[2, 2]"]
     for bad in ("7", "[3000, 1000]", "bright", "true"):

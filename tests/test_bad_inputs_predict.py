@@ -47,9 +47,9 @@ def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     random-init MobileNetV2 at 32 px, one feature pass, the configured classifier, a .pth export."""
     from tasks import generate_patch_dataset, get_image_mask_association
     from tasks.demo_data import make_demo_dataset
-    from tasks.features_task import backbone_digest, extract_train_pass
-    from tasks.model_task import export_bundle, fit_classifier
-    from tasks.train_config import TrainFlowConfig
+    from tasks.features.stage import backbone_digest, extract_train_pass
+    from tasks.model.stage import export_bundle, fit_classifier
+    from tasks.model.config import TrainFlowConfig
 
     root = tmp_path_factory.mktemp("predict-bundle")
     d = make_demo_dataset(root / "raw", n_images=6, size=(96, 128), seed=3)
@@ -81,7 +81,7 @@ def outputs(out: Path) -> dict[str, str]:
 
 
 def predict(bundle: Path, images: Path, out: Path, **kw) -> dict:
-    from tasks.predict import predict_images
+    from tasks.predict.stage import predict_images
 
     return predict_images(bundle, images, out, batch_size=8, **kw)
 

@@ -62,7 +62,7 @@ def _store(path: Path, labels: np.ndarray, dim: int, seed: int) -> str:
 
 
 def _cfg(data: Path, backbone: str = "mobilenet_v2", **sections):
-    from tasks.train_config import TrainFlowConfig
+    from tasks.model.config import TrainFlowConfig
 
     cfg = {"datamodule": {"data_path": str(data)}, "backbone": {"name": backbone, "weights": None},
            "transforms": {"input_height": 32, "input_width": 32}, "task": {"runtime": "torch", "report": False},
@@ -76,8 +76,8 @@ def _export(cfg, out: Path, dim: int, seed: int) -> Path:
     """Fit a classifier on random features of width ``dim`` and export a full bundle (no Prefect)."""
     import torch
 
-    from tasks.features_task import class_map
-    from tasks.model_task import export_bundle, fit_classifier
+    from tasks.features.stage import class_map
+    from tasks.model.stage import export_bundle, fit_classifier
 
     classes = sorted(class_map(cfg).values())
     labels = np.array([classes[i % len(classes)] for i in range(48)])
@@ -119,7 +119,7 @@ def images(demo_patch_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -
 
 
 def _predict(b: Path, images: Path, out: Path, trust: bool = False) -> dict:
-    from tasks.predict import predict_images
+    from tasks.predict.stage import predict_images
 
     return predict_images(b, images, out, batch_size=8, trust_pickle=trust)
 
@@ -163,7 +163,7 @@ def test_90_skops_round_trips_the_usual_classifiers(tmp_path: Path, demo_patch_d
     from sklearn.svm import SVC
 
     from storage.classifier import load_classifier_file, untrusted_types, write_skops
-    from tasks.model_task import fit_classifier, load_fitted
+    from tasks.model.stage import fit_classifier, load_fitted
 
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=(60, 16)), np.arange(60) % 3
@@ -223,7 +223,7 @@ def test_91_user_classifier_class_needs_trust(tmp_path: Path, demo_patch_dataset
     """A class from a user module is not on skops's list: the train flow trusts the configured class (the config
     imports it anyway); any other type needs model.trusted_types; a bundle needs the trust flag."""
     from tasks.config import ConfigError
-    from tasks.model_task import fit_classifier, load_fitted
+    from tasks.model.stage import fit_classifier, load_fitted
 
     (tmp_path / "userclf_91.py").write_text(_USER_CLASSIFIER)
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -262,7 +262,7 @@ def test_92_crafted_pickle_never_runs_without_the_flag(bundle: Path, images: Pat
     """classifier.joblib replaced by a crafted pickle: refused by the manifest; with a forged manifest and no
     classifier.skops, refused by the loader; a Quadra-style bundle (no manifest) is refused without the flag.
     The payload never runs, unless the trust flag is given (documented: then it does)."""
-    from tasks.evaluate_task import EvaluateFlowConfig, extract_with_bundle
+    from tasks.evaluation.stage import EvaluateFlowConfig, extract_with_bundle
 
     marker = tmp_path / "PWNED"
     (bundle / "classifier.joblib").write_bytes(_crafted_pickle(marker))
@@ -408,7 +408,7 @@ def test_98_classifier_feature_size_mismatch(bundle: Path, bundles: dict[str, Pa
                                              demo_patch_dataset: Path) -> None:
     """A classifier fitted on 512-wide features in a bundle whose backbone gives 1280 (manifest consistent, as a
     mis-assembled export would be): one line, checked before any image or patch is read."""
-    from tasks.evaluate_task import EvaluateFlowConfig, extract_with_bundle
+    from tasks.evaluation.stage import EvaluateFlowConfig, extract_with_bundle
 
     shutil.copy2(bundles["b"] / "classifier.skops", bundle / "classifier.skops")
     (bundle / "classifier.joblib").unlink()
@@ -451,8 +451,8 @@ _FULL_DISK_EXPORT = textwrap.dedent(
     """
     import json, resource, signal, sys
     from pathlib import Path
-    from tasks.model_task import export_backbone
-    from tasks.train_config import TrainFlowConfig
+    from tasks.model.stage import export_backbone
+    from tasks.model.config import TrainFlowConfig
     args = json.loads(sys.argv[1])
     cfgs = {t: TrainFlowConfig.model_validate({**args["cfg"], "export": {"types": [t]}})
             for t in ("torchscript", "onnx", "pytorch")}
@@ -500,7 +500,7 @@ def test_101_planted_cache_record_is_never_decoded(tmp_path: Path, prefect_harne
     from prefect import flow, task
 
     from storage.fingerprint import combine
-    from tasks.caching import cached_stage
+    from tasks.stage import cached_stage
 
     calls = []
 
@@ -623,7 +623,7 @@ def test_102_train_stage_outputs_tampered_are_recomputed(flows_run: dict, prefec
         assert file_digest(Path(res["bundle"]) / name) == file_digest(Path(ref["bundle"]) / name), name
     import torch
 
-    from tasks.backbones import load_export
+    from tasks.features.backbones import load_export
 
     x = torch.rand(2, 3, 32, 32)  # TorchScript archives differ between exports (name mangling, serialization id)
     with torch.inference_mode():

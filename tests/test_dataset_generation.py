@@ -1,4 +1,4 @@
-"""End-to-end patch dataset generation (tasks/dataset.py) on tiny synthetic PNG datasets: layout (spec §2.5),
+"""End-to-end patch dataset generation (tasks/dataset/generate.py) on tiny synthetic PNG datasets: layout (spec §2.5),
 labelling/weighting rules, determinism, worker-count independence, input errors and output-folder safety."""
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import pytest
 
 from storage import layout
 from storage.geometry import compute_grid
-from tasks.dataset import generate_patch_dataset
-from tasks.labelling import label_components, label_patches
-from tasks.split import split_images
+from tasks.dataset.generate import generate_patch_dataset
+from tasks.dataset.labelling import label_components, label_patches
+from tasks.dataset.split import split_images
 from tests._synth import CLASS_TO_IDX, make_dataset, tree_digest, write_image
 
 INFO_KEYS = {"patch_size", "patch_number", "overlap", "annotated_good", "train_files", "val_files", "test_files"}

@@ -203,7 +203,7 @@ def test_two_processes_disjoint_aligned_chunks(tmp_path: Path) -> None:
 def test_prefetch_keeps_order_and_raises_where_the_producer_failed() -> None:
     import threading
 
-    from tasks.feature_shards import prefetch
+    from tasks.features.shards import prefetch
 
     assert list(prefetch(iter(range(50)), depth=2)) == list(range(50))
 

@@ -1,4 +1,4 @@
-"""Val/test patch labelling (tasks/labelling.py): Quadra's thresholds (spec §2.4) with bugs B6/B7 fixed."""
+"""Val/test patch labelling (tasks/dataset/labelling.py): Quadra's thresholds (spec §2.4) with bugs B6/B7 fixed."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from storage.geometry import compute_grid
-from tasks.labelling import label_components, label_patches
+from tasks.dataset.labelling import label_components, label_patches
 
 ONE = {"bg": 0, "a": 1}
 TWO = {"bg": 0, "a": 1, "b": 2}

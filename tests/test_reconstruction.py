@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from storage.geometry import compute_grid
-from tasks.reconstruction import make_merger, reconstruct
-from tasks.region_metrics import defect_coverage, pixel_scores, prediction_polygons, region_counts
+from tasks.evaluation.reconstruction import make_merger, reconstruct
+from tasks.evaluation.region_metrics import defect_coverage, pixel_scores, prediction_polygons, region_counts
 
 
 def _patch_labels(mask: np.ndarray, grid) -> np.ndarray:
@@ -155,7 +155,7 @@ def test_evaluate_split_on_a_generated_dataset(tmp_path: Path) -> None:
     from storage.layout import parse_patch_name
     from tasks import generate_patch_dataset, get_image_mask_association
     from tasks.demo_data import make_demo_dataset
-    from tasks.evaluation import evaluate_split
+    from tasks.evaluation.scoring import evaluate_split
 
     d = make_demo_dataset(tmp_path / "raw", n_images=8, size=(128, 160), seed=1)
     assoc = get_image_mask_association(d["images"], d["masks"], mask_extension="_mask")
@@ -199,7 +199,7 @@ def test_discard_patches_are_reconstructed_but_not_scored(tmp_path: Path) -> Non
     from storage import features as fstore
     from tasks import generate_patch_dataset, get_image_mask_association
     from tasks.demo_data import make_demo_dataset
-    from tasks.evaluation import score_split
+    from tasks.evaluation.scoring import score_split
 
     d = make_demo_dataset(tmp_path / "raw", n_images=8, size=(128, 160), seed=1)
     assoc = get_image_mask_association(d["images"], d["masks"], mask_extension="_mask")

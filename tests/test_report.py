@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from storage import layout
-from tasks.evaluation import evaluate_split, full_probabilities, patch_metrics
-from tasks.report import write_report
+from tasks.evaluation.scoring import evaluate_split, full_probabilities, patch_metrics
+from tasks.evaluation.report import write_report
 
 CHROMIUM = Path("/usr/bin/chromium")
 GENERATED = ("report.html", "confusion_matrix.csv", "confusion_matrix.png", "example", "reconstruction")
@@ -24,7 +24,7 @@ GENERATED = ("report.html", "confusion_matrix.csv", "confusion_matrix.png", "exa
 
 def _write_eval(out: Path, data: Path, split: str, ids: list[str], y_eval: np.ndarray, pred: np.ndarray,
                 proba: np.ndarray, classes: dict[str, int]) -> None:
-    """What tasks.evaluation.score_split writes, from given predictions instead of a classifier."""
+    """What tasks.evaluation.scoring.score_split writes, from given predictions instead of a classifier."""
     out.mkdir(parents=True, exist_ok=True)
     rows = ["sample,real_label,pred_label,probability"]
     rows += [f"{s},{t},{p},{pr:.6f}" for s, t, p, pr in zip(ids, y_eval.tolist(), pred.tolist(), proba.max(axis=1).tolist())]

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from storage.geometry import pad_to
-from tasks import sampling
-from tasks.sampling import (
+from tasks.features import sampler as sampling
+from tasks.features.sampler import (
     DatasetFormatError,
     TrainEntry,
     balance_entries,

@@ -1,4 +1,4 @@
-"""Train/val/test split by image (tasks/split.py), spec §2.3; B12 fixed (a pure function of inputs + seed)."""
+"""Train/val/test split by image (tasks/dataset/split.py), spec §2.3; B12 fixed (a pure function of inputs + seed)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from tasks.split import iterative_stratification, split_images
+from tasks.dataset.split import iterative_stratification, split_images
 
 
 def label_sets(n=40, seed=3, rare_every=7, n_none=0):

@@ -114,11 +114,11 @@ def test_exported_backbone_reproduces_training_features(demo_patch_dataset: Path
     import torch
 
     from storage import features as fstore
-    from tasks.backbones import OnnxBackbone, preprocess
-    from tasks.features_task import extract_split
-    from tasks.model_task import export_bundle, fit_classifier
-    from tasks.train_config import TrainFlowConfig
-    from tasks.features_task import extract_train_pass
+    from tasks.features.backbones import OnnxBackbone, preprocess
+    from tasks.features.stage import extract_split
+    from tasks.model.stage import export_bundle, fit_classifier
+    from tasks.model.config import TrainFlowConfig
+    from tasks.features.stage import extract_train_pass
 
     cfg = TrainFlowConfig.model_validate(_cfg(demo_patch_dataset, tmp_path))
     extract_train_pass(cfg, 0, tmp_path / "p0.zarr")
@@ -146,8 +146,8 @@ def test_exported_backbone_reproduces_training_features(demo_patch_dataset: Path
 
 def test_feature_runtime_resolution(tmp_path: Path) -> None:
     from tasks.config import ConfigError
-    from tasks.features_task import feature_runtime
-    from tasks.train_config import TrainFlowConfig
+    from tasks.features.stage import feature_runtime
+    from tasks.model.config import TrainFlowConfig
 
     def cfg(**task):
         return TrainFlowConfig.model_validate({"datamodule": {"data_path": str(tmp_path)}, "task": task})
@@ -160,10 +160,10 @@ def test_feature_runtime_resolution(tmp_path: Path) -> None:
 
 
 def test_bad_backbone_config_errors(demo_patch_dataset: Path, tmp_path: Path) -> None:
-    from tasks.backbones import BackboneError
+    from tasks.features.backbones import BackboneError
     from tasks.config import ConfigError, validate_config
-    from tasks.features_task import extract_train_pass
-    from tasks.train_config import TrainFlowConfig
+    from tasks.features.stage import extract_train_pass
+    from tasks.model.config import TrainFlowConfig
 
     with pytest.raises(ConfigError, match="backbone.name"):
         validate_config(TrainFlowConfig, _cfg(demo_patch_dataset, tmp_path, backbone={"name": "resnet181"}))

@@ -1,4 +1,4 @@
-"""Region -> triangles -> sampled patch centres (tasks/triangulation.py), spec §3.2/§3.4, bug B11 fixed."""
+"""Region -> triangles -> sampled patch centres (tasks/dataset/triangulation.py), spec §3.2/§3.4, bug B11 fixed."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from storage.geometry import compute_grid
-from tasks.labelling import label_components
-from tasks.regions import compute_regions
-from tasks.triangulation import region_to_geometry, sample_points, triangle_areas, triangulate_region
+from tasks.dataset.labelling import label_components
+from tasks.dataset.regions import compute_regions
+from tasks.dataset.triangulation import region_to_geometry, sample_points, triangle_areas, triangulate_region
 
 
 def ring(h=96, w=96, r_out=36, r_in=14):

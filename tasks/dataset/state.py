@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 from storage import layout
 from storage.layout import DatasetFormatError
-from tasks.dataset_images import WRITE_FIX, Job, Params, Result
+from tasks.dataset.images import WRITE_FIX, Job, Params, Result
 from tasks.imageio import parse_sixteen_bit
 
 SHARD_DIR = ".shards"

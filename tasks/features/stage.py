@@ -23,9 +23,9 @@ from prefect.cache_policies import NO_CACHE
 from storage import features as fstore
 from storage import layout
 from storage.fingerprint import CODE_VERSION, combine, params_digest, tree_digest
-from tasks import feature_shards as shards
-from tasks.backbones import FeatureExtractor, build_backbone, feature_dim, onnx_backbone, resolve_weights, weights_digest
-from tasks.caching import stage_lock
+from tasks.features import shards
+from tasks.features.backbones import FeatureExtractor, build_backbone, feature_dim, onnx_backbone, resolve_weights, weights_digest
+from tasks.stage import stage_lock
 from tasks.config import ConfigError
 from tasks.imageio import (
     LEGACY_SIXTEEN_BIT,
@@ -37,7 +37,7 @@ from tasks.imageio import (
     read_image,
     sixteen_bit_json,
 )
-from tasks.sampling import (
+from tasks.features.sampler import (
     PassSamples,
     balance_entries,
     draw_pass,
@@ -47,7 +47,7 @@ from tasks.sampling import (
     order_by_image,
     read_train_list,
 )
-from tasks.train_config import TrainFlowConfig
+from tasks.model.config import TrainFlowConfig
 
 logger = logging.getLogger("patchflow.features")
 

@@ -1,6 +1,6 @@
 """Patch dataset generation (Quadra's ``generate_patch_dataset``): same parameters, same layout, fixed bugs.
 
-Validation, the plan, shards of per-image work (``tasks/dataset_images.py``, on ``num_workers``
+Validation, the plan, shards of per-image work (``tasks/dataset/images.py``, on ``num_workers``
 processes or Dask workers, identical output either way) and the final assembly. The dataset is built
 in a temporary sibling folder, resumable shard by shard, and renamed into place at the end, so a
 failed run never leaves a complete-looking dataset.
@@ -26,16 +26,16 @@ from storage import layout
 from storage.fingerprint import CODE_VERSION
 from storage.geometry import GRID_POLICY, validate_geometry_params
 from storage.manifest import write_manifest
-from tasks.dataset_images import Job, Params, Workers, process_image, scan_image, write_bytes
-from tasks.dataset_output import check_name, check_output_names, output_folder_path, refuse_inputs_in, resolve_inputs
-from tasks.dataset_state import (
+from tasks.dataset.images import Job, Params, Workers, process_image, scan_image, write_bytes
+from tasks.dataset.output import check_name, check_output_names, output_folder_path, refuse_inputs_in, resolve_inputs
+from tasks.dataset.state import (
     SHARD_DIR, DatasetPlan, callable_path, load_marker, load_plan, planned_part, plan_data, read_plan_data, write_marker,
     write_plan,
 )
 from tasks.imageio import InputDataError
 from tasks.imageio import max_image_pixels as pixel_limit
 from tasks.imageio import parse_sixteen_bit, sixteen_bit_json
-from tasks.split import split_images
+from tasks.dataset.split import split_images
 
 logger = logging.getLogger("patchflow.dataset")
 

@@ -21,8 +21,8 @@ import numpy as np
 from storage import layout
 from storage.geometry import compute_grid
 from tasks.imageio import decode_mask, file_image_size, read_bytes
-from tasks.reconstruction import make_merger, mean_probabilities
-from tasks.region_metrics import defect_coverage, pixel_scores, prediction_polygons, region_counts
+from tasks.evaluation.reconstruction import make_merger, mean_probabilities
+from tasks.evaluation.region_metrics import defect_coverage, pixel_scores, prediction_polygons, region_counts
 
 #: version of what the scoring writes (metrics, reconstruction results, report): part of the validate and
 #: evaluate cache keys, so results cached by older code are recomputed (2: #DISCARD# patches not scored, B28)
@@ -231,7 +231,7 @@ def score_split(
     the reconstruction (as in the reference, but the skipped classes really come from the bundle: B4).
     ``#DISCARD#`` patches (ambiguous labels) are left out of the patch metrics too, unlike the reference
     (B28); they still vote in the reconstruction, which needs the whole grid. ``est``: the fitted classifier,
-    loaded by ``storage.bundle.load_classifier`` or ``tasks.model_task.load_fitted`` (never unpickled here).
+    loaded by ``storage.bundle.load_classifier`` or ``tasks.model.stage.load_fitted`` (never unpickled here).
     """
     from storage import features as fstore
     from storage.classifier import width_problem

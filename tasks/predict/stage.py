@@ -4,7 +4,7 @@ Each image is tiled with the bundle's geometry (the same grid as training), patc
 images are batched together through the backbone, the classifier's probabilities are merged back
 into a class map, and per image the flow writes ``<sub>/<stem>_classmap.png`` (class index per pixel),
 ``<sub>/<stem>_polygons.json`` and ``<sub>/<stem>_overlay.png`` (``<sub>``: the image's subfolder under
-the images folder), then ``predictions.json`` last. Output folder rules and naming: :mod:`tasks.predict_outputs`.
+the images folder), then ``predictions.json`` last. Output folder rules and naming: :mod:`tasks.predict.outputs`.
 """
 
 from __future__ import annotations
@@ -24,11 +24,11 @@ from storage.fingerprint import combine, files_digest, params_digest
 from storage.geometry import PatchGrid, compute_grid
 from storage.layout import IMAGE_EXTENSIONS
 from storage.paths import user_path
-from tasks.backbones import FeatureExtractor, load_export
-from tasks.evaluation import full_probabilities
-from tasks.features_task import feature_dim_of
+from tasks.features.backbones import FeatureExtractor, load_export
+from tasks.evaluation.scoring import full_probabilities
+from tasks.features.stage import feature_dim_of
 from tasks.imageio import Decoding, bundle_decoding, encode_png, read_image
-from tasks.predict_outputs import (
+from tasks.predict.outputs import (
     PREDICTIONS_FILE,
     ImageOutputs,
     check_output_folder,
@@ -36,9 +36,9 @@ from tasks.predict_outputs import (
     write_output,
     write_predictions,
 )
-from tasks.reconstruction import make_merger, mean_probabilities
-from tasks.region_metrics import prediction_polygons
-from tasks.report import colourise
+from tasks.evaluation.reconstruction import make_merger, mean_probabilities
+from tasks.evaluation.region_metrics import prediction_polygons
+from tasks.evaluation.report import colourise
 
 logger = logging.getLogger("patchflow.predict")
 

@@ -28,7 +28,7 @@ from storage.h5files import read_region
 from storage.layout import NONE_CLASS, DatasetFormatError, read_info, resolve_path
 from storage.layout import PATCH_EXTENSIONS as IMAGE_EXTENSIONS
 from tasks.imageio import Decoding, InputDataError, file_image_size, read_image
-from tasks.triangulation import sample_points
+from tasks.dataset.triangulation import sample_points
 
 
 

@@ -16,8 +16,8 @@ from typing import Any
 import cv2
 import numpy as np
 
-from tasks.labelling import label_components
-from tasks.triangulation import region_to_geometry
+from tasks.dataset.labelling import label_components
+from tasks.dataset.triangulation import region_to_geometry
 
 
 def defect_coverage(

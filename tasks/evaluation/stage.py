@@ -15,11 +15,11 @@ from storage import features as fstore
 from storage.fingerprint import combine, file_digest, params_digest
 from storage.layout import read_info
 from storage.manifest import building, matches_manifest
-from tasks.backbones import FeatureExtractor, load_export
+from tasks.features.backbones import FeatureExtractor, load_export
 from tasks.config import StrictModel
-from tasks.evaluation import METRICS_VERSION, score_split
-from tasks.features_task import dataset_key, extract_items, feature_dim_of, split_items
-from tasks.train_config import CoreSection
+from tasks.evaluation.scoring import METRICS_VERSION, score_split
+from tasks.features.stage import dataset_key, extract_items, feature_dim_of, split_items
+from tasks.model.config import CoreSection
 
 
 class EvalDatamodule(StrictModel):
@@ -101,7 +101,7 @@ def evaluate_with_bundle(cfg: EvaluateFlowConfig, store: Path, out: Path) -> dic
     metrics = score_split(est, store, Path(cfg.datamodule.data_path), cfg.datamodule.split,
                           classes, meta.get("class_to_skip"), method, o.coverage_threshold, out, o.soft_thresholds)
     if o.report:
-        from tasks.report import write_report
+        from tasks.evaluation.report import write_report
 
         write_report(out, Path(cfg.datamodule.data_path), classes, title=f"patchflow evaluation: {cfg.core.name}",
                      n_overlays=o.n_overlays, examples=o.example)

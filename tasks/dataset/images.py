@@ -30,8 +30,8 @@ from tasks.imageio import (
     parse_sixteen_bit,
     read_bytes,
 )
-from tasks.labelling import label_components, label_patches
-from tasks.regions import compute_regions, dataset_lines
+from tasks.dataset.labelling import label_components, label_patches
+from tasks.dataset.regions import compute_regions, dataset_lines
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Evaluation report: confusion matrix, example grids, reconstruction overlays and one self-contained HTML page.
 
-Reads what :func:`tasks.evaluation.score_split` writes into an output folder (``metrics.json``,
+Reads what :func:`tasks.evaluation.scoring.score_split` writes into an output folder (``metrics.json``,
 ``test_results.csv``, ``reconstruction_results.json``, ``maps/``) and adds ``confusion_matrix.{csv,png}``,
 ``example/{concordant,discordant}_<class>.png``, ``reconstruction/<stem>.png`` and ``report.html``.
 Drawing uses numpy + OpenCV only; the output is deterministic (same inputs, same bytes).

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from tasks.labelling import Components
-from tasks.triangulation import triangulate_region
+from tasks.dataset.labelling import Components
+from tasks.dataset.triangulation import triangulate_region
 
 logger = logging.getLogger("patchflow.regions")
 

@@ -15,13 +15,13 @@ from storage import layout
 from storage.fingerprint import CODE_VERSION, combine, files_digest, params_digest
 from storage.manifest import matches_manifest
 from storage.paths import user_path
-from tasks.association import get_image_mask_association
-from tasks.caching import stage_lock
+from tasks.dataset.association import get_image_mask_association
+from tasks.stage import stage_lock
 from tasks.config import ConfigError, StrictModel, import_object
-from tasks.dataset import assign_splits, generate_patch_dataset, plan_patch_dataset, process_shard, scan_shard
+from tasks.dataset.generate import assign_splits, generate_patch_dataset, plan_patch_dataset, process_shard, scan_shard
 from tasks.imageio import parse_sixteen_bit, sixteen_bit_json
 from tasks.safe_yaml import clip
-from tasks.dataset_output import output_folder_path
+from tasks.dataset.output import output_folder_path
 
 logger = logging.getLogger("patchflow.dataset")
 

@@ -1,0 +1,1 @@
+"""Dataset stage: image/mask association, labelling, split, sampling regions, patch dataset generation."""

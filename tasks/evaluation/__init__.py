@@ -1,0 +1,1 @@
+"""Evaluation stage: reconstruction, scoring, region metrics and the report."""

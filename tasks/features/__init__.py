@@ -1,0 +1,1 @@
+"""Feature stage: frozen backbones, training-pass sampling, zarr feature stores."""

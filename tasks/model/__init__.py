@@ -1,0 +1,1 @@
+"""Model stage: training configuration, classifier fit, deployment bundle export."""

@@ -1,0 +1,1 @@
+"""Prediction on raw images with a deployment bundle."""
