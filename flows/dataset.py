@@ -16,7 +16,8 @@ from pydantic import Field
 from storage import layout
 from storage.settings import storage_root
 from tasks.stage import cached_stage
-from tasks.config import StrictModel, ensure_storage_root, parse_cli, run_cli, validate_config
+from tasks.cli import parse_cli, run_cli
+from tasks.config import StrictModel, ensure_storage_root, validate_config
 from tasks.dataset.generate import shard_counts
 from tasks.dataset.stage import (
     DataSection,

@@ -10,7 +10,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from tasks.config import load_config, run_cli
+from tasks.cli import run_cli
+from tasks.config import load_config
 from tasks.demo_data import make_demo_dataset
 from tasks.evaluation.scoring import headline
 

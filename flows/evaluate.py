@@ -16,7 +16,8 @@ from storage import features as fstore
 from storage.manifest import matches_manifest
 from tasks.artifacts import publish_task
 from tasks.stage import cached_stage
-from tasks.config import ensure_storage_root, parse_cli, run_cli, validate_config
+from tasks.cli import parse_cli, run_cli
+from tasks.config import ensure_storage_root, validate_config
 from tasks.evaluation.stage import EvaluateFlowConfig, bundle_features_task, bundle_split_key, evaluate_task, evaluation_key
 from tasks.evaluation.scoring import headline
 from tasks.features.stage import store_path

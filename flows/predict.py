@@ -19,7 +19,8 @@ from pydantic import Field, StrictInt
 
 from storage import bundle as bdl
 from tasks.stage import cached_stage
-from tasks.config import StrictModel, ensure_storage_root, run_cli, validate_config
+from tasks.cli import run_cli
+from tasks.config import StrictModel, ensure_storage_root, validate_config
 from tasks.predict.outputs import check_output_folder, outputs_problem
 
 logger = logging.getLogger("patchflow.predict")

@@ -18,7 +18,8 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import Field
 
 from storage.fingerprint import combine, params_digest
-from tasks.config import StrictModel, ensure_storage_root, parse_cli, run_cli, validate_config
+from tasks.cli import parse_cli, run_cli
+from tasks.config import StrictModel, ensure_storage_root, validate_config
 from tasks.dataset.stage import DataSection, GenerationSection
 from tasks.features.stage import dataset_key
 from tasks.runner import RunnerSection

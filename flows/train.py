@@ -17,7 +17,8 @@ from storage.fingerprint import combine, params_digest
 from storage.manifest import file_matches, matches_manifest
 from tasks.artifacts import Progress, publish_task
 from tasks.stage import cached_stage
-from tasks.config import ensure_storage_root, parse_cli, run_cli, validate_config
+from tasks.cli import parse_cli, run_cli
+from tasks.config import ensure_storage_root, validate_config
 from tasks.evaluation.scoring import METRICS_VERSION, headline
 from tasks.features.stage import (
     backbone_digest,

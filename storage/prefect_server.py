@@ -9,7 +9,7 @@ Why this overrides a private method of Prefect (``SubprocessASGIServer._run_uvic
   75 s and ended in an ``httpx.ConnectError`` traceback.
 - Here the server gets a session of its own (``start_new_session=True``): terminal signals (SIGINT, SIGHUP,
   SIGTSTP) reach only the run, which records its crash on a live API and stops the server at exit
-  (Prefect's ``atexit`` hook; ``tasks.config.run_cli`` makes SIGTERM exit through it too).
+  (Prefect's ``atexit`` hook; ``tasks.cli.run_cli`` makes SIGTERM exit through it too).
 - A server outside the group no longer dies with it, so it guards itself: a watchdog thread in the server
   process polls ``os.getppid()`` and shuts the server down as soon as it is reparented (its run was
   SIGKILLed or OOM-killed). ``PR_SET_PDEATHSIG`` is not used: it fires when the *thread* that forked the

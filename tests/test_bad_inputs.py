@@ -31,7 +31,8 @@ from storage.h5files import read_region
 from storage.layout import DatasetFormatError, read_info
 from storage.manifest import write_manifest
 from tasks.dataset.association import AssociationError, get_image_mask_association
-from tasks.config import ConfigError, load_config, load_yaml, parse_cli
+from tasks.cli import parse_cli
+from tasks.config import ConfigError, load_config, load_yaml
 from tasks.dataset.generate import generate_patch_dataset
 from tasks.imageio import InputDataError
 from tasks.features.sampler import draw_pass, list_split, read_train_list

@@ -45,9 +45,9 @@ def _kill_when(proc: subprocess.Popen, ready, timeout: float = 240.0) -> None:
 
 
 def test_lock_of_a_killed_process_is_reclaimed(tmp_path: Path) -> None:
-    from tasks.stage import lock_manager
+    from tasks.locks import lock_manager
 
-    code = ("import os, signal; from pathlib import Path; from tasks.stage import lock_manager; "
+    code = ("import os, signal; from pathlib import Path; from tasks.locks import lock_manager; "
             f"m = lock_manager(Path({str(tmp_path)!r})); assert m.acquire_lock('stage', 'dead-holder'); "
             "os.kill(os.getpid(), signal.SIGKILL)")
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=False)
@@ -66,7 +66,7 @@ def test_lock_of_a_killed_process_is_reclaimed(tmp_path: Path) -> None:
 
 def _foreign_lock(tmp_path: Path, key: str, age_s: float) -> Path:
     """A lock file as a holder on another host writes it, last renewed ``age_s`` ago."""
-    from tasks.stage import lock_manager
+    from tasks.locks import lock_manager
 
     m = lock_manager(tmp_path)
     m._ensure_lock_files_directory_exists()
@@ -78,7 +78,7 @@ def _foreign_lock(tmp_path: Path, key: str, age_s: float) -> Path:
 
 def test_lock_of_a_dead_host_is_reclaimed_once_its_lease_lapses(tmp_path: Path) -> None:
     """Another host's holder cannot be checked by pid: its lock counts while renewed, and is reclaimed after the TTL."""
-    from tasks.stage import LEASE_TTL_S, lock_manager
+    from tasks.locks import LEASE_TTL_S, lock_manager
 
     _foreign_lock(tmp_path, "live", age_s=5)
     assert not lock_manager(tmp_path).acquire_lock("live", "me", acquire_timeout=0.3)  # renewed recently: honoured
@@ -89,7 +89,7 @@ def test_lock_of_a_dead_host_is_reclaimed_once_its_lease_lapses(tmp_path: Path) 
 
 def test_held_locks_are_renewed_and_released_locks_are_not(tmp_path: Path) -> None:
     code = textwrap.dedent(f"""
-        import os, time; from pathlib import Path; from tasks.stage import lock_manager
+        import os, time; from pathlib import Path; from tasks.locks import lock_manager
         m = lock_manager(Path({str(tmp_path)!r}))
         assert m.acquire_lock('stage', 'holder')
         path = m._lock_path_for_key('stage')

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tasks.config import INTERRUPTED, TERMINATED
+from tasks.cli import INTERRUPTED, TERMINATED
 from tests._synth import CLASS_TO_IDX, make_dataset, tree_digest
 
 pytestmark = pytest.mark.slow
@@ -308,7 +308,7 @@ def _run_cli(tmp: Path, body: str) -> subprocess.CompletedProcess:
     code = "\n".join([
         "import os, signal, sys, time",
         "from pathlib import Path",
-        "from tasks.config import ConfigError, run_cli",
+        "from tasks.cli import run_cli; from tasks.config import ConfigError",
         f"tmp = Path({str(tmp)!r})",
         "def main():",
         f"    {body}",

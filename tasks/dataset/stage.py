@@ -16,7 +16,7 @@ from storage.fingerprint import CODE_VERSION, combine, files_digest, params_dige
 from storage.manifest import matches_manifest
 from storage.paths import user_path
 from tasks.dataset.association import get_image_mask_association
-from tasks.stage import stage_lock
+from tasks.locks import stage_lock
 from tasks.config import ConfigError, StrictModel, import_object
 from tasks.dataset.generate import assign_splits, generate_patch_dataset, plan_patch_dataset, process_shard, scan_shard
 from tasks.imageio import parse_sixteen_bit, sixteen_bit_json

@@ -25,7 +25,7 @@ from storage import layout
 from storage.fingerprint import CODE_VERSION, combine, params_digest, tree_digest
 from tasks.features import shards
 from tasks.features.backbones import FeatureExtractor, build_backbone, feature_dim, onnx_backbone, resolve_weights, weights_digest
-from tasks.stage import stage_lock
+from tasks.locks import stage_lock
 from tasks.config import ConfigError
 from tasks.imageio import (
     LEGACY_SIXTEEN_BIT,
