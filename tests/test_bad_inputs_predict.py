@@ -48,7 +48,8 @@ def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tasks import generate_patch_dataset, get_image_mask_association
     from tasks.demo_data import make_demo_dataset
     from tasks.features.stage import backbone_digest, extract_train_pass
-    from tasks.model.stage import export_bundle, fit_classifier
+    from tasks.model.bundle import export_bundle
+    from tasks.model.fit import fit_classifier
     from tasks.model.config import TrainFlowConfig
 
     root = tmp_path_factory.mktemp("predict-bundle")

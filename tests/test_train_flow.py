@@ -116,7 +116,8 @@ def test_exported_backbone_reproduces_training_features(demo_patch_dataset: Path
     from storage import features as fstore
     from tasks.features.backbones import OnnxBackbone, preprocess
     from tasks.features.stage import extract_split
-    from tasks.model.stage import export_bundle, fit_classifier
+    from tasks.model.bundle import export_bundle
+    from tasks.model.fit import fit_classifier
     from tasks.model.config import TrainFlowConfig
     from tasks.features.stage import extract_train_pass
 
