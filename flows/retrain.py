@@ -20,13 +20,13 @@ from pydantic import Field
 from storage.fingerprint import combine, params_digest
 from tasks.cli import parse_cli, run_cli
 from tasks.config import StrictModel, ensure_storage_root, validate_config
-from tasks.dataset.stage import DataSection, GenerationSection
+from tasks.dataset.config import DataSection, DatasetFlowConfig, GenerationSection
 from tasks.features.stage import dataset_key
 from tasks.runner import RunnerSection
 from tasks.promotion import PromotionSection, latest_evaluation_config, newest_inputs_key, register_and_promote
 from tasks.model.config import DatamoduleSection, TrainFlowConfig
 
-from flows.dataset import DatasetFlowConfig, dataset_flow
+from flows.dataset import dataset_flow
 from flows.evaluate import evaluate_flow
 from flows.train import train_flow
 

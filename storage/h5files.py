@@ -80,11 +80,6 @@ def encode_region(region: SamplingRegion) -> bytes:
         fid.close()
 
 
-def write_region(path: Path, region: SamplingRegion) -> None:
-    """Write one sampling h5 file (the dataset stage writes :func:`encode_region`'s bytes itself)."""
-    Path(path).write_bytes(encode_region(region))
-
-
 def _text(value: object) -> str:
     if isinstance(value, bytes):
         return value.decode("utf-8")

@@ -254,15 +254,6 @@ def publish(tmp: Path, root: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def relative_or_absolute(path: str | os.PathLike[str], root: Path) -> str:
-    """Path string as stored in info.json: relative to root when inside it, else absolute."""
-    p = Path(path)
-    try:
-        return p.resolve().relative_to(Path(root).resolve()).as_posix()
-    except ValueError:
-        return str(p.resolve())
-
-
 def resolve_path(stored: str | None, root: Path) -> Path | None:
     """Turn a path stored in info.json/h5 back into a usable path (relative ones join the dataset root)."""
     if stored is None:

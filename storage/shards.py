@@ -38,10 +38,12 @@ class ShardStateError(DatasetFormatError):
 class ShardState:
     """The state folder of one partial build: its plan and its shard markers."""
 
-    def __init__(self, part: str | Path, state_dir: str = ".shards", marker_prefix: str = "") -> None:
+    def __init__(self, part: str | Path, state_dir: str = ".shards", marker_prefix: str = "",
+                 stage: str = "the stage") -> None:
         self.part = Path(part)
         self.dir = self.part / state_dir
         self.prefix = marker_prefix
+        self.stage = stage  # named in the messages: "rerun <stage> to resume"
 
     @property
     def plan_path(self) -> Path:
@@ -62,9 +64,11 @@ class ShardState:
         try:
             plan = json.loads(self.plan_path.read_text())
         except (OSError, UnicodeDecodeError, ValueError) as exc:
-            raise ShardStateError(f"{self.plan_path}: no readable build plan ({exc}); rerun the stage to start over") from None
+            raise ShardStateError(
+                f"{self.plan_path}: no readable build plan ({exc}); rerun {self.stage} to start over"
+            ) from None
         if not isinstance(plan, dict):
-            raise ShardStateError(f"{self.plan_path} is not a build plan; rerun the stage to start over")
+            raise ShardStateError(f"{self.plan_path} is not a build plan; rerun {self.stage} to start over")
         return plan
 
     def mark(self, index: int, record: dict[str, Any]) -> None:
@@ -95,11 +99,13 @@ class ShardState:
         """Indices of the first ``count`` shards that are not finished (or fail ``check``)."""
         return [i for i in range(count) if self.finished(i, check) is None]
 
-    def require_all(self, count: int, check: Callable[[dict[str, Any]], bool] | None = None) -> None:
-        """Raise :class:`ShardStateError` unless all ``count`` shards are finished."""
-        todo = self.missing(count, check)
+    def require_all(self, count: int, check: Callable[[dict[str, Any]], bool] | None = None) -> list[dict[str, Any]]:
+        """The markers of all ``count`` shards, in order; :class:`ShardStateError` naming the unfinished ones."""
+        records = [self.finished(i, check) for i in range(count)]
+        todo = [i for i, rec in enumerate(records) if rec is None]
         if todo:
-            raise ShardStateError(f"{self.part}: shards {todo} are not finished; rerun the stage to resume")
+            raise ShardStateError(f"{self.part}: shards {todo} are not finished; rerun {self.stage} to resume")
+        return [rec for rec in records if rec is not None]
 
     def clear(self) -> None:
         """Remove the state folder (when the output itself must not keep it)."""

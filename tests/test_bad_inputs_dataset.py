@@ -29,7 +29,8 @@ import yaml
 from storage import layout
 from storage.paths import OutputFolderError
 from tasks.dataset.association import get_image_mask_association
-from tasks.dataset.generate import generate_patch_dataset, plan_patch_dataset, scan_shard
+from tasks.dataset.generate import generate_patch_dataset, plan_patch_dataset
+from tasks.dataset.shards import scan_shard
 from tasks.imageio import InputDataError
 from tests._synth import CLASS_TO_IDX, make_dataset, tree_digest
 

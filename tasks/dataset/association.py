@@ -3,7 +3,8 @@
 Differences from the reference (bug B18): only image files are listed (no folders, no ``notes.txt``),
 mask file names are matched literally (glob characters in names are harmless), and without a mask
 folder a file is a mask when its *stem* ends with ``mask_extension`` (not when the text appears
-anywhere in its path).
+anywhere in its path). ``~`` in the folders is expanded; the listed paths keep the folders as given
+otherwise (relative ones stay relative, as in Quadra).
 """
 
 from __future__ import annotations
@@ -36,8 +37,9 @@ def get_image_mask_association(
     mask_extension: str = "",
     warning_on_missing_mask: bool = True,
 ) -> list[dict[str, str | None]]:
-    """List ``{"base_name", "path", "mask"}`` for every image under ``data_folder`` (mask None if absent)."""
-    data = Path(data_folder)
+    """List ``{"base_name", "path", "mask"}`` for every image under ``data_folder`` (mask None if absent; ``~``
+    expanded in both folders)."""
+    data = Path(data_folder).expanduser()
     if not data.is_dir():
         raise AssociationError(f"data_folder {data} does not exist or is not a folder; point it at your images")
     if mask_folder is None and not mask_extension:
@@ -49,7 +51,7 @@ def get_image_mask_association(
         masks = [p for p in files if p.stem.endswith(mask_extension)]
         images = [p for p in files if not p.stem.endswith(mask_extension)]
     else:
-        mdir = Path(mask_folder)
+        mdir = Path(mask_folder).expanduser()
         if not mdir.is_dir():
             raise AssociationError(
                 f"mask_folder {mdir} does not exist or is not a folder; point it at your masks, or leave it "
