@@ -40,7 +40,7 @@ def dataset_flow(config: DatasetFlowConfig, config_file: str | None = None) -> s
         association = associate_task(config.data)
         key = fingerprint_task(association, class_to_idx, config.dataset)
         done = dataset_is_current(out, key)
-        if config.runner.kind == "dask" and (config.force or not done):  # shards on the cluster; the cached task finishes
+        if config.runner.kind == "dask" and (config.force or not done):  # shards on the cluster, the task publishes
             build_shards_on_dask(config.runner, association, class_to_idx, config.dataset, key, root)
         generate = cached_stage(generate_task, root, config.force, done)
         return generate(association, class_to_idx, config.dataset, key, config.force)

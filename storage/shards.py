@@ -21,8 +21,9 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from storage.layout import DatasetFormatError, write_atomic
 
@@ -119,7 +120,8 @@ def shard_ranges(n_items: int, per_shard: int) -> list[tuple[int, int]]:
     return [(s, min(s + per_shard, n_items)) for s in range(0, n_items, per_shard)]
 
 
-def prune_stale_partials(folder: Path, max_age_days: float = 7.0, patterns: tuple[str, ...] = ("*.partial",)) -> list[Path]:
+def prune_stale_partials(folder: Path, max_age_days: float = 7.0,
+                         patterns: tuple[str, ...] = ("*.partial",)) -> list[Path]:
     """Remove partial folders under ``folder`` untouched for ``max_age_days`` (killed builds of inputs never run
     again). ``folder`` is a storage-root folder and ``patterns`` are constants (never a user path)."""
     removed = []

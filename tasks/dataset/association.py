@@ -23,6 +23,7 @@ class AssociationError(ValueError):
 
 
 def _list_images(folder: Path, recursive: bool = True) -> list[Path]:
+    """Image files under ``folder`` (or directly in it), sorted; no folders, hidden files or other types."""
     it = folder.rglob("*") if recursive else folder.glob("*")
     return sorted(
         p
@@ -46,33 +47,8 @@ def get_image_mask_association(
         raise AssociationError(
             "without mask_folder, mask_extension (e.g. '_mask') is needed to tell masks from images in data_folder"
         )
-    files = _list_images(data)
-    if mask_folder is None:
-        masks = [p for p in files if p.stem.endswith(mask_extension)]
-        images = [p for p in files if not p.stem.endswith(mask_extension)]
-    else:
-        mdir = Path(mask_folder).expanduser()
-        if not mdir.is_dir():
-            raise AssociationError(
-                f"mask_folder {mdir} does not exist or is not a folder; point it at your masks, or leave it "
-                "unset (with a mask_extension) when the masks sit among the images"
-            )
-        masks = _list_images(mdir, recursive=False)
-        images = files
-    if not images:
-        raise AssociationError(
-            f"no image files ({', '.join(IMAGE_EXTENSIONS)}) found under {data}; check data_folder"
-        )
-    by_stem: dict[str, list[Path]] = defaultdict(list)
-    for p in images:
-        by_stem[p.stem].append(p)
-    dupes = {s: v for s, v in by_stem.items() if len(v) > 1}
-    if dupes:
-        s, v = next(iter(dupes.items()))
-        raise AssociationError(
-            f"{len(dupes)} image stems are used by several files, e.g. {s!r}: {[str(x) for x in v]}; "
-            "patch names are <stem>_<index>, so rename or remove the duplicates"
-        )
+    images, masks = _images_and_masks(data, mask_folder, mask_extension)
+    _check_unique_stems(images)
     mask_by_key: dict[str, list[Path]] = defaultdict(list)
     for m in masks:
         mask_by_key[m.stem].append(m)
@@ -93,3 +69,39 @@ def get_image_mask_association(
     logger.info("%d images with a mask, %d without", len(out) - missing, missing)
     return out
 
+
+def _images_and_masks(data: Path, mask_folder: str | None, mask_extension: str) -> tuple[list[Path], list[Path]]:
+    """The images under ``data`` and the candidate masks: among the images (stem ending in ``mask_extension``)
+    without a mask folder, else the image files directly in ``mask_folder``."""
+    files = _list_images(data)
+    if mask_folder is None:
+        masks = [p for p in files if p.stem.endswith(mask_extension)]
+        images = [p for p in files if not p.stem.endswith(mask_extension)]
+    else:
+        mdir = Path(mask_folder).expanduser()
+        if not mdir.is_dir():
+            raise AssociationError(
+                f"mask_folder {mdir} does not exist or is not a folder; point it at your masks, or leave it "
+                "unset (with a mask_extension) when the masks sit among the images"
+            )
+        masks = _list_images(mdir, recursive=False)
+        images = files
+    if not images:
+        raise AssociationError(
+            f"no image files ({', '.join(IMAGE_EXTENSIONS)}) found under {data}; check data_folder"
+        )
+    return images, masks
+
+
+def _check_unique_stems(images: list[Path]) -> None:
+    """Patch names are ``<stem>_<index>``: two images with one stem are refused."""
+    by_stem: dict[str, list[Path]] = defaultdict(list)
+    for p in images:
+        by_stem[p.stem].append(p)
+    dupes = {s: v for s, v in by_stem.items() if len(v) > 1}
+    if dupes:
+        s, v = next(iter(dupes.items()))
+        raise AssociationError(
+            f"{len(dupes)} image stems are used by several files, e.g. {s!r}: {[str(x) for x in v]}; "
+            "patch names are <stem>_<index>, so rename or remove the duplicates"
+        )

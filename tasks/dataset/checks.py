@@ -1,17 +1,18 @@
 """Every check of a patch dataset build, before anything is written or deleted.
 
 :func:`check_build` checks the parameters (:func:`check_params`: a bad one is a ``tasks.config.ConfigError``,
-a ValueError that the CLI prints as one line with exit code 2), the images (names and stems: :class:`InputDataError`) and the
-output folder (it may replace it, and it holds none of the inputs: ``tasks/dataset/output.py``).
+a ValueError that the CLI prints as one line with exit code 2), the images (names and stems:
+:class:`InputDataError`) and the output folder (it may replace it, and it holds none of the inputs:
+``tasks/dataset/output.py``).
 """
 
 from __future__ import annotations
 
 import os
 import pickle
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
-from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
@@ -75,7 +76,8 @@ def check_params(p: DatasetParams, from_disk: bool) -> DatasetParams:
     if p.val_size < 0 or p.test_size < 0 or p.val_size + p.test_size > 1:
         raise param_error(f"val_size and test_size must be >= 0 with a sum <= 1 (got {p.val_size}, {p.test_size})")
     if p.save_mask and not p.mask_extension and p.mask_output_folder is None:
-        raise param_error("save_mask needs a mask_extension or a mask_output_folder, or patch masks would overwrite patches")
+        raise param_error("save_mask needs a mask_extension or a mask_output_folder, "
+                          "or patch masks would overwrite patches")
     for name in ("num_workers", "repeat_good_images", "shard_images"):
         value = getattr(p, name)
         if not is_int(value) or value < 1:
@@ -87,8 +89,8 @@ def check_params(p: DatasetParams, from_disk: bool) -> DatasetParams:
     _check_preprocessing(p.mask_preprocessing, p.num_workers, from_disk)
     return replace(
         p, class_to_idx={k: int(v) for k, v in p.class_to_idx.items()}, val_size=float(p.val_size),
-        test_size=float(p.test_size), seed=int(p.seed), patch_number=_pair(p.patch_number), patch_size=_pair(p.patch_size),
-        overlap=float(p.overlap), area_threshold=float(p.area_threshold),
+        test_size=float(p.test_size), seed=int(p.seed), patch_number=_pair(p.patch_number),
+        patch_size=_pair(p.patch_size), overlap=float(p.overlap), area_threshold=float(p.area_threshold),
         area_defect_threshold=float(p.area_defect_threshold), repeat_good_images=int(p.repeat_good_images),
         annotated_good=tuple(p.annotated_good or ()), num_workers=int(p.num_workers), shard_images=int(p.shard_images),
         max_image_pixels=_as_config_error(lambda: pixel_limit(p.max_image_pixels)),
@@ -111,10 +113,8 @@ def _check_classes(class_to_idx: dict[str, int], annotated_good: Sequence[str] |
     values = list(class_to_idx.values())
     if len(set(values)) != len(values):
         raise param_error(f"class_to_idx values must be distinct integers in 0..255, got {str(class_to_idx)[:300]}")
-    bad_names = [
-        k for k in class_to_idx
-        if not isinstance(k, str) or not k or k.startswith(".") or any(c in k for c in ",/\\\n\r") or k == layout.NONE_CLASS
-    ]
+    bad_names = [k for k in class_to_idx if not isinstance(k, str) or not k or k.startswith(".")
+                 or any(c in k for c in ",/\\\n\r") or k == layout.NONE_CLASS]
     if bad_names:
         raise InputDataError(
             f"class names {bad_names} cannot be used: they name folders and dataset.txt fields "
@@ -146,7 +146,8 @@ def _check_preprocessing(fn: Callable[..., Any] | None, num_workers: int, from_d
 
 def image_jobs(data_dictionary: Sequence[dict[str, Any]]) -> list[Job]:
     """One job per image of ``data_dictionary``; names become file names, and stems must be unique."""
-    jobs, seen = [], {}
+    jobs: list[Job] = []
+    seen: dict[str, str] = {}
     for i, item in enumerate(data_dictionary):
         try:
             path, mask = str(item["path"]), item.get("mask")

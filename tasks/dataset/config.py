@@ -25,10 +25,11 @@ class DataSection(StrictModel):
     mask_extension: str = Field("", description="Mask file = <image stem><mask_extension>.<any image ext>")
     warning_on_missing_mask: bool = True
     class_to_idx: dict[str, StrictInt] | None = Field(None, description="Class name -> mask value; 0 = background")
-    class_to_idx_file: str | None = Field(None, description="JSON file with class_to_idx (used when class_to_idx is not set)")
+    class_to_idx_file: str | None = Field(
+        None, description="JSON file with class_to_idx (used when class_to_idx is not set)")
 
     @model_validator(mode="after")
-    def _one_class_map(self) -> "DataSection":
+    def _one_class_map(self) -> DataSection:
         if self.class_to_idx is None and self.class_to_idx_file is None:
             raise ValueError("set data.class_to_idx or data.class_to_idx_file")
         return self
@@ -46,7 +47,7 @@ class DataSection(StrictModel):
             raise ConfigError(f"data.class_to_idx_file {path} must map class names to integer mask values, "
                               f"not hold a {type(data).__name__}")
         for name, value in data.items():
-            if type(value) is not int:  # noqa: E721 - true/false and 1.0 are not mask values
+            if type(value) is not int:  # true/false and 1.0 are not mask values
                 raise ConfigError(f"data.class_to_idx_file {path} must map class names to integer mask values: "
                                   f"class {clip(repr(name))} maps to {clip(json.dumps(value))} "
                                   f"({type(value).__name__}); write a whole number such as 1")
@@ -68,12 +69,14 @@ class GenerationSection(StrictModel):
 
     output_folder: str = Field(
         "extraction_data",
-        description="Patch dataset folder (replaced as a whole on rerun; ~ expanded, a symlink is followed to its target)",
+        description="Patch dataset folder (replaced as a whole on rerun; ~ expanded, a symlink is followed to its "
+        "target)",
     )
     val_size: float = Field(0.3, ge=0, le=1, description="Share of images in val")
     test_size: float = Field(0.0, ge=0, le=1, description="Share of images in test")
     seed: StrictInt = 42
-    patch_number: tuple[StrictInt, StrictInt] | None = Field(None, description="[n_vertical, n_horizontal] patches per image")
+    patch_number: tuple[StrictInt, StrictInt] | None = Field(
+        None, description="[n_vertical, n_horizontal] patches per image")
     patch_size: tuple[StrictInt, StrictInt] | None = Field(None, description="[height, width] of patches in pixels")
     overlap: float = Field(0.0, ge=0, lt=1)
     save_original_images_and_masks: bool = True
@@ -83,14 +86,17 @@ class GenerationSection(StrictModel):
     mask_output_folder: str | None = None
     save_mask: bool = False
     clear_output_folder: bool = False
-    mask_preprocessing: str | None = Field(None, description="Import path 'module:function' of a mask preprocessing function")
+    mask_preprocessing: str | None = Field(
+        None, description="Import path 'module:function' of a mask preprocessing function")
     train_filename: str = "dataset.txt"
     repeat_good_images: StrictInt = Field(1, ge=1)
     balance_defects: bool = True
     annotated_good: list[str] | None = None
     num_workers: StrictInt = Field(1, ge=1)
-    missing_mask: Literal["test", "good"] = Field("test", description="Images without a mask: to test/None, or treated as defect-free")
-    shard_images: StrictInt = Field(256, ge=1, description="Images per shard: the unit of parallel work (runner.kind=dask) and of resume")
+    missing_mask: Literal["test", "good"] = Field(
+        "test", description="Images without a mask: to test/None, or treated as defect-free")
+    shard_images: StrictInt = Field(
+        256, ge=1, description="Images per shard: the unit of parallel work (runner.kind=dask) and of resume")
     max_image_pixels: StrictInt | None = Field(
         None, ge=1, description="Images larger than this (pixels, read from the header) are refused before decoding; "
         "None: $PATCHFLOW_MAX_IMAGE_PIXELS, else 200000000 (docs/bad-inputs.md, section M)")
@@ -104,7 +110,7 @@ class GenerationSection(StrictModel):
         return sixteen_bit_json(parse_sixteen_bit(value, "dataset.sixteen_bit"))
 
     @model_validator(mode="after")
-    def _one_geometry(self) -> "GenerationSection":
+    def _one_geometry(self) -> GenerationSection:
         if (self.patch_number is None) == (self.patch_size is None):
             raise ValueError("set exactly one of dataset.patch_number or dataset.patch_size")
         if self.val_size + self.test_size > 1:
@@ -124,6 +130,8 @@ class DatasetFlowConfig(StrictModel):
 
     data: DataSection
     dataset: GenerationSection
-    storage_root: str | None = Field(None, description="Results/cache/locks root (default $PATCHFLOW_STORAGE_ROOT or ./.patchflow)")
+    storage_root: str | None = Field(
+        None, description="Results/cache/locks root (default $PATCHFLOW_STORAGE_ROOT or ./.patchflow)")
     force: bool = Field(False, description="Rebuild the dataset even if an identical one exists")
-    runner: RunnerSection = Field(default_factory=RunnerSection, description="Where image shards run (thread or a Dask cluster)")
+    runner: RunnerSection = Field(
+        default_factory=RunnerSection, description="Where image shards run (thread or a Dask cluster)")

@@ -12,9 +12,9 @@ import contextlib
 import hashlib
 import os
 import signal
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
 
 import cv2
 import numpy as np
@@ -22,6 +22,9 @@ import numpy as np
 from storage import layout
 from storage.geometry import PatchGrid, compute_grid
 from storage.h5files import SamplingRegion, encode_region
+from tasks.dataset.labelling import Components, label_components, label_patches
+from tasks.dataset.params import DatasetParams
+from tasks.dataset.regions import compute_regions, dataset_lines
 from tasks.imageio import (
     Decoding,
     InputDataError,
@@ -29,12 +32,10 @@ from tasks.imageio import (
     decode_mask,
     encode_png,
     image_header,
+    max_image_pixels,
     parse_sixteen_bit,
     read_bytes,
 )
-from tasks.dataset.labelling import Components, label_components, label_patches
-from tasks.dataset.params import DatasetParams
-from tasks.dataset.regions import compute_regions, dataset_lines
 
 
 @dataclass
@@ -79,11 +80,20 @@ def init_worker(params: DatasetParams, root: Path) -> None:
     cv2.setNumThreads(1)
 
 
+def _worker() -> tuple[DatasetParams, Path]:
+    """This process's build parameters and build folder (:func:`init_worker`)."""
+    if _PARAMS is None or _ROOT is None:
+        raise RuntimeError("init_worker was not called in this process")
+    return _PARAMS, _ROOT
+
+
 LIMIT_SETTING = "dataset.max_image_pixels"
 
 
 def _decoding(p: DatasetParams) -> Decoding:
-    return Decoding(p.max_image_pixels, LIMIT_SETTING, parse_sixteen_bit(p.sixteen_bit, "dataset.sixteen_bit"))
+    """How this build decodes images: its pixel limit and 16-bit rule."""
+    return Decoding(max_image_pixels(p.max_image_pixels), LIMIT_SETTING,
+                    parse_sixteen_bit(p.sixteen_bit, "dataset.sixteen_bit"))
 
 
 def init_pool_worker(params: DatasetParams, root: Path) -> None:
@@ -117,7 +127,7 @@ def _size_mismatch(job: Job, mask_hw: tuple[int, int], h: int, w: int, orientati
 
 def scan_image(job: Job) -> tuple[tuple[int, int], list[int] | None, bool]:
     """Phase 1: image size from its header (pixel limit checked), mask values (for the split), all validated."""
-    p = _PARAMS
+    p, _ = _worker()
     hdr = image_header(job.path, _decoding(p))  # header only: the pixels are decoded once, in phase 2
     h, w = hdr.height, hdr.width
     mask, mask_data = _load_mask(job, p)
@@ -142,13 +152,14 @@ def _grid(job: Job, p: DatasetParams) -> PatchGrid:
 
 def process_image(job: Job) -> Result:
     """Phase 2: copy originals, write h5 regions (train) or patches (val/test) for one image."""
-    p, root = _PARAMS, _ROOT
+    p, root = _worker()
     data = read_bytes(job.path)
     # train images are only validated (a reduced decode); val/test patches need the pixels (grayscale
     # files stay 1-channel: the patches read back as the same BGR pixels, written ~3x faster)
     img = decode_image(data, job.path, reduced=job.split == "train", keep_gray=True, decoding=_decoding(p))
     if job.split != "train" and img.shape[:2] != job.size:
-        raise InputDataError(f"{job.path}: decoded size {img.shape[:2]} differs from its header {job.size}; re-save the image")
+        raise InputDataError(f"{job.path}: decoded size {img.shape[:2]} differs from its header {job.size}; "
+                             "re-save the image")
     mask, mask_data = _processed_mask(job, p)
     res = Result()
     _save_originals(res, root, job, p, data, mask, mask_data)
@@ -183,7 +194,7 @@ def _save_originals(res: Result, root: Path, job: Job, p: DatasetParams, data: b
     else:
         res.image_entry = str(Path(job.path).resolve())
     if job.mask is not None:
-        if p.save_original_images_and_masks or p.mask_preprocessing is not None:  # processed masks are always saved (B19)
+        if p.save_original_images_and_masks or p.mask_preprocessing is not None:  # processed masks: always saved (B19)
             res.mask_entry = f"original/masks/{job.stem}.png"
             res.put(root, res.mask_entry, mask_data if mask_data is not None else encode_png(mask, res.mask_entry))
         else:
@@ -193,7 +204,8 @@ def _save_originals(res: Result, root: Path, job: Job, p: DatasetParams, data: b
 def _write_regions(res: Result, root: Path, job: Job, p: DatasetParams, mask: np.ndarray | None,
                    components: Components | None, grid: PatchGrid) -> None:
     """A train image: one h5 sampling file per region, its ``dataset.txt`` lines and labelled mask."""
-    good_idx = {p.class_to_idx[n] for n in p.annotated_good}
+    annotated_good = set(p.annotated_good or ())
+    good_idx = {p.class_to_idx[n] for n in annotated_good}
     class_names = {v: k for k, v in p.class_to_idx.items()}
     good, comps = compute_regions(mask, components, (grid.patch_h, grid.patch_w), class_names, good_idx)
     for region in ([good] if good is not None else []) + comps:
@@ -207,7 +219,7 @@ def _write_regions(res: Result, root: Path, job: Job, p: DatasetParams, mask: np
                 labelled_index=region.labelled_index,
             ),
         ))
-    res.lines = dataset_lines(job.stem, good, comps, set(p.annotated_good), p.repeat_good_images, p.balance_defects)
+    res.lines = dataset_lines(job.stem, good, comps, annotated_good, p.repeat_good_images, p.balance_defects)
     if components is not None and len(components.classes) > 1:
         rel = f"original/labelled_masks/{job.stem}.png"
         res.put(root, rel, encode_png(components.labels.astype(np.uint16), rel))

@@ -3,7 +3,8 @@
 A build replaces its output folder as a whole, so it is refused, before anything is written or deleted,
 when an input (image, mask, class map file, config file, the storage root) lies inside that folder; the
 flow also refuses an output folder inside its images or masks folder (a rerun would read its own
-patches as images): :func:`check_dataset_paths`, run by the CLI before Prefect starts and by the flow. Output folders are user paths: ``~`` expanded, symlinks followed (a linked folder is
+patches as images): :func:`check_dataset_paths`, run by the CLI before Prefect starts and by the flow.
+Output folders are user paths: ``~`` expanded, symlinks followed (a linked folder is
 built beside its target, and the target is replaced, never the link). Image and class names become
 file names and ``dataset.txt`` fields, so commas, line breaks and path separators are refused.
 """
@@ -11,8 +12,8 @@ file names and ``dataset.txt`` fields, so commas, line breaks and path separator
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from storage import layout

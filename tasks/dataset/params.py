@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import importlib
 import os
-from dataclasses import dataclass
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np

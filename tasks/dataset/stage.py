@@ -31,7 +31,8 @@ logger = logging.getLogger("patchflow.dataset")
 
 
 def dataset_fingerprint(association: list[dict[str, Any]], class_to_idx: dict[str, int], gen: GenerationSection) -> str:
-    """Content key of a dataset: image and mask bytes, their names, class map and every parameter that changes output."""
+    """Content key of a dataset: image and mask bytes, their names, class map and every parameter that changes
+    output."""
     params = gen.model_dump(
         mode="json", exclude={"num_workers", "clear_output_folder", "output_folder", "shard_images", "max_image_pixels"}
     )
@@ -59,16 +60,16 @@ def fingerprint_task(association: list[dict[str, Any]], class_to_idx: dict[str, 
 
 
 @task(name="generate-patch-dataset", persist_result=True)
-def generate_task(
-    association: list[dict[str, Any]], class_to_idx: dict[str, int], gen: GenerationSection, key: str, force: bool = False
-) -> str:
+def generate_task(association: list[dict[str, Any]], class_to_idx: dict[str, int], gen: GenerationSection, key: str,
+                  force: bool = False) -> str:
     """Build the patch dataset; returns its folder (cached on ``key``; reused if a concurrent run built it)."""
     return build_once(output_folder_path(gen.output_folder), force, lambda out: dataset_is_current(out, key),
                       lambda: build_patch_dataset([dict(a) for a in association], gen.build_params(class_to_idx, key)))
 
 
 @task(name="plan-patch-dataset", cache_policy=NO_CACHE)
-def plan_dataset_task(association: list[dict[str, Any]], class_to_idx: dict[str, int], gen: GenerationSection, key: str) -> str:
+def plan_dataset_task(association: list[dict[str, Any]], class_to_idx: dict[str, int], gen: GenerationSection,
+                      key: str) -> str:
     """Validate inputs and prepare (or resume) the build folder for sharded generation; returns it."""
     return str(plan_build([dict(a) for a in association], gen.build_params(class_to_idx, key)))
 

@@ -81,7 +81,8 @@ def planned_part(data: dict[str, Any]) -> dict[str, Any]:
     """``plan_data`` without what the scan fills in and the parameters that change no output byte: two plans of
     one build (a killed one and its rerun) agree on this."""
     keep = [i for i, name in enumerate(JOB_FIELDS) if name not in SCAN_FIELDS]
-    jobs = [[j[i] for i in keep] if isinstance(j, list) and len(j) == len(JOB_FIELDS) else j for j in data.get("jobs", [])]
+    jobs = [[j[i] for i in keep] if isinstance(j, list) and len(j) == len(JOB_FIELDS) else j
+            for j in data.get("jobs", [])]
     params = data.get("params")
     if isinstance(params, dict):
         params = {k: v for k, v in params.items() if k not in RUNTIME_FIELDS}
@@ -128,13 +129,16 @@ def _params(d: dict[str, Any], mask_preprocessing: Callable[..., Any] | None) ->
     kw.update({name: float(kw[name]) for name, types in PARAM_TYPES.items() if types == NUMBER})
     classes = _check(d["class_to_idx"], dict, "class_to_idx")
     kw["class_to_idx"] = {_check(k, str, "class name"): _check(v, int, "class index") for k, v in classes.items()}
-    kw["patch_number"], kw["patch_size"] = _ints(d["patch_number"], "patch_number", 2), _ints(d["patch_size"], "patch_size", 2)
-    kw["annotated_good"] = tuple(_check(n, str, "annotated_good") for n in _check(d["annotated_good"], list, "annotated_good"))
+    kw["patch_number"] = _ints(d["patch_number"], "patch_number", 2)
+    kw["patch_size"] = _ints(d["patch_size"], "patch_size", 2)
+    good = _check(d["annotated_good"], list, "annotated_good")
+    kw["annotated_good"] = tuple(_check(n, str, "annotated_good") for n in good)
     kw["sixteen_bit"] = parse_sixteen_bit(d["sixteen_bit"], "sixteen_bit")
     if mask_preprocessing is None and d.get("mask_preprocessing") is not None:
         mask_preprocessing = import_callable(_check(d["mask_preprocessing"], str, "mask_preprocessing"))
     elif mask_preprocessing is None and d.get("mask_preprocessing_in_memory"):
-        raise TypeError("its mask_preprocessing was a function passed in memory; only the call that planned it can run it")
+        raise TypeError("its mask_preprocessing was a function passed in memory; "
+                        "only the call that planned it can run it")
     return DatasetParams(**kw, mask_preprocessing=mask_preprocessing)
 
 
@@ -191,8 +195,9 @@ def write_marker(tmp: str | Path, shard: int, jobs: list[int], results: list[Res
 def _result(d: dict[str, Any]) -> Result:
     """A stored result, checked."""
     _check(d, dict, "result")
+    counts = _check(d["counts"], dict, "counts")
     res = Result(lines=[_check(s, str, "line") for s in _check(d["lines"], list, "lines")],
-                 counts={_check(k, str, "class"): _check(v, int, "count") for k, v in _check(d["counts"], dict, "counts").items()},
+                 counts={_check(k, str, "class"): _check(v, int, "count") for k, v in counts.items()},
                  image_entry=_check(d["image_entry"], str, "image_entry"),
                  mask_entry=_check(d["mask_entry"], (str, type(None)), "mask_entry"))
     for rel, rec in _check(d["files"], dict, "files").items():
