@@ -53,7 +53,7 @@ def check_build(data_dictionary: Sequence[dict[str, Any]], params: DatasetParams
     return CheckedBuild(p, jobs, out, inputs)
 
 
-def is_int(value: Any) -> bool:
+def _is_int(value: Any) -> bool:
     """A whole number given as one: an int (numpy's too), not a bool and not a float like 1.0."""
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
@@ -80,11 +80,11 @@ def check_params(p: DatasetParams, from_disk: bool) -> DatasetParams:
                           "or patch masks would overwrite patches")
     for name in ("num_workers", "repeat_good_images", "shard_images"):
         value = getattr(p, name)
-        if not is_int(value) or value < 1:
+        if not _is_int(value) or value < 1:
             raise param_error(f"{name} must be an integer >= 1, got {value!r} ({type(value).__name__})")
     if p.missing_mask not in ("test", "good"):
         raise param_error(f"missing_mask must be 'test' or 'good', got {p.missing_mask!r}")
-    if not is_int(p.seed):
+    if not _is_int(p.seed):
         raise param_error(f"seed must be an integer, got {p.seed!r} ({type(p.seed).__name__})")
     _check_preprocessing(p.mask_preprocessing, p.num_workers, from_disk)
     return replace(
@@ -99,6 +99,7 @@ def check_params(p: DatasetParams, from_disk: bool) -> DatasetParams:
 
 
 def _pair(value: Sequence[int] | None) -> tuple[int, int] | None:
+    """A checked ``[vertical, horizontal]`` pair as a tuple of plain ints."""
     return (int(value[0]), int(value[1])) if value is not None else None
 
 
@@ -107,7 +108,7 @@ def _check_classes(class_to_idx: dict[str, int], annotated_good: Sequence[str] |
     if not class_to_idx or 0 not in class_to_idx.values():
         raise param_error(f"class_to_idx must map a background class to 0, got {class_to_idx}")
     for name, v in class_to_idx.items():
-        if not is_int(v) or not 0 <= v <= 255:
+        if not _is_int(v) or not 0 <= v <= 255:
             raise param_error(f"class_to_idx[{str(name)[:100]!r}] = {v!r} ({type(v).__name__}): class_to_idx values "
                               "must be distinct integers in 0..255 (not true/false or 1.0)")
     values = list(class_to_idx.values())
