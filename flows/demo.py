@@ -12,10 +12,11 @@ from typing import Sequence
 
 from tasks.cli import run_cli
 from tasks.config import load_config
+from tasks.dataset.config import DatasetFlowConfig
 from tasks.demo_data import make_demo_dataset
 from tasks.evaluation.scoring import headline
 
-from flows.dataset import DatasetFlowConfig, dataset_flow
+from flows.dataset import dataset_flow
 from flows.train import TrainFlowConfig, train_flow
 
 HERE = Path(__file__).resolve().parents[1] / "deployments"

@@ -15,6 +15,7 @@ from prefect import flow
 
 from tasks.cli import cli_main, run_cli
 from tasks.config import ensure_storage_root, validate_config
+from tasks.dataset.config import DatasetFlowConfig
 from tasks.retrain import (
     RetrainFlowConfig,
     comparison_config,
@@ -25,7 +26,7 @@ from tasks.retrain import (
     train_config,
 )
 
-from flows.dataset import DatasetFlowConfig, dataset_flow
+from flows.dataset import dataset_flow
 from flows.evaluate import evaluate_flow
 from flows.train import train_flow
 

@@ -21,8 +21,9 @@ import os
 import re
 import shutil
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from storage.paths import siblings_with_prefix
 
@@ -171,7 +172,8 @@ def build_folder_pattern(root: Path) -> re.Pattern[str]:
     """Names of the hidden siblings a build of ``root`` makes: ``.<name>.partial-<16 hex>`` (resumable build),
     ``.<name>.tmp-<pid>-<8 hex>`` (one-off build) and ``.<name>.old-<8 hex>`` (a replaced dataset being removed).
     Matched literally: the folder name is escaped, never used as a glob pattern."""
-    return re.compile(rf"\.{re.escape(Path(root).name)}\.(partial-[0-9a-f]{{16}}|tmp-\d+-[0-9a-f]{{8}}|old-[0-9a-f]{{8}})")
+    kinds = r"partial-[0-9a-f]{16}|tmp-\d+-[0-9a-f]{8}|old-[0-9a-f]{8}"
+    return re.compile(rf"\.{re.escape(Path(root).name)}\.({kinds})")
 
 
 def stale_build_folders(root: Path, keep: Path | None = None) -> list[Path]:
@@ -181,7 +183,8 @@ def stale_build_folders(root: Path, keep: Path | None = None) -> list[Path]:
             if pattern.fullmatch(p.name) and p.is_dir() and not p.is_symlink() and p != keep]
 
 
-_HELD_LOCKS: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar("patchflow_build_locks", default=frozenset())
+_HELD_LOCKS: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar("patchflow_build_locks",
+                                                                            default=frozenset())
 
 
 def lock_path(root: Path) -> Path:
@@ -252,15 +255,6 @@ def publish(tmp: Path, root: Path) -> None:
     os.replace(tmp, root)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def relative_or_absolute(path: str | os.PathLike[str], root: Path) -> str:
-    """Path string as stored in info.json: relative to root when inside it, else absolute."""
-    p = Path(path)
-    try:
-        return p.resolve().relative_to(Path(root).resolve()).as_posix()
-    except ValueError:
-        return str(p.resolve())
 
 
 def resolve_path(stored: str | None, root: Path) -> Path | None:

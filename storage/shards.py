@@ -21,8 +21,9 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from storage.layout import DatasetFormatError, write_atomic
 
@@ -38,10 +39,12 @@ class ShardStateError(DatasetFormatError):
 class ShardState:
     """The state folder of one partial build: its plan and its shard markers."""
 
-    def __init__(self, part: str | Path, state_dir: str = ".shards", marker_prefix: str = "") -> None:
+    def __init__(self, part: str | Path, state_dir: str = ".shards", marker_prefix: str = "",
+                 stage: str = "the stage") -> None:
         self.part = Path(part)
         self.dir = self.part / state_dir
         self.prefix = marker_prefix
+        self.stage = stage  # named in the messages: "rerun <stage> to resume"
 
     @property
     def plan_path(self) -> Path:
@@ -62,9 +65,11 @@ class ShardState:
         try:
             plan = json.loads(self.plan_path.read_text())
         except (OSError, UnicodeDecodeError, ValueError) as exc:
-            raise ShardStateError(f"{self.plan_path}: no readable build plan ({exc}); rerun the stage to start over") from None
+            raise ShardStateError(
+                f"{self.plan_path}: no readable build plan ({exc}); rerun {self.stage} to start over"
+            ) from None
         if not isinstance(plan, dict):
-            raise ShardStateError(f"{self.plan_path} is not a build plan; rerun the stage to start over")
+            raise ShardStateError(f"{self.plan_path} is not a build plan; rerun {self.stage} to start over")
         return plan
 
     def mark(self, index: int, record: dict[str, Any]) -> None:
@@ -95,11 +100,13 @@ class ShardState:
         """Indices of the first ``count`` shards that are not finished (or fail ``check``)."""
         return [i for i in range(count) if self.finished(i, check) is None]
 
-    def require_all(self, count: int, check: Callable[[dict[str, Any]], bool] | None = None) -> None:
-        """Raise :class:`ShardStateError` unless all ``count`` shards are finished."""
-        todo = self.missing(count, check)
+    def require_all(self, count: int, check: Callable[[dict[str, Any]], bool] | None = None) -> list[dict[str, Any]]:
+        """The markers of all ``count`` shards, in order; :class:`ShardStateError` naming the unfinished ones."""
+        records = [self.finished(i, check) for i in range(count)]
+        todo = [i for i, rec in enumerate(records) if rec is None]
         if todo:
-            raise ShardStateError(f"{self.part}: shards {todo} are not finished; rerun the stage to resume")
+            raise ShardStateError(f"{self.part}: shards {todo} are not finished; rerun {self.stage} to resume")
+        return [rec for rec in records if rec is not None]
 
     def clear(self) -> None:
         """Remove the state folder (when the output itself must not keep it)."""
@@ -113,7 +120,8 @@ def shard_ranges(n_items: int, per_shard: int) -> list[tuple[int, int]]:
     return [(s, min(s + per_shard, n_items)) for s in range(0, n_items, per_shard)]
 
 
-def prune_stale_partials(folder: Path, max_age_days: float = 7.0, patterns: tuple[str, ...] = ("*.partial",)) -> list[Path]:
+def prune_stale_partials(folder: Path, max_age_days: float = 7.0,
+                         patterns: tuple[str, ...] = ("*.partial",)) -> list[Path]:
     """Remove partial folders under ``folder`` untouched for ``max_age_days`` (killed builds of inputs never run
     again). ``folder`` is a storage-root folder and ``patterns`` are constants (never a user path)."""
     removed = []

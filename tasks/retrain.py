@@ -17,7 +17,7 @@ from pydantic import Field
 
 from storage.fingerprint import combine, params_digest
 from tasks.config import StrictModel
-from tasks.dataset.stage import DataSection, GenerationSection
+from tasks.dataset.config import DataSection, GenerationSection
 from tasks.evaluation.stage import EvaluateFlowConfig
 from tasks.features.stage import dataset_key
 from tasks.model.config import DatamoduleSection, TrainFlowConfig

@@ -160,3 +160,13 @@ def test_missing_mask_warning(tmp_path, caplog):
     with caplog.at_level("WARNING"):
         get_image_mask_association(str(data), str(masks), warning_on_missing_mask=False)
     assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
+def test_tilde_in_folders_is_expanded(tmp_path, monkeypatch):
+    """``data.images: ~/raw/images`` (config or API) is the home folder's, as output folders are."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    write_png(tmp_path / "raw" / "images" / "a.png")
+    write_png(tmp_path / "raw" / "masks" / "a.png", channels=1)
+    assoc = get_image_mask_association("~/raw/images", "~/raw/masks")
+    assert assoc == [{"base_name": "a.png", "path": str(tmp_path / "raw" / "images" / "a.png"),
+                      "mask": str(tmp_path / "raw" / "masks" / "a.png")}]

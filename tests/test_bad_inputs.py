@@ -694,7 +694,7 @@ def test_61_override_into_a_value_that_is_not_a_section() -> None:
 
 
 def test_62_dataset_config_geometry_and_class_map() -> None:
-    from flows.dataset import DatasetFlowConfig
+    from tasks.dataset.config import DatasetFlowConfig
 
     base = ["data.images=imgs", "data.class_to_idx={bg: 0, a: 1}"]
     expect(ConfigError, lambda: load_config(DatasetFlowConfig, None, [*base, "dataset.val_size=0.2"]),
@@ -704,7 +704,7 @@ def test_62_dataset_config_geometry_and_class_map() -> None:
 
 
 def test_63_class_to_idx_file_unreadable(tmp_path: Path) -> None:
-    from tasks.dataset.stage import DataSection
+    from tasks.dataset.config import DataSection
 
     bad = tmp_path / "classes.json"
     bad.write_text("{bg: 0")

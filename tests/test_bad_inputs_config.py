@@ -225,7 +225,7 @@ def test_135_train_config_counts_seeds_and_indices_are_strict(override: str, key
     ],
 )
 def test_135_dataset_config_counts_seeds_and_indices_are_strict(override: str, key: str) -> None:
-    from flows.dataset import DatasetFlowConfig
+    from tasks.dataset.config import DatasetFlowConfig
 
     base = ["data.images=imgs", "data.class_to_idx={bg: 0, a: 1}", "dataset.patch_number=[2, 2]"]
     expect(ConfigError, lambda: load_config(DatasetFlowConfig, None, [*base, override]), f"'{key}'",
@@ -250,7 +250,7 @@ def test_135_evaluate_predict_retrain_configs_are_strict() -> None:
 
 
 def test_135_floats_stay_lax_and_tuples_take_lists() -> None:
-    from flows.dataset import DatasetFlowConfig
+    from tasks.dataset.config import DatasetFlowConfig
 
     cfg = load_config(DatasetFlowConfig, None, ["data.images=imgs", "data.class_to_idx={bg: 0, a: 1}",
                                                 "dataset.patch_size=[64, 32]", "dataset.val_size=0",
@@ -264,7 +264,7 @@ def test_135_deployment_configs_and_json_parameters_still_validate() -> None:
     """Every shipped config validates, and prefect.yaml's parameters pass each flow's own parameter check
     (the Prefect UI and API send JSON: ints stay ints, tuples arrive as lists)."""
     from deployments.serve import _flows, deployment_specs
-    from flows.dataset import DatasetFlowConfig
+    from tasks.dataset.config import DatasetFlowConfig
     from tasks.evaluation.stage import EvaluateFlowConfig
 
     dep = REPO / "deployments"
@@ -294,7 +294,7 @@ def test_135_deployment_configs_and_json_parameters_still_validate() -> None:
     ],
 )
 def test_136_class_to_idx_file_values_are_strict(tmp_path: Path, content: str, names: list[str], fix: str) -> None:
-    from tasks.dataset.stage import DataSection
+    from tasks.dataset.config import DataSection
 
     f = tmp_path / "classes.json"
     f.write_text(content)
@@ -303,7 +303,7 @@ def test_136_class_to_idx_file_values_are_strict(tmp_path: Path, content: str, n
 
 
 def test_136_class_to_idx_file_not_utf8(tmp_path: Path) -> None:
-    from tasks.dataset.stage import DataSection
+    from tasks.dataset.config import DataSection
 
     f = tmp_path / "classes.json"
     f.write_bytes('{"bg": 0, "défaut": 1}'.encode("latin-1"))

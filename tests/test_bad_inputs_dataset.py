@@ -29,7 +29,8 @@ import yaml
 from storage import layout
 from storage.paths import OutputFolderError
 from tasks.dataset.association import get_image_mask_association
-from tasks.dataset.generate import generate_patch_dataset, plan_patch_dataset, scan_shard
+from tasks.dataset.generate import generate_patch_dataset, plan_patch_dataset
+from tasks.dataset.shards import scan_shard
 from tasks.imageio import InputDataError
 from tests._synth import CLASS_TO_IDX, make_dataset, tree_digest
 
@@ -430,4 +431,24 @@ def test_119_output_names_that_leave_the_dataset(tmp_path: Path, kw: dict) -> No
         dd[0]["base_name"] = kw.pop("base_name")
     before = tree_digest(tmp_path)
     expect((ValueError, InputDataError), lambda: generate(dd, tmp_path / "ds", **kw), fix="slash|relative folder|is empty, '.' or '..'")
+    assert tree_digest(tmp_path) == before
+
+
+@pytest.mark.parametrize("kw", [{"class_to_idx": {"bg": 0, "a": 1.0}}, {"val_size": 0.8, "test_size": 0.5},
+                                {"patch_number": [2, 0]}, {"sixteen_bit": 7}, {"train_filename": "a/b.txt"},
+                                {"num_workers": 0}],
+                         ids=["class_to_idx", "split_sizes", "geometry", "sixteen_bit", "train_filename", "num_workers"])
+def test_bad_parameters_are_one_cli_line(tmp_path: Path, kw: dict) -> None:
+    """A bad parameter reached through the API or a flow is a ConfigError (still a ValueError): the CLI prints it as
+    one ``error:`` line with exit code 2, never a traceback; nothing is written."""
+    from tasks.cli import cli_error
+    from tasks.config import ConfigError
+
+    dd = source(tmp_path / "src")
+    classes = kw.pop("class_to_idx", dict(CLASS_TO_IDX))
+    before = tree_digest(tmp_path)
+    with pytest.raises(ConfigError) as ei:
+        generate_patch_dataset([dict(d) for d in dd], classes, output_folder=str(tmp_path / "ds"),
+                               **{"patch_number": [2, 2], **kw})
+    assert isinstance(ei.value, ValueError) and cli_error(ei.value) == (2, str(ei.value))
     assert tree_digest(tmp_path) == before

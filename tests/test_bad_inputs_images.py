@@ -129,7 +129,7 @@ def test_120_huge_png_refused_from_its_header(tmp_path: Path) -> None:
 def test_120b_pixel_limit_from_the_environment_and_the_config_key(tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """Without dataset.max_image_pixels, $PATCHFLOW_MAX_IMAGE_PIXELS applies; the config key wins over it."""
-    from flows.dataset import DatasetFlowConfig
+    from tasks.dataset.config import DatasetFlowConfig
 
     dd = make_dataset(tmp_path / "src", n=3, n_empty=1)
     monkeypatch.setenv(MAX_PIXELS_ENV, "1000")
@@ -379,7 +379,7 @@ def test_128_exif_flip_cannot_be_seen_by_size_warns_once(tmp_path: Path, caplog:
 
 def test_129_bad_decoding_settings(tmp_path: Path, bundle_src: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
     """sixteen_bit, max_image_pixels and $PATCHFLOW_MAX_IMAGE_PIXELS are checked before anything is read."""
-    from flows.dataset import DatasetFlowConfig
+    from tasks.dataset.config import DatasetFlowConfig
     from flows.predict import PredictFlowConfig
     from tasks.predict.stage import predict_images
 

@@ -16,6 +16,7 @@ import pytest
 from storage import layout
 from storage.geometry import compute_grid
 from tasks.dataset.generate import generate_patch_dataset
+from tasks.dataset.params import DatasetParams
 from tasks.dataset.labelling import label_components, label_patches
 from tasks.dataset.split import split_images
 from tests._synth import CLASS_TO_IDX, make_dataset, tree_digest, write_image
@@ -484,3 +485,18 @@ def test_val_only_split_keeps_maskless_patches(tmp_path):
     found = patches_by_image(out, "val")
     for e in info["val_files"]:
         assert len(found.get(stem_of(e), [])) == 4, stem_of(e)
+
+
+def test_dataset_params_bind_generate_patch_dataset_in_order() -> None:
+    """``generate_patch_dataset`` binds its arguments into :class:`DatasetParams` by position: the fields are its
+    parameters (but ``data_dictionary``) in its order, and the flow's section fills every one of them."""
+    import dataclasses
+    import inspect
+
+    from tasks.dataset.config import GenerationSection
+
+    names = [f.name for f in dataclasses.fields(DatasetParams)]
+    assert names == list(inspect.signature(generate_patch_dataset).parameters)[1:]
+    section = GenerationSection(patch_number=(2, 2))
+    params = section.build_params(dict(CLASS_TO_IDX), "k")
+    assert dataclasses.asdict(params) == {**section.model_dump(), "class_to_idx": dict(CLASS_TO_IDX), "fingerprint": "k"}

@@ -10,14 +10,14 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from storage.h5files import SamplingRegion, encode_region, read_region, write_region
+from storage.h5files import SamplingRegion, encode_region, read_region
 
 REGION = SamplingRegion("original/images/défaut_1.png", (32, 40), np.arange(24).reshape(4, 3, 2),
                         np.array([0.1, 0.2, 0.3, 0.4]), "original/masks/défaut_1.png", 2)
 
 
 def test_quadra_names_and_dtypes_read_by_plain_h5py(tmp_path: Path) -> None:
-    write_region(tmp_path / "a.h5", REGION)
+    (tmp_path / "a.h5").write_bytes(encode_region(REGION))
     with h5py.File(tmp_path / "a.h5", "r") as f:
         assert sorted(f) == ["img_path", "labelled_index", "mask_path", "patch_size", "triangles", "triangles_weights"]
         assert f["img_path"][()].decode() == REGION.img_path and h5py.check_string_dtype(f["img_path"].dtype).encoding == "utf-8"
@@ -29,7 +29,7 @@ def test_quadra_names_and_dtypes_read_by_plain_h5py(tmp_path: Path) -> None:
 
 
 def test_whole_image_region_has_empty_triangles(tmp_path: Path) -> None:
-    write_region(tmp_path / "g.h5", SamplingRegion("i.png", (8, 8), np.zeros((0, 3, 2)), np.zeros(0)))
+    (tmp_path / "g.h5").write_bytes(encode_region(SamplingRegion("i.png", (8, 8), np.zeros((0, 3, 2)), np.zeros(0))))
     with h5py.File(tmp_path / "g.h5", "r") as f:
         assert f["triangles"].shape == (0,) and "mask_path" not in f and "labelled_index" not in f
     assert read_region(tmp_path / "g.h5").triangles.shape == (0, 3, 2)

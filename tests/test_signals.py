@@ -131,7 +131,8 @@ class CliRun:
 def dataset_case(tmp_path_factory) -> dict:
     """36 synthetic images, a dataset config (slow masks, shards of 3 images) and its uninterrupted build."""
     from tasks.dataset.association import get_image_mask_association
-    from tasks.dataset.stage import GenerationSection, dataset_fingerprint, generate_task
+    from tasks.dataset.config import GenerationSection
+    from tasks.dataset.stage import dataset_fingerprint, generate_task
 
     tmp = tmp_path_factory.mktemp("signals-ds")
     make_dataset(tmp / "raw", n=36, h=64, w=80, seed=5)

@@ -1,18 +1,20 @@
-"""Per-image work of patch dataset generation: scan (size, mask values) and process (originals, h5
-sampling files, val/test patches), run in-process or on a process pool with identical output."""
+"""Per-image work of patch dataset generation, the same in-process, in a process pool or on a Dask worker.
+
+Phase 1 (:func:`scan_image`): size from the header, mask values, all validated. Phase 2
+(:func:`process_image`): originals, h5 sampling files (train) or grid patches (val/test), each file's size
+and digest recorded in a :class:`Result`. A worker process receives the build's
+:class:`~tasks.dataset.params.DatasetParams` once (:func:`init_worker`; the pool: ``tasks/dataset/shards.py``).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-import math
-import multiprocessing
 import os
 import signal
-import threading
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
 
 import cv2
 import numpy as np
@@ -20,6 +22,9 @@ import numpy as np
 from storage import layout
 from storage.geometry import PatchGrid, compute_grid
 from storage.h5files import SamplingRegion, encode_region
+from tasks.dataset.labelling import Components, label_components, label_patches
+from tasks.dataset.params import DatasetParams
+from tasks.dataset.regions import compute_regions, dataset_lines
 from tasks.imageio import (
     Decoding,
     InputDataError,
@@ -27,39 +32,16 @@ from tasks.imageio import (
     decode_mask,
     encode_png,
     image_header,
+    max_image_pixels,
     parse_sixteen_bit,
     read_bytes,
 )
-from tasks.dataset.labelling import label_components, label_patches
-from tasks.dataset.regions import compute_regions, dataset_lines
-
-
-@dataclass(frozen=True)
-class Params:
-    """Everything a worker needs, sent once per worker."""
-
-    root: str  # temporary output root
-    class_to_idx: dict[str, int]
-    patch_number: tuple[int, int] | None
-    patch_size: tuple[int, int] | None
-    overlap: float
-    save_original: bool
-    area_threshold: float
-    area_defect_threshold: float
-    mask_extension: str
-    mask_output_folder: str | None
-    save_mask: bool
-    mask_preprocessing: Callable[[np.ndarray], np.ndarray] | None
-    repeat_good_images: int
-    balance_defects: bool
-    annotated_good: tuple[str, ...]
-    missing_mask: str
-    max_image_pixels: int  # refused above this (header check before any decode)
-    sixteen_bit: Any  # 16-bit rule ("auto", bits or [low, high]; tasks/imageio.py: to_uint8)
 
 
 @dataclass
 class Job:
+    """One image of the build: its names and files, then what the scan found and its split."""
+
     index: int
     stem: str
     base_name: str
@@ -73,6 +55,8 @@ class Job:
 
 @dataclass
 class Result:
+    """What phase 2 made of one image: ``dataset.txt`` lines, counts per class, info.json entries, files."""
+
     lines: list[str] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=dict)
     image_entry: str = ""
@@ -85,30 +69,41 @@ class Result:
         self.files[rel] = (len(data), hashlib.sha256(data).hexdigest())
 
 
-_PARAMS: Params | None = None
+_PARAMS: DatasetParams | None = None  # the build's parameters and folder, set once per worker
+_ROOT: Path | None = None
 
 
-def init_worker(params: Params) -> None:
-    global _PARAMS
-    _PARAMS = params
+def init_worker(params: DatasetParams, root: Path) -> None:
+    """Set this process's build parameters and build folder (once per worker)."""
+    global _PARAMS, _ROOT
+    _PARAMS, _ROOT = params, Path(root)
     cv2.setNumThreads(1)
+
+
+def _worker() -> tuple[DatasetParams, Path]:
+    """This process's build parameters and build folder (:func:`init_worker`)."""
+    if _PARAMS is None or _ROOT is None:
+        raise RuntimeError("init_worker was not called in this process")
+    return _PARAMS, _ROOT
 
 
 LIMIT_SETTING = "dataset.max_image_pixels"
 
 
-def _decoding(p: Params) -> Decoding:
-    return Decoding(p.max_image_pixels, LIMIT_SETTING, parse_sixteen_bit(p.sixteen_bit, "dataset.sixteen_bit"))
+def _decoding(p: DatasetParams) -> Decoding:
+    """How this build decodes images: its pixel limit and 16-bit rule."""
+    return Decoding(max_image_pixels(p.max_image_pixels), LIMIT_SETTING,
+                    parse_sixteen_bit(p.sixteen_bit, "dataset.sixteen_bit"))
 
 
-def init_pool_worker(params: Params) -> None:
+def init_pool_worker(params: DatasetParams, root: Path) -> None:
     """:func:`init_worker` in a pool process, which leaves Ctrl-C to the run: a terminal sends it to every
     process of the group, and the run stops the pool (no traceback per worker)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    init_worker(params)
+    init_worker(params, root)
 
 
-def _load_mask(job: Job, p: Params) -> tuple[np.ndarray | None, bytes | None]:
+def _load_mask(job: Job, p: DatasetParams) -> tuple[np.ndarray | None, bytes | None]:
     """Decoded mask and, when the file can be copied as is, its bytes."""
     if job.mask is None:
         return None, None
@@ -132,7 +127,7 @@ def _size_mismatch(job: Job, mask_hw: tuple[int, int], h: int, w: int, orientati
 
 def scan_image(job: Job) -> tuple[tuple[int, int], list[int] | None, bool]:
     """Phase 1: image size from its header (pixel limit checked), mask values (for the split), all validated."""
-    p = _PARAMS
+    p, _ = _worker()
     hdr = image_header(job.path, _decoding(p))  # header only: the pixels are decoded once, in phase 2
     h, w = hdr.height, hdr.width
     mask, mask_data = _load_mask(job, p)
@@ -151,68 +146,91 @@ def scan_image(job: Job) -> tuple[tuple[int, int], list[int] | None, bool]:
     return (h, w), values, mask_data is not None
 
 
-def _grid(job: Job, p: Params) -> PatchGrid:
+def _grid(job: Job, p: DatasetParams) -> PatchGrid:
     return compute_grid(job.size[0], job.size[1], p.patch_number, p.patch_size, p.overlap)
 
 
 def process_image(job: Job) -> Result:
     """Phase 2: copy originals, write h5 regions (train) or patches (val/test) for one image."""
-    p = _PARAMS
-    root = Path(p.root)
+    p, root = _worker()
     data = read_bytes(job.path)
     # train images are only validated (a reduced decode); val/test patches need the pixels (grayscale
     # files stay 1-channel: the patches read back as the same BGR pixels, written ~3x faster)
     img = decode_image(data, job.path, reduced=job.split == "train", keep_gray=True, decoding=_decoding(p))
     if job.split != "train" and img.shape[:2] != job.size:
-        raise InputDataError(f"{job.path}: decoded size {img.shape[:2]} differs from its header {job.size}; re-save the image")
-    if job.mask is not None and job.values == (0,) and (job.plain_mask or not p.save_original):
-        # known empty: no second decode (bytes are copied as they are when the originals are saved)
-        mask = np.zeros(job.size, np.uint8)
-        mask_data = read_bytes(job.mask) if p.save_original else None
+        raise InputDataError(f"{job.path}: decoded size {img.shape[:2]} differs from its header {job.size}; "
+                             "re-save the image")
+    mask, mask_data = _processed_mask(job, p)
+    res = Result()
+    _save_originals(res, root, job, p, data, mask, mask_data)
+    grid = _grid(job, p)
+    components = label_components(mask) if mask is not None and job.values != (0,) else None
+    if job.split == "train":
+        _write_regions(res, root, job, p, mask, components, grid)
     else:
-        mask, mask_data = _load_mask(job, p)
+        _write_patches(res, root, job, p, grid.pad(img), mask, components, grid)
+    return res
+
+
+def _processed_mask(job: Job, p: DatasetParams) -> tuple[np.ndarray | None, bytes | None]:
+    """The mask of phase 2 (all zeros for a good image without one under ``missing_mask="good"``) and, when the
+    original is saved as it is, its bytes."""
+    if job.mask is not None and job.values == (0,) and (job.plain_mask or not p.save_original_images_and_masks):
+        # known empty: no second decode (bytes are copied as they are when the originals are saved)
+        return np.zeros(job.size, np.uint8), read_bytes(job.mask) if p.save_original_images_and_masks else None
+    mask, mask_data = _load_mask(job, p)
     if mask is None and p.missing_mask == "good":
         mask = np.zeros(job.size, np.uint8)
-    res = Result()
-    # originals
-    if p.save_original:
+    return mask, mask_data
+
+
+def _save_originals(res: Result, root: Path, job: Job, p: DatasetParams, data: bytes, mask: np.ndarray | None,
+                    mask_data: bytes | None) -> None:
+    """Copy the image and its mask into ``original/`` (or refer to them where they are) and set the info.json
+    entries."""
+    if p.save_original_images_and_masks:
         res.image_entry = f"original/images/{job.base_name}"
         res.put(root, res.image_entry, data)
     else:
         res.image_entry = str(Path(job.path).resolve())
     if job.mask is not None:
-        if p.save_original or p.mask_preprocessing is not None:  # processed masks are always saved (B19)
+        if p.save_original_images_and_masks or p.mask_preprocessing is not None:  # processed masks: always saved (B19)
             res.mask_entry = f"original/masks/{job.stem}.png"
             res.put(root, res.mask_entry, mask_data if mask_data is not None else encode_png(mask, res.mask_entry))
         else:
             res.mask_entry = str(Path(job.mask).resolve())
-    grid = _grid(job, p)
-    components = label_components(mask) if mask is not None and job.values != (0,) else None
+
+
+def _write_regions(res: Result, root: Path, job: Job, p: DatasetParams, mask: np.ndarray | None,
+                   components: Components | None, grid: PatchGrid) -> None:
+    """A train image: one h5 sampling file per region, its ``dataset.txt`` lines and labelled mask."""
+    annotated_good = set(p.annotated_good or ())
+    good_idx = {p.class_to_idx[n] for n in annotated_good}
     class_names = {v: k for k, v in p.class_to_idx.items()}
-    if job.split == "train":
-        good_idx = {p.class_to_idx[n] for n in p.annotated_good}
-        good, comps = compute_regions(mask, components, (grid.patch_h, grid.patch_w), class_names, good_idx)
-        for region in ([good] if good is not None else []) + comps:
-            res.put(root, f"train/{job.stem}_{region.suffix}.h5", encode_region(
-                SamplingRegion(
-                    img_path=res.image_entry,
-                    patch_size=(grid.patch_h, grid.patch_w),
-                    triangles=region.triangles,
-                    weights=region.weights,
-                    mask_path=res.mask_entry if (mask is not None and mask.any()) else None,
-                    labelled_index=region.labelled_index,
-                ),
-            ))
-        res.lines = dataset_lines(job.stem, good, comps, set(p.annotated_good), p.repeat_good_images, p.balance_defects)
-        if components is not None and len(components.classes) > 1:
-            rel = f"original/labelled_masks/{job.stem}.png"
-            res.put(root, rel, encode_png(components.labels.astype(np.uint16), rel))
-        for line in res.lines:
-            cls = line.rsplit(",", 1)[1]
-            res.counts[cls] = res.counts.get(cls, 0) + 1
-        return res
-    # val / test grid patches
-    padded = grid.pad(img)
+    good, comps = compute_regions(mask, components, (grid.patch_h, grid.patch_w), class_names, good_idx)
+    for region in ([good] if good is not None else []) + comps:
+        res.put(root, f"train/{job.stem}_{region.suffix}.h5", encode_region(
+            SamplingRegion(
+                img_path=res.image_entry,
+                patch_size=(grid.patch_h, grid.patch_w),
+                triangles=region.triangles,
+                weights=region.weights,
+                mask_path=res.mask_entry if (mask is not None and mask.any()) else None,
+                labelled_index=region.labelled_index,
+            ),
+        ))
+    res.lines = dataset_lines(job.stem, good, comps, annotated_good, p.repeat_good_images, p.balance_defects)
+    if components is not None and len(components.classes) > 1:
+        rel = f"original/labelled_masks/{job.stem}.png"
+        res.put(root, rel, encode_png(components.labels.astype(np.uint16), rel))
+    for line in res.lines:
+        cls = line.rsplit(",", 1)[1]
+        res.counts[cls] = res.counts.get(cls, 0) + 1
+
+
+def _write_patches(res: Result, root: Path, job: Job, p: DatasetParams, padded: np.ndarray, mask: np.ndarray | None,
+                   components: Components | None, grid: PatchGrid) -> None:
+    """A val/test image: its grid patches (and patch masks with ``save_mask``) in one folder per label."""
     background = next(k for k, v in p.class_to_idx.items() if v == 0)
     if mask is None:
         labels = [(layout.NONE_CLASS, True)] * grid.num_patches
@@ -230,49 +248,25 @@ def process_image(job: Job) -> Result:
             rel = f"{mdir}/{layout.patch_name(job.stem, idx, discard, suffix=p.mask_extension)}"
             res.put(root, rel, encode_png(pmask[y0:y1, x0:x1], rel))
         res.counts[label] = res.counts.get(label, 0) + 1
-    return res
 
 
 WRITE_FIX = "free disk space, or choose another output_folder if this one is read-only"
 
 
-def write_bytes(path: Path, data: bytes | str) -> None:
-    """Write a file; an OS error names the file and the fix."""
+@contextlib.contextmanager
+def naming_write_errors(path: Path) -> Iterator[None]:
+    """An OS error while writing ``path`` names the file and the fix."""
     try:
-        if isinstance(data, str):
-            path.write_text(data)
-        else:
-            path.write_bytes(data)
+        yield
     except OSError as exc:
         reason = os.strerror(exc.errno) if exc.errno else str(exc)
         raise OSError(exc.errno, f"could not write {path} ({reason}); {WRITE_FIX}") from None
 
 
-class Workers:
-    """Runs per-image functions in order, in-process or on one process pool reused by both phases."""
-
-    def __init__(self, params: Params, num_workers: int, n_jobs: int) -> None:
-        self.params = params
-        self.pool: ProcessPoolExecutor | None = None
-        self.chunk = max(1, min(16, math.ceil(n_jobs / (num_workers * 8))))  # small chunks: no long tail on one worker
-        if num_workers > 1 and n_jobs > 1:
-            # fork is cheapest but unsafe in a multi-threaded process (Prefect's engine runs threads)
-            method = "fork" if threading.active_count() == 1 and os.name == "posix" else "forkserver"
-            ctx = multiprocessing.get_context(method)
-            self.pool = ProcessPoolExecutor(num_workers, mp_context=ctx, initializer=init_pool_worker, initargs=(params,))
+def write_bytes(path: Path, data: bytes | str) -> None:
+    """Write a file; an OS error names the file and the fix."""
+    with naming_write_errors(path):
+        if isinstance(data, str):
+            path.write_text(data)
         else:
-            init_worker(params)
-
-    def map(self, fn: Callable[[Job], Any], jobs: Sequence[Job]) -> list[Any]:
-        return list(self.imap(fn, jobs))
-
-    def imap(self, fn: Callable[[Job], Any], jobs: Sequence[Job]) -> Iterator[Any]:
-        """Results in job order, each as soon as it and those before it are done."""
-        if self.pool is None:
-            return (fn(j) for j in jobs)
-        return self.pool.map(fn, jobs, chunksize=self.chunk)
-
-    def close(self) -> None:
-        if self.pool is not None:
-            self.pool.shutdown(wait=True, cancel_futures=True)
-            self.pool = None
+            path.write_bytes(data)

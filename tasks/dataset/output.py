@@ -3,7 +3,8 @@
 A build replaces its output folder as a whole, so it is refused, before anything is written or deleted,
 when an input (image, mask, class map file, config file, the storage root) lies inside that folder; the
 flow also refuses an output folder inside its images or masks folder (a rerun would read its own
-patches as images). Output folders are user paths: ``~`` expanded, symlinks followed (a linked folder is
+patches as images): :func:`check_dataset_paths`, run by the CLI before Prefect starts and by the flow.
+Output folders are user paths: ``~`` expanded, symlinks followed (a linked folder is
 built beside its target, and the target is replaced, never the link). Image and class names become
 file names and ``dataset.txt`` fields, so commas, line breaks and path separators are refused.
 """
@@ -11,11 +12,18 @@ file names and ``dataset.txt`` fields, so commas, line breaks and path separator
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import TYPE_CHECKING
 
+from storage import layout
 from storage.paths import OutputFolderError, is_within, user_path
+from storage.settings import storage_root
+from tasks.dataset.params import param_error
 from tasks.imageio import InputDataError
+
+if TYPE_CHECKING:
+    from tasks.dataset.config import DatasetFlowConfig
 
 #: characters that break a ``dataset.txt`` line (``<h5 name>,<class>``) or a file name built from a name
 BAD_NAME_CHARS = {",": "a comma", "\n": "a line break", "\r": "a carriage return", "/": "a slash", "\\": "a backslash"}
@@ -74,18 +82,18 @@ def check_name(name: str, what: str, where: str) -> None:
 
 def check_output_names(train_filename: str, mask_extension: str, mask_output_folder: str | None) -> None:
     """``train_filename`` and ``mask_extension`` are plain names, ``mask_output_folder`` a relative folder inside the
-    dataset (so nothing is ever written outside the build folder)."""
+    dataset (so nothing is ever written outside the build folder); a ConfigError otherwise."""
     if not isinstance(train_filename, str) or not train_filename or train_filename.startswith(".") or any(
         c in train_filename for c in BAD_NAME_CHARS
     ):
-        raise ValueError(f"train_filename {train_filename!r} must be a plain file name such as dataset.txt "
+        raise param_error(f"train_filename {train_filename!r} must be a plain file name such as dataset.txt "
                          "(no slashes, commas or line breaks, no leading dot)")
     if any(c in mask_extension for c in BAD_NAME_CHARS):
-        raise ValueError(f"mask_extension {mask_extension!r} must be a file name suffix such as _mask (no slashes)")
+        raise param_error(f"mask_extension {mask_extension!r} must be a file name suffix such as _mask (no slashes)")
     if mask_output_folder is not None:
         parts = Path(mask_output_folder).parts
         if Path(mask_output_folder).is_absolute() or ".." in parts or any(c in mask_output_folder for c in ",\n\r"):
-            raise ValueError(f"mask_output_folder {mask_output_folder!r} must be a relative folder inside the dataset "
+            raise param_error(f"mask_output_folder {mask_output_folder!r} must be a relative folder inside the dataset "
                              "(no '..', not absolute)")
 
 
@@ -118,3 +126,15 @@ def check_flow_paths(
             f"output_folder {out} holds storage_root {user_path(storage_root)} (cache, results, locks); a build "
             "replaces output_folder as a whole and would delete it. Choose a storage_root outside output_folder"
         )
+
+
+def check_dataset_paths(config: DatasetFlowConfig, config_file: str | None = None) -> Path:
+    """The dataset flow's output folder (``~`` expanded, symlinks followed) once it is checked to hold none of the
+    inputs (images and masks folders, class map file, config file, storage root), to lie inside neither the images
+    nor the masks folder, and to be replaceable (empty or a patch dataset); nothing is written or deleted before."""
+    out = output_folder_path(config.dataset.output_folder)
+    check_flow_paths(out, config.data.images, config.data.masks,
+                     {"data.class_to_idx_file": config.data.class_to_idx_file, "the config file": config_file},
+                     storage_root(config.storage_root))
+    layout.check_output_folder(out)
+    return out

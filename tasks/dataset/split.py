@@ -15,10 +15,10 @@ logger = logging.getLogger("patchflow.split")
 
 def iterative_stratification(labels: np.ndarray, fractions: list[float], rng: np.random.Generator) -> np.ndarray:
     """Subset index per row of a multi-hot ``labels`` matrix (Sechidis et al. 2011, order 1)."""
-    n, n_labels = labels.shape
-    fractions = np.asarray(fractions, dtype=np.float64)
-    desired = fractions * n  # examples wanted per subset
-    desired_label = fractions[:, None] * labels.sum(axis=0)[None, :]  # (subsets, labels)
+    n = labels.shape[0]
+    shares = np.asarray(fractions, dtype=np.float64)
+    desired = shares * n  # examples wanted per subset
+    desired_label = shares[:, None] * labels.sum(axis=0)[None, :]  # (subsets, labels)
     assign = np.full(n, -1, dtype=np.int64)
     remaining = labels.astype(bool).copy()
     unassigned = np.ones(n, dtype=bool)
@@ -53,7 +53,8 @@ def split_images(
     seed: int,
     num_classes: int,
 ) -> tuple[list[str], list[int]]:
-    """``("train" | "val" | "test" per image, seeded image order)``. ``None`` label sets (no mask) go to test, as in the reference."""
+    """``("train" | "val" | "test" per image, seeded image order)``. ``None`` label sets (no mask) go to test, as in
+    the reference."""
     if val_size < 0 or test_size < 0 or val_size + test_size > 1:
         raise ValueError(f"val_size and test_size must be >= 0 with a sum <= 1 (got {val_size}, {test_size})")
     n = len(label_sets)
