@@ -20,8 +20,8 @@ from tasks.stage import cached_stage
 from tasks.cli import parse_cli, run_cli
 from tasks.config import ensure_storage_root, validate_config
 from tasks.evaluation.scoring import METRICS_VERSION, headline
+from tasks.features.params import backbone_digest
 from tasks.features.stage import (
-    backbone_digest,
     dataset_key,
     feature_shard_task,
     prepare_features_task,
@@ -31,7 +31,7 @@ from tasks.features.stage import (
     train_pass_key,
     train_pass_task,
 )
-from tasks.features.shards import prune_stale_partials
+from storage.shards import prune_stale_partials
 from tasks.model.stage import export_backbone_task, export_task, export_types, fit_task, model_json, validate_task
 from tasks.runner import check_runner, dask_runner, run_all
 from tasks.run_folder import attach_log, detach_log, make_run_dir, write_data_record

@@ -10,8 +10,8 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from tasks.config import config_tree, dump_yaml
-from tasks.features.stage import class_map
-from tasks.features.sampler import list_split, read_train_list
+from tasks.features.params import class_map
+from tasks.features.listing import list_split, read_train_list
 from tasks.model.config import TrainFlowConfig
 
 

@@ -121,8 +121,8 @@ class _TinyNet(torch.nn.Module):
 def _store_job(tmp_path: Path, out: Path):
     import cv2
 
-    from tasks.features.backbones import FeatureExtractor
-    from tasks.features.stage import StoreJob, _items_plan
+    from tasks.features.extractor import FeatureExtractor
+    from tasks.features.store import StoreJob, _items_plan
 
     rng = np.random.default_rng(1)
     (tmp_path / "patches").mkdir(exist_ok=True)
@@ -163,7 +163,7 @@ def test_feature_store_resumes_verified_shards_only(tmp_path: Path) -> None:
 
 
 def test_stale_partial_stores_are_pruned(tmp_path: Path) -> None:
-    from tasks.features import shards
+    from storage import shards
 
     old, fresh = tmp_path / "a.zarr.partial", tmp_path / "b.zarr.partial"
     for d in (old, fresh):
@@ -265,7 +265,7 @@ def test_train_killed_in_feature_stage_resumes_identical_and_tampering_is_recomp
     def mid_features() -> bool:  # two passes finished and the next one has finished shards of its own
         feats = root / "features"
         done = [p for p in feats.glob("*.zarr") if (p / "_manifest.json").exists()] if feats.is_dir() else []
-        partial = [m for p in feats.glob("*.zarr.partial") for m in (p / "_shards").glob("*.json")] if feats.is_dir() else []
+        partial = [m for p in feats.glob("*.zarr.partial") for m in (p / "_shards").glob("shard-*.json")] if feats.is_dir() else []
         return len(done) >= 2 and len(partial) >= 1
 
     _kill_when(proc, mid_features)

@@ -1,1 +1,8 @@
-"""Feature stage: frozen backbones, training-pass sampling, zarr feature stores."""
+"""Feature stage: frozen-backbone features of training passes and val/test patches, stored in zarr.
+
+- ``weights``: backbone names, offline weight resolution and digest (torch-free);
+- ``extractor``: architectures, preprocessing, :class:`FeatureExtractor`; ``export``: TorchScript/ONNX;
+- ``listing``: the train list and val/test listing; ``sampler``: drawing and cropping training patches;
+- ``shards``: the sharded, resumable filling of a store; ``store``: store jobs (what to extract, and how);
+- ``params``: what a store depends on, from the config; ``stage``: content keys and the Prefect tasks.
+"""

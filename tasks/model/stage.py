@@ -35,10 +35,11 @@ from storage.manifest import (
     write_file_digest,
 )
 from storage.writes import naming_write_errors, serialise_to
-from tasks.features.backbones import build_backbone, export_onnx, export_torchscript
+from tasks.features.export import export_onnx, export_torchscript
+from tasks.features.extractor import build_backbone
 from tasks.config import ConfigError, import_object
 from tasks.evaluation.scoring import score_split
-from tasks.features.stage import backbone_digest, class_map, feature_runtime
+from tasks.features.params import backbone_digest, class_map, feature_runtime
 from tasks.imageio import dataset_decoding, sixteen_bit_json
 from tasks.evaluation.report import write_report
 from tasks.model.config import TrainFlowConfig
