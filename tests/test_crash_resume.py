@@ -122,7 +122,8 @@ def _store_job(tmp_path: Path, out: Path):
     import cv2
 
     from tasks.features.extractor import FeatureExtractor
-    from tasks.features.store import StoreJob, _items_plan
+    from tasks.features.plans import items_plan
+    from tasks.features.store import StoreJob
 
     rng = np.random.default_rng(1)
     (tmp_path / "patches").mkdir(exist_ok=True)
@@ -133,7 +134,7 @@ def _store_job(tmp_path: Path, out: Path):
             cv2.imwrite(str(tmp_path / rel), rng.integers(0, 255, (20, 20, 3), dtype=np.uint8))
         items.append((rel, i % 3))
     ext = FeatureExtractor(_TinyNet(), "cpu", "fp32", 8)
-    return StoreJob(out, "k-" + out.name, _items_plan(items), {"kind": "test", "data_path": str(tmp_path)}, 6,
+    return StoreJob(out, "k-" + out.name, items_plan(items), {"kind": "test", "data_path": str(tmp_path)}, 6,
                     lambda: ext, (16, 16), (0.5, 0.5, 0.5), (0.2, 0.2, 0.2), 8, rows_per_shard=8, chunk_rows=4)
 
 

@@ -3,6 +3,7 @@
 - ``weights``: backbone names, offline weight resolution and digest (torch-free);
 - ``extractor``: architectures, preprocessing, :class:`FeatureExtractor`; ``export``: TorchScript/ONNX;
 - ``listing``: the train list and val/test listing; ``sampler``: drawing and cropping training patches;
-- ``shards``: the sharded, resumable filling of a store; ``store``: store jobs (what to extract, and how);
+- ``plans``: what a store holds (row plans) and reading its patches; ``shards``: the sharded, resumable
+  filling of a store; ``store``: store jobs (prepare, fill, finalize);
 - ``params``: what a store depends on, from the config; ``stage``: content keys and the Prefect tasks.
 """

@@ -1,6 +1,6 @@
-"""Building feature stores: what a store holds (the row plan of a training pass or of a val/test split), how
-its patches are read (``plan_batches``) and :class:`StoreJob`, which prepares, fills and finalizes one store
-through the sharded protocol of ``tasks/features/shards.py``, in one process or shard by shard anywhere.
+"""Building feature stores: :class:`StoreJob` prepares, fills and finalizes one store (a training pass or a
+val/test split, planned by ``tasks/features/plans.py``) through the sharded protocol of
+``tasks/features/shards.py``, in one process or shard by shard anywhere, under the stage's locks.
 
 Plain logic (no Prefect): ``tasks/features/stage.py`` wraps it in tasks; evaluation and predict use
 :func:`extract_items` and :func:`feature_dim_of`. Backbones are built once per process (:func:`_extractor`).
@@ -21,21 +21,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from storage import features as fstore
-from storage.layout import read_info
 from tasks.features import shards
-from tasks.features.listing import balance_entries, read_train_list, split_items
+from tasks.features.listing import split_items
 from tasks.features.params import backbone_digest, class_map, feature_params, feature_runtime
-from tasks.features.sampler import PassSamples, draw_pass, iter_pass_patches, order_by_image
-from tasks.imageio import (
-    LEGACY_SIXTEEN_BIT,
-    Decoding,
-    ImageTooLargeError,
-    InputDataError,
-    dataset_decoding,
-    make_decoding,
-    read_image,
-    sixteen_bit_json,
-)
+from tasks.features.plans import decode_attrs, items_plan, pass_plan, plan_batches
 from tasks.locks import stage_lock
 
 if TYPE_CHECKING:
@@ -69,73 +58,6 @@ def _extractor(cfg: TrainFlowConfig, onnx_cache: Path, wdigest: str | None = Non
         _EXTRACTORS[ident] = FeatureExtractor(model, cfg.task.device, cfg.task.precision, batch,
                                               automatic_batch_size=not auto.disable)
     return _EXTRACTORS[ident]
-
-
-def _patch_batches(data_path: Path, rels: list[str], batch_size: int, decoding: Decoding) -> shards.Batches:
-    for s in range(0, len(rels), batch_size):
-        patches = []
-        for rel in rels[s : s + batch_size]:
-            try:
-                patches.append(read_image(data_path / rel, decoding))
-            except ImageTooLargeError:
-                raise
-            except InputDataError:
-                raise ValueError(f"{data_path / rel}: unreadable patch image; regenerate the dataset") from None
-        yield np.arange(s, s + len(patches)), patches
-
-
-def decode_attrs(data_path: Path) -> dict[str, Any]:
-    """Store attributes that say how the dataset's images are decoded (its 16-bit rule)."""
-    return {"sixteen_bit": sixteen_bit_json(dataset_decoding(data_path).sixteen_bit)}
-
-
-def plan_batches(plan: dict[str, np.ndarray], attrs: dict[str, Any], start: int, end: int,
-                 batch_size: int) -> shards.Batches:
-    """shards.Batches of rows ``[start, end)`` of a store's plan: (row indices relative to ``start``, BGR patches)."""
-    # stores prepared before the rule was recorded were filled with the legacy rule: keep it for their last shards
-    dec = make_decoding(sixteen_bit=attrs.get("sixteen_bit", LEGACY_SIXTEEN_BIT))
-    if str(plan["kind"]) == "train":
-        sl = slice(start, end)
-        sub = PassSamples(plan["entry_index"][sl], plan["image_path"][sl], plan["label"][sl], plan["box"][sl],
-                          plan["center"][sl], plan["image_size"][sl] if "image_size" in plan else None)
-        yield from iter_pass_patches(sub, batch_size, dec)
-    else:
-        yield from _patch_batches(Path(attrs["data_path"]), plan["rel"][start:end].tolist(), batch_size, dec)
-
-
-def _pass_plan(cfg: TrainFlowConfig, pass_index: int) -> shards.PlanFn:
-    def make() -> tuple:
-        dm = cfg.datamodule
-        data_path = Path(dm.data_path)
-        listing = data_path / "train" / dm.train_filename
-        if not listing.is_file():
-            have = sorted(p.name for p in (data_path / "train").glob("*.txt"))
-            raise ValueError(f"{listing} not found; check datamodule.train_filename (the dataset has {have})")
-        entries = read_train_list(data_path, dm.train_filename, dm.include_filter, dm.exclude_filter,
-                                  dm.class_to_skip_training)
-        if not entries:
-            raise ValueError(f"no training samples in {listing} after filters and skipped classes")
-        if dm.balance_classes:
-            entries = balance_entries(entries, dm.seed)
-        smp = order_by_image(draw_pass(data_path, entries, class_map(cfg), dm.seed, pass_index,
-                                       info=read_info(data_path)))
-        ids = [f"{entries[i].h5_name}#{i}" for i in smp.entry_index.tolist()]
-        plan = {"kind": np.array("train"), "entry_index": smp.entry_index,
-                "image_path": np.asarray(smp.image_path, dtype=str), "label": smp.label, "box": smp.box,
-                "center": smp.center}
-        if smp.image_size is not None:
-            plan["image_size"] = smp.image_size
-        return plan, smp.label, ids, smp.box
-    return make
-
-
-def _items_plan(items: list[tuple[str, int]]) -> shards.PlanFn:
-    def make() -> tuple:
-        labels = np.array([lab for _, lab in items], dtype=np.int16)
-        rels = [rel for rel, _ in items]
-        plan = {"kind": np.array("split"), "rel": np.asarray(rels, dtype=str), "label": labels}
-        return plan, labels, rels, np.full((len(items), 4), -1, dtype=np.int64)
-    return make
 
 
 LockFn = Callable[[str], AbstractContextManager[Any]]
@@ -221,7 +143,7 @@ def train_pass_job(cfg: TrainFlowConfig, pass_index: int, out: Path, weights_dig
                    key: str | None = None, root: Path | None = None) -> StoreJob:
     """The store job of training pass ``pass_index`` (one patch per ``dataset.txt`` line, drawn from seed and pass)."""
     extra = {"kind": "train", "pass_index": pass_index, **decode_attrs(Path(cfg.datamodule.data_path))}
-    return _job(cfg, Path(out), key, _pass_plan(cfg, pass_index), extra, weights_digest, root)
+    return _job(cfg, Path(out), key, pass_plan(cfg, pass_index), extra, weights_digest, root)
 
 
 def split_job(cfg: TrainFlowConfig, split: str, out: Path, weights_digest: str | None = None,
@@ -230,7 +152,7 @@ def split_job(cfg: TrainFlowConfig, split: str, out: Path, weights_digest: str |
     data_path = Path(cfg.datamodule.data_path).resolve()
     items = split_items(data_path, split, class_map(cfg), cfg.datamodule.include_filter, cfg.datamodule.exclude_filter)
     extra = {"kind": split, "data_path": str(data_path), **decode_attrs(data_path)}
-    return _job(cfg, Path(out), key, _items_plan(items), extra, weights_digest, root)
+    return _job(cfg, Path(out), key, items_plan(items), extra, weights_digest, root)
 
 
 def extract_train_pass(cfg: TrainFlowConfig, pass_index: int, out: Path,
@@ -250,7 +172,7 @@ def extract_items(
     force: bool = False,
 ) -> dict[str, Any]:
     """Store the features of listed patch files at ``out`` (labels and relative paths as sample ids)."""
-    job = StoreJob(out, Path(out).name, _items_plan(items),
+    job = StoreJob(out, Path(out).name, items_plan(items),
                    {**attrs, "data_path": str(Path(data_path).resolve()), **decode_attrs(Path(data_path))},
                    feature_dim_of(extractor, size), lambda: extractor, size, mean, std, batch_size,
                    shards.shard_rows(rows_per_shard))

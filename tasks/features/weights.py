@@ -15,7 +15,7 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 if TYPE_CHECKING:
     import torch
@@ -124,6 +124,9 @@ _DINO_TO_TV_BLOCK = {
 _DINO_TO_TV_TOP = {"cls_token": "class_token", "pos_embed": "encoder.pos_embedding",
                    "patch_embed.proj": "conv_proj", "norm": "encoder.ln"}
 
+T = TypeVar("T")
+
+
 def _rename(key: str, table: Mapping[str, str]) -> str | None:
     for src, dst in table.items():
         if key == src or key.startswith(src + "."):
@@ -131,34 +134,32 @@ def _rename(key: str, table: Mapping[str, str]) -> str | None:
     return None
 
 
-def dino_to_torchvision(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename a DINO-release ViT state dict to torchvision VisionTransformer names (unknown keys kept as is)."""
-    out: dict[str, torch.Tensor] = {}
+def _map_keys(state: Mapping[str, T], block: str, block_name: str, block_table: Mapping[str, str],
+              top_table: Mapping[str, str]) -> dict[str, T]:
+    """``state`` renamed: keys matching ``block`` (groups: block index, rest) become ``block_name`` formatted with
+    the index and the renamed rest; other keys are renamed by ``top_table``; unknown keys are kept as they are."""
+    out: dict[str, T] = {}
     for key, value in state.items():
-        key = re.sub(r"^(module\.|backbone\.)+", "", key)
-        m = re.match(r"blocks\.(\d+)\.(.+)$", key)
+        m = re.match(block, key)
         if m:
-            rest = _rename(m.group(2), _DINO_TO_TV_BLOCK)
-            new = f"encoder.layers.encoder_layer_{m.group(1)}.{rest}" if rest else key
+            rest = _rename(m.group(2), block_table)
+            new = block_name.format(m.group(1), rest) if rest else key
         else:
-            new = _rename(key, _DINO_TO_TV_TOP) or key
+            new = _rename(key, top_table) or key
         out[new] = value
     return out
+
+
+def dino_to_torchvision(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename a DINO-release ViT state dict to torchvision VisionTransformer names (unknown keys kept as is)."""
+    plain = {re.sub(r"^(module\.|backbone\.)+", "", key): value for key, value in state.items()}
+    return _map_keys(plain, r"blocks\.(\d+)\.(.+)$", "encoder.layers.encoder_layer_{}.{}", _DINO_TO_TV_BLOCK,
+                     _DINO_TO_TV_TOP)
 
 
 def torchvision_to_dino(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Inverse of dino_to_torchvision: torchvision ViT names to DINO-release names (heads.* dropped)."""
     block_inv = {v: k for k, v in _DINO_TO_TV_BLOCK.items()}
     top_inv = {v: k for k, v in _DINO_TO_TV_TOP.items()}
-    out: dict[str, torch.Tensor] = {}
-    for key, value in state.items():
-        if key.startswith("heads."):
-            continue
-        m = re.match(r"encoder\.layers\.encoder_layer_(\d+)\.(.+)$", key)
-        if m:
-            rest = _rename(m.group(2), block_inv)
-            new = f"blocks.{m.group(1)}.{rest}" if rest else key
-        else:
-            new = _rename(key, top_inv) or key
-        out[new] = value
-    return out
+    body = {key: value for key, value in state.items() if not key.startswith("heads.")}
+    return _map_keys(body, r"encoder\.layers\.encoder_layer_(\d+)\.(.+)$", "blocks.{}.{}", block_inv, top_inv)
