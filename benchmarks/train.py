@@ -52,7 +52,7 @@ def bare_fit_seconds(cfg, store_root: Path) -> float:
     """Seconds of the classifier's own ``fit`` on the stored training features (no Prefect, no I/O):
     the part of a rerun after a classifier change that belongs to the classifier, not to patchflow."""
     from storage import features as fstore
-    from tasks.model.stage import make_classifier
+    from tasks.model.fit import make_classifier
 
     stores = sorted((p for p in (store_root / "features").glob("*.zarr") if fstore.store_attrs(p).get("kind") == "train"),
                     key=lambda p: fstore.store_attrs(p)["pass_index"])

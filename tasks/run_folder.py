@@ -1,11 +1,17 @@
-"""Run folders: ``<runs_folder>/<name>/<timestamp>/`` with the resolved config, its tree, the log and data/."""
+"""Run folders: ``<runs_folder>/<name>/<timestamp>/`` with the resolved config, its tree, the log and data/.
+
+:func:`run_folder` opens one for a flow (``main.log`` attached while it runs); :func:`finish_train_run` copies
+the training stages' outputs into it and publishes the run's artifacts.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import time
 from pathlib import Path
+from typing import Any, Iterator
 
 from pydantic import BaseModel
 
@@ -59,3 +65,32 @@ def write_data_record(cfg: TrainFlowConfig, run: Path) -> None:
     for name in ("info.json", "patchflow.json"):
         if (data / name).is_file():
             shutil.copy2(data / name, out / name)
+
+
+def prune_partials(root: Path) -> None:
+    """Remove partial outputs of killed runs (feature stores, exports, bundles, validation) untouched for 7 days."""
+    from storage.shards import prune_stale_partials
+
+    for sub in ("features", "backbones", "bundles", "validation"):
+        prune_stale_partials(root / sub, patterns=("*.partial", "*/*.partial"))
+
+
+@contextlib.contextmanager
+def run_folder(cfg: BaseModel) -> Iterator[Path]:
+    """A fresh run folder for ``cfg`` with patchflow's log records going to its ``main.log`` while the block runs."""
+    run = make_run_dir(cfg)
+    handler = attach_log(run)
+    try:
+        yield run
+    finally:
+        detach_log(handler)
+
+
+def finish_train_run(cfg: TrainFlowConfig, run: Path, bundle: str, validation: str, metrics: dict[str, Any]) -> dict[str, Any]:
+    """Copy the bundle and the validation folder into the run folder, publish the artifacts; the flow's result."""
+    from tasks.artifacts import publish_task
+
+    shutil.copytree(bundle, run / "deployment_model")
+    shutil.copytree(validation, run / "validation")
+    publish_task(f"{cfg.core.name} validation", metrics, str(run / "validation"), str(run / "deployment_model"))
+    return {"run_dir": str(run), "bundle": str(run / "deployment_model"), "metrics": metrics}

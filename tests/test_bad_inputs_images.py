@@ -236,7 +236,7 @@ def test_124_12bit_data_in_16bit_png_has_the_full_range_everywhere(bundle_src: P
     """Rule "auto" (default): a 12-bit ramp saved as 16-bit PNG gives 0..255 (value >> 4), not 0..15 (>> 8), in the
     val/test patches, in training crops and in predict; patchflow.json and model.json record the rule."""
     from tasks.features.plans import decode_attrs
-    from tasks.model.stage import model_json
+    from tasks.model.bundle import model_json
     from tasks.predict.stage import predict_images
     from tasks.model.config import TrainFlowConfig
 
@@ -290,7 +290,7 @@ def test_124_12bit_data_in_16bit_png_has_the_full_range_everywhere(bundle_src: P
 def test_125_sixteen_bit_fixed_bits_and_window(tmp_path: Path, rule, expect_fn) -> None:
     """sixteen_bit=<bits>: value >> (bits - 8), clipped; [low, high]: a linear map to 0..255, clipped. Recorded in
     patchflow.json and model.json; a Quadra dataset (no sidecar) gets the legacy >> 8 that cut its patches."""
-    from tasks.model.stage import model_json
+    from tasks.model.bundle import model_json
     from tasks.model.config import TrainFlowConfig
 
     img = gradient12()

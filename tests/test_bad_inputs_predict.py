@@ -49,7 +49,8 @@ def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tasks.demo_data import make_demo_dataset
     from tasks.features.params import backbone_digest
     from tasks.features.store import extract_train_pass
-    from tasks.model.stage import export_bundle, fit_classifier
+    from tasks.model.bundle import export_bundle
+    from tasks.model.fit import fit_classifier
     from tasks.model.config import TrainFlowConfig
 
     root = tmp_path_factory.mktemp("predict-bundle")

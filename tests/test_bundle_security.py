@@ -77,7 +77,8 @@ def _export(cfg, out: Path, dim: int, seed: int) -> Path:
     import torch
 
     from tasks.features.params import class_map
-    from tasks.model.stage import export_bundle, fit_classifier
+    from tasks.model.bundle import export_bundle
+    from tasks.model.fit import fit_classifier
 
     classes = sorted(class_map(cfg).values())
     labels = np.array([classes[i % len(classes)] for i in range(48)])
@@ -163,7 +164,7 @@ def test_90_skops_round_trips_the_usual_classifiers(tmp_path: Path, demo_patch_d
     from sklearn.svm import SVC
 
     from storage.classifier import load_classifier_file, untrusted_types, write_skops
-    from tasks.model.stage import fit_classifier, load_fitted
+    from tasks.model.fit import fit_classifier, load_fitted
 
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=(60, 16)), np.arange(60) % 3
@@ -223,7 +224,7 @@ def test_91_user_classifier_class_needs_trust(tmp_path: Path, demo_patch_dataset
     """A class from a user module is not on skops's list: the train flow trusts the configured class (the config
     imports it anyway); any other type needs model.trusted_types; a bundle needs the trust flag."""
     from tasks.config import ConfigError
-    from tasks.model.stage import fit_classifier, load_fitted
+    from tasks.model.fit import fit_classifier, load_fitted
 
     (tmp_path / "userclf_91.py").write_text(_USER_CLASSIFIER)
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -451,7 +452,7 @@ _FULL_DISK_EXPORT = textwrap.dedent(
     """
     import json, resource, signal, sys
     from pathlib import Path
-    from tasks.model.stage import export_backbone
+    from tasks.model.bundle import export_backbone
     from tasks.model.config import TrainFlowConfig
     args = json.loads(sys.argv[1])
     cfgs = {t: TrainFlowConfig.model_validate({**args["cfg"], "export": {"types": [t]}})

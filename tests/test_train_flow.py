@@ -117,7 +117,8 @@ def test_exported_backbone_reproduces_training_features(demo_patch_dataset: Path
     from tasks.features.export import OnnxBackbone
     from tasks.features.extractor import preprocess
     from tasks.features.store import extract_split
-    from tasks.model.stage import export_bundle, fit_classifier
+    from tasks.model.bundle import export_bundle
+    from tasks.model.fit import fit_classifier
     from tasks.model.config import TrainFlowConfig
     from tasks.features.store import extract_train_pass
 
