@@ -5,5 +5,6 @@
 - ``listing``: the train list and val/test listing; ``sampler``: drawing and cropping training patches;
 - ``plans``: what a store holds (row plans) and reading its patches; ``shards``: the sharded, resumable
   filling of a store; ``store``: store jobs (prepare, fill, finalize);
-- ``params``: what a store depends on, from the config; ``stage``: content keys and the Prefect tasks.
+- ``params``: what a store depends on, from the config; ``stage``: content keys and the Prefect tasks;
+- ``run``: the feature stage inside the train flow (every pass and the val split, sharded on Dask).
 """
