@@ -22,12 +22,15 @@ def bare_forward_rate(cfg, n_batches: int = 12) -> float:
     """Patches/s of preprocess + forward alone on the first batches of pass 0 (no sampling, no I/O)."""
     from pathlib import Path as P
 
-    from tasks.features.stage import _extractor, class_map
-    from tasks.features.sampler import draw_pass, iter_pass_patches, load_info, order_by_image, read_train_list
+    from tasks.features.params import class_map
+    from tasks.features.store import _extractor
+    from storage.layout import read_info
+    from tasks.features.listing import read_train_list
+    from tasks.features.sampler import draw_pass, iter_pass_patches, order_by_image
 
     dm = cfg.datamodule
     entries = read_train_list(P(dm.data_path), dm.train_filename)
-    s = order_by_image(draw_pass(P(dm.data_path), entries, class_map(cfg), dm.seed, 0, info=load_info(P(dm.data_path))))
+    s = order_by_image(draw_pass(P(dm.data_path), entries, class_map(cfg), dm.seed, 0, info=read_info(P(dm.data_path))))
     batches = [p for _, p in zip(range(n_batches), (b for _, b in iter_pass_patches(s, dm.batch_size)))]
     import tempfile as _t
 

@@ -8,23 +8,24 @@ Layout of a store (a directory ``<name>.zarr``)::
     boxes       int32   (n_rows, 4)     chunks (chunk_rows, 4)     y0, x0, y1, x1 (padded image coords)
 
 Attributes: the caller's ``attrs`` plus ``n_rows``, ``dim``, ``chunk_rows``, ``complete`` (False until
-:func:`mark_complete`), ``chunks_done`` (chunk indices recorded by :func:`mark_chunks_done`; the
-feature stage records its progress per shard instead, see ``tasks/features/shards.py``) and, once
-complete, ``content_digest`` (:func:`store_digest` of the values). Stores built by the feature stage
-also hold ``_plan.npz`` (what patch each row is), ``_shards/*.json`` (sha256 of each shard's rows)
+:func:`mark_complete`) and, once complete, ``content_digest`` (:func:`store_digest` of the values). Stores
+built by the feature stage also hold ``_shards/`` (their build state: the plan, ``rows.npz`` saying what
+patch each row is, and one marker per shard with the sha256 of its rows; see ``tasks/features/shards.py``)
 and ``_manifest.json`` (see ``storage/manifest.py``); :func:`is_verified` checks the latter.
 
 Concurrency rule (zarr 3 has no synchronizer; rows written by two processes into the same chunk are
-lost): arrays are pre-sized at creation, every :func:`write_rows` covers whole chunks, and only one
-coordinating process updates the attributes.
+lost): arrays are pre-sized at creation, one coordinating process writes every row's label, id and box
+(:func:`write_row_meta`) and the attributes, and every :func:`write_feature_rows` covers whole chunks, so
+shards filled by several processes never share a chunk.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import zarr
@@ -33,7 +34,7 @@ from zarr.codecs import BloscCodec
 from storage.manifest import matches_manifest
 
 ARRAY_NAMES = ("features", "labels", "sample_ids", "boxes")
-_RESERVED = ("complete", "chunks_done", "content_digest", "n_rows", "dim", "chunk_rows")
+_RESERVED = ("complete", "content_digest", "n_rows", "dim", "chunk_rows")
 
 
 class FeatureStoreError(ValueError):
@@ -78,41 +79,20 @@ def create_store(path: Path, n_rows: int, dim: int, attrs: dict, chunk_rows: int
             "dim": int(dim),
             "chunk_rows": int(chunk_rows),
             "complete": False,
-            "chunks_done": [],
         }
     )
 
 
-def num_chunks(n_rows: int, chunk_rows: int) -> int:
-    """Number of row chunks of a store with ``n_rows`` rows."""
-    return -(-n_rows // chunk_rows)
-
-
-def write_rows(
-    path: Path,
-    start: int,
-    features: np.ndarray,
-    labels: np.ndarray,
-    sample_ids: Sequence[str],
-    boxes: np.ndarray,
-) -> None:
-    """Write a chunk-aligned block of rows starting at ``start`` (safe from several processes)."""
-    g = _open(path, "r+")
-    f = g["features"]
+def write_feature_rows(path: Path, start: int, features: np.ndarray) -> None:
+    """Write the feature rows of a chunk-aligned block starting at ``start`` (safe from several processes;
+    labels, ids and boxes are written once by the coordinator, :func:`write_row_meta`)."""
+    f = _open(path, "r+")["features"]
     n_rows, dim = f.shape
     chunk_rows = f.chunks[0]
     features = np.asarray(features, dtype=np.float32)
-    labels = np.asarray(labels)
-    ids = np.asarray(list(sample_ids), dtype=str)
-    boxes = np.asarray(boxes)
-    n = features.shape[0] if features.ndim == 2 else -1
     if features.ndim != 2 or features.shape[1] != dim:
         raise ValueError(f"{path}: features must have shape (n, {dim}), got {features.shape}")
-    if labels.shape != (n,) or ids.shape != (n,) or boxes.shape != (n, 4):
-        raise ValueError(
-            f"{path}: inconsistent block: features {features.shape}, labels {labels.shape}, "
-            f"sample_ids {ids.shape}, boxes {boxes.shape}"
-        )
+    n = features.shape[0]
     end = start + n
     if start < 0 or end > n_rows:
         raise ValueError(f"{path}: rows [{start}, {end}) outside the store's {n_rows} rows")
@@ -122,29 +102,6 @@ def write_rows(
             f"chunk_rows={chunk_rows} and span whole chunks (or end at n_rows={n_rows}), otherwise "
             "concurrent writers lose rows"
         )
-    if n == 0:
-        return
-    if labels.size and (labels.min() < np.iinfo(np.int16).min or labels.max() > np.iinfo(np.int16).max):
-        raise ValueError(f"{path}: labels out of int16 range")
-    f[start:end] = features
-    g["labels"][start:end] = labels.astype(np.int16)
-    g["sample_ids"][start:end] = ids
-    g["boxes"][start:end] = boxes.astype(np.int32)
-
-
-def write_feature_rows(path: Path, start: int, features: np.ndarray) -> None:
-    """Write the feature rows of a chunk-aligned block (labels/ids/boxes already written by the coordinator)."""
-    g = _open(path, "r+")
-    f = g["features"]
-    n_rows, dim = f.shape
-    chunk_rows = f.chunks[0]
-    features = np.asarray(features, dtype=np.float32)
-    n = features.shape[0]
-    end = start + n
-    if features.ndim != 2 or features.shape[1] != dim:
-        raise ValueError(f"{path}: features must have shape (n, {dim}), got {features.shape}")
-    if start < 0 or end > n_rows or start % chunk_rows != 0 or (n % chunk_rows != 0 and end != n_rows):
-        raise ValueError(f"{path}: unaligned or out-of-range write of rows [{start}, {end}) (chunk_rows={chunk_rows})")
     if n:
         f[start:end] = features
 
@@ -160,25 +117,12 @@ def write_row_meta(path: Path, labels: np.ndarray, sample_ids: Sequence[str], bo
     n = g["features"].shape[0]
     labels, ids, boxes = np.asarray(labels), np.asarray(list(sample_ids), dtype=str), np.asarray(boxes)
     if labels.shape != (n,) or ids.shape != (n,) or boxes.shape != (n, 4):
-        raise ValueError(f"{path}: row metadata must cover all {n} rows")
+        raise ValueError(f"{path}: row metadata must cover all {n} rows: labels {labels.shape}, "
+                         f"sample_ids {ids.shape}, boxes {boxes.shape}")
     if n:
         g["labels"][:] = labels.astype(np.int16)
         g["sample_ids"][:] = ids
         g["boxes"][:] = boxes.astype(np.int32)
-
-
-def mark_chunks_done(path: Path, chunk_indices: Iterable[int]) -> None:
-    """Record row chunks as filled (single coordinating process only)."""
-    g = _open(path, "r+")
-    done = set(int(i) for i in g.attrs.get("chunks_done", []))
-    done.update(int(i) for i in chunk_indices)
-    g.attrs["chunks_done"] = sorted(done)
-
-
-def chunks_done(path: Path) -> set[int]:
-    """Row chunks already recorded as filled."""
-    g = _open(path, "r")
-    return set(int(i) for i in g.attrs.get("chunks_done", []))
 
 
 def mark_complete(path: Path, digest: str) -> None:
@@ -213,7 +157,7 @@ def is_complete(path: Path, expect: dict | None = None) -> bool:
             if key not in attrs or attrs[key] != _jsonable(value):
                 return False
         return True
-    except Exception:
+    except Exception:  # noqa: BLE001 - a store that cannot be read is not complete
         return False
 
 

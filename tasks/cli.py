@@ -59,9 +59,9 @@ def cli_error(exc: BaseException) -> tuple[int, str] | None:
     prefect_term = getattr(sys.modules.get("prefect.exceptions"), "TerminationSignal", Terminated)
     if isinstance(exc, (Terminated, prefect_term)):
         return 143, TERMINATED
-    backbones = sys.modules.get("tasks.features.backbones")  # imported by then if it raised (torch stays unimported otherwise)
+    weights = sys.modules.get("tasks.features.weights")  # imported by then if it raised (and it imports no torch)
     known = (InputDataError, AssociationError, DatasetFormatError, FeatureStoreError, OSError)
-    if isinstance(exc, known) or (backbones is not None and isinstance(exc, backbones.BackboneError)):
+    if isinstance(exc, known) or (weights is not None and isinstance(exc, weights.BackboneError)):
         return 1, str(exc)
     return None
 

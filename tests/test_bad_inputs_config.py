@@ -423,7 +423,8 @@ def test_139_every_flow_refuses_a_file_shaped_storage_root_before_any_work(tmp_p
 
 def test_133_bundle_model_config_yaml_uses_the_same_loader(tmp_path: Path) -> None:
     """A bundle's model_config.yaml (read to rebuild a .pth backbone) is user YAML too: bounded, no tags."""
-    from tasks.features.backbones import BackboneError, load_export
+    from tasks.features.export import load_export
+    from tasks.features.weights import BackboneError
 
     pth = tmp_path / "model.pth"
     pth.write_bytes(b"never read")

@@ -28,7 +28,8 @@ from storage import bundle as bdl
 from storage.layout import DatasetFormatError
 from tasks.config import ConfigError, load_config, validate_config
 from tasks.imageio import MAX_PIXELS_ENV, InputDataError, dataset_decoding, read_image
-from tasks.features.sampler import draw_pass, iter_pass_patches, read_train_list
+from tasks.features.listing import read_train_list
+from tasks.features.sampler import draw_pass, iter_pass_patches
 from tests._synth import CLASS_TO_IDX, make_dataset, tree_digest, write_image
 from tests.test_bad_inputs import (  # the catalogue's helpers; bundle_src is its bundle fixture
     _edit_meta,
@@ -146,7 +147,7 @@ def test_121_pixel_limit_in_the_training_evaluation_and_report_stages(tmp_path: 
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """Stages after the dataset read the limit from $PATCHFLOW_MAX_IMAGE_PIXELS and name it in the error."""
     from tasks.evaluation.scoring import evaluate_split
-    from tasks.features.stage import plan_batches
+    from tasks.features.plans import plan_batches
     from tasks.evaluation.report import overlay_image
 
     out, fresh = tmp_path / "ds", tmp_path / "ds2"
@@ -234,7 +235,7 @@ def test_123b_cli_huge_header_ends_with_one_error_line(tmp_path: Path) -> None:
 def test_124_12bit_data_in_16bit_png_has_the_full_range_everywhere(bundle_src: Path, tmp_path: Path) -> None:  # noqa: F811
     """Rule "auto" (default): a 12-bit ramp saved as 16-bit PNG gives 0..255 (value >> 4), not 0..15 (>> 8), in the
     val/test patches, in training crops and in predict; patchflow.json and model.json record the rule."""
-    from tasks.features.stage import decode_attrs
+    from tasks.features.plans import decode_attrs
     from tasks.model.bundle import model_json
     from tasks.predict.stage import predict_images
     from tasks.model.config import TrainFlowConfig

@@ -47,7 +47,8 @@ def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     random-init MobileNetV2 at 32 px, one feature pass, the configured classifier, a .pth export."""
     from tasks import generate_patch_dataset, get_image_mask_association
     from tasks.demo_data import make_demo_dataset
-    from tasks.features.stage import backbone_digest, extract_train_pass
+    from tasks.features.params import backbone_digest
+    from tasks.features.store import extract_train_pass
     from tasks.model.bundle import export_bundle
     from tasks.model.fit import fit_classifier
     from tasks.model.config import TrainFlowConfig

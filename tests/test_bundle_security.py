@@ -76,7 +76,7 @@ def _export(cfg, out: Path, dim: int, seed: int) -> Path:
     """Fit a classifier on random features of width ``dim`` and export a full bundle (no Prefect)."""
     import torch
 
-    from tasks.features.stage import class_map
+    from tasks.features.params import class_map
     from tasks.model.bundle import export_bundle
     from tasks.model.fit import fit_classifier
 
@@ -624,7 +624,7 @@ def test_102_train_stage_outputs_tampered_are_recomputed(flows_run: dict, prefec
         assert file_digest(Path(res["bundle"]) / name) == file_digest(Path(ref["bundle"]) / name), name
     import torch
 
-    from tasks.features.backbones import load_export
+    from tasks.features.export import load_export
 
     x = torch.rand(2, 3, 32, 32)  # TorchScript archives differ between exports (name mangling, serialization id)
     with torch.inference_mode():

@@ -121,8 +121,9 @@ class _TinyNet(torch.nn.Module):
 def _store_job(tmp_path: Path, out: Path):
     import cv2
 
-    from tasks.features.backbones import FeatureExtractor
-    from tasks.features.stage import StoreJob, _items_plan
+    from tasks.features.extractor import FeatureExtractor
+    from tasks.features.plans import items_plan
+    from tasks.features.store import StoreJob
 
     rng = np.random.default_rng(1)
     (tmp_path / "patches").mkdir(exist_ok=True)
@@ -133,7 +134,7 @@ def _store_job(tmp_path: Path, out: Path):
             cv2.imwrite(str(tmp_path / rel), rng.integers(0, 255, (20, 20, 3), dtype=np.uint8))
         items.append((rel, i % 3))
     ext = FeatureExtractor(_TinyNet(), "cpu", "fp32", 8)
-    return StoreJob(out, "k-" + out.name, _items_plan(items), {"kind": "test", "data_path": str(tmp_path)}, 6,
+    return StoreJob(out, "k-" + out.name, items_plan(items), {"kind": "test", "data_path": str(tmp_path)}, 6,
                     lambda: ext, (16, 16), (0.5, 0.5, 0.5), (0.2, 0.2, 0.2), 8, rows_per_shard=8, chunk_rows=4)
 
 
@@ -163,7 +164,7 @@ def test_feature_store_resumes_verified_shards_only(tmp_path: Path) -> None:
 
 
 def test_stale_partial_stores_are_pruned(tmp_path: Path) -> None:
-    from tasks.features import shards
+    from storage import shards
 
     old, fresh = tmp_path / "a.zarr.partial", tmp_path / "b.zarr.partial"
     for d in (old, fresh):
@@ -265,7 +266,7 @@ def test_train_killed_in_feature_stage_resumes_identical_and_tampering_is_recomp
     def mid_features() -> bool:  # two passes finished and the next one has finished shards of its own
         feats = root / "features"
         done = [p for p in feats.glob("*.zarr") if (p / "_manifest.json").exists()] if feats.is_dir() else []
-        partial = [m for p in feats.glob("*.zarr.partial") for m in (p / "_shards").glob("*.json")] if feats.is_dir() else []
+        partial = [m for p in feats.glob("*.zarr.partial") for m in (p / "_shards").glob("shard-*.json")] if feats.is_dir() else []
         return len(done) >= 2 and len(partial) >= 1
 
     _kill_when(proc, mid_features)

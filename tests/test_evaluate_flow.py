@@ -105,7 +105,7 @@ def test_every_bundle_export_gives_the_same_features(trained) -> None:
     import numpy as np
     import torch
 
-    from tasks.features.backbones import load_export
+    from tasks.features.export import load_export
 
     _, _, bundle = trained
     x = torch.rand(3, 3, 64, 64)

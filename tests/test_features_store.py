@@ -1,4 +1,4 @@
-"""Zarr feature store: pre-sized creation, chunk-aligned writes, completion marker, digests."""
+"""Zarr feature store: pre-sized creation, chunk-aligned writes, shard progress, completion marker, digests."""
 
 from __future__ import annotations
 
@@ -11,16 +11,17 @@ import zarr
 
 from storage.features import (
     FeatureStoreError,
-    chunks_done,
     concat_stores,
     create_store,
     is_complete,
     load_features,
-    mark_chunks_done,
     mark_complete,
     store_digest,
-    write_rows,
+    write_feature_rows,
+    write_row_meta,
 )
+from storage.shards import ShardStateError
+from tasks.features import shards
 
 DIM = 6
 CHUNK = 8
@@ -37,8 +38,30 @@ def block(start: int, n: int, dim: int = DIM) -> tuple[np.ndarray, np.ndarray, l
 
 
 def fill(path: Path, n_rows: int) -> None:
+    write_row_meta(path, *block(0, n_rows)[1:])
     for s in range(0, n_rows, CHUNK):
-        write_rows(path, s, *block(s, min(CHUNK, n_rows - s)))
+        write_feature_rows(path, s, block(s, min(CHUNK, n_rows - s))[0])
+
+
+def _row_plan(n_rows: int):
+    """``make_plan`` of a store whose row ``r`` is "patch" ``r`` (its features are ``block``'s row ``r``)."""
+    return lambda: ({"row": np.arange(n_rows)}, *block(0, n_rows)[1:])
+
+
+def _row_batches(plan, attrs, start: int, end: int, batch_size: int):
+    """Batches of rows ``[start, end)``: (row indices relative to ``start``, the row numbers as "patches")."""
+    for s in range(start, end, batch_size):
+        rows = plan["row"][s : min(s + batch_size, end)]
+        yield np.arange(s - start, s - start + rows.size), list(rows)
+
+
+def _row_features(patches: list) -> np.ndarray:
+    return block(int(patches[0]), len(patches))[0]
+
+
+def _fill_shards(out: Path, indices) -> list[bool]:
+    """Fill shards ``indices`` of the prepared store of ``out`` through the feature stage's shard protocol."""
+    return [shards.fill_shard(out, i, _row_features, _row_batches, 3)["skipped"] for i in indices]
 
 
 @pytest.fixture()
@@ -60,9 +83,8 @@ def test_create_presized(store: Path) -> None:
     assert all(g[n].chunks[0] == CHUNK for n in ("labels", "sample_ids", "boxes"))
     attrs = dict(g.attrs)
     assert attrs["backbone"] == "resnet18" and attrs["classes"] == ["a", "b"]
-    assert attrs["complete"] is False and attrs["chunks_done"] == []
+    assert attrs["complete"] is False
     assert not is_complete(store)
-    assert chunks_done(store) == set()
 
 
 def test_create_rejects_reserved_attrs(tmp_path: Path) -> None:
@@ -71,18 +93,19 @@ def test_create_rejects_reserved_attrs(tmp_path: Path) -> None:
 
 
 def test_aligned_writes_and_rejections(store: Path) -> None:
-    write_rows(store, 0, *block(0, 16))  # two whole chunks
-    write_rows(store, 16, *block(16, 4))  # partial last chunk, ends at n_rows
+    X, y, ids, boxes = block(0, 20)
+    write_row_meta(store, y, ids, boxes)  # the coordinator writes every row's label, id and box at once
+    write_feature_rows(store, 0, X[:16])  # two whole chunks
+    write_feature_rows(store, 16, X[16:])  # partial last chunk, ends at n_rows
     for start, n in [(4, 8), (0, 5), (8, 4), (16, 3)]:  # unaligned start / length not ending at n_rows
         with pytest.raises(ValueError, match="unaligned"):
-            write_rows(store, start, *block(start, n))
+            write_feature_rows(store, start, block(start, n)[0])
     with pytest.raises(ValueError, match="outside"):
-        write_rows(store, 16, *block(16, 8))
-    X, y, ids, boxes = block(0, 8)
-    with pytest.raises(ValueError, match="inconsistent"):
-        write_rows(store, 0, X, y[:7], ids, boxes)
+        write_feature_rows(store, 16, block(16, 8)[0])
+    with pytest.raises(ValueError, match="must cover all 20 rows"):
+        write_row_meta(store, y[:7], ids, boxes)
     with pytest.raises(ValueError, match="shape"):
-        write_rows(store, 0, X[:, :3], y, ids, boxes)
+        write_feature_rows(store, 0, X[:8, :3])
     mark_complete(store, store_digest(store))
     X, y, ids, boxes = load_features(store)
     eX, ey, eids, eboxes = block(0, 20)
@@ -93,16 +116,28 @@ def test_aligned_writes_and_rejections(store: Path) -> None:
     assert X.dtype == np.float32 and np.issubdtype(y.dtype, np.integer) and boxes.dtype == np.int32
 
 
-def test_chunks_done_progress(store: Path) -> None:
-    mark_chunks_done(store, [0])
-    mark_chunks_done(store, {2, 0})
-    assert chunks_done(store) == {0, 2}
-    assert not is_complete(store)
+def test_shard_progress(tmp_path: Path) -> None:
+    out = tmp_path / "s.zarr"
+    assert shards.prepare(out, "k", _row_plan(20), DIM, {"kind": "test"}, rows_per_shard=CHUNK, chunk_rows=CHUNK) == 3
+    part = shards.partial_path(out)
+    state = shards.shard_state(part)
+    assert _fill_shards(out, [0, 2, 0]) == [False, False, True]  # a finished shard is not redone
+    assert state.missing(3, shards.rows_match(part)) == [1]
+    assert not is_complete(part)
+    with pytest.raises(ShardStateError, match=r"shards \[1\] are not finished"):
+        shards.finalize(out)
+    assert _fill_shards(out, [1]) == [False]
+    shards.finalize(out)
+    X, y, ids, boxes = load_features(out, verify=True)
+    eX, ey, eids, eboxes = block(0, 20)
+    np.testing.assert_array_equal(X, eX)
+    np.testing.assert_array_equal(y, ey)
+    assert ids.tolist() == eids
+    np.testing.assert_array_equal(boxes, eboxes)
 
 
 def test_complete_marker_is_last(store: Path) -> None:
     fill(store, 20)
-    mark_chunks_done(store, range(3))
     assert not is_complete(store)  # every row written, but not marked yet
     with pytest.raises(FeatureStoreError, match=str(store).replace("\\", "\\\\")):
         load_features(store)
@@ -170,28 +205,26 @@ def test_concat_stores(tmp_path: Path) -> None:
         concat_stores([paths[0], incomplete])
 
 
-def _write_chunks(path: str, starts: list[int], n_rows: int) -> None:
+def _fill_shards_child(out: str, indices: list[int]) -> None:
     """Child-process body (module level so spawn can import it)."""
-    for s in starts:
-        write_rows(Path(path), s, *block(s, min(CHUNK, n_rows - s)))
+    _fill_shards(Path(out), indices)
 
 
 def test_two_processes_disjoint_aligned_chunks(tmp_path: Path) -> None:
     n_rows = 10 * CHUNK + 3
     p = tmp_path / "mp.zarr"
-    create_store(p, n_rows, DIM, {}, chunk_rows=CHUNK)
-    starts = list(range(0, n_rows, CHUNK))
+    count = shards.prepare(p, "mp", _row_plan(n_rows), DIM, {}, rows_per_shard=CHUNK, chunk_rows=CHUNK)
+    assert count == 11  # one chunk per shard: the two processes write alternate, neighbouring chunks
     ctx = mp.get_context("spawn")
     procs = [
-        ctx.Process(target=_write_chunks, args=(str(p), starts[k::2], n_rows)) for k in range(2)
+        ctx.Process(target=_fill_shards_child, args=(str(p), list(range(count))[k::2])) for k in range(2)
     ]
     for pr in procs:
         pr.start()
     for pr in procs:
         pr.join(60)
         assert pr.exitcode == 0
-    mark_chunks_done(p, range(len(starts)))
-    mark_complete(p, store_digest(p))
+    shards.finalize(p)  # every shard's marker checks out against its rows
     X, y, ids, boxes = load_features(p)
     eX, ey, eids, eboxes = block(0, n_rows)
     np.testing.assert_array_equal(X, eX)  # no lost rows (unwritten rows would read NaN / -1 / "")

@@ -12,17 +12,10 @@ import numpy as np
 import pytest
 
 from storage.geometry import pad_to
+from storage.layout import read_info
 from tasks.features import sampler as sampling
-from tasks.features.sampler import (
-    DatasetFormatError,
-    TrainEntry,
-    balance_entries,
-    draw_pass,
-    iter_pass_patches,
-    list_split,
-    load_info,
-    read_train_list,
-)
+from tasks.features.listing import TrainEntry, balance_entries, list_split, read_train_list
+from tasks.features.sampler import DatasetFormatError, draw_pass, iter_pass_patches
 
 CLASSES = {"bg": 0, "a": 1, "b": 2}
 
@@ -134,7 +127,7 @@ def basic(tmp_path: Path) -> Path:
 
 def test_load_info_missing_names_path(tmp_path: Path) -> None:
     with pytest.raises(DatasetFormatError, match="not a patch dataset") as ei:
-        load_info(tmp_path)
+        read_info(tmp_path)
     assert str(tmp_path / "info.json") in str(ei.value)
 
 
@@ -262,7 +255,7 @@ def test_no_triangles_uniform_over_image(basic: Path) -> None:
 
 @pytest.mark.parametrize("patch_size", [[75, 33], [32, 32], [1, 1], [50, 70]])
 def test_boxes_inside_and_exact_size(basic: Path, patch_size: list[int]) -> None:
-    info = load_info(basic) | {"patch_size": patch_size}
+    info = read_info(basic) | {"patch_size": patch_size}
     entries = read_train_list(basic) * 200
     s = draw_pass(basic, entries, CLASSES, seed=5, pass_index=3, info=info)
     ph, pw = patch_size
@@ -474,7 +467,7 @@ def test_rewritten_h5_is_read_again_not_served_from_the_memo(basic: Path) -> Non
     import os
 
     entries = read_train_list(basic)
-    info = load_info(basic)
+    info = read_info(basic)
     first = draw_pass(basic, entries, CLASSES, seed=0, pass_index=0, info=info)
     again = draw_pass(basic, entries, CLASSES, seed=0, pass_index=0, info=info)
     np.testing.assert_array_equal(first.box, again.box)  # memo hit: same draw

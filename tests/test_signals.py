@@ -207,7 +207,7 @@ def _feature_state(root: Path) -> tuple[set[str], dict[str, set[str]]]:
     if not feats.is_dir():
         return set(), {}
     done = {p.name for p in feats.glob("*.zarr") if (p / "_manifest.json").exists()}
-    partial = {p.name: {m.name for m in (p / "_shards").glob("*.json")} for p in feats.glob("*.zarr.partial")}
+    partial = {p.name: {m.name for m in (p / "_shards").glob("shard-*.json")} for p in feats.glob("*.zarr.partial")}
     return done, partial
 
 

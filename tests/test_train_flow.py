@@ -114,12 +114,13 @@ def test_exported_backbone_reproduces_training_features(demo_patch_dataset: Path
     import torch
 
     from storage import features as fstore
-    from tasks.features.backbones import OnnxBackbone, preprocess
-    from tasks.features.stage import extract_split
+    from tasks.features.export import OnnxBackbone
+    from tasks.features.extractor import preprocess
+    from tasks.features.store import extract_split
     from tasks.model.bundle import export_bundle
     from tasks.model.fit import fit_classifier
     from tasks.model.config import TrainFlowConfig
-    from tasks.features.stage import extract_train_pass
+    from tasks.features.store import extract_train_pass
 
     cfg = TrainFlowConfig.model_validate(_cfg(demo_patch_dataset, tmp_path))
     extract_train_pass(cfg, 0, tmp_path / "p0.zarr")
@@ -147,7 +148,7 @@ def test_exported_backbone_reproduces_training_features(demo_patch_dataset: Path
 
 def test_feature_runtime_resolution(tmp_path: Path) -> None:
     from tasks.config import ConfigError
-    from tasks.features.stage import feature_runtime
+    from tasks.features.params import feature_runtime
     from tasks.model.config import TrainFlowConfig
 
     def cfg(**task):
@@ -161,9 +162,9 @@ def test_feature_runtime_resolution(tmp_path: Path) -> None:
 
 
 def test_bad_backbone_config_errors(demo_patch_dataset: Path, tmp_path: Path) -> None:
-    from tasks.features.backbones import BackboneError
+    from tasks.features.weights import BackboneError
     from tasks.config import ConfigError, validate_config
-    from tasks.features.stage import extract_train_pass
+    from tasks.features.store import extract_train_pass
     from tasks.model.config import TrainFlowConfig
 
     with pytest.raises(ConfigError, match="backbone.name"):

@@ -15,10 +15,13 @@ from storage import features as fstore
 from storage.fingerprint import combine, file_digest, params_digest
 from storage.layout import read_info
 from storage.manifest import building, matches_manifest
-from tasks.features.backbones import FeatureExtractor, load_export
+from tasks.features.export import load_export
+from tasks.features.extractor import FeatureExtractor
 from tasks.config import StrictModel
 from tasks.evaluation.scoring import METRICS_VERSION, score_split
-from tasks.features.stage import dataset_key, extract_items, feature_dim_of, split_items
+from tasks.features.listing import split_items
+from tasks.features.stage import dataset_key
+from tasks.features.store import extract_items, feature_dim_of
 from tasks.model.config import CoreSection
 
 

@@ -1,4 +1,5 @@
-"""Training-patch drawing and val/test split listing for a Quadra-layout patch dataset.
+"""Training-patch drawing for a Quadra-layout patch dataset: one patch per train entry and pass, then the
+drawn patches cropped from their images (each image decoded once).
 
 Plain functions (no Prefect). Everything random is driven by ``np.random.default_rng`` seeded from
 explicit arguments, never by the global numpy or Python RNG.
@@ -9,35 +10,27 @@ Differences from the reference (``quadra/datasets/patch.py``), on purpose:
   edge replication (``storage.geometry.pad_to``) instead of giving short crops;
 - the uniform centre of an image without annotation is drawn in ``[0, H) x [0, W)`` (the reference
   draws in ``[0, H] x [0, W]``);
-- val/test filters match the file name only (B25), not the directory path;
 - images are decoded as BGR uint8 ignoring EXIF orientation (same frame as dataset generation).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import cv2
 import numpy as np
 
 from storage.geometry import pad_to, safe_crop_origin
 from storage.h5files import read_region
-from storage.layout import NONE_CLASS, DatasetFormatError, read_info, resolve_path
-from storage.layout import PATCH_EXTENSIONS as IMAGE_EXTENSIONS
-from tasks.imageio import Decoding, InputDataError, file_image_size, read_image
+from storage.layout import DatasetFormatError, read_info, resolve_path
 from tasks.dataset.triangulation import sample_points
-
-
-
-@dataclass(frozen=True)
-class TrainEntry:
-    """One line of ``train/dataset.txt``."""
-
-    h5_name: str
-    class_name: str
+from tasks.features.listing import TrainEntry
+from tasks.imageio import Decoding, InputDataError, file_image_size, read_image
 
 
 @dataclass
@@ -53,72 +46,6 @@ class PassSamples:
 
     def __len__(self) -> int:
         return int(self.entry_index.shape[0])
-
-
-# ----------------------------------------------------------------------------------------- info
-
-
-load_info = read_info  # the dataset's checked info.json
-
-
-# ------------------------------------------------------------------------------------ train list
-
-
-def _matches(name: str, substrings: Sequence[str] | None) -> bool:
-    return any(s in name for s in substrings or ())
-
-
-def read_train_list(
-    data_path: Path,
-    train_filename: str = "dataset.txt",
-    include_filter: Sequence[str] | None = None,
-    exclude_filter: Sequence[str] | None = None,
-    class_to_skip: Sequence[str] | None = None,
-) -> list[TrainEntry]:
-    """Entries of ``train/<train_filename>`` after filters; ``[]`` if the file does not exist."""
-    p = Path(data_path) / "train" / train_filename
-    if not p.is_file():
-        return []
-    skip = set(class_to_skip or ())
-    out: list[TrainEntry] = []
-    with open(p, encoding="utf-8") as fh:
-        for lineno, raw in enumerate(fh, start=1):
-            line = raw.rstrip("\r\n")
-            if not line.strip():
-                continue  # blank lines (e.g. a trailing one) carry nothing
-            fields = [f.strip() for f in line.split(",")]
-            if len(fields) != 2 or not fields[0] or not fields[1]:
-                raise DatasetFormatError(
-                    f"{p}, line {lineno}: expected '<h5 file name>,<class name>', got {line!r}. "
-                    "Fix or remove the line (class names must not contain commas)."
-                )
-            h5_name, class_name = fields
-            if class_name in skip:
-                continue
-            if include_filter and not _matches(h5_name, include_filter):
-                continue
-            if exclude_filter and _matches(h5_name, exclude_filter):
-                continue
-            out.append(TrainEntry(h5_name, class_name))
-    return out
-
-
-def balance_entries(entries: list[TrainEntry], seed: int) -> list[TrainEntry]:
-    """Oversample every class with replacement up to the largest class count (deterministic)."""
-    by_class: dict[str, list[int]] = {}
-    for i, e in enumerate(entries):
-        by_class.setdefault(e.class_name, []).append(i)
-    if not by_class:
-        return list(entries)
-    target = max(len(v) for v in by_class.values())
-    rng = np.random.default_rng(seed)
-    out = list(entries)
-    for cls in sorted(by_class):
-        idx = np.asarray(by_class[cls], dtype=np.int64)
-        extra = target - idx.size
-        if extra > 0:
-            out.extend(entries[int(i)] for i in rng.choice(idx, size=extra, replace=True))
-    return out
 
 
 # ------------------------------------------------------------------------------------- drawing
@@ -147,8 +74,9 @@ _MEMO_BUDGET = 256 << 20  # bytes of triangles kept; past it the memo starts ove
 _memo_bytes = 0
 
 
-def _memo(kind: str, path: Path | str, compute):
-    """``compute()`` memoised on (kind, path, size, mtime) of ``path``; a missing file is computed (and fails) as usual."""
+def _memo(kind: str, path: Path | str, compute: Callable[[], Any]) -> Any:
+    """``compute()`` memoised on (kind, path, size, mtime) of ``path``; a missing file is computed (and fails) as
+    usual."""
     global _memo_bytes
     try:
         st = os.stat(path)
@@ -157,7 +85,8 @@ def _memo(kind: str, path: Path | str, compute):
     key = (kind, str(path), st.st_size, st.st_mtime_ns)
     if key not in _MEMO:
         value = compute()
-        size = 200 + sum(a.nbytes for a in (getattr(value, "triangles", None), getattr(value, "weights", None)) if a is not None)
+        arrays = (getattr(value, "triangles", None), getattr(value, "weights", None))
+        size = 200 + sum(a.nbytes for a in arrays if a is not None)
         if _memo_bytes + size > _MEMO_BUDGET:
             _MEMO.clear()
             _memo_bytes = 0
@@ -198,6 +127,41 @@ def _resolve_patch_size(rec: _H5Record, info: dict, h5_path: Path) -> tuple[int,
     return rec.patch_size
 
 
+def _rows_by_h5(entries: Sequence[TrainEntry], class_to_idx: dict[str, int]) -> tuple[np.ndarray, dict[str, list[int]]]:
+    """(label of every entry, h5 name -> its rows in first-appearance order)."""
+    label = np.empty(len(entries), dtype=np.int16)
+    groups: dict[str, list[int]] = {}
+    for i, e in enumerate(entries):
+        try:
+            label[i] = class_to_idx[e.class_name]
+        except KeyError:
+            raise DatasetFormatError(
+                f"class {e.class_name!r} of {e.h5_name} (train/dataset.txt or your train_filename) is not in "
+                f"class_to_idx {sorted(class_to_idx)}; add it to class_to_idx or list it in class_to_skip"
+            ) from None
+        groups.setdefault(e.h5_name, []).append(i)
+    return label, groups
+
+
+def _checked_size(rec: _H5Record, h5_path: Path, sizes: dict[str, tuple[int, int]]) -> tuple[int, int]:
+    """(H, W) of the image of ``rec`` (read once per pass; a missing image names the h5 that refers to it)."""
+    if rec.image not in sizes:
+        if not os.path.isfile(rec.image):
+            raise DatasetFormatError(
+                f"image {rec.image} referenced by {h5_path} not found; restore the image or regenerate the dataset"
+            )
+        sizes[rec.image] = _memo("size", rec.image, lambda: _image_size(rec.image))
+    return sizes[rec.image]
+
+
+def _draw_centres(rng: np.random.Generator, rec: _H5Record, k: int, H: int, W: int) -> tuple[np.ndarray, np.ndarray]:
+    """``k`` (y, x) patch centres: in the annotated triangles (area-weighted), else uniform over the image."""
+    if rec.triangles is None:  # no annotation: uniform over the whole image
+        return rng.integers(0, H, size=k), rng.integers(0, W, size=k)
+    c = np.floor(sample_points(rec.triangles, rec.weights, k, rng)).astype(np.int64)
+    return np.clip(c[:, 0], 0, H - 1), np.clip(c[:, 1], 0, W - 1)
+
+
 def draw_pass(
     data_path: Path,
     entries: Sequence[TrainEntry],
@@ -209,20 +173,9 @@ def draw_pass(
     """Draw one patch per entry for training pass ``pass_index`` (deterministic from seed and pass)."""
     data_path = Path(data_path)
     if info is None:
-        info = load_info(data_path)
+        info = read_info(data_path)
     n = len(entries)
-    label = np.empty(n, dtype=np.int16)
-    groups: dict[str, list[int]] = {}  # h5 name -> rows, first-appearance order
-    for i, e in enumerate(entries):
-        try:
-            label[i] = class_to_idx[e.class_name]
-        except KeyError:
-            raise DatasetFormatError(
-                f"class {e.class_name!r} of {e.h5_name} (train/dataset.txt or your train_filename) is not in class_to_idx "
-                f"{sorted(class_to_idx)}; add it to class_to_idx or list it in class_to_skip"
-            ) from None
-        groups.setdefault(e.h5_name, []).append(i)
-
+    label, groups = _rows_by_h5(entries, class_to_idx)
     rng = np.random.default_rng([int(seed), int(pass_index)])
     image_path = np.empty(n, dtype=object)
     center = np.zeros((n, 2), dtype=np.int64)
@@ -232,23 +185,10 @@ def draw_pass(
     for name, rows_list in groups.items():
         rows = np.asarray(rows_list, dtype=np.int64)
         h5_path = data_path / "train" / name
-        rec = _memo(f"h5:{data_path}", h5_path, lambda: _read_h5(h5_path, data_path))
-        if rec.image not in sizes:
-            if not os.path.isfile(rec.image):
-                raise DatasetFormatError(
-                    f"image {rec.image} referenced by {h5_path} not found; restore the image or regenerate the dataset"
-                )
-            sizes[rec.image] = _memo("size", rec.image, lambda: _image_size(rec.image))
-        H, W = sizes[rec.image]
+        rec = _memo(f"h5:{data_path}", h5_path, partial(_read_h5, h5_path, data_path))
+        H, W = _checked_size(rec, h5_path, sizes)
         ph, pw = _resolve_patch_size(rec, info, h5_path)
-        k = rows.size
-        if rec.triangles is None:  # no annotation: uniform over the whole image
-            cy = rng.integers(0, H, size=k)
-            cx = rng.integers(0, W, size=k)
-        else:
-            c = np.floor(sample_points(rec.triangles, rec.weights, k, rng)).astype(np.int64)
-            cy = np.clip(c[:, 0], 0, H - 1)
-            cx = np.clip(c[:, 1], 0, W - 1)
+        cy, cx = _draw_centres(rng, rec, rows.size, H, W)
         y0 = safe_crop_origin(cy, ph, max(H, ph))
         x0 = safe_crop_origin(cx, pw, max(W, pw))
         center[rows, 0], center[rows, 1] = cy, cx
@@ -338,60 +278,3 @@ def iter_pass_patches(
             rows_out, patches = [], []
     if rows_out:
         yield np.asarray(rows_out, dtype=np.int64), patches
-
-
-# ----------------------------------------------------------------------------------- val / test
-
-
-def _skipped(name: str) -> bool:
-    return name.startswith(".") or "checkpoint" in name
-
-
-def list_split(
-    data_path: Path,
-    split: str,
-    class_to_idx: dict[str, int],
-    include_filter: Sequence[str] | None = None,
-    exclude_filter: Sequence[str] | None = None,
-    include_none: bool = True,
-) -> list[tuple[str, int]]:
-    """``(path relative to data_path, label)`` of every patch image under ``<split>/``, sorted.
-
-    The label is the immediate parent folder's class index; ``None/`` gives -1 (or is dropped when
-    ``include_none`` is False). Filters are substring matches on the file name.
-    """
-    data_path = Path(data_path)
-    root = data_path / split
-    if not root.is_dir():
-        return []
-    out: list[tuple[str, int]] = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not _skipped(d))
-        here = Path(dirpath)
-        for fn in sorted(filenames):
-            if _skipped(fn) or os.path.splitext(fn)[1].lower() not in IMAGE_EXTENSIONS:
-                continue
-            if include_filter and not _matches(fn, include_filter):
-                continue
-            if exclude_filter and _matches(fn, exclude_filter):
-                continue
-            folder = here.name
-            if here == root:
-                raise DatasetFormatError(
-                    f"{here / fn} sits directly in {root}; patches must be in {root}/<class name>/"
-                )
-            if folder == NONE_CLASS:
-                if not include_none:
-                    continue
-                label = -1
-            elif folder in class_to_idx:
-                label = int(class_to_idx[folder])
-            else:
-                raise DatasetFormatError(
-                    f"folder {here} (holding {fn}) is not a known class: {folder!r} is not in class_to_idx "
-                    f"{sorted(class_to_idx)} and is not 'None'. Add it to class_to_idx, or exclude these "
-                    "files with exclude_filter (e.g. saved masks)."
-                )
-            out.append(((here / fn).relative_to(data_path).as_posix(), label))
-    out.sort()
-    return out

@@ -1,57 +1,26 @@
-"""Feature stage: frozen-backbone features of training passes and of val/test patches, stored in zarr.
+"""Feature stage: the content keys of feature stores and the ``@task`` entry points that build them.
 
 Each training pass (one patch per ``dataset.txt`` line, drawn from (seed, pass index)) and each
 split is one store, keyed by content: dataset fingerprint + backbone weights digest + transform +
 sampling parameters (+ pass index). Raising ``iteration_over_training`` computes only new passes;
-changing the classifier computes none.
+changing the classifier computes none. The stores are built by ``tasks/features/store.py``.
 """
 
 from __future__ import annotations
 
-import contextlib
-import importlib.util
-import logging
-import shutil
-import time
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Iterator
+from typing import Any
 
-import numpy as np
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from storage import features as fstore
 from storage import layout
-from storage.fingerprint import CODE_VERSION, combine, params_digest, tree_digest
-from tasks.features import shards
-from tasks.features.backbones import FeatureExtractor, build_backbone, feature_dim, onnx_backbone, resolve_weights, weights_digest
-from tasks.locks import stage_lock
-from tasks.config import ConfigError
-from tasks.imageio import (
-    LEGACY_SIXTEEN_BIT,
-    Decoding,
-    ImageTooLargeError,
-    InputDataError,
-    dataset_decoding,
-    make_decoding,
-    read_image,
-    sixteen_bit_json,
-)
-from tasks.features.sampler import (
-    PassSamples,
-    balance_entries,
-    draw_pass,
-    iter_pass_patches,
-    list_split,
-    load_info,
-    order_by_image,
-    read_train_list,
-)
+from storage.fingerprint import combine, params_digest, tree_digest
+from tasks.features.params import class_map, feature_params
+from tasks.features.store import StoreJob, split_job, train_pass_job
 from tasks.model.config import TrainFlowConfig
-
-logger = logging.getLogger("patchflow.features")
-
-CHUNK_ROWS = shards.CHUNK_ROWS
+from tasks.stage import build_once
 
 
 def dataset_key(data_path: str | Path) -> str:
@@ -62,45 +31,6 @@ def dataset_key(data_path: str | Path) -> str:
     return tree_digest(data_path)
 
 
-def class_map(cfg: TrainFlowConfig) -> dict[str, int]:
-    """``class_to_idx`` from the config, else from our dataset's sidecar."""
-    if cfg.datamodule.class_to_idx:
-        return dict(cfg.datamodule.class_to_idx)
-    side = layout.read_sidecar(Path(cfg.datamodule.data_path))
-    if side and side.get("class_to_idx"):
-        return dict(side["class_to_idx"])
-    raise ValueError(
-        f"datamodule.class_to_idx is needed: {cfg.datamodule.data_path} has no patchflow.json (a Quadra dataset?)"
-    )
-
-
-def backbone_digest(cfg: TrainFlowConfig) -> str:
-    """Digest of the backbone weights actually used (resolved offline)."""
-    return weights_digest(resolve_weights(cfg.backbone.name, cfg.backbone.weights), cfg.backbone.name)
-
-
-def feature_runtime(cfg: TrainFlowConfig) -> str:
-    """The runtime that computes features: ``torch`` or ``onnxruntime`` (``auto`` resolved for this machine)."""
-    task = cfg.task
-    plain_cpu = task.device == "cpu" and task.precision == "fp32"
-    if task.runtime == "auto":
-        return "onnxruntime" if plain_cpu and importlib.util.find_spec("onnxruntime") else "torch"
-    if task.runtime == "onnxruntime" and not plain_cpu:
-        raise ConfigError("task.runtime=onnxruntime runs on device cpu at precision fp32 only; use task.runtime=torch")
-    return task.runtime
-
-
-def _feature_params(cfg: TrainFlowConfig, wdigest: str) -> dict[str, Any]:
-    return {
-        "code": CODE_VERSION,
-        "backbone": cfg.backbone.name,
-        "weights": wdigest,
-        "transforms": cfg.transforms.model_dump(mode="json"),
-        "precision": cfg.task.precision,
-        "runtime": feature_runtime(cfg),
-    }
-
-
 def train_pass_key(cfg: TrainFlowConfig, dkey: str, wdigest: str, pass_index: int) -> str:
     """Key of one training pass's features."""
     dm = cfg.datamodule
@@ -109,228 +39,19 @@ def train_pass_key(cfg: TrainFlowConfig, dkey: str, wdigest: str, pass_index: in
         "skip": dm.class_to_skip_training, "balance": dm.balance_classes, "seed": dm.seed,
         "classes": class_map(cfg), "pass": pass_index,
     }
-    return combine("train-pass", dkey, params_digest(_feature_params(cfg, wdigest)), params_digest(sampling))
+    return combine("train-pass", dkey, params_digest(feature_params(cfg, wdigest)), params_digest(sampling))
 
 
 def split_key(cfg: TrainFlowConfig, dkey: str, wdigest: str, split: str) -> str:
     """Key of one split's features (filters included; skipped classes are applied later)."""
     dm = cfg.datamodule
     sel = {"split": split, "include": dm.include_filter, "exclude": dm.exclude_filter, "classes": class_map(cfg)}
-    return combine("split", dkey, params_digest(_feature_params(cfg, wdigest)), params_digest(sel))
+    return combine("split", dkey, params_digest(feature_params(cfg, wdigest)), params_digest(sel))
 
 
 def store_path(root: Path, key: str) -> Path:
     """Where the features of ``key`` live."""
     return root / "features" / f"{key[:32]}.zarr"
-
-
-_EXTRACTORS: dict[tuple, FeatureExtractor] = {}
-
-
-def _extractor(cfg: TrainFlowConfig, onnx_cache: Path, wdigest: str | None = None) -> FeatureExtractor:
-    """The feature extractor of ``cfg`` (one kept per process: shards of a run reuse it)."""
-    size = (cfg.transforms.input_height, cfg.transforms.input_width)
-    auto = cfg.task.automatic_batch_size
-    batch = cfg.datamodule.batch_size if auto.disable else auto.starting_batch_size
-    runtime = feature_runtime(cfg)
-    ident = (runtime, cfg.backbone.name, wdigest or str(cfg.backbone.weights), size, cfg.task.device, cfg.task.precision,
-             batch, auto.disable, str(onnx_cache))
-    if ident not in _EXTRACTORS:
-        _EXTRACTORS.clear()
-        if runtime == "onnxruntime":
-            model = onnx_backbone(cfg.backbone.name, cfg.backbone.weights, size, onnx_cache, wdigest)
-        else:
-            model = build_backbone(cfg.backbone.name, cfg.backbone.weights)
-        _EXTRACTORS[ident] = FeatureExtractor(model, cfg.task.device, cfg.task.precision, batch, automatic_batch_size=not auto.disable)
-    return _EXTRACTORS[ident]
-
-
-def split_items(data_path: Path, split: str, class_to_idx: dict[str, int], include_filter, exclude_filter) -> list[tuple[str, int]]:
-    """Patches of a val/test split as (path relative to the dataset, label); test keeps unlabelled (None, -1) ones."""
-    items = list_split(data_path, split, class_to_idx, include_filter, exclude_filter, include_none=split != "val")
-    if not items:
-        raise ValueError(f"no {split} patches in {data_path / split}; generate the dataset with a non-zero {split}_size")
-    return items
-
-
-def _patch_batches(data_path: Path, rels: list[str], batch_size: int,
-                   decoding: Decoding) -> Iterator[tuple[np.ndarray, list[np.ndarray]]]:
-    for s in range(0, len(rels), batch_size):
-        patches = []
-        for rel in rels[s : s + batch_size]:
-            try:
-                patches.append(read_image(data_path / rel, decoding))
-            except ImageTooLargeError:
-                raise
-            except InputDataError:
-                raise ValueError(f"{data_path / rel}: unreadable patch image; regenerate the dataset") from None
-        yield np.arange(s, s + len(patches)), patches
-
-
-def decode_attrs(data_path: Path) -> dict[str, Any]:
-    """Store attributes that say how the dataset's images are decoded (its 16-bit rule)."""
-    return {"sixteen_bit": sixteen_bit_json(dataset_decoding(data_path).sixteen_bit)}
-
-
-def plan_batches(plan: dict[str, np.ndarray], attrs: dict[str, Any], start: int, end: int, batch_size: int):
-    """Batches of rows ``[start, end)`` of a store's plan: (row indices relative to ``start``, BGR patches)."""
-    # stores prepared before the rule was recorded were filled with the legacy rule: keep it for their last shards
-    dec = make_decoding(sixteen_bit=attrs.get("sixteen_bit", LEGACY_SIXTEEN_BIT))
-    if str(plan["kind"]) == "train":
-        sl = slice(start, end)
-        sub = PassSamples(plan["entry_index"][sl], plan["image_path"][sl], plan["label"][sl], plan["box"][sl],
-                          plan["center"][sl], plan["image_size"][sl] if "image_size" in plan else None)
-        yield from iter_pass_patches(sub, batch_size, dec)
-    else:
-        yield from _patch_batches(Path(attrs["data_path"]), plan["rel"][start:end].tolist(), batch_size, dec)
-
-
-def _pass_plan(cfg: TrainFlowConfig, pass_index: int) -> Callable[[], tuple]:
-    def make() -> tuple:
-        dm = cfg.datamodule
-        data_path = Path(dm.data_path)
-        listing = data_path / "train" / dm.train_filename
-        if not listing.is_file():
-            have = sorted(p.name for p in (data_path / "train").glob("*.txt"))
-            raise ValueError(f"{listing} not found; check datamodule.train_filename (the dataset has {have})")
-        entries = read_train_list(data_path, dm.train_filename, dm.include_filter, dm.exclude_filter, dm.class_to_skip_training)
-        if not entries:
-            raise ValueError(f"no training samples in {data_path / 'train' / dm.train_filename} after filters and skipped classes")
-        if dm.balance_classes:
-            entries = balance_entries(entries, dm.seed)
-        smp = order_by_image(draw_pass(data_path, entries, class_map(cfg), dm.seed, pass_index, info=load_info(data_path)))
-        ids = [f"{entries[i].h5_name}#{i}" for i in smp.entry_index.tolist()]
-        plan = {"kind": np.array("train"), "entry_index": smp.entry_index, "image_path": np.asarray(smp.image_path, dtype=str),
-                "label": smp.label, "box": smp.box, "center": smp.center}
-        if smp.image_size is not None:
-            plan["image_size"] = smp.image_size
-        return plan, smp.label, ids, smp.box
-    return make
-
-
-def _items_plan(items: list[tuple[str, int]]) -> Callable[[], tuple]:
-    def make() -> tuple:
-        labels = np.array([lab for _, lab in items], dtype=np.int16)
-        rels = [rel for rel, _ in items]
-        plan = {"kind": np.array("split"), "rel": np.asarray(rels, dtype=str), "label": labels}
-        return plan, labels, rels, np.full((len(items), 4), -1, dtype=np.int64)
-    return make
-
-
-LockFn = Callable[[str], ContextManager[Any]]
-
-
-def _no_lock(name: str) -> ContextManager[Any]:
-    return contextlib.nullcontext()
-
-
-class StoreJob:
-    """Everything needed to build one feature store: what to extract (plan) and how (extractor, transform)."""
-
-    def __init__(self, out: Path, key: str, make_plan: Callable[[], tuple], attrs: dict[str, Any], dim: int,
-                 get_extractor: Callable[[], FeatureExtractor], size: tuple[int, int], mean, std, batch_size: int,
-                 rows_per_shard: int, lock: LockFn = _no_lock, chunk_rows: int = CHUNK_ROWS) -> None:
-        self.out, self.key, self.make_plan, self.attrs, self.dim = Path(out), key, make_plan, attrs, dim
-        self.get_extractor, self.size, self.mean, self.std = get_extractor, size, mean, std
-        self.batch_size, self.rows_per_shard, self.lock, self.chunk_rows = batch_size, rows_per_shard, lock, chunk_rows
-
-    def prepare(self, force: bool = False) -> int:
-        """Prepare the partial store (reused when already prepared); number of shards, 0 if the store is done."""
-        with self.lock(self.key + ":prepare"):
-            if not force and fstore.is_verified(self.out):
-                return 0
-            if force:
-                shutil.rmtree(self.out, ignore_errors=True)
-            return shards.prepare(self.out, self.key, self.make_plan, self.dim, self.attrs, self.rows_per_shard, force, self.chunk_rows)
-
-    def fill(self, index: int) -> dict[str, Any]:
-        """Compute shard ``index`` unless it is done (or the whole store is)."""
-        with self.lock(f"{self.key}:shard:{index}"):
-            if fstore.is_verified(self.out):
-                return {"index": index, "skipped": True, "rows": 0, "extract_s": 0.0}
-            ext = self.get_extractor()
-            extract = lambda patches: ext.extract(patches, self.size, self.mean, self.std)  # noqa: E731
-            return shards.fill_shard(self.out, index, extract, plan_batches, self.batch_size)
-
-    def finalize(self) -> None:
-        """Move the completed store into place (no-op if it is already there)."""
-        with self.lock(self.key + ":finalize"):
-            if not fstore.is_verified(self.out):
-                shards.finalize(self.out)
-
-    def build(self, force: bool = False) -> dict[str, Any]:
-        """Prepare, fill what is missing and finalize, in this process; returns timing figures."""
-        t0 = time.perf_counter()
-        count = self.prepare(force)
-        setup = 0.0
-        if count:  # the backbone is built once per process (ONNX export once per weights): timed apart from the pass
-            t = time.perf_counter()
-            self.get_extractor()
-            setup = time.perf_counter() - t
-            if setup > 0.5:
-                logger.info("backbone ready in %.1f s (built once per process, exported once per weights)", setup)
-        stats = [self.fill(i) for i in range(count)]
-        self.finalize()
-        wall = time.perf_counter() - t0 - setup
-        rows = int(fstore.store_attrs(self.out)["n_rows"])
-        if count:
-            logger.info("%s features: %d patches in %.1f s (%.1f patches/s; %d of %d shards reused)", self.attrs.get("kind"),
-                        rows, wall, rows / max(wall, 1e-9), sum(s["skipped"] for s in stats), count)
-        return {"rows": rows, "wall_s": wall, "setup_s": setup, "extract_s": sum(s["extract_s"] for s in stats),
-                "shards": count, "shards_reused": sum(s["skipped"] for s in stats)}
-
-
-def _job(cfg: TrainFlowConfig, out: Path, key: str | None, make_plan, extra: dict[str, Any], wdigest: str | None,
-         root: Path | None) -> StoreJob:
-    wdigest = wdigest or backbone_digest(cfg)
-    t = cfg.transforms
-    lock: LockFn = (lambda name: stage_lock(root, name)) if root is not None else _no_lock
-    chunk = min(CHUNK_ROWS, cfg.task.shard_patches)  # small shards get small chunks: writes stay whole-chunk
-    return StoreJob(out, key or out.name, make_plan, {**_feature_params(cfg, wdigest), **extra}, feature_dim(cfg.backbone.name),
-                    lambda: _extractor(cfg, out.parent / "onnx", wdigest), (t.input_height, t.input_width), t.mean, t.std,
-                    cfg.datamodule.batch_size, shards.shard_rows(cfg.task.shard_patches, chunk), lock, chunk)
-
-
-def train_pass_job(cfg: TrainFlowConfig, pass_index: int, out: Path, weights_digest: str | None = None,
-                   key: str | None = None, root: Path | None = None) -> StoreJob:
-    """The store job of training pass ``pass_index`` (one patch per ``dataset.txt`` line, drawn from seed and pass)."""
-    extra = {"kind": "train", "pass_index": pass_index, **decode_attrs(Path(cfg.datamodule.data_path))}
-    return _job(cfg, Path(out), key, _pass_plan(cfg, pass_index), extra, weights_digest, root)
-
-
-def split_job(cfg: TrainFlowConfig, split: str, out: Path, weights_digest: str | None = None,
-              key: str | None = None, root: Path | None = None) -> StoreJob:
-    """The store job of every patch of ``split`` (val/test)."""
-    data_path = Path(cfg.datamodule.data_path).resolve()
-    items = split_items(data_path, split, class_map(cfg), cfg.datamodule.include_filter, cfg.datamodule.exclude_filter)
-    extra = {"kind": split, "data_path": str(data_path), **decode_attrs(data_path)}
-    return _job(cfg, Path(out), key, _items_plan(items), extra, weights_digest, root)
-
-
-def extract_train_pass(cfg: TrainFlowConfig, pass_index: int, out: Path, weights_digest: str | None = None) -> dict[str, Any]:
-    """Draw pass ``pass_index`` and store its features at ``out``; returns timing figures."""
-    return train_pass_job(cfg, pass_index, out, weights_digest).build()
-
-
-def extract_split(cfg: TrainFlowConfig, split: str, out: Path, weights_digest: str | None = None) -> dict[str, Any]:
-    """Store the features of every patch of ``split`` (val/test) at ``out``."""
-    return split_job(cfg, split, out, weights_digest).build()
-
-
-def extract_items(
-    extractor: FeatureExtractor, size: tuple[int, int], mean, std, data_path: Path, items: list[tuple[str, int]],
-    batch_size: int, out: Path, attrs: dict[str, Any], rows_per_shard: int = 4096, force: bool = False,
-) -> dict[str, Any]:
-    """Store the features of listed patch files at ``out`` (labels and relative paths as sample ids)."""
-    job = StoreJob(out, Path(out).name, _items_plan(items),
-                   {**attrs, "data_path": str(Path(data_path).resolve()), **decode_attrs(Path(data_path))},
-                   feature_dim_of(extractor, size), lambda: extractor, size, mean, std, batch_size, shards.shard_rows(rows_per_shard))
-    return job.build(force)
-
-
-def feature_dim_of(extractor: FeatureExtractor, size: tuple[int, int]) -> int:
-    """Feature length of ``extractor`` (one forward of a blank patch)."""
-    return int(extractor.extract([np.zeros((*size, 3), dtype=np.uint8)], size, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)).shape[1])
 
 
 # ------------------------------------------------------------------------------------- Prefect tasks
@@ -357,23 +78,29 @@ def feature_shard_task(cfg: TrainFlowConfig, what: str | int, key: str, out: str
     return _store_job(cfg, what, out, weights_digest, key, root).fill(index)
 
 
-def _finish_store(cfg: TrainFlowConfig, what: str | int, key: str, out: str, wdigest: str, force: bool, root: str | None) -> str:
-    if force or not fstore.is_verified(Path(out)):
-        _store_job(cfg, what, out, wdigest, key, root).build(force)
-    return out
+def _finish_store(cfg: TrainFlowConfig, what: str | int, key: str, out: str, wdigest: str, force: bool,
+                  root: str | None) -> str:
+    def build() -> dict[str, Any]:
+        return _store_job(cfg, what, out, wdigest, key, root).build(force)
+
+    return build_once(out, force, fstore.is_verified, build)
 
 
 @task(name="train-pass-features", persist_result=True)
 def train_pass_task(
-    cfg: TrainFlowConfig, pass_index: int, key: str, out: str, weights_digest: str, force: bool = False, root: str | None = None
+    cfg: TrainFlowConfig, pass_index: int, key: str, out: str, weights_digest: str, force: bool = False,
+    root: str | None = None,
 ) -> str:
-    """Features of one training pass, finished here (cached on ``key``; resumes a partial store; reuses a concurrent run's)."""
+    """Features of one training pass, finished here (cached on ``key``; resumes a partial store; reuses a concurrent
+    run's)."""
     return _finish_store(cfg, pass_index, key, out, weights_digest, force, root)
 
 
 @task(name="split-features", persist_result=True)
 def split_features_task(
-    cfg: TrainFlowConfig, split: str, key: str, out: str, weights_digest: str, force: bool = False, root: str | None = None
+    cfg: TrainFlowConfig, split: str, key: str, out: str, weights_digest: str, force: bool = False,
+    root: str | None = None,
 ) -> str:
-    """Features of a val/test split, finished here (cached on ``key``; resumes a partial store; reuses a concurrent run's)."""
+    """Features of a val/test split, finished here (cached on ``key``; resumes a partial store; reuses a concurrent
+    run's)."""
     return _finish_store(cfg, split, key, out, weights_digest, force, root)

@@ -18,8 +18,9 @@ from storage.fingerprint import CODE_VERSION
 from storage.geometry import GRID_POLICY
 from storage.manifest import MANIFEST_FILE, STAT_CACHE, building
 from storage.writes import naming_write_errors, serialise_to
-from tasks.features.backbones import build_backbone, export_onnx, export_torchscript
-from tasks.features.stage import backbone_digest, class_map, feature_runtime
+from tasks.features.export import export_onnx, export_torchscript
+from tasks.features.extractor import build_backbone
+from tasks.features.params import backbone_digest, class_map, feature_runtime
 from tasks.imageio import dataset_decoding, sixteen_bit_json
 from tasks.model.config import TrainFlowConfig
 from tasks.model.fit import load_fitted

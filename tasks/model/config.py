@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import Field, StrictInt, model_validator
 
-from tasks.features.backbones import SUPPORTED_BACKBONES
+from tasks.features.weights import SUPPORTED_BACKBONES
 from tasks.runner import RunnerSection
 from tasks.config import StrictModel
 

@@ -18,7 +18,7 @@ from storage.fingerprint import combine, params_digest
 from storage.manifest import building, file_matches, matches_manifest, write_file_digest
 from tasks.evaluation.report import write_report
 from tasks.evaluation.scoring import score_split
-from tasks.features.stage import class_map
+from tasks.features.params import class_map
 from tasks.model.bundle import export_backbone, export_bundle, export_types, model_json
 from tasks.model.config import TrainFlowConfig
 from tasks.model.fit import fit_classifier, load_fitted

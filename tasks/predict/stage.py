@@ -24,9 +24,10 @@ from storage.fingerprint import combine, files_digest, params_digest
 from storage.geometry import PatchGrid, compute_grid
 from storage.layout import IMAGE_EXTENSIONS
 from storage.paths import user_path
-from tasks.features.backbones import FeatureExtractor, load_export
+from tasks.features.export import load_export
+from tasks.features.extractor import FeatureExtractor
 from tasks.evaluation.scoring import full_probabilities
-from tasks.features.stage import feature_dim_of
+from tasks.features.store import feature_dim_of
 from tasks.imageio import Decoding, bundle_decoding, encode_png, read_image
 from tasks.predict.outputs import (
     PREDICTIONS_FILE,

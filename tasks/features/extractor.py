@@ -1,0 +1,245 @@
+"""Backbone architectures and inference: build a frozen backbone (torchvision models, and ``AnySizeViT`` for
+DINO's ViT at any input size), preprocess BGR patches into a normalised batch, and run it on a device at fp32
+or bf16 (:class:`FeatureExtractor`, with automatic batch-size halving on out-of-memory).
+
+Weights are resolved offline by ``tasks/features/weights.py``; exports live in ``tasks/features/export.py``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from torch import nn
+from torchvision import models
+
+from tasks.features.weights import BackboneError, check_name, dino_to_torchvision, resolve_weights
+
+logger = logging.getLogger("patchflow.backbones")
+
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+_FEATURE_DIMS: dict[str, int] = {
+    "resnet18": 512, "resnet50": 2048, "mobilenet_v2": 1280, "efficientnet_b0": 1280, "dino_vitb8": 768,
+}
+_PRECISIONS = ("fp32", "bf16")
+
+
+# --------------------------------------------------------------------------- models
+
+
+class AnySizeViT(models.VisionTransformer):
+    """torchvision's ViT for any input size that is a multiple of the patch size (torchvision's asserts
+    224): the 28x28 positional embeddings are interpolated bicubically the way DINO's release does it
+    (``interpolate_pos_encoding``), so dino_vitb8 runs at any ``transforms.input_height/width``, as the
+    reference's torch.hub model does. At 224x224 nothing is interpolated (the plain ViT forward)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # exports trace one fixed size (model.json's input_size); the batch stays free
+        h, w = int(x.shape[2]), int(x.shape[3])
+        p = self.patch_size
+        if h % p or w % p:
+            raise BackboneError(f"dino_vitb8 needs an input size that is a multiple of {p}, got {h}x{w}; "
+                                f"set transforms.input_height/input_width to multiples of {p} (e.g. 224)")
+        x = self.conv_proj(x).flatten(2).transpose(1, 2)  # (B, tokens, hidden)
+        x = torch.cat([self.class_token.expand(x.shape[0], -1, -1), x], dim=1) + self._positions(h // p, w // p)
+        x = self.encoder.ln(self.encoder.layers(self.encoder.dropout(x)))
+        return self.heads(x[:, 0])
+
+    def _positions(self, gh: int, gw: int) -> torch.Tensor:
+        pos = self.encoder.pos_embedding
+        side = round(math.sqrt(pos.shape[1] - 1))
+        if (gh, gw) == (side, side):
+            return pos
+        grid = pos[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
+        # DINO's +0.1 keeps floor(side * scale) at exactly (gh, gw) despite float rounding
+        grid = nn.functional.interpolate(grid, scale_factor=((gh + 0.1) / side, (gw + 0.1) / side), mode="bicubic")
+        return torch.cat([pos[:, :1], grid.permute(0, 2, 3, 1).reshape(1, gh * gw, -1)], dim=1)
+
+
+def _architecture(name: str) -> nn.Module:
+    if name == "dino_vitb8":
+        return AnySizeViT(image_size=224, patch_size=8, num_layers=12, num_heads=12, hidden_dim=768, mlp_dim=3072)
+    return getattr(models, name)(weights=None)
+
+
+def _strip_head(name: str, model: nn.Module) -> None:
+    if name.startswith("resnet"):
+        model.fc = nn.Identity()  # forward: ... avgpool -> flatten -> (B, D)
+    elif name == "dino_vitb8":
+        model.heads = nn.Identity()  # forward returns the normalised CLS token
+    else:
+        model.classifier = nn.Identity()  # forward: features -> GAP -> flatten -> (B, 1280)
+
+
+def _load_state(name: str, model: nn.Module, path: Path) -> None:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise BackboneError(
+            f"Cannot read weights file {path} for backbone {name!r}; point backbone.weights at a "
+            f"PyTorch state dict (.pth) saved for this architecture. Reason: {type(exc).__name__}: {str(exc)[:200]}"
+        ) from exc
+    if not isinstance(state, Mapping):
+        raise BackboneError(f"Weights file {path} does not hold a state dict (got {type(state).__name__}); "
+                            f"it does not fit backbone {name!r}: save model.state_dict() and point backbone.weights "
+                            "at it.")
+    if name == "dino_vitb8":
+        state = dino_to_torchvision(state)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        detail = str(exc).splitlines()
+        raise BackboneError(f"Weights file {path} does not fit backbone {name!r}; set backbone.name to the "
+                            "architecture these weights were saved from, or point backbone.weights at a checkpoint "
+                            f"for {name!r}. Details: {' '.join(d.strip() for d in detail[:3])[:600]}") from exc
+
+
+def build_backbone(name: str, weights: str | os.PathLike[str] | None = "imagenet") -> nn.Module:
+    """A frozen eval-mode module mapping float (B,3,H,W) images to pooled features (B, feature_dim(name))."""
+    check_name(name)
+    path = resolve_weights(name, weights)
+    model = _architecture(name)
+    if name == "dino_vitb8":  # DINO checkpoints carry no classification head
+        _strip_head(name, model)
+    if path is not None:
+        _load_state(name, model, path)
+    _strip_head(name, model)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def feature_dim(name: str) -> int:
+    """Length of the feature vector produced by backbone `name`."""
+    return _FEATURE_DIMS[check_name(name)]
+
+
+# --------------------------------------------------------------------------- preprocessing
+
+
+def preprocess(
+    patches: Sequence[np.ndarray],
+    size: tuple[int, int] = (224, 224),
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> torch.Tensor:
+    """BGR uint8 HxWx3 patches -> normalised RGB float32 batch (B,3,h,w) in channels_last; size is (h, w)."""
+    h, w = int(size[0]), int(size[1])
+    resized = []
+    for i, p in enumerate(patches):
+        p = np.asarray(p)
+        if p.ndim != 3 or p.shape[2] != 3 or p.dtype != np.uint8:
+            raise BackboneError(f"Patch {i} must be a uint8 HxWx3 BGR array, got {p.dtype} {p.shape}")
+        resized.append(p if p.shape[:2] == (h, w) else cv2.resize(p, (w, h), interpolation=cv2.INTER_CUBIC))
+    if not resized:
+        return torch.empty((0, 3, h, w), dtype=torch.float32).contiguous(memory_format=torch.channels_last)
+    batch = torch.from_numpy(np.stack(resized)).flip(-1)  # (B,h,w,3) uint8, BGR -> RGB
+    scale = torch.tensor([1.0 / (255.0 * s) for s in std], dtype=torch.float32)
+    shift = torch.tensor([m / s for m, s in zip(mean, std)], dtype=torch.float32)
+    out = (batch.to(torch.float32) * scale - shift).permute(0, 3, 1, 2)  # NHWC storage == channels_last
+    return out.contiguous(memory_format=torch.channels_last)
+
+
+# --------------------------------------------------------------------------- inference
+
+
+def parse_device(device: str | torch.device) -> torch.device:
+    """Validate a device string ("cpu", "cuda", "cuda:N") and return the torch.device."""
+    text = str(device).strip().lower()
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", text):
+        raise BackboneError(f"Unsupported device {device!r}; use 'cpu', 'cuda' or 'cuda:N'.")
+    dev = torch.device(text)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise BackboneError(f"Device {device!r} was requested but CUDA is not available on this machine; "
+                                "use 'cpu'.")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise BackboneError(f"Device {device!r} does not exist; {torch.cuda.device_count()} CUDA device(s) "
+                                "visible.")
+    return dev
+
+
+def _is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True when this CPU runs bf16 natively (AMX or AVX512-BF16); elsewhere bf16 autocast is emulated."""
+    cap = torch.backends.cpu.get_cpu_capability()
+    if cap in ("AVX512_BF16", "AMX"):
+        return True
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+class FeatureExtractor:
+    """Runs a backbone over batches of patches on one device at fp32 or bf16 precision."""
+
+    def __init__(self, model: nn.Module, device: str = "cpu", precision: str = "fp32", batch_size: int = 64,
+                 automatic_batch_size: bool = False) -> None:
+        if precision not in _PRECISIONS:
+            raise BackboneError(f"Unsupported precision {precision!r}; choose one of {', '.join(_PRECISIONS)}.")
+        if int(batch_size) < 1:
+            raise BackboneError(f"batch_size must be >= 1, got {batch_size}")
+        self.device = parse_device(device)
+        self.precision = precision
+        self.batch_size = int(batch_size)
+        self.automatic_batch_size = bool(automatic_batch_size)
+        self.model = model.to(self.device, memory_format=torch.channels_last).eval()
+        if precision == "bf16" and self.device.type == "cpu" and not cpu_has_fast_bf16():
+            logger.warning(
+                "precision bf16 on a CPU without AMX/AVX512-BF16 (%s) is emulated and much slower than fp32; "
+                "use task.precision=fp32 here", torch.backends.cpu.get_cpu_capability(),
+            )
+
+    def _autocast(self):
+        if self.precision == "bf16":
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return nullcontext()
+
+    def __call__(self, batch: torch.Tensor) -> np.ndarray:
+        """Features (B, D) float32 for an already preprocessed batch."""
+        x = batch.to(self.device, memory_format=torch.channels_last)
+        with torch.inference_mode(), self._autocast():
+            out = self.model(x)
+        return out.float().cpu().numpy()
+
+    def extract(
+        self,
+        patches: Sequence[np.ndarray],
+        size: tuple[int, int] = (224, 224),
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+    ) -> np.ndarray:
+        """Features (N, D) float32 for raw BGR patches, processed in chunks of self.batch_size."""
+        outputs: list[np.ndarray] = []
+        start, n = 0, len(patches)
+        while start < n:
+            chunk = patches[start:start + self.batch_size]
+            try:
+                outputs.append(self(preprocess(chunk, size, mean, std)))
+            except Exception as exc:
+                if not (self.automatic_batch_size and _is_oom(exc)) or len(chunk) <= 1:
+                    raise
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                self.batch_size = max(1, len(chunk) // 2)
+                continue
+            start += len(chunk)
+        if not outputs:
+            return np.empty((0, 0), dtype=np.float32)
+        return np.concatenate(outputs, axis=0)
