@@ -3,13 +3,14 @@
 Each training pass (one patch per ``dataset.txt`` line, drawn from (seed, pass index)) and each
 split is one store, keyed by content: dataset fingerprint + backbone weights digest + transform +
 sampling parameters (+ pass index). Raising ``iteration_over_training`` computes only new passes;
-changing the classifier computes none. The stores are built by ``tasks/features/store.py``.
+changing the classifier computes none. The stores are built by ``tasks/features/store.py``;
+:func:`train_features` runs every store of a training run (on a Dask cluster first when configured).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -20,7 +21,11 @@ from storage.fingerprint import combine, params_digest, tree_digest
 from tasks.features.params import class_map, feature_params
 from tasks.features.store import StoreJob, split_job, train_pass_job
 from tasks.model.config import TrainFlowConfig
-from tasks.stage import build_once
+from tasks.runner import dask_runner, run_all
+from tasks.stage import build_once, run_stage
+
+if TYPE_CHECKING:
+    from tasks.artifacts import Progress
 
 
 def dataset_key(data_path: str | Path) -> str:
@@ -104,3 +109,47 @@ def split_features_task(
     """Features of a val/test split, finished here (cached on ``key``; resumes a partial store; reuses a concurrent
     run's)."""
     return _finish_store(cfg, split, key, out, weights_digest, force, root)
+
+
+#: one feature store to build: (pass index or split name, content key, store path, forced)
+Job = tuple[int | str, str, str, bool]
+
+
+def feature_jobs(cfg: TrainFlowConfig, root: Path, weights_digest: str) -> list[Job]:
+    """Every store of a training run: the passes ``0..iteration_over_training-1``, then ``"val"``."""
+    dkey, force = dataset_key(cfg.datamodule.data_path), set(cfg.force)
+    keys = [(p, train_pass_key(cfg, dkey, weights_digest, p), "features" in force)
+            for p in range(cfg.trainer.iteration_over_training)]
+    keys.append(("val", split_key(cfg, dkey, weights_digest, "val"), "val_features" in force))
+    return [(what, key, str(store_path(root, key)), forced) for what, key, forced in keys]
+
+
+def fill_on_dask(cfg: TrainFlowConfig, root: Path, weights_digest: str, jobs: list[Job]) -> None:
+    """Prepare and fill every shard of the stores still to build on the Dask cluster of ``cfg.runner``."""
+    todo = [job for job in jobs if job[3] or not fstore.is_verified(Path(job[2]))]
+    if not todo:
+        return
+    with dask_runner(cfg.runner) as tr:
+        common = {"cfg": cfg, "weights_digest": weights_digest, "root": str(root)}
+        counts = run_all(tr, [(prepare_features_task, {**common, "what": w, "key": k, "out": out, "force": f})
+                              for w, k, out, f in todo])
+        from tasks.artifacts import Progress
+
+        progress = Progress(sum(counts), f"{cfg.core.name}: {sum(counts)} feature shards on Dask")
+        run_all(tr, [(feature_shard_task, {**common, "what": w, "key": k, "out": out, "index": i})
+                     for (w, k, out, _), n in zip(todo, counts) for i in range(n)], on_done=progress.step)
+
+
+def train_features(cfg: TrainFlowConfig, root: Path, weights_digest: str, progress: Progress) -> tuple[list[str], str]:
+    """Build (or reuse) every feature store of a training run; ``(training pass stores, val store)``."""
+    jobs = feature_jobs(cfg, root, weights_digest)
+    sharded = cfg.runner.kind == "dask"
+    if sharded:
+        fill_on_dask(cfg, root, weights_digest, jobs)
+    stores = []
+    for what, key, out, forced in jobs:
+        stage = train_pass_task if what != "val" else split_features_task
+        stores.append(run_stage(stage, root, out, fstore.is_verified, forced,
+                                cfg, what, key, out, weights_digest, forced and not sharded, str(root)))
+        progress.step()
+    return stores[:-1], stores[-1]
