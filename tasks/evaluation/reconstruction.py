@@ -15,7 +15,7 @@ and returns the class map of the original image size with :meth:`Merger.finalize
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -153,17 +153,3 @@ def make_merger(method: str, grid: PatchGrid, num_classes: int, thresholds: Sequ
         return SoftMerger(grid, num_classes, thresholds)
     raise ValueError(f"unknown reconstruction method {method!r}; choose one of {', '.join(METHODS)}")
 
-
-def reconstruct(
-    method: str,
-    grid: PatchGrid,
-    num_classes: int,
-    patch_index: np.ndarray,
-    labels: np.ndarray,
-    probabilities: np.ndarray | None = None,
-    thresholds: Sequence[float] | None = None,
-) -> np.ndarray:
-    """Class map of one image from its patch predictions."""
-    merger = make_merger(method, grid, num_classes, thresholds)
-    merger.add(patch_index, labels, probabilities)
-    return merger.finalize()
