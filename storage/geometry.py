@@ -110,10 +110,12 @@ class PatchGrid:
 
     @property
     def needs_padding(self) -> bool:
+        """The image is smaller than a patch along an axis (padded bottom/right)."""
         return self.patch_h > self.height or self.patch_w > self.width
 
     @property
     def num_patches(self) -> int:
+        """Patches in the grid (``n_h * n_w``)."""
         return self.n_h * self.n_w
 
     def origins(self) -> np.ndarray:

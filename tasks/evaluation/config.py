@@ -44,8 +44,8 @@ class EvalTask(StrictModel):
     output: EvalOutput = Field(default_factory=EvalOutput)
     trust_pickle: bool = Field(
         False, description="Load a bundle without a manifest (hand-made, Quadra's) or with a pickled "
-                            "classifier.joblib; a pickle runs any code it holds: only for bundles whose source you trust",
-    )
+                           "classifier.joblib; a pickle runs any code it holds: only for bundles whose source "
+                           "you trust")
 
 
 class EvaluateFlowConfig(StrictModel):

@@ -110,9 +110,38 @@ def _resolve(stored: str | None, data_path: Path, sub: str) -> Path | None:
     return p if p.is_file() else data_path / "original" / sub / Path(stored).name  # moved dataset folder
 
 
+def _predicted_map(rec: dict[str, Any], maps_dir: Path, class_to_idx: dict[str, int],
+                   shape: tuple[int, int]) -> np.ndarray:
+    """The image's class map from ``maps_dir``; without one (or of another size), its polygons rasterised."""
+    pmap = maps_dir / f"{Path(rec['file_name']).stem}.png"
+    pred = cv2.imread(str(pmap), cv2.IMREAD_UNCHANGED) if pmap.is_file() else None
+    if pred is None or pred.shape[:2] != shape:
+        pred = np.zeros(shape, np.uint8)
+        for p in rec.get("prediction", []):
+            cv2.fillPoly(pred, [_poly(p["points"], 1)], class_to_idx.get(p["label"], 1))
+            for hole in p.get("holes", []):
+                cv2.fillPoly(pred, [_poly(hole, 1)], 0)
+    return pred
+
+
+def _truth_panel(base: np.ndarray, gt: np.ndarray | None, size: tuple[int, int]) -> np.ndarray:
+    """The ground truth over the (resized) image with class outlines, or a greyed image saying there is none."""
+    if gt is None:
+        g = (base // 3 + 170).astype(np.uint8)
+        _text(g, "no ground-truth mask", (10, size[1] // 2), 0.55, BLACK, 2)
+        return g
+    gts = cv2.resize(gt.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST)
+    g = colourise(base, gts)
+    for c in sorted(int(v) for v in np.unique(gts) if v > 0):
+        cs, _ = cv2.findContours((gts == c).astype(np.uint8), cv2.RETR_LIST, cv2.CHAIN_APPROX_SIMPLE)
+        cv2.drawContours(g, cs, -1, class_colour(c), 1, cv2.LINE_AA)
+    return g
+
+
 def overlay_image(rec: dict[str, Any], data_path: Path, maps_dir: Path, class_to_idx: dict[str, int],
                   good: set[int] | None = None, decoding: Decoding | None = None) -> np.ndarray:
-    """One row of panels: image | ground truth over image | prediction over image with polygon outlines, plus a legend.
+    """One row of panels: image | ground truth over image | prediction over image with polygon outlines, and a
+    legend.
 
     ``decoding``: how the dataset's images decode (None: read from its sidecar)."""
     img = read_image(_resolve(rec["image_path"], data_path, "images"), decoding or dataset_decoding(data_path))
@@ -123,30 +152,12 @@ def overlay_image(rec: dict[str, Any], data_path: Path, maps_dir: Path, class_to
         gt = decode_mask(read_bytes(mpath), mpath, decoding=decoding)[0].astype(np.int32)
         if good:
             gt[np.isin(gt, list(good))] = 0
-    pmap = maps_dir / f"{Path(rec['file_name']).stem}.png"
-    pred = cv2.imread(str(pmap), cv2.IMREAD_UNCHANGED) if pmap.is_file() else None
-    if pred is None or pred.shape[:2] != (h, w):  # no map: rasterise the polygons
-        pred = np.zeros((h, w), np.uint8)
-        for p in rec.get("prediction", []):
-            cv2.fillPoly(pred, [_poly(p["points"], 1)], class_to_idx.get(p["label"], 1))
-            for hole in p.get("holes", []):
-                cv2.fillPoly(pred, [_poly(hole, 1)], 0)
+    pred = _predicted_map(rec, maps_dir, class_to_idx, (h, w))
     s = min(2.0 if max(h, w) < 300 else 1.0, 420 / w)
     size = (max(1, round(w * s)), max(1, round(h * s)))
     interp = cv2.INTER_AREA if s < 1 else cv2.INTER_LINEAR
     base = cv2.resize(img, size, interpolation=interp)
-    panels = [base.copy()]
-    if gt is not None:
-        gts = cv2.resize(gt.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST)
-        g = colourise(base, gts)
-        for c in sorted(int(v) for v in np.unique(gts) if v > 0):
-            cs, _ = cv2.findContours((gts == c).astype(np.uint8), cv2.RETR_LIST, cv2.CHAIN_APPROX_SIMPLE)
-            cv2.drawContours(g, cs, -1, class_colour(c), 1, cv2.LINE_AA)
-        panels.append(g)
-    else:
-        g = (base // 3 + 170).astype(np.uint8)
-        _text(g, "no ground-truth mask", (10, size[1] // 2), 0.55, BLACK, 2)
-        panels.append(g)
+    panels = [base.copy(), _truth_panel(base, gt, size)]
     p = colourise(base, cv2.resize(pred, size, interpolation=cv2.INTER_NEAREST))
     for reg in rec.get("prediction", []):
         col = class_colour(class_to_idx.get(reg["label"], 1))

@@ -111,7 +111,8 @@ class SoftMerger(Merger):
             raise ValueError("the soft reconstruction needs class probabilities (predict_proba)")
         probs = np.asarray(probabilities, dtype=np.float32)
         if probs.shape[1] != self.num_classes:
-            raise ValueError(f"probabilities have {probs.shape[1]} columns, expected {self.num_classes} (one per class index)")
+            raise ValueError(f"probabilities have {probs.shape[1]} columns, expected {self.num_classes} "
+                             "(one per class index)")
         for i, p in zip(np.asarray(patch_index).tolist(), probs):
             y0, x0, y1, x1 = self.cells.spans[i]
             self.sum[:, y0:y1, x0:x1] += p[:, None, None]
@@ -134,7 +135,8 @@ class SoftMerger(Merger):
         return self.grid.crop(self.cells.expand(out))
 
 
-def mean_probabilities(merger: Merger, patch_index: np.ndarray, labels: np.ndarray, probabilities: np.ndarray) -> np.ndarray:
+def mean_probabilities(merger: Merger, patch_index: np.ndarray, labels: np.ndarray,
+                       probabilities: np.ndarray) -> np.ndarray:
     """(C, H, W) mean class probabilities of the patches ``merger`` was given (the same ones again here);
     a soft merger's own sums are reused instead of accumulated twice."""
     if not isinstance(merger, SoftMerger):

@@ -52,7 +52,8 @@ def defect_coverage(
 
 
 def region_counts(gt: np.ndarray | None, pred: np.ndarray) -> dict[str, int]:
-    """The reference's counts (predicted regions touching no defect, missed and found defects) and the number of predicted regions."""
+    """The reference's counts (predicted regions touching no defect, missed and found defects) and the number of
+    predicted regions."""
     pred_regions = label_components(pred.astype(np.int32).clip(0, 255).astype(np.uint8))
     gt_bad = (gt > 0) if gt is not None else np.zeros(pred.shape, bool)
     n_pred = len(pred_regions.classes)

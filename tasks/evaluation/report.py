@@ -128,7 +128,7 @@ def _reconstruction_section(summary: dict[str, Any]) -> list[str]:
         return ["<h2>Reconstruction</h2>", '<p class="muted">No reconstruction results.</p>']
     parts = ["<h2>Reconstruction</h2>",
              (f"<p>Coverage threshold {_fmt(summary.get('coverage_threshold'), 2)}; predicted regions "
-             f"{summary.get('predicted_regions', '-')}, false regions {summary.get('false_regions', '-')}.</p>")]
+              f"{summary.get('predicted_regions', '-')}, false regions {summary.get('false_regions', '-')}.</p>")]
     head = ["", "defects", "detected", "detection rate", "mean coverage", "mean right-class coverage"]
     for name, key in (("By class", "by_class"), ("By size", "by_size")):
         if summary.get(key):

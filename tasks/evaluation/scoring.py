@@ -126,7 +126,8 @@ def evaluate_split(
 
 
 def patch_metrics(y_true: np.ndarray, pred: np.ndarray, idx_to_class: dict[int, str]) -> dict[str, Any]:
-    """Accuracy, balanced accuracy, per-class precision/recall/F1 and confusion matrix over labelled patches (y >= 0)."""
+    """Accuracy, balanced accuracy, per-class precision/recall/F1 and confusion matrix over labelled patches
+    (y >= 0)."""
     from sklearn.metrics import (
         accuracy_score,
         balanced_accuracy_score,
@@ -180,9 +181,8 @@ def split_scores(data_path: Path, split: str, ids: Sequence[str], y_eval: np.nda
     results = evaluate_split(data_path, split, ids, pred, full, class_to_idx, method, coverage_threshold,
                              maps_dir=out_dir / "maps", soft_thresholds=soft_thresholds)
     layout.write_json(out_dir / "reconstruction_results.json", results)
-    metrics["reconstruction"] = results["summary"] | {
-        k: results[k] for k in ("false_region_bad", "false_region_good", "true_region_bad", "patch_reconstruction_method")
-    }
+    counts = ("false_region_bad", "false_region_good", "true_region_bad", "patch_reconstruction_method")
+    metrics["reconstruction"] = results["summary"] | {k: results[k] for k in counts}
     layout.write_json(out_dir / "metrics.json", metrics)
     return SplitScores(metrics, rows, results)
 
@@ -229,8 +229,8 @@ def headline(metrics: dict[str, Any], split: str) -> list[str]:
     """One-line summaries of patch accuracy and defect detection, for the command-line entry points."""
     lines = []
     if "accuracy" in metrics:
-        lines.append(f"{split} accuracy {metrics['accuracy']:.3f}, balanced accuracy {metrics['balanced_accuracy']:.3f} "
-                     f"on {metrics['n_evaluated']} patches")
+        lines.append(f"{split} accuracy {metrics['accuracy']:.3f}, balanced accuracy "
+                     f"{metrics['balanced_accuracy']:.3f} on {metrics['n_evaluated']} patches")
     rec = (metrics.get("reconstruction") or {}).get("all_defects") or {}
     if rec.get("defects"):
         lines.append(f"{split} defects detected {rec['detected']}/{rec['defects']}")

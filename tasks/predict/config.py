@@ -26,5 +26,5 @@ class PredictFlowConfig(StrictModel):
         "None: $PATCHFLOW_MAX_IMAGE_PIXELS, else 200000000")
     trust_pickle: bool = Field(
         False, description="Load a bundle without a manifest (hand-made, Quadra's) or with a pickled "
-                            "classifier.joblib; a pickle runs any code it holds: only for bundles whose source you trust",
-    )
+                           "classifier.joblib; a pickle runs any code it holds: only for bundles whose source "
+                           "you trust")
