@@ -375,6 +375,21 @@ def test_95_added_file_is_refused_promotion_record_is_not(bundle: Path, images: 
     assert bdl.open_bundle(bundle).root == bundle
 
 
+def test_bundle_opened_once_then_reopened_by_its_digest(bundle: Path) -> None:
+    """open_bundle takes the file digests from the manifest it verified (the cache keys' digest, no second read);
+    reopen_bundle (in a task) checks the manifest's fast path and refuses a bundle whose content changed."""
+    from storage.fingerprint import combine, file_digest
+
+    opened = bdl.open_bundle(bundle)
+    names = [n for n in bdl.BUNDLE_FILES if (bundle / n).is_file()]
+    assert opened.digest == combine(*(f"{n}:{file_digest(bundle / n)}" for n in names))
+    assert bdl.reopen_bundle(bundle / "model.json", opened.digest).meta == opened.meta
+    expect(bdl.BundleError, lambda: bdl.reopen_bundle(bundle, "0" * 64), f"bundle {bundle} changed", fix="rerun")
+    (bundle / "model.json").write_text((bundle / "model.json").read_text().replace('"std"', '"std" '))
+    expect(bdl.BundleError, lambda: bdl.reopen_bundle(bundle, opened.digest), "model.json was modified after export",
+           fix="re-export the model")
+
+
 def test_96_model_json_swapped_classes_or_other_mean_is_refused(bundle: Path, images: Path, tmp_path: Path) -> None:
     """Before: rc 0 and silently different predictions. Now refused, naming model.json."""
     original = (bundle / "model.json").read_text()
