@@ -109,11 +109,6 @@ class PatchGrid:
         return max(self.height, self.patch_h), max(self.width, self.patch_w)
 
     @property
-    def needs_padding(self) -> bool:
-        """The image is smaller than a patch along an axis (padded bottom/right)."""
-        return self.patch_h > self.height or self.patch_w > self.width
-
-    @property
     def num_patches(self) -> int:
         """Patches in the grid (``n_h * n_w``)."""
         return self.n_h * self.n_w

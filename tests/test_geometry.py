@@ -133,7 +133,7 @@ def test_random_patch_number_invariants():
     for h, w, nh, nw, ov in cases:
         g = compute_grid(h, w, patch_number=[nh, nw], overlap=ov)
         assert (g.n_h, g.n_w) == (nh, nw)
-        assert not g.needs_padding
+        assert g.padded_shape == (h, w)  # patch_number never needs padding
         _axis_invariants(h, nh, g.patch_h, g.step_h)
         _axis_invariants(w, nw, g.patch_w, g.step_w)
         if nh * nw <= 400:
@@ -188,8 +188,7 @@ def test_non_square_patch_size_not_transposed():
 
 def test_small_image_is_padded_to_patch():
     g = compute_grid(20, 30, patch_size=[32, 48], overlap=0.25)
-    assert g.needs_padding
-    assert g.padded_shape == (32, 48)
+    assert g.padded_shape == (32, 48) != (g.height, g.width)
     assert (g.n_h, g.n_w) == (1, 1)
     assert g.boxes().tolist() == [[0, 0, 32, 48]]
     img = np.arange(20 * 30 * 3, dtype=np.uint16).reshape(20, 30, 3)
