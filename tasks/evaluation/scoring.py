@@ -79,7 +79,8 @@ def _patches_by_image(sample_ids: Sequence[str]) -> dict[str, tuple[np.ndarray, 
     for row, sid in enumerate(sample_ids):
         stem, index, _ = layout.parse_patch_name(os.path.basename(sid))
         found[stem].append((row, index))
-    return {stem: tuple(np.array(col, dtype=np.int64) for col in zip(*pairs)) for stem, pairs in found.items()}
+    return {stem: (np.array([r for r, _ in pairs], np.int64), np.array([i for _, i in pairs], np.int64))
+            for stem, pairs in found.items()}
 
 
 def evaluate_split(
@@ -110,7 +111,10 @@ def evaluate_split(
         Path(maps_dir).mkdir(parents=True, exist_ok=True)
     measures = SplitMeasures(class_to_idx, coverage_threshold)
     for entry in info.get(f"{split}_files") or []:
-        image_path = layout.resolve_path(entry["image_path"], data_path)
+        image_path = layout.resolve_path(entry.get("image_path"), data_path)
+        if image_path is None:
+            raise layout.DatasetFormatError(f"{data_path / layout.INFO_FILE}: a {split}_files entry has no image_path; "
+                                            "regenerate the dataset")
         mask_path = layout.resolve_path(entry.get("mask_path"), data_path)
         stem = Path(image_path).stem
         grid = spec.grid(*file_image_size(image_path))

@@ -101,7 +101,7 @@ def _write_image(out_dir: Path, names: ImageOutputs, image: np.ndarray, pred: Im
             "defect_pixels": pred.defect_pixels, "classes": pred.defect_classes, "outputs": outputs}
 
 
-def prediction_key(bundle: Bundle, images_dir: Path, out_dir: Path, method: str | None) -> str:
+def prediction_key(bundle: Bundle, images_dir: str | Path, out_dir: str | Path, method: str | None) -> str:
     """Content key: bundle files, image bytes and names, method and the output folder."""
     images_dir = Path(images_dir).expanduser()
     files = list_images(images_dir)
