@@ -25,7 +25,9 @@ def main() -> None:
     args = ap.parse_args()
 
     from flows.train import train_flow
-    from tasks.evaluation.stage import EvaluateFlowConfig, evaluate_with_bundle, extract_with_bundle
+    from storage.bundle import open_bundle
+    from tasks.evaluation.config import EvaluateFlowConfig
+    from tasks.evaluation.stage import evaluation_job, extract_with_bundle, score
     from tasks.predict.stage import predict_images
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -36,10 +38,11 @@ def main() -> None:
         cfg = EvaluateFlowConfig.model_validate({"datamodule": {"data_path": str(tmp / "ds")},
                                                  "task": {"model_path": res["bundle"], "output": {"report": False}}})
         t = time.perf_counter()
-        feat = extract_with_bundle(cfg, tmp / "test.zarr")
+        bundle = open_bundle(res["bundle"])
+        feat = extract_with_bundle(cfg, bundle, tmp / "test.zarr")
         t_feat = time.perf_counter() - t
         t = time.perf_counter()
-        metrics = evaluate_with_bundle(cfg, tmp / "test.zarr", tmp / "eval")
+        metrics = score(evaluation_job(cfg, bundle, str(tmp / "test.zarr")), tmp / "eval")
         t_eval = time.perf_counter() - t
         info = json.loads((tmp / "ds" / "info.json").read_text())
         raw = tmp / "raw"

@@ -34,7 +34,7 @@ def _flows() -> dict[str, tuple[Any, type]]:
     from flows.evaluate import evaluate_flow
     from flows.predict import PredictFlowConfig, predict_flow
     from flows.retrain import RetrainFlowConfig, retrain_flow
-    from tasks.evaluation.stage import EvaluateFlowConfig
+    from tasks.evaluation.config import EvaluateFlowConfig
 
     return {
         "flows/retrain.py:retrain_flow": (retrain_flow, RetrainFlowConfig),

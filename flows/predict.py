@@ -9,61 +9,32 @@ The output folder must lie outside the images folder. The task is reused from th
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
-from pathlib import Path
-from typing import Any, Literal, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from prefect import flow
-from pydantic import Field, StrictInt
 
-from storage import bundle as bdl
-from tasks.stage import cached_stage
+from storage.bundle import open_bundle
 from tasks.cli import run_cli
-from tasks.config import StrictModel, ensure_storage_root, validate_config
-from tasks.predict.outputs import check_output_folder, outputs_problem
-
-logger = logging.getLogger("patchflow.predict")
-
-
-class PredictFlowConfig(StrictModel):
-    """Configuration of the predict flow."""
-
-    model: str = Field(description="deployment_model/ folder or any file in it")
-    images: str = Field(description="Folder of images (searched recursively)")
-    out: str = Field(description="Output folder for class maps, polygons and overlays")
-    method: Literal["major_voting", "priority", "soft"] | None = Field(None, description="Default: the bundle's")
-    batch_size: StrictInt = Field(32, ge=1, description="Patches per forward; 32 keeps the peak memory of a CPU forward about 350 MB lower than 64 at the same speed")
-    device: str = "cpu"
-    storage_root: str | None = None
-    force: bool = False
-    max_image_pixels: StrictInt | None = Field(
-        None, ge=1, description="Refuse larger images (pixels, from the header) before decoding; "
-        "None: $PATCHFLOW_MAX_IMAGE_PIXELS, else 200000000")
-    trust_pickle: bool = Field(
-        False, description="Load a bundle without a manifest (hand-made, Quadra's) or with a pickled "
-                            "classifier.joblib; a pickle runs any code it holds: only for bundles whose source you trust",
-    )
+from tasks.config import ensure_storage_root, validate_config
+from tasks.predict.config import PredictFlowConfig
+from tasks.predict.outputs import check_output_folder
+from tasks.stage import run_stage
 
 
 @flow(name="patchflow-predict")
 def predict_flow(config: PredictFlowConfig) -> dict[str, Any]:
     """Predict every image of a folder; returns the per-image summary."""
-    # imported here: torch is not needed for a CLI error
-    from tasks.predict.stage import predict_task, prediction_key
+    from tasks.predict.stage import predict_task, prediction_key, predictions_verified  # torch: not for a CLI error
 
     cfg = validate_config(PredictFlowConfig, config)
     root = ensure_storage_root(cfg.storage_root)
     out = check_output_folder(cfg.images, cfg.out)  # refused before anything is written or deleted
-    bdl.open_bundle(cfg.model, cfg.trust_pickle)  # before any cache lookup: an edited bundle is refused, never served
-    key = prediction_key(Path(cfg.model), Path(cfg.images), out, cfg.method)
-    problem = outputs_problem(out, key)  # deleted, resized or edited outputs are recomputed, never served
-    if problem is not None and not cfg.force:
-        logger.info("computing predictions (%s)", problem)
-    done = problem is None
-    stage = cached_stage(predict_task, root, cfg.force, done)
-    return stage(cfg.model, cfg.images, str(out), cfg.method, cfg.batch_size, cfg.device, key, cfg.max_image_pixels,
-                 cfg.trust_pickle)
+    bundle = open_bundle(cfg.model, cfg.trust_pickle)  # before any cache lookup: an edited bundle is never served
+    key = prediction_key(bundle, cfg.images, out, cfg.method)
+    return run_stage(predict_task, root, out, predictions_verified(key), cfg.force,
+                     cfg, str(bundle.root), bundle.digest, key, str(out))
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -14,10 +14,11 @@ from tasks.artifacts import Progress
 from tasks.cli import cli_main, run_cli
 from tasks.config import ensure_storage_root, validate_config
 from tasks.evaluation.scoring import headline
+from tasks.evaluation.stage import validate_stage
 from tasks.features.params import backbone_digest
 from tasks.features.stage import train_features
 from tasks.model.config import TrainFlowConfig
-from tasks.model.stage import export_stage, fit_stage, validate_stage
+from tasks.model.stage import export_stage, fit_stage
 from tasks.run_folder import finish_train_run, prune_partials, run_folder, write_data_record
 from tasks.runner import check_runner
 

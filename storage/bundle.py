@@ -12,12 +12,19 @@ without a manifest (made by hand, or Quadra's) and a pickled classifier are load
 trust flag (``task.trust_pickle`` / ``--trust-pickle``), because a pickle runs any code it holds.
 The manifest catches changes made after the export, not a forger who rewrites the manifest too; what
 such a bundle can never do without the trust flag is run code, since only skops's trusted types load.
+
+:func:`open_bundle` returns a :class:`Bundle`: folder, ``model.json``, and each file's sha256 taken from the
+manifest it has just verified, so the bundle's content digest (cache keys) costs no second read. A flow opens
+the bundle once and passes ``(root, digest)`` to its tasks; :func:`reopen_bundle` gets the :class:`Bundle`
+back there with the manifest's fast check (sizes and mtimes; a file whose mtime changed is re-hashed) instead
+of hashing every file again, and refuses a bundle whose content digest is no longer the one the flow verified.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +36,7 @@ from storage.classifier import (
     width_problem,
 )
 from storage.fingerprint import combine, file_digest
+from storage.geometry import GridSpec
 from storage.layout import DatasetFormatError
 from storage.manifest import MANIFEST_FILE, manifest_mismatch
 
@@ -49,7 +57,8 @@ class BundleError(DatasetFormatError):
 
 
 def resolve_bundle(model_path: str | Path) -> Path:
-    """Bundle folder from the folder itself or any file in it (``model.pt``, ``model.onnx``, ``.pth``, ``model.json``...)."""
+    """Bundle folder from the folder itself or any file in it (``model.pt``, ``model.onnx``, ``.pth``,
+    ``model.json``...)."""
     p = Path(model_path).expanduser()
     root = p if p.is_dir() else p.parent
     if not p.exists():
@@ -64,10 +73,11 @@ def resolve_bundle(model_path: str | Path) -> Path:
     return root
 
 
-def verify_bundle(root: Path, trust_pickle: bool = False) -> None:
+def verify_bundle(root: Path, trust_pickle: bool = False, rehash: bool = True) -> None:
     """Check every file of the bundle against its ``_manifest.json`` (full sha256) before anything is loaded.
 
-    A bundle without a manifest is accepted only with ``trust_pickle`` (nothing can be checked)."""
+    A bundle without a manifest is accepted only with ``trust_pickle`` (nothing can be checked).
+    ``rehash=False``: the manifest's fast check (a file whose size and mtime are unchanged is not re-read)."""
     root = Path(root)
     if not (root / MANIFEST_FILE).exists():
         if not trust_pickle:
@@ -75,7 +85,7 @@ def verify_bundle(root: Path, trust_pickle: bool = False) -> None:
                               f"be checked against the export; re-export the model with the train flow. {TRUST_FIX}")
         logger.warning("bundle %s has no %s: loading it unchecked because trust_pickle is set", root, MANIFEST_FILE)
         return
-    found = manifest_mismatch(root, rehash=True, ignore=NOT_EXPORTED)
+    found = manifest_mismatch(root, rehash=rehash, ignore=NOT_EXPORTED)
     if found is None:
         return
     kind, rel, detail = found
@@ -89,12 +99,86 @@ def verify_bundle(root: Path, trust_pickle: bool = False) -> None:
     }[kind])
 
 
-def open_bundle(model_path: str | Path, trust_pickle: bool = False) -> tuple[Path, dict[str, Any]]:
-    """Bundle folder and its checked ``model.json``: :func:`resolve_bundle`, :func:`verify_bundle`,
-    :func:`read_meta`."""
+@dataclass(frozen=True)
+class Bundle:
+    """An opened bundle: its folder, its checked ``model.json`` and the sha256 of each of its :data:`BUNDLE_FILES`."""
+
+    root: Path
+    meta: dict[str, Any]
+    files: dict[str, str]
+    trust_pickle: bool = False
+
+    @property
+    def digest(self) -> str:
+        """Content digest of the bundle's files (part of the evaluate and predict cache keys)."""
+        return combine(*(f"{name}:{self.files[name]}" for name in BUNDLE_FILES if name in self.files))
+
+    @property
+    def classes(self) -> dict[str, int]:
+        """Class map (name -> index)."""
+        return class_to_idx(self.meta)
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        """(height, width) the backbone expects."""
+        return input_size(self.meta)
+
+    @property
+    def grid_spec(self) -> GridSpec:
+        """The patch grid the model was trained on."""
+        return grid_spec(self.meta)
+
+    @property
+    def backbone_file(self) -> Path:
+        """The backbone export to run (see :func:`backbone_file`)."""
+        return backbone_file(self.root, self.meta)
+
+    @property
+    def classifier_file(self) -> Path:
+        """The classifier file (see :func:`classifier_file`)."""
+        return classifier_file(self.root)
+
+    def file_digest(self, path: Path) -> str:
+        """sha256 of one of the bundle's files (from the verified manifest)."""
+        return self.files[Path(path).name]
+
+    def load_classifier(self) -> Any:
+        """The fitted classifier, loaded so that it cannot run code unless the bundle was opened with trust_pickle."""
+        return load_classifier(self.root, self.meta, self.trust_pickle)
+
+    def check_width(self, est: Any, width: int) -> None:
+        """Refuse a classifier that expects another feature length than the backbone gives."""
+        check_width(self.root, est, width)
+
+
+def _opened(root: Path, trust_pickle: bool) -> Bundle:
+    """:class:`Bundle` of a verified folder; file digests from its manifest (hashed only when it has none)."""
+    meta = read_meta(root)
+    try:
+        entries = json.loads((root / MANIFEST_FILE).read_text())["files"]
+        files = {name: str(entries[name][1]) for name in BUNDLE_FILES if name in entries}
+    except FileNotFoundError:
+        files = {name: file_digest(root / name) for name in BUNDLE_FILES if (root / name).is_file()}
+    return Bundle(root, meta, files, trust_pickle)
+
+
+def open_bundle(model_path: str | Path, trust_pickle: bool = False) -> Bundle:
+    """The bundle at ``model_path``, every file checked against the manifest first: :func:`resolve_bundle`,
+    :func:`verify_bundle`, :func:`read_meta`."""
     root = resolve_bundle(model_path)
     verify_bundle(root, trust_pickle)
-    return root, read_meta(root)
+    return _opened(root, trust_pickle)
+
+
+def reopen_bundle(root: str | Path, digest: str, trust_pickle: bool = False) -> Bundle:
+    """A bundle that :func:`open_bundle` verified earlier in this run, checked cheaply (the manifest's fast check)
+    and refused when its content digest is no longer ``digest``."""
+    root = resolve_bundle(root)
+    verify_bundle(root, trust_pickle, rehash=False)
+    bundle = _opened(root, trust_pickle)
+    if bundle.digest != digest:
+        raise BundleError(f"bundle {root} changed while this run used it; rerun to check and load it again")
+    return bundle
 
 
 def classifier_file(root: Path) -> Path:
@@ -146,7 +230,8 @@ def read_meta(root: Path) -> dict[str, Any]:
         raise BundleError(f"{path} lacks {missing}; re-export the model with the train flow")
     version = meta.get("patchflow_version")
     if version is not None and not str(version).startswith(SUPPORTED_MAJOR):
-        raise BundleError(f"{path} was written by {version}; this patchflow reads {SUPPORTED_MAJOR}.x bundles: retrain or upgrade")
+        raise BundleError(f"{path} was written by {version}; this patchflow reads {SUPPORTED_MAJOR}.x bundles: "
+                          "retrain or upgrade")
     return meta
 
 
@@ -161,25 +246,20 @@ def input_size(meta: dict[str, Any]) -> tuple[int, int]:
     return int(size[-2]), int(size[-1])
 
 
-def geometry(meta: dict[str, Any]) -> dict[str, Any]:
-    """Grid parameters of the bundle: ``patch_size`` [h, w] or ``patch_number`` [v, h], and ``overlap``."""
-    if meta.get("patch_height") and meta.get("patch_width"):
-        return {"patch_size": [meta["patch_height"], meta["patch_width"]], "patch_number": None, "overlap": meta.get("overlap") or 0.0}
-    if meta.get("vertical_patches") and meta.get("horizontal_patches"):
-        return {"patch_size": None, "patch_number": [meta["vertical_patches"], meta["horizontal_patches"]], "overlap": meta.get("overlap") or 0.0}
-    raise BundleError("model.json holds no patch geometry (patch_height/width or vertical/horizontal_patches)")
+def grid_spec(meta: dict[str, Any]) -> GridSpec:
+    """Patch grid of the bundle (``model.json``'s ``patch_height/width`` or ``vertical/horizontal_patches``)."""
+    try:
+        return GridSpec.from_model_json(meta)
+    except ValueError as exc:
+        raise BundleError(str(exc)) from None
 
 
 def backbone_file(root: Path, meta: dict[str, Any]) -> Path:
     """The export that reproduces the training features: ONNX when they were computed with ONNX Runtime."""
-    order = ("model.onnx", "model.pt", "model.pth") if meta.get("runtime") == "onnxruntime" else ("model.pt", "model.onnx", "model.pth")
+    onnx_first = meta.get("runtime") == "onnxruntime"
+    order = ("model.onnx", "model.pt", "model.pth") if onnx_first else ("model.pt", "model.onnx", "model.pth")
     for name in order:
         if (Path(root) / name).is_file():
             return Path(root) / name
-    raise BundleError(f"{root} holds no backbone export (model.pt, model.onnx or model.pth); re-export the model with the train flow")
-
-
-def bundle_digest(root: Path) -> str:
-    """Content digest of the bundle's files."""
-    parts = [f"{name}:{file_digest(Path(root) / name)}" for name in BUNDLE_FILES if (Path(root) / name).is_file()]
-    return combine(*parts)
+    raise BundleError(f"{root} holds no backbone export (model.pt, model.onnx or model.pth); "
+                      "re-export the model with the train flow")

@@ -1,8 +1,11 @@
 """Patch geometry: the one place that says where patches sit on an image.
 
-Used by dataset generation (val/test grid, train h5 patch sizes), by training-time sampling
-(crop size, padding of small images) and by reconstruction; serialised into the exported model so
-deployment tiles images exactly as training did.
+:class:`GridSpec` holds the grid parameters (``patch_number`` or ``patch_size``, ``overlap``, grid
+policy), read from the dataset generation parameters, a dataset's ``info.json`` or a bundle's
+``model.json``; :meth:`GridSpec.grid` gives the :class:`PatchGrid` of one image. Used by dataset
+generation (val/test grid, train h5 patch sizes), by training-time sampling (crop size, padding of
+small images), by scoring and by predict; serialised into the exported model so deployment tiles
+images exactly as training did.
 
 Conventions
 - sizes are ``(height, width)``; patch index is ``r * n_w + c`` (row-major), as in Quadra;
@@ -16,8 +19,9 @@ Conventions
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -51,7 +55,8 @@ def _axis_from_number(length: int, n: int, overlap: float) -> tuple[int, int]:
             step, p, tries = start_step - 1, start_p, 0
     if n > 1 and step < 1:
         raise ValueError(
-            f"{n} patches with overlap {overlap} on {length} px leave no step between patches; lower the overlap or patch_number"
+            f"{n} patches with overlap {overlap} on {length} px leave no step between patches; "
+            "lower the overlap or patch_number"
         )
     return p, step
 
@@ -104,11 +109,8 @@ class PatchGrid:
         return max(self.height, self.patch_h), max(self.width, self.patch_w)
 
     @property
-    def needs_padding(self) -> bool:
-        return self.patch_h > self.height or self.patch_w > self.width
-
-    @property
     def num_patches(self) -> int:
+        """Patches in the grid (``n_h * n_w``)."""
         return self.n_h * self.n_w
 
     def origins(self) -> np.ndarray:
@@ -167,6 +169,55 @@ def compute_grid(
         ph, step_h = _axis_from_number(height, n_h, overlap)
         pw, step_w = _axis_from_number(width, n_w, overlap)
     return PatchGrid(height, width, n_h, n_w, ph, pw, step_h, step_w)
+
+
+@dataclass(frozen=True)
+class GridSpec:
+    """The patch-grid parameters of a dataset or a model: exactly one of ``patch_number`` [n_v, n_h] or
+    ``patch_size`` [h, w], the ``overlap`` and the grid ``policy`` (:data:`GRID_POLICY`, the only one
+    implemented; recorded in ``patchflow.json`` and ``model.json``)."""
+
+    patch_number: tuple[int, ...] | None = None
+    patch_size: tuple[int, ...] | None = None
+    overlap: float = 0.0
+    policy: str = GRID_POLICY
+
+    @classmethod
+    def from_params(
+        cls, patch_number: Sequence[int] | None, patch_size: Sequence[int] | None, overlap: float = 0.0
+    ) -> GridSpec:
+        """From the dataset generation parameters (checked: a clear ValueError for impossible ones)."""
+        validate_geometry_params(patch_number, patch_size, overlap)
+        return cls(_pair(patch_number), _pair(patch_size), float(overlap))
+
+    @classmethod
+    def from_info(cls, info: dict[str, Any]) -> GridSpec:
+        """From a patch dataset's ``info.json`` (ours or Quadra's); ``patch_size`` wins when both are present
+        (the reference extracted with it)."""
+        overlap = float(info.get("overlap") or 0.0)
+        if info.get("patch_size"):
+            return cls(None, _pair(info["patch_size"]), overlap)
+        return cls(_pair(info.get("patch_number")), None, overlap)
+
+    @classmethod
+    def from_model_json(cls, meta: dict[str, Any]) -> GridSpec:
+        """From a bundle's ``model.json`` (the reference's ``patch_height/patch_width`` or
+        ``vertical_patches/horizontal_patches``, ``overlap``, plus ``grid_policy``)."""
+        overlap = float(meta.get("overlap") or 0.0)
+        policy = str(meta.get("grid_policy") or GRID_POLICY)
+        if meta.get("patch_height") and meta.get("patch_width"):
+            return cls(None, _pair((meta["patch_height"], meta["patch_width"])), overlap, policy)
+        if meta.get("vertical_patches") and meta.get("horizontal_patches"):
+            return cls(_pair((meta["vertical_patches"], meta["horizontal_patches"])), None, overlap, policy)
+        raise ValueError("model.json holds no patch geometry (patch_height/width or vertical/horizontal_patches)")
+
+    def grid(self, height: int, width: int) -> PatchGrid:
+        """The :class:`PatchGrid` of an image of ``height`` x ``width`` pixels."""
+        return compute_grid(height, width, self.patch_number, self.patch_size, self.overlap)
+
+
+def _pair(values: Sequence[int] | None) -> tuple[int, ...] | None:
+    return None if values is None else tuple(values)
 
 
 def compute_patch_info(

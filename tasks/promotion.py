@@ -27,7 +27,7 @@ from tasks.config import StrictModel
 logger = logging.getLogger("patchflow.promotion")
 
 if TYPE_CHECKING:
-    from tasks.evaluation.stage import EvaluateFlowConfig
+    from tasks.evaluation.config import EvaluateFlowConfig
     from tasks.model.config import TrainFlowConfig
 
 METRICS = ("balanced_accuracy", "accuracy", "defect_detection_rate")
@@ -89,7 +89,7 @@ def latest_evaluation_config(folder: Path, promotion: PromotionSection, train_cf
     settings, so that old and new models are compared on the same patches; None when there is nothing to
     compare (no promoted model, a policy that does not compare, or another class set)."""
     from storage import bundle as bdl
-    from tasks.evaluation.stage import EvaluateFlowConfig
+    from tasks.evaluation.config import EvaluateFlowConfig
     from tasks.features.params import class_map
 
     bundle = latest_bundle(folder)

@@ -18,7 +18,7 @@ from pydantic import Field
 from storage.fingerprint import combine, params_digest
 from tasks.config import StrictModel
 from tasks.dataset.config import DataSection, GenerationSection
-from tasks.evaluation.stage import EvaluateFlowConfig
+from tasks.evaluation.config import EvaluateFlowConfig
 from tasks.features.stage import dataset_key
 from tasks.model.config import DatamoduleSection, TrainFlowConfig
 from tasks.promotion import PromotionSection, latest_evaluation_config, newest_inputs_key, register_and_promote

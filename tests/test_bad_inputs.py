@@ -716,7 +716,7 @@ def test_63_class_to_idx_file_unreadable(tmp_path: Path) -> None:
 
 
 def test_64_evaluate_config_unknown_key() -> None:
-    from tasks.evaluation.stage import EvaluateFlowConfig
+    from tasks.evaluation.config import EvaluateFlowConfig
 
     expect(ConfigError, lambda: load_config(EvaluateFlowConfig, None, [
         "datamodule.data_path=x", "task.model_path=m", "task.output.reconstruction=soft"]),
@@ -855,7 +855,7 @@ def bundle(bundle_src: Path, tmp_path: Path) -> Path:
 def _load(b: Path) -> dict:
     root = bdl.resolve_bundle(b)
     meta = bdl.read_meta(root)
-    bdl.geometry(meta)
+    bdl.grid_spec(meta)
     bdl.backbone_file(root, meta)
     return meta
 
@@ -933,13 +933,14 @@ def test_78_predict_with_an_incompatible_bundle(bundle: Path, tmp_path: Path) ->
 
 
 def test_79_evaluate_on_a_folder_that_is_not_a_dataset(bundle: Path, tmp_path: Path) -> None:
-    from tasks.evaluation.stage import EvaluateFlowConfig, extract_with_bundle
+    from tasks.evaluation.config import EvaluateFlowConfig
+    from tasks.evaluation.stage import extract_with_bundle
 
     data = tmp_path / "raw_images"
     png(data / "test" / "a.png", np.zeros((8, 8, 3), np.uint8))
     cfg = EvaluateFlowConfig.model_validate({"datamodule": {"data_path": str(data)}, "task": {"model_path": str(bundle)}})
     store = tmp_path / "store"
-    expect(DatasetFormatError, lambda: extract_with_bundle(cfg, store), data / "info.json", fix="point data_path at")
+    expect(DatasetFormatError, lambda: extract_with_bundle(cfg, bdl.open_bundle(bundle), store), data / "info.json", fix="point data_path at")
     assert not store.exists()
 
 

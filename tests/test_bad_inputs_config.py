@@ -233,9 +233,9 @@ def test_135_dataset_config_counts_seeds_and_indices_are_strict(override: str, k
 
 
 def test_135_evaluate_predict_retrain_configs_are_strict() -> None:
-    from flows.predict import PredictFlowConfig
+    from tasks.predict.config import PredictFlowConfig
     from flows.retrain import RetrainFlowConfig
-    from tasks.evaluation.stage import EvaluateFlowConfig
+    from tasks.evaluation.config import EvaluateFlowConfig
 
     ev = ["datamodule.data_path=x", "task.model_path=m"]
     expect(ConfigError, lambda: load_config(EvaluateFlowConfig, None, [*ev, "task.output.n_overlays=true"]),
@@ -265,7 +265,7 @@ def test_135_deployment_configs_and_json_parameters_still_validate() -> None:
     (the Prefect UI and API send JSON: ints stay ints, tuples arrive as lists)."""
     from deployments.serve import _flows, deployment_specs
     from tasks.dataset.config import DatasetFlowConfig
-    from tasks.evaluation.stage import EvaluateFlowConfig
+    from tasks.evaluation.config import EvaluateFlowConfig
 
     dep = REPO / "deployments"
     load_config(DatasetFlowConfig, dep / "demo_dataset.yaml")

@@ -148,7 +148,7 @@ def test_121_pixel_limit_in_the_training_evaluation_and_report_stages(tmp_path: 
     """Stages after the dataset read the limit from $PATCHFLOW_MAX_IMAGE_PIXELS and name it in the error."""
     from tasks.evaluation.scoring import evaluate_split
     from tasks.features.plans import plan_batches
-    from tasks.evaluation.report import overlay_image
+    from tasks.evaluation.figures import overlay_image
 
     out, fresh = tmp_path / "ds", tmp_path / "ds2"
     generate(make_dataset(tmp_path / "src", n=6, n_empty=1), out)
@@ -173,7 +173,7 @@ def test_121_pixel_limit_in_the_training_evaluation_and_report_stages(tmp_path: 
 
 def test_122_predict_pixel_limit_flag(bundle_src: Path, tmp_path: Path) -> None:  # noqa: F811
     """predict refuses an image over --max-image-pixels (default: the environment's limit) before decoding it."""
-    from flows.predict import PredictFlowConfig
+    from tasks.predict.config import PredictFlowConfig
     from tasks.predict.stage import predict_images
 
     images, out = tmp_path / "raw", tmp_path / "pred"
@@ -274,7 +274,7 @@ def test_124_12bit_data_in_16bit_png_has_the_full_range_everywhere(bundle_src: P
         predict_images(bundle, images, tmp_path / f"pred-{rule}", batch_size=8)
         overlay = cv2.imread(str(tmp_path / f"pred-{rule}" / "r1_overlay.png")).astype(np.int32)
         cmap = cv2.imread(str(tmp_path / f"pred-{rule}" / "r1_classmap.png"), cv2.IMREAD_UNCHANGED)
-        from tasks.evaluation.report import class_colour
+        from tasks.evaluation.figures import class_colour
 
         base = overlay.copy()
         for c in np.unique(cmap[cmap > 0]):
@@ -381,7 +381,7 @@ def test_128_exif_flip_cannot_be_seen_by_size_warns_once(tmp_path: Path, caplog:
 def test_129_bad_decoding_settings(tmp_path: Path, bundle_src: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
     """sixteen_bit, max_image_pixels and $PATCHFLOW_MAX_IMAGE_PIXELS are checked before anything is read."""
     from tasks.dataset.config import DatasetFlowConfig
-    from flows.predict import PredictFlowConfig
+    from tasks.predict.config import PredictFlowConfig
     from tasks.predict.stage import predict_images
 
     base = ["data.images=i", "data.class_to_idx={bg: 0}", "dataset.patch_number=[2, 2]"]

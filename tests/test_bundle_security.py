@@ -263,7 +263,8 @@ def test_92_crafted_pickle_never_runs_without_the_flag(bundle: Path, images: Pat
     """classifier.joblib replaced by a crafted pickle: refused by the manifest; with a forged manifest and no
     classifier.skops, refused by the loader; a Quadra-style bundle (no manifest) is refused without the flag.
     The payload never runs, unless the trust flag is given (documented: then it does)."""
-    from tasks.evaluation.stage import EvaluateFlowConfig, extract_with_bundle
+    from tasks.evaluation.config import EvaluateFlowConfig
+    from tasks.evaluation.stage import extract_with_bundle
 
     marker = tmp_path / "PWNED"
     (bundle / "classifier.joblib").write_bytes(_crafted_pickle(marker))
@@ -276,7 +277,7 @@ def test_92_crafted_pickle_never_runs_without_the_flag(bundle: Path, images: Pat
            fix="--trust-pickle")
     cfg = EvaluateFlowConfig.model_validate({"datamodule": {"data_path": str(demo_patch_dataset), "split": "val"},
                                              "task": {"model_path": str(bundle)}})
-    expect(bdl.BundleError, lambda: extract_with_bundle(cfg, tmp_path / "store"),
+    expect(bdl.BundleError, lambda: extract_with_bundle(cfg, bdl.open_bundle(bundle), tmp_path / "store"),
            "classifier.joblib is a pickle (joblib)", fix="--trust-pickle")
     assert not (tmp_path / "store").exists()
     (bundle / MANIFEST_FILE).unlink()  # Quadra-style: no manifest
@@ -328,7 +329,8 @@ def test_93_bundle_without_manifest_needs_the_trust_flag(bundles: dict[str, Path
     shutil.copytree(bundles["a"], both)
     (both / "classifier.joblib").write_bytes(b"not a pickle")
     _reseal(both)
-    root, meta = bdl.open_bundle(both)
+    opened = bdl.open_bundle(both)
+    root, meta = opened.root, opened.meta
     assert bdl.classifier_file(root).name == "classifier.skops"
     assert hasattr(bdl.load_classifier(root, meta), "predict_proba")
 
@@ -370,7 +372,22 @@ def test_95_added_file_is_refused_promotion_record_is_not(bundle: Path, images: 
            fix="remove it or re-export the model")
     (bundle / "model.pt.bak").unlink()
     (bundle / "version.json").write_text('{"version": "v0001"}')  # what tasks/promotion.py adds to a version folder
-    assert bdl.open_bundle(bundle)[0] == bundle
+    assert bdl.open_bundle(bundle).root == bundle
+
+
+def test_bundle_opened_once_then_reopened_by_its_digest(bundle: Path) -> None:
+    """open_bundle takes the file digests from the manifest it verified (the cache keys' digest, no second read);
+    reopen_bundle (in a task) checks the manifest's fast path and refuses a bundle whose content changed."""
+    from storage.fingerprint import combine, file_digest
+
+    opened = bdl.open_bundle(bundle)
+    names = [n for n in bdl.BUNDLE_FILES if (bundle / n).is_file()]
+    assert opened.digest == combine(*(f"{n}:{file_digest(bundle / n)}" for n in names))
+    assert bdl.reopen_bundle(bundle / "model.json", opened.digest).meta == opened.meta
+    expect(bdl.BundleError, lambda: bdl.reopen_bundle(bundle, "0" * 64), f"bundle {bundle} changed", fix="rerun")
+    (bundle / "model.json").write_text((bundle / "model.json").read_text().replace('"std"', '"std" '))
+    expect(bdl.BundleError, lambda: bdl.reopen_bundle(bundle, opened.digest), "model.json was modified after export",
+           fix="re-export the model")
 
 
 def test_96_model_json_swapped_classes_or_other_mean_is_refused(bundle: Path, images: Path, tmp_path: Path) -> None:
@@ -409,7 +426,8 @@ def test_98_classifier_feature_size_mismatch(bundle: Path, bundles: dict[str, Pa
                                              demo_patch_dataset: Path) -> None:
     """A classifier fitted on 512-wide features in a bundle whose backbone gives 1280 (manifest consistent, as a
     mis-assembled export would be): one line, checked before any image or patch is read."""
-    from tasks.evaluation.stage import EvaluateFlowConfig, extract_with_bundle
+    from tasks.evaluation.config import EvaluateFlowConfig
+    from tasks.evaluation.stage import extract_with_bundle
 
     shutil.copy2(bundles["b"] / "classifier.skops", bundle / "classifier.skops")
     (bundle / "classifier.joblib").unlink()
@@ -424,7 +442,7 @@ def test_98_classifier_feature_size_mismatch(bundle: Path, bundles: dict[str, Pa
     cfg = EvaluateFlowConfig.model_validate({"datamodule": {"data_path": str(demo_patch_dataset), "split": "val"},
                                              "task": {"model_path": str(bundle)}})
     store = tmp_path / "store"
-    expect(bdl.BundleError, lambda: extract_with_bundle(cfg, store),
+    expect(bdl.BundleError, lambda: extract_with_bundle(cfg, bdl.open_bundle(bundle), store),
            "bundle classifier expects 512 features, backbone gives 1280", fix="re-export the model")
     assert not store.exists()
 
@@ -631,7 +649,7 @@ def test_102_train_stage_outputs_tampered_are_recomputed(flows_run: dict, prefec
         for name in ("model.pt", "model.pth"):
             got, want = (load_export(Path(r["bundle"]) / name, "mobilenet_v2")(x) for r in (res, ref))
             torch.testing.assert_close(got, want)
-    assert bdl.open_bundle(res["bundle"])[1]["mean"] != [0.5, 0.5, 0.5]
+    assert bdl.open_bundle(res["bundle"]).meta["mean"] != [0.5, 0.5, 0.5]
 
 
 @pytest.mark.slow

@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 
 from storage.geometry import (
+    GRID_POLICY,
+    GridSpec,
     PatchGrid,
     compute_grid,
     compute_patch_info,
@@ -131,7 +133,7 @@ def test_random_patch_number_invariants():
     for h, w, nh, nw, ov in cases:
         g = compute_grid(h, w, patch_number=[nh, nw], overlap=ov)
         assert (g.n_h, g.n_w) == (nh, nw)
-        assert not g.needs_padding
+        assert g.padded_shape == (h, w)  # patch_number never needs padding
         _axis_invariants(h, nh, g.patch_h, g.step_h)
         _axis_invariants(w, nw, g.patch_w, g.step_w)
         if nh * nw <= 400:
@@ -186,8 +188,7 @@ def test_non_square_patch_size_not_transposed():
 
 def test_small_image_is_padded_to_patch():
     g = compute_grid(20, 30, patch_size=[32, 48], overlap=0.25)
-    assert g.needs_padding
-    assert g.padded_shape == (32, 48)
+    assert g.padded_shape == (32, 48) != (g.height, g.width)
     assert (g.n_h, g.n_w) == (1, 1)
     assert g.boxes().tolist() == [[0, 0, 32, 48]]
     img = np.arange(20 * 30 * 3, dtype=np.uint16).reshape(20, 30, 3)
@@ -252,3 +253,21 @@ def test_invalid_params_raise_helpful_value_error(kwargs, words):
 def test_more_patches_than_pixels_is_refused():
     with pytest.raises(ValueError, match="patch_number"):
         compute_grid(10, 100, patch_number=[11, 2])
+
+
+def test_grid_spec_from_info_model_json_and_params_gives_the_same_grid():
+    """One GridSpec, three sources: a dataset's info.json (patch_size wins over patch_number, as the reference
+    extracted with it), a bundle's model.json (the reference's keys) and the generation parameters."""
+    want = compute_grid(100, 130, patch_size=[32, 48], overlap=0.25)
+    info = GridSpec.from_info({"patch_size": [32, 48], "patch_number": [3, 3], "overlap": 0.25})
+    meta = GridSpec.from_model_json({"patch_height": 32, "patch_width": 48, "vertical_patches": None,
+                                     "horizontal_patches": None, "overlap": 0.25, "grid_policy": GRID_POLICY})
+    params = GridSpec.from_params(None, [32, 48], 0.25)
+    assert info == meta == params and info.grid(100, 130) == want
+    by_number = GridSpec.from_model_json({"vertical_patches": 3, "horizontal_patches": 4, "overlap": None})
+    assert by_number == GridSpec.from_info({"patch_number": [3, 4], "patch_size": None})
+    assert by_number.grid(90, 120) == compute_grid(90, 120, patch_number=[3, 4])
+    with pytest.raises(ValueError, match="no patch geometry"):
+        GridSpec.from_model_json({"overlap": 0.0})
+    with pytest.raises(ValueError, match="exactly one"):
+        GridSpec.from_params([2, 2], [32, 32], 0.0)

@@ -10,8 +10,16 @@ import numpy as np
 import pytest
 
 from storage.geometry import compute_grid
-from tasks.evaluation.reconstruction import make_merger, reconstruct
+from tasks.evaluation.reconstruction import make_merger
 from tasks.evaluation.region_metrics import defect_coverage, pixel_scores, prediction_polygons, region_counts
+
+
+def reconstruct(method: str, grid, num_classes: int, patch_index: np.ndarray, labels: np.ndarray,
+                probabilities: np.ndarray | None = None, thresholds: list[float] | None = None) -> np.ndarray:
+    """Class map of one image from its patch predictions, through the merger the inferer uses."""
+    merger = make_merger(method, grid, num_classes, thresholds)
+    merger.add(patch_index, labels, probabilities)
+    return merger.finalize()
 
 
 def _patch_labels(mask: np.ndarray, grid) -> np.ndarray:
@@ -220,7 +228,7 @@ def test_discard_patches_are_reconstructed_but_not_scored(tmp_path: Path) -> Non
     fstore.write_row_meta(tmp_path / "val.zarr", labels, ids, np.full((len(ids), 4), -1))
     fstore.mark_complete(tmp_path / "val.zarr", fstore.store_digest(tmp_path / "val.zarr"))
     clf = LogisticRegression(max_iter=1000).fit(X, shown)
-    m = score_split(clf, tmp_path / "val.zarr", data, "val", classes, None, "major_voting", 0.3, tmp_path / "out")
+    m = score_split(clf, tmp_path / "val.zarr", data, "val", classes, None, "major_voting", 0.3, tmp_path / "out").metrics
     assert m["n_patches"] == len(ids) and m["n_discarded"] == int(discard.sum())
     assert m["n_evaluated"] == int((~discard).sum()) and m["accuracy"] == 1.0
     assert sum(map(sum, m["confusion_matrix"]["matrix"])) == m["n_evaluated"]

@@ -14,29 +14,18 @@ import cv2
 import numpy as np
 import pytest
 
-from storage import layout
-from tasks.evaluation.scoring import evaluate_split, full_probabilities, patch_metrics
 from tasks.evaluation.report import write_report
+from tasks.evaluation.scoring import SplitScores, split_scores
 
 CHROMIUM = Path("/usr/bin/chromium")
 GENERATED = ("report.html", "confusion_matrix.csv", "confusion_matrix.png", "example", "reconstruction")
 
 
 def _write_eval(out: Path, data: Path, split: str, ids: list[str], y_eval: np.ndarray, pred: np.ndarray,
-                proba: np.ndarray, classes: dict[str, int]) -> None:
-    """What tasks.evaluation.scoring.score_split writes, from given predictions instead of a classifier."""
-    out.mkdir(parents=True, exist_ok=True)
-    rows = ["sample,real_label,pred_label,probability"]
-    rows += [f"{s},{t},{p},{pr:.6f}" for s, t, p, pr in zip(ids, y_eval.tolist(), pred.tolist(), proba.max(axis=1).tolist())]
-    (out / "test_results.csv").write_text("\n".join(rows) + "\n")
-    metrics = patch_metrics(y_eval, pred, {v: k for k, v in classes.items()})
+                proba: np.ndarray, classes: dict[str, int]) -> SplitScores:
+    """What tasks.evaluation.scoring.score_split writes and returns, from given predictions instead of a classifier."""
     nc = max(classes.values()) + 1
-    res = evaluate_split(data, split, ids, pred, full_probabilities(proba, list(range(nc)), nc), classes,
-                         "major_voting", 0.3, maps_dir=out / "maps")
-    layout.write_json(out / "reconstruction_results.json", res)
-    metrics["reconstruction"] = res["summary"] | {
-        k: res[k] for k in ("false_region_bad", "false_region_good", "true_region_bad", "patch_reconstruction_method")}
-    layout.write_json(out / "metrics.json", metrics)
+    return split_scores(data, split, ids, y_eval, pred, proba, list(range(nc)), classes, "major_voting", 0.3, out)
 
 
 def _dataset(root: Path, **kw) -> tuple[Path, dict[str, int], list[Path]]:
@@ -52,7 +41,7 @@ def _dataset(root: Path, **kw) -> tuple[Path, dict[str, int], list[Path]]:
 
 
 @pytest.fixture(scope="module")
-def evaluation(tmp_path_factory) -> tuple[Path, Path, dict[str, int]]:
+def evaluation(tmp_path_factory) -> tuple[Path, Path, dict[str, int], SplitScores]:
     """A val evaluation folder: folder labels as predictions with deliberate mistakes and a few skipped (-1) patches."""
     root = tmp_path_factory.mktemp("report")
     data, classes, files = _dataset(root, n_images=6, seed=1)
@@ -69,8 +58,8 @@ def evaluation(tmp_path_factory) -> tuple[Path, Path, dict[str, int]]:
     proba = np.tile(((1 - conf) / (nc - 1))[:, None], (1, nc))
     proba[np.arange(len(ids)), pred] = conf
     out = root / "validation"
-    _write_eval(out, data, "val", ids, y_eval, pred, proba.astype(np.float32), classes)
-    return out, data, classes
+    scores = _write_eval(out, data, "val", ids, y_eval, pred, proba.astype(np.float32), classes)
+    return out, data, classes, scores
 
 
 def _fresh(src: Path, dst: Path) -> Path:
@@ -84,9 +73,9 @@ def _generated(out: Path) -> dict[str, bytes]:
 
 
 def test_report_figures_and_self_contained_html(evaluation, tmp_path: Path) -> None:
-    src, data, classes = evaluation
+    src, data, classes, scores = evaluation
     out = _fresh(src, tmp_path / "v")
-    page = write_report(out, data, classes, title="demo <val>", n_overlays=4)
+    page = write_report(out, data, classes, scores, title="demo <val>", n_overlays=4)
     assert page == out / "report.html"
     metrics = json.loads((out / "metrics.json").read_text())
     recon = json.loads((out / "reconstruction_results.json").read_text())
@@ -126,15 +115,15 @@ def test_report_figures_and_self_contained_html(evaluation, tmp_path: Path) -> N
 
 
 def test_report_is_deterministic(evaluation, tmp_path: Path) -> None:
-    src, data, classes = evaluation
+    src, data, classes, scores = evaluation
     a, b = _fresh(src, tmp_path / "a"), _fresh(src, tmp_path / "b")
-    write_report(a, data, classes)
+    write_report(a, data, classes, scores)
     first = _generated(a)
-    write_report(a, data, classes)
-    write_report(b, data, classes)
+    write_report(a, data, classes, scores)
+    write_report(b, data, classes, scores)
     assert _generated(a) == first == _generated(b)
     assert str(tmp_path) not in first["report.html"].decode()
-    write_report(a, data, classes, seed=1)  # another choice of examples
+    write_report(a, data, classes, scores, seed=1)  # another choice of examples
     assert _generated(a)["report.html"] != first["report.html"]
 
 
@@ -143,9 +132,9 @@ def test_report_renders_in_headless_chromium(evaluation, tmp_path: Path) -> None
         if os.environ.get("CI") == "true":
             pytest.fail(f"{CHROMIUM} missing: CI must install it (apt-get install -y chromium)")
         pytest.skip(f"{CHROMIUM} not installed")
-    src, data, classes = evaluation
+    src, data, classes, scores = evaluation
     out = _fresh(src, tmp_path / "v")
-    page = write_report(out, data, classes)
+    page = write_report(out, data, classes, scores)
     shot = tmp_path / "shot.png"
     cmd = [str(CHROMIUM), "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
            "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -168,17 +157,18 @@ def test_report_without_labels_masks_or_patches(tmp_path: Path) -> None:
     pred = np.arange(len(ids)) % nc
     proba = np.eye(nc, dtype=np.float32)[pred]
     out = tmp_path / "nolabels"
-    _write_eval(out, data, "val", ids, np.full(len(ids), -1), pred, proba, classes)
-    html = write_report(out, data, classes).read_text()
+    scores = _write_eval(out, data, "val", ids, np.full(len(ids), -1), pred, proba, classes)
+    html = write_report(out, data, classes, scores).read_text()
     assert not (out / "confusion_matrix.png").exists() and not (out / "confusion_matrix.csv").exists()
     assert not list((out / "example").glob("*.png"))
     assert len(list((out / "reconstruction").glob("*.png"))) == 3
     assert "No labelled patch" in html and html.count("data:image/png;base64,") == 3
 
     empty = tmp_path / "empty"  # test split of that dataset holds no image
-    _write_eval(empty, data, "test", [], np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, nc), np.float32), classes)
-    html = write_report(empty, data, classes).read_text()
+    scores = _write_eval(empty, data, "test", [], np.zeros(0, np.int64), np.zeros(0, np.int64),
+                         np.zeros((0, nc), np.float32), classes)
+    html = write_report(empty, data, classes, scores).read_text()
     assert "No labelled patch" in html and "data:image" not in html
     bare = tmp_path / "bare"  # nothing at all
     bare.mkdir()
-    assert "No reconstruction results" in write_report(bare, data, classes).read_text()
+    assert "No reconstruction results" in write_report(bare, data, classes, SplitScores()).read_text()

@@ -20,7 +20,7 @@ import cv2
 import numpy as np
 
 from storage import layout
-from storage.geometry import PatchGrid, compute_grid
+from storage.geometry import GridSpec, PatchGrid
 from storage.h5files import SamplingRegion, encode_region
 from tasks.dataset.labelling import Components, label_components, label_patches
 from tasks.dataset.params import DatasetParams
@@ -147,7 +147,7 @@ def scan_image(job: Job) -> tuple[tuple[int, int], list[int] | None, bool]:
 
 
 def _grid(job: Job, p: DatasetParams) -> PatchGrid:
-    return compute_grid(job.size[0], job.size[1], p.patch_number, p.patch_size, p.overlap)
+    return GridSpec.from_params(p.patch_number, p.patch_size, p.overlap).grid(*job.size)
 
 
 def process_image(job: Job) -> Result:

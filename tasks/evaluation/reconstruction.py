@@ -15,7 +15,7 @@ and returns the class map of the original image size with :meth:`Merger.finalize
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -111,7 +111,8 @@ class SoftMerger(Merger):
             raise ValueError("the soft reconstruction needs class probabilities (predict_proba)")
         probs = np.asarray(probabilities, dtype=np.float32)
         if probs.shape[1] != self.num_classes:
-            raise ValueError(f"probabilities have {probs.shape[1]} columns, expected {self.num_classes} (one per class index)")
+            raise ValueError(f"probabilities have {probs.shape[1]} columns, expected {self.num_classes} "
+                             "(one per class index)")
         for i, p in zip(np.asarray(patch_index).tolist(), probs):
             y0, x0, y1, x1 = self.cells.spans[i]
             self.sum[:, y0:y1, x0:x1] += p[:, None, None]
@@ -134,7 +135,8 @@ class SoftMerger(Merger):
         return self.grid.crop(self.cells.expand(out))
 
 
-def mean_probabilities(merger: Merger, patch_index: np.ndarray, labels: np.ndarray, probabilities: np.ndarray) -> np.ndarray:
+def mean_probabilities(merger: Merger, patch_index: np.ndarray, labels: np.ndarray,
+                       probabilities: np.ndarray) -> np.ndarray:
     """(C, H, W) mean class probabilities of the patches ``merger`` was given (the same ones again here);
     a soft merger's own sums are reused instead of accumulated twice."""
     if not isinstance(merger, SoftMerger):
@@ -153,17 +155,3 @@ def make_merger(method: str, grid: PatchGrid, num_classes: int, thresholds: Sequ
         return SoftMerger(grid, num_classes, thresholds)
     raise ValueError(f"unknown reconstruction method {method!r}; choose one of {', '.join(METHODS)}")
 
-
-def reconstruct(
-    method: str,
-    grid: PatchGrid,
-    num_classes: int,
-    patch_index: np.ndarray,
-    labels: np.ndarray,
-    probabilities: np.ndarray | None = None,
-    thresholds: Sequence[float] | None = None,
-) -> np.ndarray:
-    """Class map of one image from its patch predictions."""
-    merger = make_merger(method, grid, num_classes, thresholds)
-    merger.add(patch_index, labels, probabilities)
-    return merger.finalize()

@@ -6,11 +6,14 @@
 - the reference's region counts (``true_region_bad``, ``false_region_good``, ``false_region_bad``),
   with int32 region labels (no uint8 wrap above 255 regions, bug B9);
 - pixel IoU/Dice per class;
-- polygons of the predicted map with holes kept (no row cutting, bug B8).
+- polygons of the predicted map with holes kept (no row cutting, bug B8);
+- :class:`SplitMeasures`: those measures summed over the images of a split (``reconstruction_results.json``).
 """
 
 from __future__ import annotations
 
+from collections import defaultdict
+from pathlib import Path
 from typing import Any
 
 import cv2
@@ -18,6 +21,8 @@ import numpy as np
 
 from tasks.dataset.labelling import label_components
 from tasks.dataset.triangulation import region_to_geometry
+
+SIZE_BUCKETS = ((0, 100, "<100 px"), (100, 1000, "100-1k px"), (1000, 10000, "1k-10k px"), (10000, None, ">=10k px"))
 
 
 def defect_coverage(
@@ -47,7 +52,8 @@ def defect_coverage(
 
 
 def region_counts(gt: np.ndarray | None, pred: np.ndarray) -> dict[str, int]:
-    """The reference's counts (predicted regions touching no defect, missed and found defects) and the number of predicted regions."""
+    """The reference's counts (predicted regions touching no defect, missed and found defects) and the number of
+    predicted regions."""
     pred_regions = label_components(pred.astype(np.int32).clip(0, 255).astype(np.uint8))
     gt_bad = (gt > 0) if gt is not None else np.zeros(pred.shape, bool)
     n_pred = len(pred_regions.classes)
@@ -81,7 +87,7 @@ def pixel_scores(gt: np.ndarray, pred: np.ndarray, class_ids: list[int]) -> dict
 
 
 def _ring(coords: np.ndarray) -> list[dict[str, int]]:
-    return [{"x": int(round(x)), "y": int(round(y))} for x, y in coords[:-1]]
+    return [{"x": round(float(x)), "y": round(float(y))} for x, y in coords[:-1]]
 
 
 def prediction_polygons(
@@ -110,7 +116,7 @@ def prediction_polygons(
                     "label": idx_to_class.get(c, str(c)),
                     "points": _ring(np.asarray(poly.exterior.coords)),
                     "holes": [_ring(np.asarray(h.coords)) for h in poly.interiors],
-                    "area": int(round(poly.area)),
+                    "area": round(float(poly.area)),
                 }
                 if mean_prob is not None:
                     p = mean_prob[c][region]
@@ -123,3 +129,87 @@ def prediction_polygons(
                     )
                 out.append(rec)
     return out
+
+
+class SplitMeasures:
+    """The measures of every image of a split, added one image at a time, and their summary."""
+
+    def __init__(self, class_to_idx: dict[str, int], coverage_threshold: float) -> None:
+        self.idx_to_class = {v: k for k, v in class_to_idx.items()}
+        self.defect_ids = sorted(v for v in class_to_idx.values() if v > 0)
+        self.threshold = coverage_threshold
+        self.totals = {"false_region_bad": 0, "false_region_good": 0, "true_region_bad": 0}
+        self.predicted_regions = 0
+        self.pix: dict[int, dict[str, int]] = defaultdict(lambda: {"intersection": 0, "gt_pixels": 0, "pred_pixels": 0})
+        self.defects: list[dict[str, Any]] = []
+        self.records: list[dict[str, Any]] = []
+
+    def add(self, image_path: Path, mask_path: Path | None, pred: np.ndarray, gt: np.ndarray | None,
+            polygons: list[dict[str, Any]], n_patches: int) -> None:
+        """Measure one image's class map ``pred`` against its mask ``gt`` (None: no mask) and keep its record."""
+        counts = region_counts(gt, pred)
+        for k in self.totals:
+            self.totals[k] += counts[k]
+        self.predicted_regions += counts["predicted_regions"]
+        name = Path(image_path).name
+        rec: dict[str, Any] = {"image_path": str(image_path), "mask_path": str(mask_path) if mask_path else None,
+                               "file_name": name, "prediction": polygons, "n_patches": int(n_patches), **counts}
+        if gt is not None:
+            cov = defect_coverage(gt, pred, self.idx_to_class, self.threshold)
+            for d in cov:
+                d["image"] = name
+            self.defects.extend(cov)
+            rec["defects"] = cov
+            scores = pixel_scores(gt, pred, self.defect_ids)
+            rec["pixel_scores"] = {self.idx_to_class[c]: s for c, s in scores.items()}
+            for c, s in scores.items():
+                for k in ("intersection", "gt_pixels", "pred_pixels"):
+                    self.pix[c][k] += int(s[k])
+        self.records.append(rec)
+
+    def results(self, method: str) -> dict[str, Any]:
+        """The reference's keys (region counts, ``reconstructions``, its type and method) plus ``summary``."""
+        return {**self.totals, "reconstructions": self.records, "reconstructions_type": "polygon",
+                "patch_reconstruction_method": method, "summary": self.summary()}
+
+    def summary(self) -> dict[str, Any]:
+        """Detection by class and by defect size, pixel IoU/Dice per class, region precision."""
+        by_class: dict[str, list] = defaultdict(list)
+        by_size: dict[str, list] = defaultdict(list)
+        for d in self.defects:
+            by_class[d["class"]].append(d)
+            by_size[_size_bucket(d["area"])].append(d)
+        pixel = {}
+        for c, s in sorted(self.pix.items()):
+            union = s["gt_pixels"] + s["pred_pixels"] - s["intersection"]
+            denom = s["gt_pixels"] + s["pred_pixels"]
+            pixel[self.idx_to_class.get(c, str(c))] = {
+                "iou": s["intersection"] / union if union else None,
+                "dice": 2 * s["intersection"] / denom if denom else None,
+            }
+        predicted, false = self.predicted_regions, self.totals["false_region_bad"]
+        return {
+            "coverage_threshold": self.threshold,
+            "all_defects": _detection(self.defects),
+            "by_class": {k: _detection(v) for k, v in sorted(by_class.items())},
+            "by_size": {name: _detection(by_size[name]) for _, _, name in SIZE_BUCKETS if name in by_size},
+            "pixel": pixel,
+            "predicted_regions": predicted,
+            "false_regions": false,
+            "region_precision": (predicted - false) / predicted if predicted else None,
+        }
+
+
+def _size_bucket(area: int) -> str:
+    return next(name for lo, hi, name in SIZE_BUCKETS if area >= lo and (hi is None or area < hi))
+
+
+def _detection(items: list[dict[str, Any]]) -> dict[str, Any]:
+    n = len(items)
+    return {
+        "defects": n,
+        "detected": sum(d["detected"] for d in items),
+        "detection_rate": sum(d["detected"] for d in items) / n if n else None,
+        "mean_coverage": float(np.mean([d["coverage"] for d in items])) if n else None,
+        "mean_right_class_coverage": float(np.mean([d["right_class_coverage"] for d in items])) if n else None,
+    }

@@ -1,5 +1,6 @@
 """Model stages: content keys and ``@task`` entry points of the fit, the backbone export and the bundle export
 (the logic is in ``fit.py`` and ``bundle.py``); :func:`fit_stage` and :func:`export_stage` run them cached.
+The validation is the scoring stage of ``tasks/evaluation/stage.py`` (:func:`~tasks.evaluation.stage.validate_stage`).
 
 Keys: fit = the training stores' keys + classifier config + seed; backbone export = weights digest + name +
 input size + formats; bundle = fit key + backbone key + ``model.json`` + the joblib opt-in. So changing the
@@ -8,20 +9,15 @@ classifier re-exports no backbone, and an unchanged stage is never recomputed.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
 
 from prefect import task
 
 from storage.fingerprint import combine, params_digest
-from storage.manifest import building, file_matches, matches_manifest, write_file_digest
-from tasks.evaluation.report import write_report
-from tasks.evaluation.scoring import score_split
-from tasks.features.params import class_map
+from storage.manifest import file_matches, matches_manifest, write_file_digest
 from tasks.model.bundle import export_backbone, export_bundle, export_types, model_json
 from tasks.model.config import TrainFlowConfig
-from tasks.model.fit import fit_classifier, load_fitted
+from tasks.model.fit import fit_classifier
 from tasks.stage import build_once, run_stage
 
 
@@ -42,18 +38,6 @@ def bundle_key(cfg: TrainFlowConfig, fkey: str, bkey: str, weights_digest: str) 
     """Key of the deployment bundle: classifier, backbone export, ``model.json`` and the joblib opt-in."""
     return combine("export", fkey, bkey, params_digest(model_json(cfg, weights_digest)),
                    f"joblib={cfg.export.joblib_classifier}")
-
-
-def validate(cfg: TrainFlowConfig, classifier_path: Path, store: Path, out_dir: Path) -> dict[str, Any]:
-    """Patch metrics, reconstruction and report of the val split (metrics.json, test_results.csv, reconstruction_results.json, report.html)."""
-    metrics = score_split(
-        load_fitted(cfg, classifier_path), store, Path(cfg.datamodule.data_path), "val", class_map(cfg),
-        cfg.datamodule.class_to_skip_training, cfg.task.reconstruction_method, cfg.task.coverage_threshold, out_dir,
-        cfg.task.soft_thresholds,
-    )
-    if cfg.task.report:
-        write_report(out_dir, Path(cfg.datamodule.data_path), class_map(cfg), title=f"patchflow validation: {cfg.core.name}")
-    return metrics
 
 
 @task(name="fit-classifier", persist_result=True)
@@ -99,27 +83,3 @@ def export_stage(cfg: TrainFlowConfig, root: Path, classifier: str, fkey: str, w
     eout = root / "bundles" / ekey[:32] / "deployment_model"
     return run_stage(export_task, root, eout, matches_manifest, force, cfg, classifier, backbone, ekey, str(eout),
                      weights_digest, force)
-
-
-def validate_stage(cfg: TrainFlowConfig, root: Path, classifier: str, fkey: str, val_store: str) -> tuple[dict[str, Any], str]:
-    """Run the cached validation of ``classifier`` on the val store; ``(metrics, validation folder)``."""
-    from tasks.evaluation.scoring import METRICS_VERSION
-
-    skip = sorted(cfg.datamodule.class_to_skip_training or [])
-    recon = {"method": cfg.task.reconstruction_method, "coverage": cfg.task.coverage_threshold, "report": cfg.task.report,
-             "soft_thresholds": cfg.task.soft_thresholds}
-    key = combine("validate", METRICS_VERSION, fkey, Path(val_store).name, params_digest({"skip": skip, "reconstruction": recon}))
-    out, force = root / "validation" / key[:32], "validate" in cfg.force
-    return run_stage(validate_task, root, out, matches_manifest, force, cfg, classifier, val_store, key, str(out), force), str(out)
-
-
-@task(name="validate-patches", persist_result=True)
-def validate_task(
-    cfg: TrainFlowConfig, classifier: str, store: str, key: str, out: str, force: bool = False
-) -> dict[str, Any]:
-    """Patch-level validation metrics (cached on ``key``)."""
-    metrics = Path(out) / "metrics.json"
-    if not force and matches_manifest(Path(out)):
-        return json.loads(metrics.read_text())
-    with building(Path(out)) as tmp:
-        return validate(cfg, Path(classifier), Path(store), tmp)

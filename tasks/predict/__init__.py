@@ -1,1 +1,1 @@
-"""Prediction on raw images with a deployment bundle."""
+"""Prediction on raw images with a deployment bundle: config, stage (through the evaluation inferer), outputs."""
