@@ -1,6 +1,7 @@
 """Benchmark: generate_patch_dataset on the whole of ../shared/data/mtd-dev; writes JSON.
 
-Usage: python -m benchmarks.dataset_generation [--data DIR] [--workers 1 2] [--out benchmarks/results/dataset_generation.json]
+Usage: python -m benchmarks.dataset_generation [--data DIR] [--workers 1 2]
+       [--out benchmarks/results/dataset_generation.json]
 """
 
 from __future__ import annotations
@@ -20,11 +21,18 @@ DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / 
 
 
 def build_dataset(data: Path, out: Path, val_size: float = 0.3, test_size: float = 0.1, num_workers: int = 2) -> dict:
-    """The benchmark dataset: ``data`` (images/, masks/, class_to_idx.json) as patch_number [2, 2] patches in ``out``."""
+    """The benchmark dataset: ``data`` (images/, masks/, class_to_idx.json) as [2, 2] patches in ``out``."""
     class_to_idx = json.loads((data / "class_to_idx.json").read_text())
     assoc = get_image_mask_association(str(data / "images"), str(data / "masks"), mask_extension="_mask")
-    return generate_patch_dataset(assoc, class_to_idx, val_size=val_size, test_size=test_size, patch_number=[2, 2],
-                                  output_folder=str(out), num_workers=num_workers)
+    return generate_patch_dataset(
+        assoc,
+        class_to_idx,
+        val_size=val_size,
+        test_size=test_size,
+        patch_number=[2, 2],
+        output_folder=str(out),
+        num_workers=num_workers,
+    )
 
 
 def run_once(data: Path, workers: int, out_root: Path) -> dict:
@@ -37,8 +45,13 @@ def run_once(data: Path, workers: int, out_root: Path) -> dict:
     cpu0 = os.times()
     assoc = get_image_mask_association(str(data / "images"), str(data / "masks"), mask_extension="_mask")
     info = generate_patch_dataset(
-        assoc, class_to_idx, val_size=0.3, test_size=0.1, patch_number=[2, 2],
-        output_folder=str(out), num_workers=workers,
+        assoc,
+        class_to_idx,
+        val_size=0.3,
+        test_size=0.1,
+        patch_number=[2, 2],
+        output_folder=str(out),
+        num_workers=workers,
     )
     wall = time.perf_counter() - t0
     n = len(assoc)
@@ -48,7 +61,9 @@ def run_once(data: Path, workers: int, out_root: Path) -> dict:
         "wall_s": round(wall, 3),
         "images_per_s": round(n / wall, 1),
         "main_process_cpu_s": round((cpu1 := os.times()).user + cpu1.system - cpu0.user - cpu0.system, 3),
-        "workers_cpu_s": round(cpu1.children_user + cpu1.children_system - cpu0.children_user - cpu0.children_system, 3),
+        "workers_cpu_s": round(
+            cpu1.children_user + cpu1.children_system - cpu0.children_user - cpu0.children_system, 3
+        ),
         "splits": {s: len(info[f"{s}_files"]) for s in ("train", "val", "test")},
     }
 
@@ -62,8 +77,12 @@ def codec_floor(data: Path, dataset: Path) -> dict:
     cv2.setNumThreads(1)
     images = sorted((data / "images").iterdir())
     masks = sorted((data / "masks").iterdir())
-    patches = [cv2.imread(str(p), cv2.IMREAD_UNCHANGED) for s in ("val", "test") for p in sorted((dataset / s).rglob("*.png"))]
-    blobs = [(np.fromfile(p, np.uint8), cv2.IMREAD_ANYCOLOR) for p in images] + [(np.fromfile(p, np.uint8), cv2.IMREAD_GRAYSCALE) for p in masks]
+    patches = [
+        cv2.imread(str(p), cv2.IMREAD_UNCHANGED) for s in ("val", "test") for p in sorted((dataset / s).rglob("*.png"))
+    ]
+    blobs = [(np.fromfile(p, np.uint8), cv2.IMREAD_ANYCOLOR) for p in images] + [
+        (np.fromfile(p, np.uint8), cv2.IMREAD_GRAYSCALE) for p in masks
+    ]
     t = time.perf_counter()
     for buf, flag in blobs:
         cv2.imdecode(buf, flag)
@@ -73,15 +92,24 @@ def codec_floor(data: Path, dataset: Path) -> dict:
         cv2.imencode(".png", patch)
     encode = time.perf_counter() - t
     total = decode + encode
-    return {"decode_s": round(decode, 3), "encode_s": round(encode, 3), "patches": len(patches),
-            "max_images_per_s_per_core": round(len(images) / total, 1)}
+    return {
+        "decode_s": round(decode, 3),
+        "encode_s": round(encode, 3),
+        "patches": len(patches),
+        "max_images_per_s_per_core": round(len(images) / total, 1),
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    ap.add_argument("--workers", type=int, nargs="+", default=sorted({1, 2, os.cpu_count() or 1}),
-                    help="num_workers values to time (default: 1, 2 and this machine's CPU count)")
+    ap.add_argument(
+        "--workers",
+        type=int,
+        nargs="+",
+        default=sorted({1, 2, os.cpu_count() or 1}),
+        help="num_workers values to time (default: 1, 2 and this machine's CPU count)",
+    )
     ap.add_argument("--repeats", type=int, default=2, help="best of N runs per worker count")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/dataset_generation.json"))
     args = ap.parse_args()

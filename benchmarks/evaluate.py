@@ -33,10 +33,20 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         build_dataset(args.data, tmp / "ds", val_size=0.3, test_size=0.2)
-        res = train_flow({"datamodule": {"data_path": str(tmp / "ds")}, "trainer": {"iteration_over_training": 2},
-                          "core": {"runs_folder": str(tmp / "runs")}, "storage_root": str(tmp / "store")})
-        cfg = EvaluateFlowConfig.model_validate({"datamodule": {"data_path": str(tmp / "ds")},
-                                                 "task": {"model_path": res["bundle"], "output": {"report": False}}})
+        res = train_flow(
+            {
+                "datamodule": {"data_path": str(tmp / "ds")},
+                "trainer": {"iteration_over_training": 2},
+                "core": {"runs_folder": str(tmp / "runs")},
+                "storage_root": str(tmp / "store"),
+            }
+        )
+        cfg = EvaluateFlowConfig.model_validate(
+            {
+                "datamodule": {"data_path": str(tmp / "ds")},
+                "task": {"model_path": res["bundle"], "output": {"report": False}},
+            }
+        )
         t = time.perf_counter()
         bundle = open_bundle(res["bundle"])
         feat = extract_with_bundle(cfg, bundle, tmp / "test.zarr")

@@ -33,12 +33,22 @@ def _free_port() -> int:
 def start_server(home: Path) -> tuple[subprocess.Popen, str]:
     """A `prefect server start` on loopback; returns the process and its API URL."""
     port = _free_port()
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_API_PORT": str(port), "DO_NOT_TRACK": "1",
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(home),
+        "PREFECT_SERVER_API_PORT": str(port),
+        "DO_NOT_TRACK": "1",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    }
     env.pop("PREFECT_API_URL", None)
     exe = Path(sys.executable).with_name("prefect")
-    proc = subprocess.Popen([str(exe), "server", "start", "--host", "127.0.0.1"], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [str(exe), "server", "start", "--host", "127.0.0.1"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}/api"
     for _ in range(240):
         try:
@@ -81,7 +91,9 @@ def _span(state, prefixes: tuple[str, ...]) -> float:
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
     with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+        )
     runs = [r for r in runs if r.name.startswith(prefixes) and r.start_time and r.end_time]
     return (max(r.end_time for r in runs) - min(r.start_time for r in runs)).total_seconds()
 
@@ -96,33 +108,68 @@ def run(args: argparse.Namespace, work: Path) -> dict:
     data = args.data
     class_to_idx = json.loads((data / "class_to_idx.json").read_text())
     n_images = len([p for p in (data / "images").iterdir() if p.is_file()])
-    runners = {"thread": {"kind": "thread"}, "dask_1": {"kind": "dask", "n_workers": 1}, "dask_2": {"kind": "dask", "n_workers": 2}}
-    out: dict = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version()}, "data": str(data),
-                 "images": n_images, "dataset": {}, "features": {}}
+    runners = {
+        "thread": {"kind": "thread"},
+        "dask_1": {"kind": "dask", "n_workers": 1},
+        "dask_2": {"kind": "dask", "n_workers": 2},
+    }
+    out: dict = {
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        "data": str(data),
+        "images": n_images,
+        "dataset": {},
+        "features": {},
+    }
     for name, runner in runners.items():
-        cfg = {"data": {"images": str(data / "images"), "masks": str(data / "masks"), "mask_extension": "_mask",
-                        "class_to_idx": class_to_idx},
-               "dataset": {"output_folder": str(work / f"ds_{name}"), "patch_number": [2, 2], "val_size": 0.3,
-                           "test_size": 0.1, "shard_images": 64},
-               "runner": runner, "storage_root": str(work / f"root_{name}")}
+        cfg = {
+            "data": {
+                "images": str(data / "images"),
+                "masks": str(data / "masks"),
+                "mask_extension": "_mask",
+                "class_to_idx": class_to_idx,
+            },
+            "dataset": {
+                "output_folder": str(work / f"ds_{name}"),
+                "patch_number": [2, 2],
+                "val_size": 0.3,
+                "test_size": 0.1,
+                "shard_images": 64,
+            },
+            "runner": runner,
+            "storage_root": str(work / f"root_{name}"),
+        }
         t0 = time.perf_counter()
         state = dataset_flow(cfg, return_state=True)
         wall = time.perf_counter() - t0
-        span = _span(state, ("plan-patch-dataset", "scan-images", "assign-splits", "write-patches", "generate-patch-dataset"))
-        out["dataset"][name] = {"generation_wall_s": round(span, 2), "flow_wall_s": round(wall, 2),
-                                "images_per_s": round(n_images / span, 1), "shards": -(-n_images // 64)}
+        span = _span(
+            state, ("plan-patch-dataset", "scan-images", "assign-splits", "write-patches", "generate-patch-dataset")
+        )
+        out["dataset"][name] = {
+            "generation_wall_s": round(span, 2),
+            "flow_wall_s": round(wall, 2),
+            "images_per_s": round(n_images / span, 1),
+            "shards": -(-n_images // 64),
+        }
     data_path = work / "ds_thread"
     for name, runner in runners.items():
-        cfg = {"datamodule": {"data_path": str(data_path), "batch_size": 32},
-               "backbone": {"name": "mobilenet_v2", "weights": "imagenet"},
-               "trainer": {"iteration_over_training": args.passes}, "task": {"report": False, "shard_patches": 1024},
-               "core": {"runs_folder": str(work / "runs")}, "runner": runner, "storage_root": str(work / f"train_{name}")}
+        cfg = {
+            "datamodule": {"data_path": str(data_path), "batch_size": 32},
+            "backbone": {"name": "mobilenet_v2", "weights": "imagenet"},
+            "trainer": {"iteration_over_training": args.passes},
+            "task": {"report": False, "shard_patches": 1024},
+            "core": {"runs_folder": str(work / "runs")},
+            "runner": runner,
+            "storage_root": str(work / f"train_{name}"),
+        }
         t0 = time.perf_counter()
         state = train_flow(cfg, return_state=True)
         wall = time.perf_counter() - t0
         span = _span(state, ("prepare-features", "feature-shard", "train-pass-features", "split-features"))
-        out["features"][name] = {"feature_stage_wall_s": round(span, 2), "train_flow_wall_s": round(wall, 2),
-                                 "passes": args.passes}
+        out["features"][name] = {
+            "feature_stage_wall_s": round(span, 2),
+            "train_flow_wall_s": round(wall, 2),
+            "passes": args.passes,
+        }
 
     @task(name="noop-shard")
     def noop(i: int) -> int:
@@ -134,14 +181,19 @@ def run(args: argparse.Namespace, work: Path) -> dict:
             run_all(tr, [(noop, {"i": i}) for i in range(4)])  # warm the workers
             t0 = time.perf_counter()
             run_all(tr, [(noop, {"i": i}) for i in range(n)])
-            return {"shards": n, "wall_s": round(time.perf_counter() - t0, 2),
-                    "per_shard_ms": round(1000 * (time.perf_counter() - t0) / n, 1)}
+            return {
+                "shards": n,
+                "wall_s": round(time.perf_counter() - t0, 2),
+                "per_shard_ms": round(1000 * (time.perf_counter() - t0) / n, 1),
+            }
 
     out["per_shard_overhead_dask_2"] = overhead(args.noop_shards)
-    out["note"] = ("dask_N: Prefect DaskTaskRunner with a local cluster of N single-threaded worker processes, started per "
-                   "flow run (included in flow_wall_s / train_flow_wall_s, not in the stage spans); thread: the default "
-                   "in-process runner (ONNX Runtime uses every core). Stage spans: first task start to last task end. "
-                   "On a 2-core machine Dask can only redistribute the same cores: it pays off across machines.")
+    out["note"] = (
+        "dask_N: Prefect DaskTaskRunner with a local cluster of N single-threaded worker processes, started per "
+        "flow run (included in flow_wall_s / train_flow_wall_s, not in the stage spans); thread: the default "
+        "in-process runner (ONNX Runtime uses every core). Stage spans: first task start to last task end. "
+        "On a 2-core machine Dask can only redistribute the same cores: it pays off across machines."
+    )
     return out
 
 

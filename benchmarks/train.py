@@ -22,11 +22,11 @@ def bare_forward_rate(cfg, n_batches: int = 12) -> float:
     """Patches/s of preprocess + forward alone on the first batches of pass 0 (no sampling, no I/O)."""
     from pathlib import Path as P
 
-    from tasks.features.params import class_map
-    from tasks.features.store import _extractor
     from storage.layout import read_info
     from tasks.features.listing import read_train_list
+    from tasks.features.params import class_map
     from tasks.features.sampler import draw_pass, iter_pass_patches, order_by_image
+    from tasks.features.store import _extractor
 
     dm = cfg.datamodule
     entries = read_train_list(P(dm.data_path), dm.train_filename)
@@ -54,8 +54,10 @@ def bare_fit_seconds(cfg, store_root: Path) -> float:
     from storage import features as fstore
     from tasks.model.fit import make_classifier
 
-    stores = sorted((p for p in (store_root / "features").glob("*.zarr") if fstore.store_attrs(p).get("kind") == "train"),
-                    key=lambda p: fstore.store_attrs(p)["pass_index"])
+    stores = sorted(
+        (p for p in (store_root / "features").glob("*.zarr") if fstore.store_attrs(p).get("kind") == "train"),
+        key=lambda p: fstore.store_attrs(p)["pass_index"],
+    )
     X, y = fstore.concat_stores(stores[: cfg.trainer.iteration_over_training])
     keep = y >= 0
     t = time.perf_counter()
@@ -108,7 +110,11 @@ def main() -> None:
         first = time.perf_counter() - t
         log = (Path(res["run_dir"]) / "main.log").read_text()
         rates = [float(line.rsplit("(", 1)[1].split()[0]) for line in log.splitlines() if "train features:" in line]
-        setup = [float(line.split("backbone ready in ", 1)[1].split()[0]) for line in log.splitlines() if "backbone ready in" in line]
+        setup = [
+            float(line.split("backbone ready in ", 1)[1].split()[0])
+            for line in log.splitlines()
+            if "backbone ready in" in line
+        ]
         base["model"] = {"params": {"max_iter": 10000, "C": 0.5}}
         t = time.perf_counter()
         train_flow(TrainFlowConfig.model_validate(base))
@@ -116,11 +122,16 @@ def main() -> None:
         fit = bare_fit_seconds(TrainFlowConfig.model_validate(base), tmp / "store")
     result = {
         "benchmark": "train",
-        "backbone": args.backbone, "precision": args.precision, "passes": args.passes, "runtime": args.runtime,
+        "backbone": args.backbone,
+        "precision": args.precision,
+        "passes": args.passes,
+        "runtime": args.runtime,
         "bare_forward_patches_per_s": round(bare, 1),
         "feature_stage_patches_per_s": [round(r, 1) for r in rates],
         "feature_stage_vs_bare": round((sum(rates) / len(rates)) / bare, 3) if rates else None,
-        "backbone_setup_s": round(sum(setup), 1),  # once per process (ONNX export once per weights), not in the pass rates
+        "backbone_setup_s": round(
+            sum(setup), 1
+        ),  # once per process (ONNX export once per weights), not in the pass rates
         "prefect_api_startup_s": round(api_start, 1),
         "first_run_wall_s": round(first, 1),
         "rerun_after_classifier_change_wall_s": round(rerun, 1),

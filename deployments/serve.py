@@ -17,8 +17,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PREFECT_YAML = Path(__file__).resolve().with_name("prefect.yaml")
@@ -53,19 +54,25 @@ def deployment_specs(prefect_yaml: Path = PREFECT_YAML) -> list[dict[str, Any]]:
     specs = []
     for dep in load_yaml(prefect_yaml)["deployments"]:  # bounded aliases, duplicate keys refused
         flow, model = flows[dep["entrypoint"]]
-        config = validate_config(model, dep.get("parameters", {}).get("config", {}),
-                                 source=f"{prefect_yaml}, deployment {dep.get('name')!r}")
-        schedules = [Cron(s["cron"], timezone=s.get("timezone", "UTC"), active=s.get("active", True))
-                     for s in dep.get("schedules") or [] if "cron" in s]
-        specs.append({
-            "flow": flow,
-            "name": dep["name"],
-            "description": dep.get("description"),
-            "tags": list(dep.get("tags") or []),
-            "schedules": schedules,
-            "parameters": {"config": config.model_dump(mode="json")},
-            "enforce_parameter_schema": bool(dep.get("enforce_parameter_schema", True)),
-        })
+        config = validate_config(
+            model, dep.get("parameters", {}).get("config", {}), source=f"{prefect_yaml}, deployment {dep.get('name')!r}"
+        )
+        schedules = [
+            Cron(s["cron"], timezone=s.get("timezone", "UTC"), active=s.get("active", True))
+            for s in dep.get("schedules") or []
+            if "cron" in s
+        ]
+        specs.append(
+            {
+                "flow": flow,
+                "name": dep["name"],
+                "description": dep.get("description"),
+                "tags": list(dep.get("tags") or []),
+                "schedules": schedules,
+                "parameters": {"config": config.model_dump(mode="json")},
+                "enforce_parameter_schema": bool(dep.get("enforce_parameter_schema", True)),
+            }
+        )
     return specs
 
 
@@ -97,23 +104,32 @@ def worker_deployments(names: Sequence[str]) -> list[tuple[str, Any]]:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """CLI entry point."""
-    ap = argparse.ArgumentParser(prog="python -m deployments.serve", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m deployments.serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--limit", type=int, default=1, help="How many flow runs may execute at the same time (default 1)")
-    ap.add_argument("--replace", action="store_true",
-                    help="Delete same-named work-pool deployments (from `prefect deploy`) before serving")
+    ap.add_argument(
+        "--replace",
+        action="store_true",
+        help="Delete same-named work-pool deployments (from `prefect deploy`) before serving",
+    )
     args = ap.parse_args(argv)
     os.chdir(REPO_ROOT)
     if not os.environ.get("PREFECT_API_URL"):
-        print("PREFECT_API_URL is not set: schedules only run against a persistent server "
-              "(prefect server start; export PREFECT_API_URL=http://127.0.0.1:4200/api)", file=sys.stderr)
+        print(
+            "PREFECT_API_URL is not set: schedules only run against a persistent server "
+            "(prefect server start; export PREFECT_API_URL=http://127.0.0.1:4200/api)",
+            file=sys.stderr,
+        )
     deployments = build_deployments()
     if os.environ.get("PREFECT_API_URL"):
         clash = worker_deployments([f"{d.flow_name}/{d.name}" for d in deployments])
         if clash and not args.replace:
             names = " ".join(f"'{n}'" for n, _ in clash)
-            sys.exit(f"these deployments already exist on a work pool (prefect deploy): {names}\n"
-                     f"serve would break them; delete them (prefect deployment delete NAME), or rerun with --replace")
+            sys.exit(
+                f"these deployments already exist on a work pool (prefect deploy): {names}\n"
+                f"serve would break them; delete them (prefect deployment delete NAME), or rerun with --replace"
+            )
         if clash:
             from prefect.client.orchestration import get_client
 

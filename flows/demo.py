@@ -7,17 +7,16 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
+from flows.dataset import dataset_flow
+from flows.train import TrainFlowConfig, train_flow
 from tasks.cli import run_cli
 from tasks.config import load_config
 from tasks.dataset.config import DatasetFlowConfig
 from tasks.demo_data import make_demo_dataset
 from tasks.evaluation.scoring import headline
-
-from flows.dataset import dataset_flow
-from flows.train import TrainFlowConfig, train_flow
 
 HERE = Path(__file__).resolve().parents[1] / "deployments"
 
@@ -32,7 +31,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         make_demo_dataset(args.data)
     ds_cfg = load_config(DatasetFlowConfig, HERE / "demo_dataset.yaml")
     data_path = dataset_flow(ds_cfg)
-    train_cfg = load_config(TrainFlowConfig, HERE / "demo_train.yaml", [f"datamodule.data_path={data_path}", *args.overrides])
+    train_cfg = load_config(
+        TrainFlowConfig, HERE / "demo_train.yaml", [f"datamodule.data_path={data_path}", *args.overrides]
+    )
     result = train_flow(train_cfg)
     print(f"patch dataset: {data_path}")
     print(f"run folder:    {result['run_dir']}")

@@ -33,8 +33,18 @@ def predict_flow(config: PredictFlowConfig) -> dict[str, Any]:
     out = check_output_folder(cfg.images, cfg.out)  # refused before anything is written or deleted
     bundle = open_bundle(cfg.model, cfg.trust_pickle)  # before any cache lookup: an edited bundle is never served
     key = prediction_key(bundle, cfg.images, out, cfg.method)
-    return run_stage(predict_task, root, out, predictions_verified(key), cfg.force,
-                     cfg, str(bundle.root), bundle.digest, key, str(out))
+    return run_stage(
+        predict_task,
+        root,
+        out,
+        predictions_verified(key),
+        cfg.force,
+        cfg,
+        str(bundle.root),
+        bundle.digest,
+        key,
+        str(out),
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -48,17 +58,31 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--storage-root")
     ap.add_argument("--force", action="store_true")
-    ap.add_argument("--max-image-pixels", type=int,
-                    help="refuse larger images (default $PATCHFLOW_MAX_IMAGE_PIXELS or 200000000)")
-    ap.add_argument("--trust-pickle", action="store_true",
-                    help="load a bundle without _manifest.json or with a pickled classifier.joblib: a pickle runs "
-                         "any code it holds, so only for bundles whose source you trust")
+    ap.add_argument(
+        "--max-image-pixels", type=int, help="refuse larger images (default $PATCHFLOW_MAX_IMAGE_PIXELS or 200000000)"
+    )
+    ap.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="load a bundle without _manifest.json or with a pickled classifier.joblib: a pickle runs "
+        "any code it holds, so only for bundles whose source you trust",
+    )
     a = ap.parse_args(argv)
-    cfg = validate_config(PredictFlowConfig, {
-        "model": a.model, "images": a.images, "out": a.out, "method": a.method, "batch_size": a.batch_size,
-        "device": a.device, "storage_root": a.storage_root, "force": a.force,
-        "max_image_pixels": a.max_image_pixels, "trust_pickle": a.trust_pickle,
-    })
+    cfg = validate_config(
+        PredictFlowConfig,
+        {
+            "model": a.model,
+            "images": a.images,
+            "out": a.out,
+            "method": a.method,
+            "batch_size": a.batch_size,
+            "device": a.device,
+            "storage_root": a.storage_root,
+            "force": a.force,
+            "max_image_pixels": a.max_image_pixels,
+            "trust_pickle": a.trust_pickle,
+        },
+    )
     check_output_folder(cfg.images, cfg.out)  # one line before a flow run (and an API server) starts
     res = predict_flow(cfg)
     for item in res["images"]:

@@ -9,10 +9,14 @@ unchanged inputs adds no version. What was done is published as a markdown artif
 from __future__ import annotations
 
 import sys
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from prefect import flow
 
+from flows.dataset import dataset_flow
+from flows.evaluate import evaluate_flow
+from flows.train import train_flow
 from tasks.cli import cli_main, run_cli
 from tasks.config import ensure_storage_root, validate_config
 from tasks.dataset.config import DatasetFlowConfig
@@ -26,10 +30,6 @@ from tasks.retrain import (
     train_config,
 )
 
-from flows.dataset import dataset_flow
-from flows.evaluate import evaluate_flow
-from flows.train import train_flow
-
 __all__ = ["RetrainFlowConfig", "retrain_flow"]
 
 
@@ -38,8 +38,9 @@ def retrain_flow(config: RetrainFlowConfig) -> dict[str, Any]:
     """Rebuild the dataset from the data folder, retrain, version the bundle and promote it if not worse."""
     cfg = validate_config(RetrainFlowConfig, config)
     ensure_storage_root(cfg.storage_root)  # before any stage: one clear line for a file-shaped or read-only root
-    data_path = dataset_flow(DatasetFlowConfig(data=cfg.data, dataset=cfg.dataset, storage_root=cfg.storage_root,
-                                               runner=cfg.runner))
+    data_path = dataset_flow(
+        DatasetFlowConfig(data=cfg.data, dataset=cfg.dataset, storage_root=cfg.storage_root, runner=cfg.runner)
+    )
     train_cfg = train_config(cfg, data_path)
     result = train_flow(train_cfg)
     key, folder = inputs_key(train_cfg, data_path), models_folder(cfg, train_cfg)
@@ -48,8 +49,9 @@ def retrain_flow(config: RetrainFlowConfig) -> dict[str, Any]:
     if ecfg is not None:  # a new version: judge the promoted model on the same val split
         state = evaluate_flow(ecfg, return_state=True)
         latest_metrics = state.result()["metrics"] if state.is_completed() else None  # else: the recorded value
-    outcome = register_task(result["bundle"], str(folder), result["metrics"], key, cfg.promotion, result["run_dir"],
-                            latest_metrics)
+    outcome = register_task(
+        result["bundle"], str(folder), result["metrics"], key, cfg.promotion, result["run_dir"], latest_metrics
+    )
     publish_outcome(outcome, folder, result["run_dir"])
     return {"outcome": outcome, **result}
 

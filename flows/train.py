@@ -6,7 +6,8 @@
 from __future__ import annotations
 
 import sys
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from prefect import flow
 
@@ -34,7 +35,9 @@ def train_flow(config: TrainFlowConfig) -> dict[str, Any]:
         prune_partials(root)  # leftovers of killed runs
         weights = backbone_digest(cfg)
         n_pass = cfg.trainer.iteration_over_training
-        progress = Progress(n_pass + 5, f"{cfg.core.name}: {n_pass} feature passes, val features, fit, export, validation")
+        progress = Progress(
+            n_pass + 5, f"{cfg.core.name}: {n_pass} feature passes, val features, fit, export, validation"
+        )
         stores, val_store = train_features(cfg, root, weights, progress)
         classifier, fit_key = fit_stage(cfg, root, stores)
         progress.step()

@@ -43,8 +43,10 @@ from storage.manifest import MANIFEST_FILE, manifest_mismatch
 BUNDLE_FILES = ("model.json", SKOPS_FILE, JOBLIB_FILE, "model.pt", "model.onnx", "model.pth", "model_config.yaml")
 #: files added next to an exported bundle's own and never read for inference (promotion's version record)
 NOT_EXPORTED = ("version.json",)
-TRUST_FIX = ("If you trust where this bundle came from, set task.trust_pickle: true (evaluate) or pass --trust-pickle "
-             "(predict); that lets its files run code")
+TRUST_FIX = (
+    "If you trust where this bundle came from, set task.trust_pickle: true (evaluate) or pass --trust-pickle "
+    "(predict); that lets its files run code"
+)
 REQUIRED_KEYS = ("input_size", "classes", "mean", "std")
 SUPPORTED_MAJOR = "patchflow-0"
 
@@ -81,8 +83,10 @@ def verify_bundle(root: Path, trust_pickle: bool = False, rehash: bool = True) -
     root = Path(root)
     if not (root / MANIFEST_FILE).exists():
         if not trust_pickle:
-            raise BundleError(f"bundle {root} has no {MANIFEST_FILE} (made by hand or by Quadra), so its files cannot "
-                              f"be checked against the export; re-export the model with the train flow. {TRUST_FIX}")
+            raise BundleError(
+                f"bundle {root} has no {MANIFEST_FILE} (made by hand or by Quadra), so its files cannot "
+                f"be checked against the export; re-export the model with the train flow. {TRUST_FIX}"
+            )
         logger.warning("bundle %s has no %s: loading it unchecked because trust_pickle is set", root, MANIFEST_FILE)
         return
     found = manifest_mismatch(root, rehash=rehash, ignore=NOT_EXPORTED)
@@ -90,13 +94,15 @@ def verify_bundle(root: Path, trust_pickle: bool = False, rehash: bool = True) -
         return
     kind, rel, detail = found
     fix = "re-export the model (or restore the file)"
-    raise BundleError({
-        "unreadable": f"bundle {root}: {MANIFEST_FILE} is damaged; re-export the model",
-        "deleted": f"bundle {root}: {rel} was deleted after export; {fix}",
-        "added": f"bundle {root}: {rel} was added after export; remove it or re-export the model",
-        "resized": f"bundle {root}: {rel} was modified after export ({detail}); {fix}",
-        "modified": f"bundle {root}: {rel} was modified after export; {fix}",
-    }[kind])
+    raise BundleError(
+        {
+            "unreadable": f"bundle {root}: {MANIFEST_FILE} is damaged; re-export the model",
+            "deleted": f"bundle {root}: {rel} was deleted after export; {fix}",
+            "added": f"bundle {root}: {rel} was added after export; remove it or re-export the model",
+            "resized": f"bundle {root}: {rel} was modified after export ({detail}); {fix}",
+            "modified": f"bundle {root}: {rel} was modified after export; {fix}",
+        }[kind]
+    )
 
 
 @dataclass(frozen=True)
@@ -204,9 +210,11 @@ def load_classifier(root: Path, meta: dict[str, Any], trust_pickle: bool = False
     except (TypeError, ValueError):
         predicted = {-1}
     if not predicted <= known:
-        raise BundleError(f"bundle {root}: the classifier predicts classes {sorted(map(str, est.classes_))} but "
-                          f"model.json lists {sorted(known)}; the classifier comes from another model: "
-                          "re-export the model")
+        raise BundleError(
+            f"bundle {root}: the classifier predicts classes {sorted(map(str, est.classes_))} but "
+            f"model.json lists {sorted(known)}; the classifier comes from another model: "
+            "re-export the model"
+        )
     return est
 
 
@@ -214,8 +222,10 @@ def check_width(root: Path, est: Any, width: int) -> None:
     """Refuse a classifier that expects another feature length than the backbone export gives."""
     problem = width_problem(est, width)
     if problem:
-        raise BundleError(f"bundle classifier {problem} ({root}); the classifier and the backbone export come from "
-                          "different models: re-export the model")
+        raise BundleError(
+            f"bundle classifier {problem} ({root}); the classifier and the backbone export come from "
+            "different models: re-export the model"
+        )
 
 
 def read_meta(root: Path) -> dict[str, Any]:
@@ -230,8 +240,9 @@ def read_meta(root: Path) -> dict[str, Any]:
         raise BundleError(f"{path} lacks {missing}; re-export the model with the train flow")
     version = meta.get("patchflow_version")
     if version is not None and not str(version).startswith(SUPPORTED_MAJOR):
-        raise BundleError(f"{path} was written by {version}; this patchflow reads {SUPPORTED_MAJOR}.x bundles: "
-                          "retrain or upgrade")
+        raise BundleError(
+            f"{path} was written by {version}; this patchflow reads {SUPPORTED_MAJOR}.x bundles: retrain or upgrade"
+        )
     return meta
 
 
@@ -261,5 +272,6 @@ def backbone_file(root: Path, meta: dict[str, Any]) -> Path:
     for name in order:
         if (Path(root) / name).is_file():
             return Path(root) / name
-    raise BundleError(f"{root} holds no backbone export (model.pt, model.onnx or model.pth); "
-                      "re-export the model with the train flow")
+    raise BundleError(
+        f"{root} holds no backbone export (model.pt, model.onnx or model.pth); re-export the model with the train flow"
+    )

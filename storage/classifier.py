@@ -92,7 +92,7 @@ def untrusted_types(data: bytes | None = None, path: Path | None = None) -> list
 
     try:
         return sio.get_untrusted_types(data=data) if data is not None else sio.get_untrusted_types(file=path)
-    except Exception as exc:  # noqa: BLE001 - a truncated or foreign file: BadZipFile, KeyError, JSONDecodeError...
+    except Exception as exc:
         raise ClassifierFileError(_damaged(Path(path or "classifier"), exc)) from None
 
 
@@ -131,7 +131,7 @@ def load_classifier_file(path: Path, trust: Trust, fix: str) -> Any:
 
         try:
             est = sio.load(path, trusted=types)
-        except Exception as exc:  # noqa: BLE001 - a crafted file can fail in any way
+        except Exception as exc:
             raise ClassifierFileError(_damaged(path, exc)) from None
     elif path.suffix in PICKLE_SUFFIXES:
         if trust != "all":
@@ -141,7 +141,7 @@ def load_classifier_file(path: Path, trust: Trust, fix: str) -> Any:
 
         try:
             est = joblib.load(path)
-        except Exception as exc:  # noqa: BLE001 - truncated: EOFError/UnpicklingError; foreign: anything
+        except Exception as exc:
             raise ClassifierFileError(_damaged(path, exc)) from None
     else:
         raise ClassifierFileError(f"{path.name}: unknown classifier format (expected .skops or .joblib)")

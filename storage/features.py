@@ -117,8 +117,10 @@ def write_row_meta(path: Path, labels: np.ndarray, sample_ids: Sequence[str], bo
     n = g["features"].shape[0]
     labels, ids, boxes = np.asarray(labels), np.asarray(list(sample_ids), dtype=str), np.asarray(boxes)
     if labels.shape != (n,) or ids.shape != (n,) or boxes.shape != (n, 4):
-        raise ValueError(f"{path}: row metadata must cover all {n} rows: labels {labels.shape}, "
-                         f"sample_ids {ids.shape}, boxes {boxes.shape}")
+        raise ValueError(
+            f"{path}: row metadata must cover all {n} rows: labels {labels.shape}, "
+            f"sample_ids {ids.shape}, boxes {boxes.shape}"
+        )
     if n:
         g["labels"][:] = labels.astype(np.int16)
         g["sample_ids"][:] = ids
@@ -153,11 +155,8 @@ def is_complete(path: Path, expect: dict | None = None) -> bool:
             return False
         if not all(name in g for name in ARRAY_NAMES):
             return False
-        for key, value in (expect or {}).items():
-            if key not in attrs or attrs[key] != _jsonable(value):
-                return False
-        return True
-    except Exception:  # noqa: BLE001 - a store that cannot be read is not complete
+        return all(not (key not in attrs or attrs[key] != _jsonable(value)) for key, value in (expect or {}).items())
+    except Exception:
         return False
 
 
@@ -184,9 +183,7 @@ def store_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def load_features(
-    path: Path, verify: bool = False
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def load_features(path: Path, verify: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """``(X float32 (n, dim), y int64 (n,), sample_ids str (n,), boxes int32 (n, 4))`` of a complete store.
 
     ``verify=True`` also recomputes :func:`store_digest` and checks it against ``content_digest``.

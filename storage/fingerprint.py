@@ -5,8 +5,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 # Bump when a stage's output format or logic changes in a way that must invalidate old caches.
 CODE_VERSION = "patchflow-0.1.0"

@@ -96,8 +96,9 @@ def read_region(path: Path) -> SamplingRegion:
     """
     path = Path(path)
     if not path.is_file():
-        raise DatasetFormatError(f"{path} not found (listed in the train list); "
-                                 "regenerate the dataset or remove its lines")
+        raise DatasetFormatError(
+            f"{path} not found (listed in the train list); regenerate the dataset or remove its lines"
+        )
     try:
         with h5py.File(path, "r") as f:
             missing = [k for k in ("img_path", "triangles", "triangles_weights") if k not in f]
@@ -119,14 +120,16 @@ def read_region(path: Path) -> SamplingRegion:
     patch_size = (0, 0)
     if ps is not None:
         if ps.size != 2 or np.any(ps < 1):
-            raise DatasetFormatError(f"{path}: patch_size must be 2 positive ints, got {ps.tolist()}; "
-                                     "regenerate the dataset")
+            raise DatasetFormatError(
+                f"{path}: patch_size must be 2 positive ints, got {ps.tolist()}; regenerate the dataset"
+            )
         patch_size = (int(ps[0]), int(ps[1]))
     if tri.size == 0:
         return SamplingRegion(img_path, patch_size, np.zeros((0, 3, 2)), np.zeros(0), mask_path, labelled_index)
     if tri.ndim != 3 or tri.shape[1:] != (3, 2):
-        raise DatasetFormatError(f"{path}: triangles must have shape (T, 3, 2), got {tri.shape}; "
-                                 "regenerate the dataset")
+        raise DatasetFormatError(
+            f"{path}: triangles must have shape (T, 3, 2), got {tri.shape}; regenerate the dataset"
+        )
     w = w.astype(np.float64).ravel()
     if w.shape[0] != tri.shape[0] or not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
         raise DatasetFormatError(

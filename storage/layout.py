@@ -179,12 +179,16 @@ def build_folder_pattern(root: Path) -> re.Pattern[str]:
 def stale_build_folders(root: Path, keep: Path | None = None) -> list[Path]:
     """Build folders of ``root`` other than ``keep``: left by killed runs (call it holding :func:`build_lock`)."""
     pattern = build_folder_pattern(root)
-    return [p for p in siblings_with_prefix(root, f".{Path(root).name}.")
-            if pattern.fullmatch(p.name) and p.is_dir() and not p.is_symlink() and p != keep]
+    return [
+        p
+        for p in siblings_with_prefix(root, f".{Path(root).name}.")
+        if pattern.fullmatch(p.name) and p.is_dir() and not p.is_symlink() and p != keep
+    ]
 
 
-_HELD_LOCKS: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar("patchflow_build_locks",
-                                                                            default=frozenset())
+_HELD_LOCKS: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar(
+    "patchflow_build_locks", default=frozenset()
+)
 
 
 def lock_path(root: Path) -> Path:
@@ -200,8 +204,11 @@ def _open_locked(path: Path, root: Path) -> int:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
-            raise OSError(exc.errno, f"cannot create the lock file {path} ({os.strerror(exc.errno or 0)}); "
-                                     f"the folder that holds output_folder {root} must be writable") from None
+            raise OSError(
+                exc.errno,
+                f"cannot create the lock file {path} ({os.strerror(exc.errno or 0)}); "
+                f"the folder that holds output_folder {root} must be writable",
+            ) from None
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -77,8 +77,10 @@ def manifest_mismatch(root: Path, rehash: bool = False, ignore: Iterable[str] = 
     """
     root = Path(root)
     try:
-        entries = {str(rel): (int(size), str(digest)) for rel, (size, digest) in
-                   json.loads((root / MANIFEST_FILE).read_text())["files"].items()}
+        entries = {
+            str(rel): (int(size), str(digest))
+            for rel, (size, digest) in json.loads((root / MANIFEST_FILE).read_text())["files"].items()
+        }
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return ("unreadable", MANIFEST_FILE, "missing or unreadable")
     try:

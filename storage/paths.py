@@ -9,8 +9,8 @@ compare names instead (:func:`siblings_with_prefix`).
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 
 class OutputFolderError(FileExistsError):
@@ -28,7 +28,9 @@ def is_within(path: str | os.PathLike[str], folder: str | os.PathLike[str]) -> b
     return p == f or f in p.parents
 
 
-def refuse_inputs_inside(folder: str | os.PathLike[str], inputs: Iterable[str | os.PathLike[str] | None], key: str) -> None:
+def refuse_inputs_inside(
+    folder: str | os.PathLike[str], inputs: Iterable[str | os.PathLike[str] | None], key: str
+) -> None:
     """Raise :class:`OutputFolderError` when any of ``inputs`` lies inside ``folder`` (which is about to be
     replaced or cleared); ``key`` names the setting of ``folder`` in the message."""
     f = user_path(folder)

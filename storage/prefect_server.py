@@ -65,8 +65,18 @@ def _run_uvicorn_command(self: Any) -> subprocess.Popen[Any]:
 
     server_env = {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
     args = [
-        "--app-dir", str(prefect.__module_path__.parent), "--factory", "prefect.server.api.server:create_app",
-        "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "error", "--lifespan", "on",
+        "--app-dir",
+        str(prefect.__module_path__.parent),
+        "--factory",
+        "prefect.server.api.server:create_app",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(self.port),
+        "--log-level",
+        "error",
+        "--lifespan",
+        "on",
     ]
     return subprocess.Popen(
         args=guarded_command(args),
@@ -81,8 +91,10 @@ _run_uvicorn_command.patchflow_guard = True  # type: ignore[attr-defined]  # tes
 def _patch(module: ModuleType) -> None:
     cls = getattr(module, "SubprocessASGIServer", None)
     if cls is None or not callable(getattr(cls, "_run_uvicorn_command", None)):
-        logger.warning("Prefect's SubprocessASGIServer._run_uvicorn_command is gone (a Prefect upgrade?): Ctrl-C "
-                       "will stop its temporary server too; see storage/prefect_server.py")
+        logger.warning(
+            "Prefect's SubprocessASGIServer._run_uvicorn_command is gone (a Prefect upgrade?): Ctrl-C "
+            "will stop its temporary server too; see storage/prefect_server.py"
+        )
         return
     cls._run_uvicorn_command = _run_uvicorn_command
 

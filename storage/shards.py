@@ -39,8 +39,9 @@ class ShardStateError(DatasetFormatError):
 class ShardState:
     """The state folder of one partial build: its plan and its shard markers."""
 
-    def __init__(self, part: str | Path, state_dir: str = ".shards", marker_prefix: str = "",
-                 stage: str = "the stage") -> None:
+    def __init__(
+        self, part: str | Path, state_dir: str = ".shards", marker_prefix: str = "", stage: str = "the stage"
+    ) -> None:
         self.part = Path(part)
         self.dir = self.part / state_dir
         self.prefix = marker_prefix
@@ -120,8 +121,9 @@ def shard_ranges(n_items: int, per_shard: int) -> list[tuple[int, int]]:
     return [(s, min(s + per_shard, n_items)) for s in range(0, n_items, per_shard)]
 
 
-def prune_stale_partials(folder: Path, max_age_days: float = 7.0,
-                         patterns: tuple[str, ...] = ("*.partial",)) -> list[Path]:
+def prune_stale_partials(
+    folder: Path, max_age_days: float = 7.0, patterns: tuple[str, ...] = ("*.partial",)
+) -> list[Path]:
     """Remove partial folders under ``folder`` untouched for ``max_age_days`` (killed builds of inputs never run
     again). ``folder`` is a storage-root folder and ``patterns`` are constants (never a user path)."""
     removed = []

@@ -4,4 +4,4 @@ import storage.settings  # noqa: F401  (project Prefect defaults, before prefect
 from tasks.dataset.association import get_image_mask_association
 from tasks.dataset.generate import generate_patch_dataset
 
-__all__ = ["get_image_mask_association", "generate_patch_dataset"]
+__all__ = ["generate_patch_dataset", "get_image_mask_association"]

@@ -22,20 +22,34 @@ def summary_markdown(title: str, metrics: dict[str, Any], out_dir: Path | None =
     """Markdown summary: headline numbers, confusion matrix table (and PNG when a report made one), defect coverage."""
     lines = [f"# {title}", ""]
     if "accuracy" in metrics:
-        lines.append(f"- patch accuracy **{metrics['accuracy']:.3f}**, balanced accuracy **{metrics['balanced_accuracy']:.3f}** "
-                     f"on {metrics['n_evaluated']} labelled patches")
+        lines.append(
+            f"- patch accuracy **{metrics['accuracy']:.3f}**, balanced accuracy **{metrics['balanced_accuracy']:.3f}** "
+            f"on {metrics['n_evaluated']} labelled patches"
+        )
     rec = metrics.get("reconstruction", {})
     alld = rec.get("all_defects") or {}
     if alld.get("defects"):
-        lines.append(f"- defects detected **{alld['detected']}/{alld['defects']}** "
-                     f"(coverage >= {rec.get('coverage_threshold')}, method {rec.get('patch_reconstruction_method')})")
+        lines.append(
+            f"- defects detected **{alld['detected']}/{alld['defects']}** "
+            f"(coverage >= {rec.get('coverage_threshold')}, method {rec.get('patch_reconstruction_method')})"
+        )
     if rec.get("region_precision") is not None:
-        lines.append(f"- region precision {rec['region_precision']:.3f} ({rec['false_regions']} false regions of {rec['predicted_regions']})")
+        lines.append(
+            f"- region precision {rec['region_precision']:.3f} "
+            f"({rec['false_regions']} false regions of {rec['predicted_regions']})"
+        )
     cm = metrics.get("confusion_matrix")
     if cm:
-        lines += ["", "## Confusion matrix (rows: true, columns: predicted)", "",
-                  "| | " + " | ".join(cm["labels"]) + " |", "|---" * (len(cm["labels"]) + 1) + "|"]
-        lines += [f"| **{name}** | " + " | ".join(str(v) for v in row) + " |" for name, row in zip(cm["labels"], cm["matrix"])]
+        lines += [
+            "",
+            "## Confusion matrix (rows: true, columns: predicted)",
+            "",
+            "| | " + " | ".join(cm["labels"]) + " |",
+            "|---" * (len(cm["labels"]) + 1) + "|",
+        ]
+        lines += [
+            f"| **{name}** | " + " | ".join(str(v) for v in row) + " |" for name, row in zip(cm["labels"], cm["matrix"])
+        ]
     png = out_dir / "confusion_matrix.png" if out_dir is not None else None
     if png is not None and png.is_file():
         lines += ["", f"![confusion matrix](data:image/png;base64,{base64.b64encode(png.read_bytes()).decode()})"]
@@ -54,17 +68,31 @@ def publish_task(title: str, metrics: dict[str, Any], out_dir: str | None = None
     from prefect.artifacts import create_link_artifact
 
     if out_dir and (Path(out_dir) / "report.html").is_file():
-        create_link_artifact(link=Path(out_dir, "report.html").resolve().as_uri(), link_text="report.html",
-                             key=_key(f"{title}-report"), description=f"{title}: HTML report")
+        create_link_artifact(
+            link=Path(out_dir, "report.html").resolve().as_uri(),
+            link_text="report.html",
+            key=_key(f"{title}-report"),
+            description=f"{title}: HTML report",
+        )
     if bundle:
-        create_link_artifact(link=Path(bundle).resolve().as_uri(), link_text="deployment_model",
-                             key=_key(f"{title}-bundle"), description=f"{title}: deployment bundle")
+        create_link_artifact(
+            link=Path(bundle).resolve().as_uri(),
+            link_text="deployment_model",
+            key=_key(f"{title}-bundle"),
+            description=f"{title}: deployment bundle",
+        )
     per_class = metrics.get("per_class") or {}
     if per_class:
-        rows = [{"class": k, **{m: round(v[m], 4) if isinstance(v[m], float) else v[m] for m in v}} for k, v in per_class.items()]
+        rows = [
+            {"class": k, **{m: round(v[m], 4) if isinstance(v[m], float) else v[m] for m in v}}
+            for k, v in per_class.items()
+        ]
         create_table_artifact(table=rows, key=_key(f"{title}-metrics"), description=f"{title}: per-class patch metrics")
-    create_markdown_artifact(markdown=summary_markdown(title, metrics, Path(out_dir) if out_dir else None),
-                             key=_key(f"{title}-summary"), description=f"{title}: summary")
+    create_markdown_artifact(
+        markdown=summary_markdown(title, metrics, Path(out_dir) if out_dir else None),
+        key=_key(f"{title}-summary"),
+        description=f"{title}: summary",
+    )
 
 
 class Progress:
@@ -85,6 +113,8 @@ class Progress:
 
         self.done = min(self.total, self.done + n)
         now = time.monotonic()
-        if self.done == self.total or now - self.sent_at >= self.MIN_INTERVAL_S:  # a cached rerun steps 20+ times in a second
+        if (
+            self.done == self.total or now - self.sent_at >= self.MIN_INTERVAL_S
+        ):  # a cached rerun steps 20+ times in a second
             update_progress_artifact(artifact_id=self.id, progress=round(100.0 * self.done / self.total, 1))
             self.sent_at = now

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import argparse
 import logging
-from typing import Any, Callable, Sequence, TypeVar
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 from pydantic import BaseModel
 
@@ -125,8 +126,13 @@ def run_cli(main_fn: Callable[[], Any]) -> None:
         raise SystemExit(known[0]) from None
 
 
-def cli_main(model_cls: type[M], flow_fn: Callable[[M], Any], report: Callable[[Any], None], argv: Sequence[str] | None,
-             description: str | None) -> None:
+def cli_main(
+    model_cls: type[M],
+    flow_fn: Callable[[M], Any],
+    report: Callable[[Any], None],
+    argv: Sequence[str] | None,
+    description: str | None,
+) -> None:
     """The shared ``main`` of the config-file flows: parse ``--config`` and overrides, run ``flow_fn``, ``report`` its
     result (run it through :func:`run_cli`)."""
     report(flow_fn(parse_cli(model_cls, argv, description or "")))

@@ -10,8 +10,9 @@ import difflib
 import importlib
 import os
 import reprlib
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Any, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -81,7 +82,9 @@ def format_validation_error(exc: ValidationError, model_cls: type[BaseModel], so
         if err["type"] == "extra_forbidden":
             known = _fields_at(model_cls, loc[:-1])
             close = difflib.get_close_matches(str(loc[-1])[:200], known, n=3, cutoff=0.6)
-            hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else f"; known keys: {', '.join(known)}"
+            hint = (
+                f"; did you mean {', '.join(repr(c) for c in close)}?" if close else f"; known keys: {', '.join(known)}"
+            )
             lines.append(f"unknown key '{key}'{hint}")
         elif err["type"] == "missing" and err["loc"] and isinstance(err["loc"][-1], int):  # too short a tuple
             parent = clip(".".join(str(p) for p in err["loc"][:-1]))
@@ -136,16 +139,19 @@ def _read_config_text(p: Path) -> str:
     try:
         size = p.stat().st_size
         if size > MAX_CONFIG_BYTES:
-            raise ConfigError(f"config file {p} holds {size} bytes; a configuration is at most {MAX_CONFIG_BYTES} "
-                              "bytes: check the --config path")
+            raise ConfigError(
+                f"config file {p} holds {size} bytes; a configuration is at most {MAX_CONFIG_BYTES} "
+                "bytes: check the --config path"
+            )
         data = p.read_bytes()
     except OSError as exc:
         raise ConfigError(f"config file {p} cannot be read ({exc.strerror or exc}); check its permissions") from None
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise ConfigError(f"config file {p} is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}); "
-                          "save it as UTF-8") from None
+        raise ConfigError(
+            f"config file {p} is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}); save it as UTF-8"
+        ) from None
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -170,8 +176,10 @@ def ensure_storage_root(configured: str | None) -> Path:
     raw = clip(configured or os.environ.get(STORAGE_ROOT_ENV) or "")
     label, fix = {
         "storage_root": (f"storage_root {raw}", "set storage_root"),
-        f"${STORAGE_ROOT_ENV}": (f"${STORAGE_ROOT_ENV}={raw}",
-                                 f"set {STORAGE_ROOT_ENV} (or the config key storage_root)"),
+        f"${STORAGE_ROOT_ENV}": (
+            f"${STORAGE_ROOT_ENV}={raw}",
+            f"set {STORAGE_ROOT_ENV} (or the config key storage_root)",
+        ),
     }.get(origin, (origin, f"set storage_root or {STORAGE_ROOT_ENV}"))
     fix += " to a writable folder: results, cache records, locks and features live there"
     try:

@@ -29,11 +29,19 @@ def _smooth(rng: np.random.Generator, h: int, w: int, cell: int) -> np.ndarray:
 
 def _surface(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     """Grey machined surface: brightness + low-frequency shading + directional streaks + grain + gradient."""
-    streaks = cv2.GaussianBlur(rng.standard_normal((h, w)).astype(np.float32), (15, 1) if rng.random() < 0.5 else (1, 15), 0)
+    streaks = cv2.GaussianBlur(
+        rng.standard_normal((h, w)).astype(np.float32), (15, 1) if rng.random() < 0.5 else (1, 15), 0
+    )
     xx, yy = np.linspace(-0.5, 0.5, w, dtype=np.float32)[None, :], np.linspace(-0.5, 0.5, h, dtype=np.float32)[:, None]
     gx, gy = rng.uniform(-20, 20, 2)
-    return (rng.uniform(90, 160) + _smooth(rng, h, w, 32) * rng.uniform(4, 8) + streaks * rng.uniform(8, 14)
-            + rng.standard_normal((h, w)).astype(np.float32) * rng.uniform(2, 3.5) + gx * xx + gy * yy)
+    return (
+        rng.uniform(90, 160)
+        + _smooth(rng, h, w, 32) * rng.uniform(4, 8)
+        + streaks * rng.uniform(8, 14)
+        + rng.standard_normal((h, w)).astype(np.float32) * rng.uniform(2, 3.5)
+        + gx * xx
+        + gy * yy
+    )
 
 
 def _soft(shape: np.ndarray) -> np.ndarray:
@@ -122,17 +130,28 @@ def _prepare(out: Path) -> None:
     try:
         listed = set(json.loads((out / MANIFEST).read_text())["files"])
     except (OSError, ValueError, KeyError, TypeError):
-        raise ValueError(f"{out} is not empty and holds no demo dataset: refusing to write there (pick a new folder)") from None
+        raise ValueError(
+            f"{out} is not empty and holds no demo dataset: refusing to write there (pick a new folder)"
+        ) from None
     foreign = sorted(entries - listed - {MANIFEST, "images", "masks"})
     if foreign:
-        raise ValueError(f"{out} holds files the demo generator did not write ({', '.join(foreign[:5])}): refusing to overwrite")
+        raise ValueError(
+            f"{out} holds files the demo generator did not write ({', '.join(foreign[:5])}): refusing to overwrite"
+        )
     for rel in sorted(listed & entries):
         if (out / rel).is_file():
             (out / rel).unlink()
 
 
-def make_demo_dataset(out_dir: str | Path, n_images: int = 24, size: tuple[int, int] = (192, 256), n_classes: int = 3,
-                      seed: int = 0, good_fraction: float = 0.35, missing_mask_fraction: float = 0.0) -> dict[str, Any]:
+def make_demo_dataset(
+    out_dir: str | Path,
+    n_images: int = 24,
+    size: tuple[int, int] = (192, 256),
+    n_classes: int = 3,
+    seed: int = 0,
+    good_fraction: float = 0.35,
+    missing_mask_fraction: float = 0.0,
+) -> dict[str, Any]:
     """Write a deterministic demo dataset (images, index masks, class_to_idx.json) under ``out_dir``.
 
     ``size`` is (height, width), each >= 80. Returns the folders, class_to_idx, n_images, per-class image
@@ -152,10 +171,14 @@ def make_demo_dataset(out_dir: str | Path, n_images: int = 24, size: tuple[int, 
     missing = set(rng.permutation(n_images)[: int(round(missing_mask_fraction * n_images))].tolist())
     names = [f"part_{i:03d}" for i in range(n_images)]
     class_to_idx = {k: v for k, v in DEMO_CLASSES.items() if v <= n_classes}
-    files = [f"images/{s}.png" for s in names] + [f"masks/{s}_mask.png" for i, s in enumerate(names) if i not in missing]
+    files = [f"images/{s}.png" for s in names] + [
+        f"masks/{s}_mask.png" for i, s in enumerate(names) if i not in missing
+    ]
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "masks").mkdir(exist_ok=True)
-    (out / MANIFEST).write_text(json.dumps({"generator": "tasks.demo_data", "files": sorted(files + ["class_to_idx.json"])}, indent=1))
+    (out / MANIFEST).write_text(
+        json.dumps({"generator": "tasks.demo_data", "files": sorted(files + ["class_to_idx.json"])}, indent=1)
+    )
     (out / "class_to_idx.json").write_text(json.dumps(class_to_idx, indent=2))
     counts = dict.fromkeys(list(class_to_idx)[1:], 0)
     kernel, n_blobs = np.ones((9, 9), np.uint8), 0
@@ -166,8 +189,13 @@ def make_demo_dataset(out_dir: str | Path, n_images: int = 24, size: tuple[int, 
         for c in plan[i]:
             busy = cv2.dilate((mask > 0).astype(np.uint8), kernel)
             for _ in range(30):  # keep defects apart so each stays whole and distinct
-                shape, delta = (_blob(rng, h, w, n_blobs == 0 or rng.random() < 0.35) if c == 1
-                                else _scratch(rng, h, w) if c == 2 else _stain(rng, h, w))
+                shape, delta = (
+                    _blob(rng, h, w, n_blobs == 0 or rng.random() < 0.35)
+                    if c == 1
+                    else _scratch(rng, h, w)
+                    if c == 2
+                    else _stain(rng, h, w)
+                )
                 if not (shape & busy).any():
                     break
             shape, delta = shape & (1 - busy), delta * (1 - busy)
@@ -179,9 +207,15 @@ def make_demo_dataset(out_dir: str | Path, n_images: int = 24, size: tuple[int, 
         cv2.imwrite(str(out / "images" / f"{name}.png"), np.clip(np.round(img), 0, 255).astype(np.uint8))
         if i not in missing:
             cv2.imwrite(str(out / "masks" / f"{name}_mask.png"), mask)
-    return {"images": str(out / "images"), "masks": str(out / "masks"), "class_to_idx": class_to_idx,
-            "n_images": n_images, "counts": counts, "good_images": [names[i] for i in range(n_images) if not plan[i]],
-            "missing_masks": [names[i] for i in sorted(missing)]}
+    return {
+        "images": str(out / "images"),
+        "masks": str(out / "masks"),
+        "class_to_idx": class_to_idx,
+        "n_images": n_images,
+        "counts": counts,
+        "good_images": [names[i] for i in range(n_images) if not plan[i]],
+        "missing_masks": [names[i] for i in sorted(missing)],
+    }
 
 
 def main() -> None:
@@ -196,7 +230,9 @@ def main() -> None:
     p.add_argument("--missing-mask-fraction", type=float, default=0.0)
     a = p.parse_args()
     try:
-        res = make_demo_dataset(a.out_dir, a.n_images, tuple(a.size), a.classes, a.seed, a.good_fraction, a.missing_mask_fraction)
+        res = make_demo_dataset(
+            a.out_dir, a.n_images, tuple(a.size), a.classes, a.seed, a.good_fraction, a.missing_mask_fraction
+        )
     except ValueError as e:
         p.error(str(e))
     print(json.dumps(res, indent=2))

@@ -14,7 +14,7 @@ import warnings
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 
@@ -28,7 +28,7 @@ CV_MAX_SIDE = 1 << 20  # and wider or taller ones (CV_IO_MAX_IMAGE_WIDTH/HEIGHT)
 #: 16-bit rule of files written before the rule was recorded (Quadra's and patchflow's ``cv2.imread``: value >> 8)
 LEGACY_SIXTEEN_BIT = 16
 
-SixteenBit = Union[str, int, tuple[int, int]]  # "auto" | bits 8..16 | (low, high) window
+SixteenBit = str | int | tuple[int, int]  # "auto" | bits 8..16 | (low, high) window
 
 
 class InputDataError(ValueError):
@@ -59,8 +59,10 @@ def parse_sixteen_bit(value: Any, key: str = "sixteen_bit") -> SixteenBit:
         if 8 <= int(value) <= 16:
             return int(value)
         raise bad
-    if isinstance(value, (list, tuple)) and len(value) == 2 and all(
-        isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in value
+    if (
+        isinstance(value, (list, tuple))
+        and len(value) == 2
+        and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in value)
     ):
         low, high = int(value[0]), int(value[1])
         if 0 <= low < high <= 65535:
@@ -127,8 +129,9 @@ def dataset_decoding(data_path: str | Path) -> Decoding:
     return Decoding(max_image_pixels(), MAX_PIXELS_ENV, rule)
 
 
-def bundle_decoding(meta: dict[str, Any], root: str | Path, max_pixels: int | None = None,
-                    setting: str | None = None) -> Decoding:
+def bundle_decoding(
+    meta: dict[str, Any], root: str | Path, max_pixels: int | None = None, setting: str | None = None
+) -> Decoding:
     """Decoding for a deployment bundle: the 16-bit rule of its ``model.json`` (the dataset's; the legacy
     ``>> 8`` for bundles without one) and the given or the environment's pixel limit."""
     from storage.bundle import BundleError
@@ -190,7 +193,7 @@ def _orientation(im: Any) -> int:
         exif = Image.Exif()
         exif.load(raw)
         return int(exif.get(0x0112, 1) or 1)
-    except Exception:  # noqa: BLE001 - a damaged EXIF block is not our concern
+    except Exception:
         return 1
 
 
@@ -200,7 +203,7 @@ def read_header(source: str | Path | bytes) -> Header | None:
         with pil_open(source) as im:
             w, h = im.size
             return Header(int(h), int(w), _orientation(im))
-    except Exception:  # noqa: BLE001 - unknown to PIL, truncated...: the caller decodes instead
+    except Exception:
         return None
 
 
@@ -236,7 +239,14 @@ def check_header(source: str | Path | bytes, path: str | Path, dec: Decoding) ->
     if hdr is not None:
         check_pixels(hdr.height, hdr.width, path, dec)
         if hdr.orientation not in (0, 1):
-            warn_once("exif", path, "%s carries an EXIF orientation (%d): patchflow uses the stored pixel frame %dx%d "
-                      "(not rotated or flipped as viewers show it); masks must match that frame",
-                      path, hdr.orientation, hdr.width, hdr.height)
+            warn_once(
+                "exif",
+                path,
+                "%s carries an EXIF orientation (%d): patchflow uses the stored pixel frame %dx%d "
+                "(not rotated or flipped as viewers show it); masks must match that frame",
+                path,
+                hdr.orientation,
+                hdr.width,
+                hdr.height,
+            )
     return hdr

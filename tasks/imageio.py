@@ -9,9 +9,9 @@ to the same pixels.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable
 
 import cv2
 import numpy as np
@@ -24,8 +24,8 @@ from tasks.imageheader import (  # noqa: F401 - re-exported: callers import deco
     Header,
     ImageTooLargeError,
     InputDataError,
-    bundle_decoding,
     SixteenBit,
+    bundle_decoding,
     check_header,
     check_pixels,
     dataset_decoding,
@@ -94,9 +94,15 @@ def to_uint8(img: np.ndarray, rule: SixteenBit, path: str | Path) -> np.ndarray:
         raise InputDataError(f"{path}: {img.dtype} pixels are not supported; save it as an 8- or 16-bit image")
     top = int(img.max()) if img.size else 0
     if top < 256:
-        warn_once("depth", path, "%s is a 16-bit image whose largest value is %d: it uses less than 8 bits of range "
-                  "and decodes dark under sixteen_bit=%r; check the camera's bit depth (or set sixteen_bit)",
-                  path, top, sixteen_bit_json(rule))
+        warn_once(
+            "depth",
+            path,
+            "%s is a 16-bit image whose largest value is %d: it uses less than 8 bits of range "
+            "and decodes dark under sixteen_bit=%r; check the camera's bit depth (or set sixteen_bit)",
+            path,
+            top,
+            sixteen_bit_json(rule),
+        )
     bits = 0
     if rule == "auto":
         bits = next(b for b in (10, 12, 14, 16) if top < 1 << b)
@@ -116,7 +122,11 @@ def _as_bgr(img: np.ndarray, keep_gray: bool) -> np.ndarray:
 
 
 def decode_image(
-    data: bytes, path: str | Path, reduced: bool = False, keep_gray: bool = False, decoding: Decoding | None = None,
+    data: bytes,
+    path: str | Path,
+    reduced: bool = False,
+    keep_gray: bool = False,
+    decoding: Decoding | None = None,
 ) -> np.ndarray:
     """BGR uint8 (H, W, 3) image from file bytes; grayscale and RGBA inputs are converted, 16-bit ones by the rule.
 
@@ -130,7 +140,9 @@ def decode_image(
     flag = cv2.IMREAD_REDUCED_GRAYSCALE_8 | cv2.IMREAD_IGNORE_ORIENTATION if reduced else _NATIVE
     img = _imdecode(data, flag, path)
     if img is None:
-        raise InputDataError(f"{path}: not a readable image (corrupt, truncated or unsupported format); replace or remove it")
+        raise InputDataError(
+            f"{path}: not a readable image (corrupt, truncated or unsupported format); replace or remove it"
+        )
     if hdr is None:  # PIL could not read the header: the limit still holds (OpenCV's own limits came first)
         scale = 8 if reduced else 1
         check_pixels(img.shape[0] * scale, img.shape[1] * scale, path, dec)
@@ -145,7 +157,9 @@ def read_image(path: str | Path, decoding: Decoding | None = None, keep_gray: bo
 
 
 def decode_mask(
-    data: bytes, path: str | Path, preprocessing: Callable[[np.ndarray], np.ndarray] | None = None,
+    data: bytes,
+    path: str | Path,
+    preprocessing: Callable[[np.ndarray], np.ndarray] | None = None,
     decoding: Decoding | None = None,
 ) -> tuple[np.ndarray, bool]:
     """``(uint8 (H, W) index mask, plain)``; ``plain`` means the file already is a 1-channel 8-bit PNG.
@@ -171,7 +185,7 @@ def decode_mask(
                     plain = im.format == "PNG"
                 elif im.mode in ("P", "I;16", "I;16B", "I", "1"):
                     mask = np.asarray(im if im.mode != "1" else im.convert("L"))
-        except Exception:  # noqa: BLE001 - not decodable by PIL: try OpenCV below
+        except Exception:
             mask = None
         if mask is None:
             mask = _imdecode(data, _UNCHANGED, path)
@@ -189,7 +203,9 @@ def decode_mask(
         mask = chans[..., 0]
     if mask.dtype != np.uint8:
         if mask.size and (mask.min() < 0 or mask.max() > 255):
-            raise InputDataError(f"{path}: mask values up to {mask.max()} do not fit class indices 0..255; re-encode it")
+            raise InputDataError(
+                f"{path}: mask values up to {mask.max()} do not fit class indices 0..255; re-encode it"
+            )
         mask = mask.astype(np.uint8)
     return np.ascontiguousarray(mask), plain
 
@@ -230,6 +246,7 @@ def encode_png(array: np.ndarray, name: str | Path) -> bytes:
 
 
 def write_png(path: Path, array: np.ndarray, fix: str) -> None:
-    """Write an image or fail loudly naming the file and ``fix`` (OpenCV only returns False on a full disk or a bad folder)."""
+    """Write an image or fail loudly naming the file and ``fix`` (OpenCV only returns False on a full disk or a bad
+    folder)."""
     if not cv2.imwrite(str(path), array):
         raise OSError(f"could not write {path} (disk full, read-only or missing folder?); {fix}")

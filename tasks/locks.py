@@ -16,9 +16,9 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
-from typing import Iterator
 
 from prefect.locking.filesystem import FileSystemLockManager
 from prefect.types._datetime import now, parse_datetime
@@ -140,8 +140,12 @@ class ReclaimingLockManager(FileSystemLockManager):
         if info is None:
             return False
         if self._stale(info):
-            logger.warning("reclaiming lock %s: its holder (pid %s on %s) is gone or stopped renewing it",
-                           info["path"], info.get("pid"), info.get("host"))
+            logger.warning(
+                "reclaiming lock %s: its holder (pid %s on %s) is gone or stopped renewing it",
+                info["path"],
+                info.get("pid"),
+                info.get("host"),
+            )
             Path(info["path"]).unlink(missing_ok=True)
             self._locks.pop(key, None)
             return False
@@ -149,17 +153,24 @@ class ReclaimingLockManager(FileSystemLockManager):
             return True
         return super().is_locked(key, use_cache=True)
 
-    def acquire_lock(self, key: str, holder: str, acquire_timeout: float | None = None, hold_timeout: float | None = None) -> bool:
+    def acquire_lock(
+        self, key: str, holder: str, acquire_timeout: float | None = None, hold_timeout: float | None = None
+    ) -> bool:
         self._ensure_lock_files_directory_exists()
         path = self._lock_path_for_key(key)
         while True:
-            if self.is_locked(key) and not self.is_lock_holder(key, holder):
-                if not self.wait_for_lock(key, acquire_timeout):
-                    return False
+            held_by_another = self.is_locked(key) and not self.is_lock_holder(key, holder)
+            if held_by_another and not self.wait_for_lock(key, acquire_timeout):
+                return False
             expiration = now("UTC") + timedelta(seconds=hold_timeout) if hold_timeout is not None else None
             pid = os.getpid()
-            info = {"holder": holder, "expiration": str(expiration) if expiration is not None else None,
-                    "pid": pid, "host": socket.gethostname(), "start": _process_start(pid)}
+            info = {
+                "holder": holder,
+                "expiration": str(expiration) if expiration is not None else None,
+                "pid": pid,
+                "host": socket.gethostname(),
+                "start": _process_start(pid),
+            }
             try:
                 fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
@@ -176,7 +187,9 @@ class ReclaimingLockManager(FileSystemLockManager):
         _LEASES.discard(self._lock_path_for_key(key))
         super().release_lock(key, holder)
 
-    async def aacquire_lock(self, key: str, holder: str, acquire_timeout: float | None = None, hold_timeout: float | None = None) -> bool:
+    async def aacquire_lock(
+        self, key: str, holder: str, acquire_timeout: float | None = None, hold_timeout: float | None = None
+    ) -> bool:
         return self.acquire_lock(key, holder, acquire_timeout, hold_timeout)
 
 

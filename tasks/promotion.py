@@ -43,7 +43,9 @@ class PromotionSection(StrictModel):
     policy: Literal["if_not_worse", "always", "never"] = Field(
         "if_not_worse", description="Promote the new version when its metric >= latest's - tolerance; always; or never"
     )
-    tolerance: float = Field(0.0, ge=0, le=1, description="How much worse the new metric may be and still count as not worse")
+    tolerance: float = Field(
+        0.0, ge=0, le=1, description="How much worse the new metric may be and still count as not worse"
+    )
 
 
 def metric_value(metrics: dict[str, Any], name: str) -> float | None:
@@ -83,8 +85,9 @@ def latest_bundle(folder: Path) -> Path | None:
     return path if path is not None and (path / "model.json").is_file() else None
 
 
-def latest_evaluation_config(folder: Path, promotion: PromotionSection, train_cfg: "TrainFlowConfig",
-                             storage_root: str | None) -> "EvaluateFlowConfig | None":
+def latest_evaluation_config(
+    folder: Path, promotion: PromotionSection, train_cfg: TrainFlowConfig, storage_root: str | None
+) -> EvaluateFlowConfig | None:
     """Evaluation of the promoted model on the val split ``train_cfg`` validates on, with the same scoring
     settings, so that old and new models are compared on the same patches; None when there is nothing to
     compare (no promoted model, a policy that does not compare, or another class set)."""
@@ -96,28 +99,52 @@ def latest_evaluation_config(folder: Path, promotion: PromotionSection, train_cf
     if bundle is None or promotion.policy != "if_not_worse":
         return None
     if not (bundle / bdl.SKOPS_FILE).is_file() or not (bundle / bdl.MANIFEST_FILE).is_file():
-        logger.warning("latest model %s predates classifier.skops and bundle manifests (it would need trust_pickle): "
-                       "compared by the metric recorded when it was registered", bundle)
+        logger.warning(
+            "latest model %s predates classifier.skops and bundle manifests (it would need trust_pickle): "
+            "compared by the metric recorded when it was registered",
+            bundle,
+        )
         return None
     if bdl.class_to_idx(bdl.read_meta(bundle)) != class_map(train_cfg):
         return None  # the classes changed: the old model cannot be scored on the new split
     dm, t = train_cfg.datamodule, train_cfg.task
-    return EvaluateFlowConfig.model_validate({
-        "datamodule": {"data_path": dm.data_path, "split": "val", "include_filter": dm.include_filter,
-                       "exclude_filter": dm.exclude_filter, "batch_size": dm.batch_size},
-        "task": {"model_path": str(bundle), "device": t.device,
-                 "output": {"report": False, "example": False, "reconstruction_method": t.reconstruction_method,
-                            "coverage_threshold": t.coverage_threshold, "soft_thresholds": t.soft_thresholds}},
-        "core": {"name": f"{train_cfg.core.name}-latest-on-val", "runs_folder": train_cfg.core.runs_folder},
-        "storage_root": storage_root,
-    })
+    return EvaluateFlowConfig.model_validate(
+        {
+            "datamodule": {
+                "data_path": dm.data_path,
+                "split": "val",
+                "include_filter": dm.include_filter,
+                "exclude_filter": dm.exclude_filter,
+                "batch_size": dm.batch_size,
+            },
+            "task": {
+                "model_path": str(bundle),
+                "device": t.device,
+                "output": {
+                    "report": False,
+                    "example": False,
+                    "reconstruction_method": t.reconstruction_method,
+                    "coverage_threshold": t.coverage_threshold,
+                    "soft_thresholds": t.soft_thresholds,
+                },
+            },
+            "core": {"name": f"{train_cfg.core.name}-latest-on-val", "runs_folder": train_cfg.core.runs_folder},
+            "storage_root": storage_root,
+        }
+    )
 
 
 def register_and_promote(
-    bundle: Path, folder: Path, metrics: dict[str, Any], inputs_key: str, promotion: PromotionSection, run_dir: str,
+    bundle: Path,
+    folder: Path,
+    metrics: dict[str, Any],
+    inputs_key: str,
+    promotion: PromotionSection,
+    run_dir: str,
     latest_metrics: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Add ``bundle`` as a new version unless identical inputs made the newest one; promote by policy. Returns what was done.
+    """Add ``bundle`` as a new version unless identical inputs made the newest one; promote by policy. Returns what
+    was done.
 
     ``latest_metrics``: the promoted model's metrics on the same validation split as ``metrics`` (the split
     moves when images are added); without them the value recorded when it was registered is used.
@@ -129,9 +156,14 @@ def register_and_promote(
     value = metric_value(metrics, promotion.metric)
     newest = _newest(versions)
     if newest is not None and newest.get("inputs_key") == inputs_key:
-        return {"action": "unchanged", "version": versions[-1].name, "latest": (latest or {}).get("version"),
-                "reason": "no new or changed images and the same configuration: nothing to retrain",
-                "metric": promotion.metric, "value": newest.get("metric_value")}
+        return {
+            "action": "unchanged",
+            "version": versions[-1].name,
+            "latest": (latest or {}).get("version"),
+            "reason": "no new or changed images and the same configuration: nothing to retrain",
+            "metric": promotion.metric,
+            "value": newest.get("metric_value"),
+        }
     current = (latest or {}).get("metric_value")
     basis = "recorded when it was registered (another validation split)"
     if latest is not None and latest_metrics is not None:
@@ -141,10 +173,20 @@ def register_and_promote(
     tmp = folder / f".{name}.{os.getpid()}.partial"
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(bundle, tmp)
-    write_json(tmp / "version.json", {"version": name, "inputs_key": inputs_key, "metric": promotion.metric,
-                                      "metric_value": value, "metrics": metrics, "run_dir": run_dir,
-                                      "compared_with": None if latest is None else
-                                      {"version": latest.get("version"), "metric_value": current, "basis": basis}})
+    write_json(
+        tmp / "version.json",
+        {
+            "version": name,
+            "inputs_key": inputs_key,
+            "metric": promotion.metric,
+            "metric_value": value,
+            "metrics": metrics,
+            "run_dir": run_dir,
+            "compared_with": None
+            if latest is None
+            else {"version": latest.get("version"), "metric_value": current, "basis": basis},
+        },
+    )
     os.replace(tmp, folder / name)
     if promotion.policy == "never":
         promote, reason = False, "promotion policy is 'never'"
@@ -153,14 +195,31 @@ def register_and_promote(
     elif value is None:
         promote, reason = False, f"{promotion.metric} could not be computed for the new model"
     elif current is None or value >= current - promotion.tolerance:
-        promote, reason = True, (f"{promotion.metric} {value:.4f} is not worse than the latest's "
-                                 f"{current if current is None else round(current, 4)} {basis} (tolerance {promotion.tolerance})")
+        promote, reason = (
+            True,
+            (
+                f"{promotion.metric} {value:.4f} is not worse than the latest's "
+                f"{current if current is None else round(current, 4)} {basis} (tolerance {promotion.tolerance})"
+            ),
+        )
     else:
-        promote, reason = False, (f"{promotion.metric} {value:.4f} is worse than the latest's {current:.4f} {basis} "
-                                  f"(tolerance {promotion.tolerance})")
+        promote, reason = (
+            False,
+            (
+                f"{promotion.metric} {value:.4f} is worse than the latest's {current:.4f} {basis} "
+                f"(tolerance {promotion.tolerance})"
+            ),
+        )
     if promote:
-        write_json(folder / "latest.json", {"version": name, "metric": promotion.metric, "metric_value": value,
-                                            "previous": (latest or {}).get("version")})
+        write_json(
+            folder / "latest.json",
+            {
+                "version": name,
+                "metric": promotion.metric,
+                "metric_value": value,
+                "previous": (latest or {}).get("version"),
+            },
+        )
         link = folder / "latest"
         try:
             tmp_link = folder / f".latest.{os.getpid()}"
@@ -170,6 +229,12 @@ def register_and_promote(
             os.replace(tmp_link, link)
         except OSError:
             pass  # no symlinks here: latest.json is the reference
-    return {"action": "promoted" if promote else "kept_previous", "version": name,
-            "latest": name if promote else (latest or {}).get("version"), "reason": reason,
-            "metric": promotion.metric, "value": value, "previous_value": current}
+    return {
+        "action": "promoted" if promote else "kept_previous",
+        "version": name,
+        "latest": name if promote else (latest or {}).get("version"),
+        "reason": reason,
+        "metric": promotion.metric,
+        "value": value,
+        "previous_value": current,
+    }

@@ -45,22 +45,32 @@ class RetrainFlowConfig(StrictModel):
     train: RetrainTrainConfig = Field(default_factory=RetrainTrainConfig)
     promotion: PromotionSection = Field(default_factory=PromotionSection)
     storage_root: str | None = Field(None, description="Results/cache/features root shared by the stages")
-    runner: RunnerSection = Field(default_factory=RunnerSection,
-                                  description="Where dataset and feature shards run (replaces train.runner)")
+    runner: RunnerSection = Field(
+        default_factory=RunnerSection, description="Where dataset and feature shards run (replaces train.runner)"
+    )
 
 
 def train_config(cfg: RetrainFlowConfig, data_path: str) -> TrainFlowConfig:
-    """The train flow's configuration: ``cfg.train`` on the dataset at ``data_path``, with the shared root and runner."""
+    """The train flow's configuration: ``cfg.train`` on the dataset at ``data_path``, shared root and runner."""
     return TrainFlowConfig.model_validate(
-        cfg.train.model_dump(mode="json") | {"storage_root": cfg.storage_root, "runner": cfg.runner.model_dump(mode="json")}
+        cfg.train.model_dump(mode="json")
+        | {"storage_root": cfg.storage_root, "runner": cfg.runner.model_dump(mode="json")}
         | {"datamodule": cfg.train.datamodule.model_dump(mode="json") | {"data_path": data_path}}
     )
 
 
 def inputs_key(train_cfg: TrainFlowConfig, data_path: str) -> str:
-    """What a model version is made from: the dataset's fingerprint and every training setting that changes the model."""
-    training = train_cfg.model_dump(mode="json", exclude={"core": {"runs_folder"}, "force": True, "storage_root": True,
-                                                          "runner": True, "task": {"shard_patches"}})
+    """What a model version is made from: the dataset's fingerprint and every training setting changing the model."""
+    training = train_cfg.model_dump(
+        mode="json",
+        exclude={
+            "core": {"runs_folder"},
+            "force": True,
+            "storage_root": True,
+            "runner": True,
+            "task": {"shard_patches"},
+        },
+    )
     training["datamodule"].pop("data_path")
     return combine(dataset_key(data_path), params_digest(training))
 
@@ -79,8 +89,15 @@ def comparison_config(cfg: RetrainFlowConfig, train_cfg: TrainFlowConfig, key: s
 
 
 @task(name="register-model-version", cache_policy=NO_CACHE)
-def register_task(bundle: str, folder: str, metrics: dict[str, Any], inputs_key: str, promotion: PromotionSection, run_dir: str,
-                  latest_metrics: dict[str, Any] | None = None) -> dict[str, Any]:
+def register_task(
+    bundle: str,
+    folder: str,
+    metrics: dict[str, Any],
+    inputs_key: str,
+    promotion: PromotionSection,
+    run_dir: str,
+    latest_metrics: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Add the new bundle as a version and promote it by policy."""
     return register_and_promote(Path(bundle), Path(folder), metrics, inputs_key, promotion, run_dir, latest_metrics)
 
@@ -92,7 +109,8 @@ def publish_outcome(outcome: dict[str, Any], folder: Path, run_dir: str) -> None
     create_markdown_artifact(
         key="retrain-outcome",
         markdown=(
-            f"# Retraining: {outcome['action']}\n\n- new version: `{outcome['version']}`\n- latest: `{outcome['latest']}`\n"
+            f"# Retraining: {outcome['action']}\n\n- new version: `{outcome['version']}`\n"
+            f"- latest: `{outcome['latest']}`\n"
             f"- {outcome['metric']}: {outcome.get('value')} (previous {outcome.get('previous_value')})\n"
             f"- why: {outcome['reason']}\n- models: `{Path(folder).resolve()}`\n- run: `{run_dir}`\n"
         ),

@@ -10,14 +10,15 @@ import contextlib
 import logging
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from pydantic import BaseModel
 
 from tasks.config import config_tree, dump_yaml
-from tasks.features.params import class_map
 from tasks.features.listing import list_split, read_train_list
+from tasks.features.params import class_map
 from tasks.model.config import TrainFlowConfig
 
 
@@ -86,7 +87,9 @@ def run_folder(cfg: BaseModel) -> Iterator[Path]:
         detach_log(handler)
 
 
-def finish_train_run(cfg: TrainFlowConfig, run: Path, bundle: str, validation: str, metrics: dict[str, Any]) -> dict[str, Any]:
+def finish_train_run(
+    cfg: TrainFlowConfig, run: Path, bundle: str, validation: str, metrics: dict[str, Any]
+) -> dict[str, Any]:
     """Copy the bundle and the validation folder into the run folder, publish the artifacts; the flow's result."""
     from tasks.artifacts import publish_task
 

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Any, Callable, Iterator, Literal, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Literal
 
 from pydantic import Field, StrictInt
 
 from tasks.config import ConfigError, StrictModel
+
 
 class RunnerSection(StrictModel):
     """Task runner for per-shard work (dataset generation, feature passes)."""
@@ -20,7 +22,9 @@ class RunnerSection(StrictModel):
     kind: Literal["thread", "dask"] = Field(
         "thread", description="thread: shards run one after another in the flow's process; dask: on a Dask cluster"
     )
-    address: str | None = Field(None, description="dask: address of an existing scheduler (tcp://host:8786); None = start a local cluster")
+    address: str | None = Field(
+        None, description="dask: address of an existing scheduler (tcp://host:8786); None = start a local cluster"
+    )
     n_workers: StrictInt = Field(2, ge=1, description="dask, local cluster: worker processes")
     threads_per_worker: StrictInt = Field(1, ge=1, description="dask, local cluster: threads per worker process")
 
@@ -50,9 +54,15 @@ def dask_runner(runner: RunnerSection) -> Iterator[Any]:
     if runner.address:
         tr = DaskTaskRunner(address=runner.address)
     else:
-        tr = DaskTaskRunner(cluster_kwargs={"n_workers": runner.n_workers, "threads_per_worker": runner.threads_per_worker,
-                                            "processes": True, "dashboard_address": None,
-                                            "silence_logs": logging.WARNING})
+        tr = DaskTaskRunner(
+            cluster_kwargs={
+                "n_workers": runner.n_workers,
+                "threads_per_worker": runner.threads_per_worker,
+                "processes": True,
+                "dashboard_address": None,
+                "silence_logs": logging.WARNING,
+            }
+        )
     quiet = logging.getLogger("distributed")
     level = quiet.level
     quiet.setLevel(logging.WARNING)  # no INFO line per worker, comm and nanny in the flow's log
@@ -63,7 +73,9 @@ def dask_runner(runner: RunnerSection) -> Iterator[Any]:
         quiet.setLevel(level)
 
 
-def run_all(tr: Any, calls: Sequence[tuple[Any, dict[str, Any]]], on_done: Callable[[], None] | None = None) -> list[Any]:
+def run_all(
+    tr: Any, calls: Sequence[tuple[Any, dict[str, Any]]], on_done: Callable[[], None] | None = None
+) -> list[Any]:
     """Submit every ``(task, parameters)`` to the entered runner ``tr`` and return their results in order.
 
     Each task retries on its own (its ``retries``); the first that still fails is raised after all finished.

@@ -12,7 +12,8 @@ Every error is one :class:`YamlError` line naming the source and the line.
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
@@ -50,8 +51,10 @@ class _BoundedLoader(yaml.SafeLoader):
         self.depth += 1
         if self.depth > MAX_DEPTH:
             line = self.peek_event().start_mark.line + 1
-            raise YamlError(f"{self.name}: lists and mappings nest more than {MAX_DEPTH} levels deep (line {line}); "
-                            "a configuration needs a few levels: flatten it")
+            raise YamlError(
+                f"{self.name}: lists and mappings nest more than {MAX_DEPTH} levels deep (line {line}); "
+                "a configuration needs a few levels: flatten it"
+            )
         try:
             return super().compose_node(parent, index)
         finally:
@@ -116,12 +119,16 @@ def _check_graph(root: Node, loader: _BoundedLoader) -> None:
         distinct = sum(1 for _ in _walk(root))
         size = _expanded_size(root)
         if size is None:
-            raise YamlError(f"{source}: an alias refers to the list or mapping that contains it (a recursive value; "
-                            f"first alias at line {first}); write the value out instead")
+            raise YamlError(
+                f"{source}: an alias refers to the list or mapping that contains it (a recursive value; "
+                f"first alias at line {first}); write the value out instead"
+            )
         if size - distinct > MAX_ALIAS_NODES:
-            raise YamlError(f"{source}: aliases expand the document by more than {MAX_ALIAS_NODES} values (first "
-                            f"alias at line {first}); a configuration needs far fewer: write the values out or use "
-                            "fewer aliases")
+            raise YamlError(
+                f"{source}: aliases expand the document by more than {MAX_ALIAS_NODES} values (first "
+                f"alias at line {first}); a configuration needs far fewer: write the values out or use "
+                "fewer aliases"
+            )
     for node, path in _walk(root):
         if not isinstance(node, MappingNode):
             continue
@@ -132,10 +139,15 @@ def _check_graph(root: Node, loader: _BoundedLoader) -> None:
             first, second = marks.setdefault((key.tag, key.value), key.start_mark), key.start_mark
             if first is not second:
                 dotted = clip(f"{path}.{key.value}" if path else key.value)
-                where = (f"lines {first.line + 1} and {second.line + 1}" if first.line != second.line
-                         else f"line {first.line + 1}, columns {first.column + 1} and {second.column + 1}")
-                raise YamlError(f"{source}: key '{dotted}' is given twice ({where}); "
-                                "YAML would silently keep only the second: merge them into one")
+                where = (
+                    f"lines {first.line + 1} and {second.line + 1}"
+                    if first.line != second.line
+                    else f"line {first.line + 1}, columns {first.column + 1} and {second.column + 1}"
+                )
+                raise YamlError(
+                    f"{source}: key '{dotted}' is given twice ({where}); "
+                    "YAML would silently keep only the second: merge them into one"
+                )
 
 
 def _one_line(exc: yaml.YAMLError, text: str) -> str:
@@ -167,8 +179,9 @@ def load(text: str, source: str) -> Any:
     except YamlError:
         raise
     except yaml.constructor.ConstructorError as exc:
-        raise YamlError(f"{source}: {_one_line(exc, text)}; only plain values, lists and mappings are read: "
-                        "remove the tag") from None
+        raise YamlError(
+            f"{source}: {_one_line(exc, text)}; only plain values, lists and mappings are read: remove the tag"
+        ) from None
     except yaml.YAMLError as exc:
         raise YamlError(f"{source} is not valid YAML: {_one_line(exc, text)}; fix the syntax there") from None
     except (ValueError, OverflowError, TypeError) as exc:  # e.g. an int of 5000 digits, a date 2024-13-01

@@ -21,9 +21,10 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from prefect.cache_policies import CachePolicy
 from prefect.serializers import JSONSerializer
@@ -42,7 +43,9 @@ class ContentKey(CachePolicy):
 
     key_param: str = "key"
 
-    def compute_key(self, task_ctx: Any, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any) -> str | None:
+    def compute_key(
+        self, task_ctx: Any, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any
+    ) -> str | None:
         key = inputs.get(self.key_param)
         if not key:
             return None
@@ -51,7 +54,9 @@ class ContentKey(CachePolicy):
 
 def content_policy(root: Path, key_param: str = "key") -> CachePolicy:
     """:class:`ContentKey` with serialisable isolation and a reclaiming file lock manager under ``root``."""
-    return ContentKey(key_param=key_param).configure(isolation_level=IsolationLevel.SERIALIZABLE, lock_manager=lock_manager(root))
+    return ContentKey(key_param=key_param).configure(
+        isolation_level=IsolationLevel.SERIALIZABLE, lock_manager=lock_manager(root)
+    )
 
 
 #: results are plain JSON, decoded without Prefect's object hook (which imports the module named in ``__class__``)
@@ -71,13 +76,21 @@ def record_is_plain_json(root: Path, task_name: str, key: str) -> bool:
     try:
         record = json.loads(raw)
         ser = record["metadata"]["serializer"]
-        ok = (ser.get("type") == "json" and ser.get("jsonlib") == "json" and ser.get("object_decoder") is None
-              and not ser.get("loads_kwargs") and isinstance(record.get("result"), str))
+        ok = (
+            ser.get("type") == "json"
+            and ser.get("jsonlib") == "json"
+            and ser.get("object_decoder") is None
+            and not ser.get("loads_kwargs")
+            and isinstance(record.get("result"), str)
+        )
     except (ValueError, KeyError, TypeError, AttributeError):
         ok = False
     if not ok:
-        logger.warning("cache record %s is not a plain JSON record (written by an older patchflow, or planted): "
-                       "it is ignored and the stage recomputed", path)
+        logger.warning(
+            "cache record %s is not a plain JSON record (written by an older patchflow, or planted): "
+            "it is ignored and the stage recomputed",
+            path,
+        )
     return ok
 
 
@@ -93,8 +106,12 @@ def cached_stage(task_fn: Any, root: Path, force: bool, done: bool) -> Any:
     def run(*args: Any, **kwargs: Any) -> Any:
         key = signature.bind(*args, **kwargs).arguments.get("key")
         plain = not key or record_is_plain_json(root, task_fn.name, key)
-        stage = task_fn.with_options(cache_policy=content_policy(root), result_storage=results_dir(root),
-                                     result_serializer=RESULT_SERIALIZER, refresh_cache=force or not done or not plain)
+        stage = task_fn.with_options(
+            cache_policy=content_policy(root),
+            result_storage=results_dir(root),
+            result_serializer=RESULT_SERIALIZER,
+            refresh_cache=force or not done or not plain,
+        )
         return stage(*args, **kwargs)
 
     return run
@@ -108,8 +125,9 @@ def build_once(out: str | Path, force: bool, verify: Callable[[Path], bool], bui
     return str(out)
 
 
-def run_stage(task_fn: Any, root: Path, out: str | Path, verify: Callable[[Path], bool], force: bool, *args: Any,
-              **kwargs: Any) -> Any:
+def run_stage(
+    task_fn: Any, root: Path, out: str | Path, verify: Callable[[Path], bool], force: bool, *args: Any, **kwargs: Any
+) -> Any:
     """Run ``task_fn(*args, **kwargs)`` as a cached stage under ``root``: served from the cache only when it is not
     ``force``d and its output ``out`` still ``verify``s (present, complete, unchanged), else (re)built."""
     return cached_stage(task_fn, root, force, verify(Path(out)))(*args, **kwargs)

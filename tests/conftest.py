@@ -50,7 +50,9 @@ def demo_patch_dataset(tmp_path_factory) -> Path:
     d = make_demo_dataset(root / "raw", n_images=14, size=(128, 160), seed=3)
     assoc = get_image_mask_association(d["images"], d["masks"], mask_extension="_mask")
     out = root / "patches"
-    generate_patch_dataset(assoc, d["class_to_idx"], val_size=0.3, test_size=0.0, patch_size=[64, 64], output_folder=str(out))
+    generate_patch_dataset(
+        assoc, d["class_to_idx"], val_size=0.3, test_size=0.0, patch_size=[64, 64], output_folder=str(out)
+    )
     return out
 
 
@@ -60,7 +62,9 @@ def task_runs(flow_state) -> list:
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
     with get_client(sync_client=True) as client:
-        return client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_state.state_details.flow_run_id])))
+        return client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_state.state_details.flow_run_id]))
+        )
 
 
 def task_states(flow_state) -> dict[str, str]:

@@ -168,5 +168,10 @@ def test_tilde_in_folders_is_expanded(tmp_path, monkeypatch):
     write_png(tmp_path / "raw" / "images" / "a.png")
     write_png(tmp_path / "raw" / "masks" / "a.png", channels=1)
     assoc = get_image_mask_association("~/raw/images", "~/raw/masks")
-    assert assoc == [{"base_name": "a.png", "path": str(tmp_path / "raw" / "images" / "a.png"),
-                      "mask": str(tmp_path / "raw" / "masks" / "a.png")}]
+    assert assoc == [
+        {
+            "base_name": "a.png",
+            "path": str(tmp_path / "raw" / "images" / "a.png"),
+            "mask": str(tmp_path / "raw" / "masks" / "a.png"),
+        }
+    ]

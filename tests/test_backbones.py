@@ -1,4 +1,4 @@
-"""Tests for tasks.features.weights, .extractor and .export: offline weight resolution, real models, preprocessing, extraction, export."""
+"""tasks.features.weights, .extractor and .export: offline weights, real models, preprocessing, extraction, export."""
 
 from __future__ import annotations
 
@@ -37,11 +37,13 @@ def empty_torch_home(tmp_path, monkeypatch) -> Path:
 
 
 def test_weight_file_names_match_torchvision():
-    from torchvision.models import (EfficientNet_B0_Weights, MobileNet_V2_Weights, ResNet18_Weights,
-                                    ResNet50_Weights)
+    from torchvision.models import EfficientNet_B0_Weights, MobileNet_V2_Weights, ResNet18_Weights, ResNet50_Weights
+
     official = {
-        "resnet18": ResNet18_Weights.IMAGENET1K_V1, "mobilenet_v2": MobileNet_V2_Weights.IMAGENET1K_V1,
-        "efficientnet_b0": EfficientNet_B0_Weights.IMAGENET1K_V1, "resnet50": ResNet50_Weights.DEFAULT,
+        "resnet18": ResNet18_Weights.IMAGENET1K_V1,
+        "mobilenet_v2": MobileNet_V2_Weights.IMAGENET1K_V1,
+        "efficientnet_b0": EfficientNet_B0_Weights.IMAGENET1K_V1,
+        "resnet50": ResNet50_Weights.DEFAULT,
     }
     for name, w in official.items():
         assert weights._WEIGHT_FILES[name][0] == w.url.rsplit("/", 1)[-1]
@@ -122,8 +124,14 @@ def test_bad_path_mismatch_and_unknown_name(tmp_path):
 def test_dino_key_mapping_roundtrip():
     keys = models.VisionTransformer(224, 8, 2, 12, 768, 3072).state_dict()
     dino = weights.torchvision_to_dino(keys)
-    assert {"cls_token", "pos_embed", "patch_embed.proj.weight", "blocks.1.attn.qkv.weight",
-            "blocks.0.mlp.fc2.bias", "norm.weight"} <= set(dino)
+    assert {
+        "cls_token",
+        "pos_embed",
+        "patch_embed.proj.weight",
+        "blocks.1.attn.qkv.weight",
+        "blocks.0.mlp.fc2.bias",
+        "norm.weight",
+    } <= set(dino)
     assert not any(k.startswith("heads") for k in dino)
     back = weights.dino_to_torchvision(dino)
     assert set(back) == {k for k in keys if not k.startswith("heads.")}
@@ -131,8 +139,9 @@ def test_dino_key_mapping_roundtrip():
 
 def test_dino_checkpoint_loads_exactly(tmp_path):
     torch.manual_seed(2)
-    src = models.VisionTransformer(image_size=224, patch_size=8, num_layers=12, num_heads=12,
-                                   hidden_dim=768, mlp_dim=3072)
+    src = models.VisionTransformer(
+        image_size=224, patch_size=8, num_layers=12, num_heads=12, hidden_dim=768, mlp_dim=3072
+    )
     src.heads = nn.Identity()
     src.eval()
     ckpt = tmp_path / "dino_vitbase8_pretrain.pth"
@@ -149,8 +158,8 @@ def test_dino_checkpoint_loads_exactly(tmp_path):
 def _dino_reference_positions(pos: torch.Tensor, gh: int, gw: int) -> torch.Tensor:
     """DINO's release ``interpolate_pos_encoding`` (vision_transformer.py), written out for (rows, cols)."""
     n = pos.shape[1] - 1
-    grid = pos[:, 1:].reshape(1, int(n ** 0.5), int(n ** 0.5), -1).permute(0, 3, 1, 2)
-    grid = nn.functional.interpolate(grid, scale_factor=((gh + 0.1) / n ** 0.5, (gw + 0.1) / n ** 0.5), mode="bicubic")
+    grid = pos[:, 1:].reshape(1, int(n**0.5), int(n**0.5), -1).permute(0, 3, 1, 2)
+    grid = nn.functional.interpolate(grid, scale_factor=((gh + 0.1) / n**0.5, (gw + 0.1) / n**0.5), mode="bicubic")
     assert grid.shape[-2:] == (gh, gw)
     return torch.cat([pos[:, :1], grid.permute(0, 2, 3, 1).reshape(1, -1, pos.shape[-1])], dim=1)
 
@@ -161,7 +170,9 @@ def test_dino_runs_at_any_multiple_of_8_as_dino_does():
     model = extractor.build_backbone("dino_vitb8", None)
     x = torch.randn(2, 3, 224, 224)
     with torch.inference_mode():
-        torch.testing.assert_close(model(x), models.VisionTransformer.forward(model, x), rtol=0, atol=0)  # 224: unchanged
+        torch.testing.assert_close(
+            model(x), models.VisionTransformer.forward(model, x), rtol=0, atol=0
+        )  # 224: unchanged
         pos = model._positions(12, 16)
     torch.testing.assert_close(pos, _dino_reference_positions(model.encoder.pos_embedding, 12, 16))
     ex = extractor.FeatureExtractor(model)

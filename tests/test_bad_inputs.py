@@ -30,13 +30,13 @@ from storage.fingerprint import CODE_VERSION
 from storage.h5files import read_region
 from storage.layout import DatasetFormatError, read_info
 from storage.manifest import write_manifest
-from tasks.dataset.association import AssociationError, get_image_mask_association
 from tasks.cli import parse_cli
 from tasks.config import ConfigError, load_config, load_yaml
+from tasks.dataset.association import AssociationError, get_image_mask_association
 from tasks.dataset.generate import generate_patch_dataset
-from tasks.imageio import InputDataError
 from tasks.features.listing import list_split, read_train_list
 from tasks.features.sampler import draw_pass
+from tasks.imageio import InputDataError
 from tasks.model.config import TrainFlowConfig
 from tests._synth import CLASS_TO_IDX, make_dataset, tree_digest, write_image
 
@@ -54,7 +54,9 @@ def expect(exc_type: type[BaseException], fn, *names: object, fix: str) -> str:
     for name in names:
         assert str(name) in msg, f"{name!r} not named in: {msg}"
     assert re.search(fix, msg, re.IGNORECASE), f"no fix ({fix!r}) in: {msg}"
-    if os.environ.get("PATCHFLOW_SHOW_ERRORS"):  # `PATCHFLOW_SHOW_ERRORS=1 pytest -s ...` prints the catalogue's messages
+    if os.environ.get(
+        "PATCHFLOW_SHOW_ERRORS"
+    ):  # `PATCHFLOW_SHOW_ERRORS=1 pytest -s ...` prints the catalogue's messages
         print(f"\n[{type(ei.value).__name__}] {msg}")
     return msg
 
@@ -103,14 +105,22 @@ def dataset(tmp_path: Path) -> Path:
 
 
 def test_01_data_folder_missing(tmp_path: Path) -> None:
-    expect(AssociationError, lambda: get_image_mask_association(str(tmp_path / "nope"), mask_extension="_mask"),
-           tmp_path / "nope", fix="point it at your images")
+    expect(
+        AssociationError,
+        lambda: get_image_mask_association(str(tmp_path / "nope"), mask_extension="_mask"),
+        tmp_path / "nope",
+        fix="point it at your images",
+    )
 
 
 def test_02_data_folder_empty(tmp_path: Path) -> None:
     (tmp_path / "data").mkdir()
-    expect(AssociationError, lambda: get_image_mask_association(str(tmp_path / "data"), str(tmp_path / "data")),
-           tmp_path / "data", fix="check data_folder")
+    expect(
+        AssociationError,
+        lambda: get_image_mask_association(str(tmp_path / "data"), str(tmp_path / "data")),
+        tmp_path / "data",
+        fix="check data_folder",
+    )
 
 
 def test_03_data_folder_only_non_image_files(tmp_path: Path) -> None:
@@ -119,8 +129,13 @@ def test_03_data_folder_only_non_image_files(tmp_path: Path) -> None:
     (data / "notes.txt").write_text("not an image")
     (data / "scan.pdf").write_bytes(b"%PDF-1.4")
     (data / "folder.png").mkdir()  # a folder named like an image
-    expect(AssociationError, lambda: get_image_mask_association(str(data), mask_extension="_mask"),
-           data, ".png", fix="check data_folder")
+    expect(
+        AssociationError,
+        lambda: get_image_mask_association(str(data), mask_extension="_mask"),
+        data,
+        ".png",
+        fix="check data_folder",
+    )
 
 
 def test_04_non_image_files_among_images_are_ignored(tmp_path: Path) -> None:
@@ -139,8 +154,13 @@ def test_05_duplicate_stems(tmp_path: Path) -> None:
     data = tmp_path / "data"
     png(data / "a.png", np.zeros((8, 8, 3), np.uint8))
     png(data / "sub" / "a.jpg", np.zeros((8, 8, 3), np.uint8))
-    expect(AssociationError, lambda: get_image_mask_association(str(data), str(tmp_path / "data")),
-           data / "a.png", data / "sub" / "a.jpg", fix="rename or remove")
+    expect(
+        AssociationError,
+        lambda: get_image_mask_association(str(data), str(tmp_path / "data")),
+        data / "a.png",
+        data / "sub" / "a.jpg",
+        fix="rename or remove",
+    )
 
 
 def test_06_duplicate_stems_in_a_hand_made_data_dictionary(tmp_path: Path) -> None:
@@ -156,20 +176,30 @@ def test_07_several_candidate_masks(tmp_path: Path) -> None:
     png(data / "a.png", np.zeros((8, 8, 3), np.uint8))
     png(masks / "a.png", np.zeros((8, 8), np.uint8))
     png(masks / "a.bmp", np.zeros((8, 8), np.uint8))
-    expect(AssociationError, lambda: get_image_mask_association(str(data), str(masks)),
-           masks / "a.png", masks / "a.bmp", fix="keep exactly one")
+    expect(
+        AssociationError,
+        lambda: get_image_mask_association(str(data), str(masks)),
+        masks / "a.png",
+        masks / "a.bmp",
+        fix="keep exactly one",
+    )
 
 
 def test_08_mask_folder_missing(tmp_path: Path) -> None:
     png(tmp_path / "data" / "a.png", np.zeros((8, 8, 3), np.uint8))
-    expect(AssociationError, lambda: get_image_mask_association(str(tmp_path / "data"), str(tmp_path / "masks")),
-           tmp_path / "masks", fix="point it at your masks")
+    expect(
+        AssociationError,
+        lambda: get_image_mask_association(str(tmp_path / "data"), str(tmp_path / "masks")),
+        tmp_path / "masks",
+        fix="point it at your masks",
+    )
 
 
 def test_09_no_mask_folder_and_no_mask_extension(tmp_path: Path) -> None:
     png(tmp_path / "data" / "a.png", np.zeros((8, 8, 3), np.uint8))
-    expect(AssociationError, lambda: get_image_mask_association(str(tmp_path / "data")),
-           "mask_extension", fix="is needed")
+    expect(
+        AssociationError, lambda: get_image_mask_association(str(tmp_path / "data")), "mask_extension", fix="is needed"
+    )
 
 
 def test_10_empty_mask_folder_warns_per_image(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -202,8 +232,12 @@ def test_12_truncated_image(tmp_path: Path, ext: str, split: str) -> None:
     out = tmp_path / "out"
     dd = [{"base_name": path.name, "path": str(path), "mask": None}]
     sizes = {"train": (0.0, 0.0), "val": (1.0, 0.0)}[split]
-    expect(InputDataError, lambda: generate(dd, out, val_size=sizes[0], test_size=sizes[1], missing_mask="good"),
-           path, fix="replace or remove")
+    expect(
+        InputDataError,
+        lambda: generate(dd, out, val_size=sizes[0], test_size=sizes[1], missing_mask="good"),
+        path,
+        fix="replace or remove",
+    )
     assert_no_dataset(out)
 
 
@@ -238,8 +272,13 @@ def _one_val_patch(tmp_path: Path, path: Path, shape: tuple[int, int]) -> np.nda
     """Generate a 1x1-grid dataset with ``path`` in val and return its only patch."""
     mask = png(tmp_path / "in" / "masks" / f"{path.stem}.png", np.zeros(shape, np.uint8))
     out = tmp_path / "out"
-    generate([{"base_name": path.name, "path": str(path), "mask": str(mask)}], out, val_size=1.0, test_size=0.0,
-             patch_number=[1, 1])
+    generate(
+        [{"base_name": path.name, "path": str(path), "mask": str(mask)}],
+        out,
+        val_size=1.0,
+        test_size=0.0,
+        patch_number=[1, 1],
+    )
     patch = cv2.imread(str(out / "val" / "bg" / f"{path.stem}_0.png"), cv2.IMREAD_UNCHANGED)
     assert patch is not None and (out / "patchflow.json").is_file()
     return patch
@@ -278,8 +317,14 @@ def test_19_image_smaller_than_a_patch_is_padded(tmp_path: Path) -> None:
     ip = png(tmp_path / "in" / "small.png", img)
     mp = png(tmp_path / "in" / "masks" / "small.png", np.zeros((20, 24), np.uint8))
     out = tmp_path / "out"
-    generate([{"base_name": ip.name, "path": str(ip), "mask": str(mp)}], out, val_size=1.0, test_size=0.0,
-             patch_number=None, patch_size=[32, 32])
+    generate(
+        [{"base_name": ip.name, "path": str(ip), "mask": str(mp)}],
+        out,
+        val_size=1.0,
+        test_size=0.0,
+        patch_number=None,
+        patch_size=[32, 32],
+    )
     patch = cv2.imread(str(out / "val" / "bg" / "small_0.png"))
     assert patch.shape == (32, 32, 3)
     assert np.array_equal(patch[:20, :24], img)
@@ -356,8 +401,13 @@ def test_25_mask_encodings_accepted(tmp_path: Path, kind: str) -> None:
         im.save(mp)
     ip = png(tmp_path / "in" / "m.png", np.full((16, 20, 3), 80, np.uint8))
     out = tmp_path / "out"
-    generate([{"base_name": ip.name, "path": str(ip), "mask": str(mp)}], out, val_size=1.0, test_size=0.0,
-             patch_number=[1, 1])
+    generate(
+        [{"base_name": ip.name, "path": str(ip), "mask": str(mp)}],
+        out,
+        val_size=1.0,
+        test_size=0.0,
+        patch_number=[1, 1],
+    )
     assert [p.name for p in (out / "val" / "b").iterdir()] == ["m_0.png"]  # class 'b' = index 2
     saved = cv2.imread(str(out / "original" / "masks" / "m.png"), cv2.IMREAD_UNCHANGED)
     assert saved.ndim == 2 and np.array_equal(saved, mask)
@@ -376,8 +426,12 @@ def test_26_empty_data_dictionary(tmp_path: Path) -> None:
 def test_27_unusable_class_names(tmp_path: Path, bad: str) -> None:
     dd = source(tmp_path, n=2)
     out = tmp_path / "out"
-    expect(ValueError, lambda: generate(dd, out, class_to_idx={"bg": 0, bad: 1, "b": 2}), repr(bad),
-           fix="no commas or slashes")
+    expect(
+        ValueError,
+        lambda: generate(dd, out, class_to_idx={"bg": 0, bad: 1, "b": 2}),
+        repr(bad),
+        fix="no commas or slashes",
+    )
     assert_no_dataset(out)
 
 
@@ -408,22 +462,36 @@ def test_29_bad_geometry(tmp_path: Path, kw: dict, key: str) -> None:
 
 def test_30_val_plus_test_above_one(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    expect(ValueError, lambda: generate(source(tmp_path, n=2), out, val_size=0.7, test_size=0.5),
-           "val_size", "test_size", fix="sum <= 1")
+    expect(
+        ValueError,
+        lambda: generate(source(tmp_path, n=2), out, val_size=0.7, test_size=0.5),
+        "val_size",
+        "test_size",
+        fix="sum <= 1",
+    )
     assert_no_dataset(out)
 
 
 def test_31_annotated_good_not_a_class(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    expect(ValueError, lambda: generate(source(tmp_path, n=2), out, annotated_good=["scratch"]),
-           "annotated_good", "'scratch'", fix="must be a non-background class name")
+    expect(
+        ValueError,
+        lambda: generate(source(tmp_path, n=2), out, annotated_good=["scratch"]),
+        "annotated_good",
+        "'scratch'",
+        fix="must be a non-background class name",
+    )
     assert_no_dataset(out)
 
 
 def test_32_lambda_mask_preprocessing_with_workers(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    expect(ValueError, lambda: generate(source(tmp_path, n=2), out, num_workers=2, mask_preprocessing=lambda m: m[..., 0]),
-           "mask_preprocessing", fix="module-level function")
+    expect(
+        ValueError,
+        lambda: generate(source(tmp_path, n=2), out, num_workers=2, mask_preprocessing=lambda m: m[..., 0]),
+        "mask_preprocessing",
+        fix="module-level function",
+    )
     assert_no_dataset(out)
 
 
@@ -436,8 +504,12 @@ def test_33_clear_output_folder_on_a_user_folder(tmp_path: Path) -> None:
     (user / "thesis" / "chapter1.tex").write_text("precious")
     (user / "notes.txt").write_text("precious too")
     before = tree_digest(user)
-    expect(FileExistsError, lambda: generate(source(tmp_path, n=2), user, clear_output_folder=True),
-           user, fix="choose a new or empty folder")
+    expect(
+        FileExistsError,
+        lambda: generate(source(tmp_path, n=2), user, clear_output_folder=True),
+        user,
+        fix="choose a new or empty folder",
+    )
     assert tree_digest(user) == before  # never deleted, never touched
     assert_no_dataset(user, existed=True)
 
@@ -492,7 +564,9 @@ def full_disk(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path,
         dd = make_dataset(tmp / "src", n=4, n_empty=1)
         out = tmp / "out"
         arg = json.dumps({"dd": dd, "classes": CLASS_TO_IDX, "out": str(out), "kw": kw})
-        proc = subprocess.run([sys.executable, "-c", _FULL_DISK, arg], cwd=REPO, capture_output=True, text=True, timeout=120)
+        proc = subprocess.run(
+            [sys.executable, "-c", _FULL_DISK, arg], cwd=REPO, capture_output=True, text=True, timeout=120
+        )
         assert proc.returncode == 0, proc.stderr
         runs[name] = (out, json.loads(proc.stdout.strip().splitlines()[-1]))
     return runs
@@ -506,13 +580,13 @@ def test_36_full_output_disk(full_disk) -> None:
 
 def test_37_full_output_disk_h5_message(full_disk) -> None:
     """The first write of a run without copied originals is an h5 file: the error names it and the fix."""
-    out, res = full_disk["no-originals"]
+    _out, res = full_disk["no-originals"]
     assert re.search(r"could not write \S+\.h5", res["msg"]), res
     assert "free disk space" in res["msg"]
 
 
 def test_38_full_output_disk_message_names_the_file(full_disk) -> None:
-    out, res = full_disk["default"]
+    _out, res = full_disk["default"]
     assert "could not write" in res["msg"] and "free disk space" in res["msg"], res
 
 
@@ -546,8 +620,13 @@ def test_42_info_json_missing_keys(dataset: Path) -> None:
     info = json.loads((dataset / "info.json").read_text())
     del info["train_files"]
     (dataset / "info.json").write_text(json.dumps(info))
-    expect(DatasetFormatError, lambda: read_info(dataset), dataset / "info.json", "train_files",
-           fix="regenerate the patch dataset")
+    expect(
+        DatasetFormatError,
+        lambda: read_info(dataset),
+        dataset / "info.json",
+        "train_files",
+        fix="regenerate the patch dataset",
+    )
 
 
 @pytest.mark.parametrize("line", ["im_0_good.h5,bg,extra", "im_0_good.h5", ",bg", "im_0_good.h5,"])
@@ -562,8 +641,13 @@ def test_44_dataset_txt_class_not_in_class_to_idx(dataset: Path) -> None:
     p = dataset / "train" / "dataset.txt"
     h5 = p.read_text().splitlines()[0].split(",")[0]
     p.write_text(f"{h5},scratch\n")
-    expect(DatasetFormatError, lambda: draw_pass(dataset, read_train_list(dataset), CLASS_TO_IDX, 0, 0),
-           "'scratch'", h5, fix="add it to class_to_idx or list it in class_to_skip")
+    expect(
+        DatasetFormatError,
+        lambda: draw_pass(dataset, read_train_list(dataset), CLASS_TO_IDX, 0, 0),
+        "'scratch'",
+        h5,
+        fix="add it to class_to_idx or list it in class_to_skip",
+    )
 
 
 def _first_h5(dataset: Path) -> Path:
@@ -574,8 +658,13 @@ def test_45_h5_missing_datasets(dataset: Path) -> None:
     h5 = _first_h5(dataset)
     with h5py.File(h5, "a") as f:
         del f["triangles"]
-    expect(DatasetFormatError, lambda: draw_pass(dataset, read_train_list(dataset), CLASS_TO_IDX, 0, 0),
-           h5, "triangles", fix="regenerate the dataset")
+    expect(
+        DatasetFormatError,
+        lambda: draw_pass(dataset, read_train_list(dataset), CLASS_TO_IDX, 0, 0),
+        h5,
+        "triangles",
+        fix="regenerate the dataset",
+    )
 
 
 def test_46_h5_not_an_hdf5_file(dataset: Path) -> None:
@@ -587,8 +676,12 @@ def test_46_h5_not_an_hdf5_file(dataset: Path) -> None:
 def test_47_h5_listed_but_missing(dataset: Path) -> None:
     h5 = _first_h5(dataset)
     h5.unlink()
-    expect(DatasetFormatError, lambda: draw_pass(dataset, read_train_list(dataset), CLASS_TO_IDX, 0, 0),
-           h5, fix="regenerate the dataset or remove its lines")
+    expect(
+        DatasetFormatError,
+        lambda: draw_pass(dataset, read_train_list(dataset), CLASS_TO_IDX, 0, 0),
+        h5,
+        fix="regenerate the dataset or remove its lines",
+    )
 
 
 def test_48_h5_bad_triangles_shape(dataset: Path) -> None:
@@ -602,15 +695,23 @@ def test_48_h5_bad_triangles_shape(dataset: Path) -> None:
 def test_49_image_referenced_by_h5_missing(dataset: Path) -> None:
     for p in (dataset / "original" / "images").iterdir():
         p.unlink()
-    expect(DatasetFormatError, lambda: draw_pass(dataset, read_train_list(dataset), CLASS_TO_IDX, 0, 0),
-           dataset / "original" / "images", fix="restore the image or regenerate the dataset")
+    expect(
+        DatasetFormatError,
+        lambda: draw_pass(dataset, read_train_list(dataset), CLASS_TO_IDX, 0, 0),
+        dataset / "original" / "images",
+        fix="restore the image or regenerate the dataset",
+    )
 
 
 def test_50_val_patch_in_an_unknown_class_folder(dataset: Path) -> None:
     stray = dataset / "val" / "masks" / "x_0.png"
     png(stray, np.zeros((4, 4, 3), np.uint8))
-    expect(DatasetFormatError, lambda: list_split(dataset, "val", CLASS_TO_IDX), dataset / "val" / "masks",
-           fix="add it to class_to_idx, or exclude")
+    expect(
+        DatasetFormatError,
+        lambda: list_split(dataset, "val", CLASS_TO_IDX),
+        dataset / "val" / "masks",
+        fix="add it to class_to_idx, or exclude",
+    )
 
 
 def test_51_val_patch_directly_in_the_split_folder(dataset: Path) -> None:
@@ -621,10 +722,16 @@ def test_51_val_patch_directly_in_the_split_folder(dataset: Path) -> None:
 def test_52_train_filename_names_a_missing_file(dataset: Path, tmp_path: Path) -> None:
     from tasks.features.store import extract_train_pass
 
-    cfg = TrainFlowConfig.model_validate({"datamodule": {"data_path": str(dataset), "train_filename": "datset.txt"},
-                                          "backbone": {"weights": None}})
-    expect(ValueError, lambda: extract_train_pass(cfg, 0, tmp_path / "store"), "datset.txt",
-           "datamodule.train_filename", fix="not found|does not exist")
+    cfg = TrainFlowConfig.model_validate(
+        {"datamodule": {"data_path": str(dataset), "train_filename": "datset.txt"}, "backbone": {"weights": None}}
+    )
+    expect(
+        ValueError,
+        lambda: extract_train_pass(cfg, 0, tmp_path / "store"),
+        "datset.txt",
+        "datamodule.train_filename",
+        fix="not found|does not exist",
+    )
 
 
 # ================================================================================ G. configuration
@@ -637,8 +744,12 @@ def _yaml(tmp_path: Path, text: str) -> Path:
 
 
 def test_53_config_file_not_found(tmp_path: Path) -> None:
-    expect(ConfigError, lambda: parse_cli(TrainFlowConfig, ["--config", str(tmp_path / "nope.yaml")], "x"),
-           tmp_path / "nope.yaml", fix="check the --config path")
+    expect(
+        ConfigError,
+        lambda: parse_cli(TrainFlowConfig, ["--config", str(tmp_path / "nope.yaml")], "x"),
+        tmp_path / "nope.yaml",
+        fix="check the --config path",
+    )
 
 
 def test_54_bad_yaml(tmp_path: Path) -> None:
@@ -654,14 +765,24 @@ def test_55_yaml_not_a_mapping(tmp_path: Path) -> None:
 
 def test_56_unknown_config_key_names_close_matches(tmp_path: Path) -> None:
     p = _yaml(tmp_path, "datamodule:\n  data_path: x\n  batchsize: 8\ntrainer:\n  iterations: 3\n")
-    msg = expect(ConfigError, lambda: load_config(TrainFlowConfig, p), p, "datamodule.batchsize",
-                 "trainer.iterations", fix="did you mean 'batch_size'")
+    msg = expect(
+        ConfigError,
+        lambda: load_config(TrainFlowConfig, p),
+        p,
+        "datamodule.batchsize",
+        "trainer.iterations",
+        fix="did you mean 'batch_size'",
+    )
     assert "iteration_over_training" in msg
 
 
 def test_57_unknown_key_in_an_override() -> None:
-    expect(ConfigError, lambda: load_config(TrainFlowConfig, None, ["datamodule.data_path=x", "backbone.nmae=resnet18"]),
-           "backbone.nmae", fix="did you mean 'name'")
+    expect(
+        ConfigError,
+        lambda: load_config(TrainFlowConfig, None, ["datamodule.data_path=x", "backbone.nmae=resnet18"]),
+        "backbone.nmae",
+        fix="did you mean 'name'",
+    )
 
 
 @pytest.mark.parametrize(
@@ -675,8 +796,12 @@ def test_57_unknown_key_in_an_override() -> None:
     ],
 )
 def test_58_wrong_types_and_values(override: str, key: str) -> None:
-    expect(ConfigError, lambda: parse_cli(TrainFlowConfig, ["datamodule.data_path=x", override], "x"), f"'{key}'",
-           fix="should|must|give a list")
+    expect(
+        ConfigError,
+        lambda: parse_cli(TrainFlowConfig, ["datamodule.data_path=x", override], "x"),
+        f"'{key}'",
+        fix="should|must|give a list",
+    )
 
 
 def test_59_missing_required_key(tmp_path: Path) -> None:
@@ -685,23 +810,40 @@ def test_59_missing_required_key(tmp_path: Path) -> None:
 
 
 def test_60_malformed_override() -> None:
-    expect(ConfigError, lambda: parse_cli(TrainFlowConfig, ["datamodule.data_path"], "x"), "datamodule.data_path",
-           fix="must look like dotted.key=value")
+    expect(
+        ConfigError,
+        lambda: parse_cli(TrainFlowConfig, ["datamodule.data_path"], "x"),
+        "datamodule.data_path",
+        fix="must look like dotted.key=value",
+    )
 
 
 def test_61_override_into_a_value_that_is_not_a_section() -> None:
-    expect(ConfigError, lambda: load_config(TrainFlowConfig, None, ["datamodule.data_path=x", "datamodule.data_path.sub=1"]),
-           "data_path", fix="is not a section")
+    expect(
+        ConfigError,
+        lambda: load_config(TrainFlowConfig, None, ["datamodule.data_path=x", "datamodule.data_path.sub=1"]),
+        "data_path",
+        fix="is not a section",
+    )
 
 
 def test_62_dataset_config_geometry_and_class_map() -> None:
     from tasks.dataset.config import DatasetFlowConfig
 
     base = ["data.images=imgs", "data.class_to_idx={bg: 0, a: 1}"]
-    expect(ConfigError, lambda: load_config(DatasetFlowConfig, None, [*base, "dataset.val_size=0.2"]),
-           "dataset.patch_number", "dataset.patch_size", fix="set exactly one")
-    expect(ConfigError, lambda: load_config(DatasetFlowConfig, None, ["data.images=imgs", "dataset.patch_number=[2, 2]"]),
-           "data.class_to_idx", fix="set data.class_to_idx")
+    expect(
+        ConfigError,
+        lambda: load_config(DatasetFlowConfig, None, [*base, "dataset.val_size=0.2"]),
+        "dataset.patch_number",
+        "dataset.patch_size",
+        fix="set exactly one",
+    )
+    expect(
+        ConfigError,
+        lambda: load_config(DatasetFlowConfig, None, ["data.images=imgs", "dataset.patch_number=[2, 2]"]),
+        "data.class_to_idx",
+        fix="set data.class_to_idx",
+    )
 
 
 def test_63_class_to_idx_file_unreadable(tmp_path: Path) -> None:
@@ -718,25 +860,38 @@ def test_63_class_to_idx_file_unreadable(tmp_path: Path) -> None:
 def test_64_evaluate_config_unknown_key() -> None:
     from tasks.evaluation.config import EvaluateFlowConfig
 
-    expect(ConfigError, lambda: load_config(EvaluateFlowConfig, None, [
-        "datamodule.data_path=x", "task.model_path=m", "task.output.reconstruction=soft"]),
-        "task.output.reconstruction", fix="did you mean 'reconstruction_method'")
+    expect(
+        ConfigError,
+        lambda: load_config(
+            EvaluateFlowConfig, None, ["datamodule.data_path=x", "task.model_path=m", "task.output.reconstruction=soft"]
+        ),
+        "task.output.reconstruction",
+        fix="did you mean 'reconstruction_method'",
+    )
 
 
 def test_65_cli_prints_one_error_and_exits_2(tmp_path: Path) -> None:
     """The real CLI: one 'error:' message, no traceback, exit code 2, no output folder."""
     out = tmp_path / "patches"
-    cfg = _yaml(tmp_path, f"""\
+    cfg = _yaml(
+        tmp_path,
+        f"""\
         data:
-          images: {tmp_path / 'imgs'}
+          images: {tmp_path / "imgs"}
           class_to_idx: {{bg: 0}}
         dataset:
           output_folder: {out}
           patch_number: [2, 2]
           overlp: 0.5
-        """)
-    proc = subprocess.run([sys.executable, "-m", "flows.dataset", "--config", str(cfg)], cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
+        """,
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "flows.dataset", "--config", str(cfg)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
     assert "dataset.overlp" in proc.stderr and "did you mean 'overlap'" in proc.stderr
@@ -744,11 +899,13 @@ def test_65_cli_prints_one_error_and_exits_2(tmp_path: Path) -> None:
 
 
 def test_65b_cli_input_error_ends_with_one_error_line_and_exit_1(tmp_path: Path) -> None:
-    """A bad input found inside a flow run (empty image folder): exit code 1 and one 'error: ...' line naming the folder."""
+    """A bad input found inside a flow run (empty image folder): exit 1 and one 'error: ...' line naming the folder."""
     imgs = tmp_path / "imgs"
     imgs.mkdir()
     out = tmp_path / "patches"
-    cfg = _yaml(tmp_path, f"""\
+    cfg = _yaml(
+        tmp_path,
+        f"""\
         data:
           images: {imgs}
           masks: {imgs}
@@ -756,12 +913,19 @@ def test_65b_cli_input_error_ends_with_one_error_line_and_exit_1(tmp_path: Path)
         dataset:
           output_folder: {out}
           patch_number: [2, 2]
-        storage_root: {tmp_path / 'store'}
-        """)
+        storage_root: {tmp_path / "store"}
+        """,
+    )
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     env["PREFECT_HOME"] = str(tmp_path / "home")
-    proc = subprocess.run([sys.executable, "-m", "flows.dataset", "--config", str(cfg)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "flows.dataset", "--config", str(cfg)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 1, proc.stderr[-2000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and str(imgs) in errors[0], proc.stderr[-2000:]
@@ -780,8 +944,12 @@ def test_66_unknown_backbone() -> None:
 def test_67_weights_file_missing(tmp_path: Path) -> None:
     from tasks.features.weights import BackboneError, resolve_weights
 
-    expect(BackboneError, lambda: resolve_weights("mobilenet_v2", str(tmp_path / "w.pth")), tmp_path / "w.pth",
-           fix="fix backbone.weights")
+    expect(
+        BackboneError,
+        lambda: resolve_weights("mobilenet_v2", str(tmp_path / "w.pth")),
+        tmp_path / "w.pth",
+        fix="fix backbone.weights",
+    )
 
 
 def test_68_weights_file_not_a_checkpoint(tmp_path: Path) -> None:
@@ -790,7 +958,12 @@ def test_68_weights_file_not_a_checkpoint(tmp_path: Path) -> None:
 
     w = tmp_path / "w.pth"
     w.write_bytes(b"definitely not a torch file")
-    expect(BackboneError, lambda: build_backbone("mobilenet_v2", str(w)), w, fix="point backbone.weights at a pytorch state dict")
+    expect(
+        BackboneError,
+        lambda: build_backbone("mobilenet_v2", str(w)),
+        w,
+        fix="point backbone.weights at a pytorch state dict",
+    )
 
 
 def test_69_weights_of_another_architecture(tmp_path: Path) -> None:
@@ -802,16 +975,26 @@ def test_69_weights_of_another_architecture(tmp_path: Path) -> None:
 
     w = tmp_path / "resnet18.pth"
     torch.save(models.resnet18(weights=None).state_dict(), w)
-    expect(BackboneError, lambda: build_backbone("mobilenet_v2", str(w)), w, "'mobilenet_v2'",
-           fix="set backbone.name to the architecture")
+    expect(
+        BackboneError,
+        lambda: build_backbone("mobilenet_v2", str(w)),
+        w,
+        "'mobilenet_v2'",
+        fix="set backbone.name to the architecture",
+    )
 
 
 def test_70_imagenet_weights_absent_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from tasks.features.weights import BackboneError, resolve_weights
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    expect(BackboneError, lambda: resolve_weights("resnet18", "imagenet"), "resnet18-f37072fd.pth",
-           tmp_path / "torch", fix="put the official file")
+    expect(
+        BackboneError,
+        lambda: resolve_weights("resnet18", "imagenet"),
+        "resnet18-f37072fd.pth",
+        tmp_path / "torch",
+        fix="put the official file",
+    )
 
 
 # ===================================================================== I. bundles, predict, evaluate
@@ -835,10 +1018,20 @@ def bundle_src(tmp_path_factory: pytest.TempPathFactory) -> Path:
     x, y = rng.normal(size=(20, 1280)), np.arange(20) % 2
     skops.io.dump(LogisticRegression(max_iter=200).fit(x, y), root / "classifier.skops")
     meta = {
-        "input_size": [[3, 32, 32]], "classes": {"0": "bg", "1": "a"}, "mean": [0.485, 0.456, 0.406],
-        "std": [0.229, 0.224, 0.225], "horizontal_patches": 2, "vertical_patches": 2, "patch_height": None,
-        "patch_width": None, "overlap": 0.0, "reconstruction_method": "major_voting", "class_to_skip": None,
-        "backbone": "mobilenet_v2", "runtime": "torch", "patchflow_version": CODE_VERSION,
+        "input_size": [[3, 32, 32]],
+        "classes": {"0": "bg", "1": "a"},
+        "mean": [0.485, 0.456, 0.406],
+        "std": [0.229, 0.224, 0.225],
+        "horizontal_patches": 2,
+        "vertical_patches": 2,
+        "patch_height": None,
+        "patch_width": None,
+        "overlap": 0.0,
+        "reconstruction_method": "major_voting",
+        "class_to_skip": None,
+        "backbone": "mobilenet_v2",
+        "runtime": "torch",
+        "patchflow_version": CODE_VERSION,
     }
     (root / "model.json").write_text(json.dumps(meta))
     write_manifest(root)  # as the train flow's export does
@@ -869,18 +1062,32 @@ def _edit_meta(b: Path, **changes) -> None:
 
 
 def test_71_bundle_path_missing(tmp_path: Path) -> None:
-    expect(bdl.BundleError, lambda: _load(tmp_path / "runs" / "deployment_model"), tmp_path / "runs",
-           fix="point it at a deployment_model/ folder")
+    expect(
+        bdl.BundleError,
+        lambda: _load(tmp_path / "runs" / "deployment_model"),
+        tmp_path / "runs",
+        fix="point it at a deployment_model/ folder",
+    )
 
 
 @pytest.mark.parametrize("missing", ["classifier.skops", "model.json"])
 def test_72_bundle_missing_files(bundle: Path, missing: str) -> None:
     (bundle / missing).unlink()
-    expect(bdl.BundleError, lambda: _load(bundle / "model.pth"), bundle, f"{missing} was deleted after export",
-           fix=r"re-export the model \(or restore the file\)")  # an exported bundle: its manifest names the file
+    expect(
+        bdl.BundleError,
+        lambda: _load(bundle / "model.pth"),
+        bundle,
+        f"{missing} was deleted after export",
+        fix=r"re-export the model \(or restore the file\)",
+    )  # an exported bundle: its manifest names the file
     (bundle / "_manifest.json").unlink()  # a hand-made folder
-    expect(bdl.BundleError, lambda: _load(bundle / "model.pth"), bundle, missing,
-           fix=r"needs model.json and classifier.skops \(or Quadra's classifier.joblib\)")
+    expect(
+        bdl.BundleError,
+        lambda: _load(bundle / "model.pth"),
+        bundle,
+        missing,
+        fix=r"needs model.json and classifier.skops \(or Quadra's classifier.joblib\)",
+    )
 
 
 def test_73_bundle_from_an_incompatible_version(bundle: Path) -> None:
@@ -908,8 +1115,12 @@ def test_76_predict_corrupt_image_removes_stale_marker(bundle: Path, tmp_path: P
     predict_images(bundle, images, out, batch_size=8)  # a first, successful run
     assert (out / "predictions.json").is_file() and (out / "a_classmap.png").is_file()
     (images / "b.png").write_bytes(b"\x89PNG broken")
-    expect(InputDataError, lambda: predict_images(bundle, images, out, batch_size=8), images / "b.png",
-           fix="replace or remove")
+    expect(
+        InputDataError,
+        lambda: predict_images(bundle, images, out, batch_size=8),
+        images / "b.png",
+        fix="replace or remove",
+    )
     assert not (out / "predictions.json").exists()  # the earlier run's marker cannot pass for this run's
 
 
@@ -917,8 +1128,12 @@ def test_77_predict_images_folder_missing(bundle: Path, tmp_path: Path) -> None:
     from tasks.predict.stage import predict_images
 
     out = tmp_path / "pred"
-    expect(FileNotFoundError, lambda: predict_images(bundle, tmp_path / "nope", out), tmp_path / "nope",
-           fix="point --images at")
+    expect(
+        FileNotFoundError,
+        lambda: predict_images(bundle, tmp_path / "nope", out),
+        tmp_path / "nope",
+        fix="point --images at",
+    )
     assert not out.exists()
 
 
@@ -928,7 +1143,12 @@ def test_78_predict_with_an_incompatible_bundle(bundle: Path, tmp_path: Path) ->
     _edit_meta(bundle, patchflow_version="patchflow-9.0.0")
     png(tmp_path / "raw" / "a.png", np.zeros((8, 8, 3), np.uint8))
     out = tmp_path / "pred"
-    expect(bdl.BundleError, lambda: predict_images(bundle, tmp_path / "raw", out), "patchflow-9.0.0", fix="retrain or upgrade")
+    expect(
+        bdl.BundleError,
+        lambda: predict_images(bundle, tmp_path / "raw", out),
+        "patchflow-9.0.0",
+        fix="retrain or upgrade",
+    )
     assert not out.exists()
 
 
@@ -938,15 +1158,29 @@ def test_79_evaluate_on_a_folder_that_is_not_a_dataset(bundle: Path, tmp_path: P
 
     data = tmp_path / "raw_images"
     png(data / "test" / "a.png", np.zeros((8, 8, 3), np.uint8))
-    cfg = EvaluateFlowConfig.model_validate({"datamodule": {"data_path": str(data)}, "task": {"model_path": str(bundle)}})
+    cfg = EvaluateFlowConfig.model_validate(
+        {"datamodule": {"data_path": str(data)}, "task": {"model_path": str(bundle)}}
+    )
     store = tmp_path / "store"
-    expect(DatasetFormatError, lambda: extract_with_bundle(cfg, bdl.open_bundle(bundle), store), data / "info.json", fix="point data_path at")
+    expect(
+        DatasetFormatError,
+        lambda: extract_with_bundle(cfg, bdl.open_bundle(bundle), store),
+        data / "info.json",
+        fix="point data_path at",
+    )
     assert not store.exists()
 
 
 def test_80_dino_input_size_not_a_multiple_of_8() -> None:
     """Refused when the config is read (not at the first batch): ViT-B/8 cuts images into 8x8 patches."""
-    msg = expect(ConfigError, lambda: load_config(TrainFlowConfig, None, ["datamodule.data_path=x", "backbone.name=dino_vitb8",
-                                                                          "transforms.input_height=100"]),
-                 "dino_vitb8", "transforms.input_height", "100x224", fix="multiples of 8")
+    msg = expect(
+        ConfigError,
+        lambda: load_config(
+            TrainFlowConfig, None, ["datamodule.data_path=x", "backbone.name=dino_vitb8", "transforms.input_height=100"]
+        ),
+        "dino_vitb8",
+        "transforms.input_height",
+        "100x224",
+        fix="multiples of 8",
+    )
     assert "Value error" not in msg

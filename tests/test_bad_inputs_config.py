@@ -49,8 +49,14 @@ def test_130_yaml_alias_bomb_is_refused_quickly_with_a_short_message(tmp_path: P
     assert bomb.stat().st_size < 600
     tracemalloc.start()
     t0 = time.perf_counter()
-    msg = expect(ConfigError, lambda: load_config(TrainFlowConfig, bomb), bomb, "line 5", "100000",
-                 fix="write the values out or use fewer aliases")
+    msg = expect(
+        ConfigError,
+        lambda: load_config(TrainFlowConfig, bomb),
+        bomb,
+        "line 5",
+        "100000",
+        fix="write the values out or use fewer aliases",
+    )
     elapsed = time.perf_counter() - t0
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
@@ -60,17 +66,27 @@ def test_130_yaml_alias_bomb_is_refused_quickly_with_a_short_message(tmp_path: P
 
 def test_130_alias_bomb_in_an_override_and_a_recursive_alias() -> None:
     flat = "[" + ",".join(["*a"] * 9) + "]"
-    bomb = "{a: &a [x,x,x,x,x,x,x,x,x], " + ", ".join(
-        f"{chr(98 + i)}: &{chr(98 + i)} " + flat.replace("*a", f"*{chr(97 + i)}") for i in range(8)) + "}"
-    expect(ConfigError, lambda: parse_overrides([f"model.params={bomb}"]), "override", "model.params",
-           fix="fewer aliases")
-    expect(ConfigError, lambda: parse_overrides(["model.params=&a {x: *a}"]), "override", "line 1",
-           fix="recursive value.*write the value out")
+    bomb = (
+        "{a: &a [x,x,x,x,x,x,x,x,x], "
+        + ", ".join(f"{chr(98 + i)}: &{chr(98 + i)} " + flat.replace("*a", f"*{chr(97 + i)}") for i in range(8))
+        + "}"
+    )
+    expect(
+        ConfigError, lambda: parse_overrides([f"model.params={bomb}"]), "override", "model.params", fix="fewer aliases"
+    )
+    expect(
+        ConfigError,
+        lambda: parse_overrides(["model.params=&a {x: *a}"]),
+        "override",
+        "line 1",
+        fix="recursive value.*write the value out",
+    )
 
 
 def test_130_moderate_aliases_are_still_allowed(tmp_path: Path) -> None:
-    cfg = _write(tmp_path, "defaults: &f [a, b]\ndatamodule:\n  data_path: x\n  include_filter: *f\n"
-                 "  exclude_filter: *f\n")
+    cfg = _write(
+        tmp_path, "defaults: &f [a, b]\ndatamodule:\n  data_path: x\n  include_filter: *f\n  exclude_filter: *f\n"
+    )
     data = load_yaml(cfg)
     data.pop("defaults")
     cfg = load_config(TrainFlowConfig, None, [f"datamodule={json.dumps(data['datamodule'])}"])
@@ -79,10 +95,16 @@ def test_130_moderate_aliases_are_still_allowed(tmp_path: Path) -> None:
 
 def test_130_cli_alias_bomb_is_one_short_error_line(tmp_path: Path) -> None:
     """The real CLI: 575 bytes of aliases gave a 522 MB message and 1.7 GB of memory; now one line, exit 2."""
-    bomb = _write(tmp_path, "data:\n  images: imgs\n  class_to_idx: {bg: 0}\n" + _lol()
-                  + "dataset:\n  patch_number: [2, 2]\n")
-    proc = subprocess.run([sys.executable, "-m", "flows.dataset", "--config", str(bomb)], cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
+    bomb = _write(
+        tmp_path, "data:\n  images: imgs\n  class_to_idx: {bg: 0}\n" + _lol() + "dataset:\n  patch_number: [2, 2]\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "flows.dataset", "--config", str(bomb)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr[:2000]
     assert len(proc.stderr) < 600
@@ -93,17 +115,31 @@ def test_130_cli_alias_bomb_is_one_short_error_line(tmp_path: Path) -> None:
 
 
 def test_131_duplicate_section_names_the_key_the_file_and_both_lines(tmp_path: Path) -> None:
-    cfg = _write(tmp_path, "datamodule:\n  data_path: first\ntrainer:\n  iteration_over_training: 3\n"
-                 "datamodule:\n  data_path: second\n")
+    cfg = _write(
+        tmp_path,
+        "datamodule:\n  data_path: first\ntrainer:\n  iteration_over_training: 3\ndatamodule:\n  data_path: second\n",
+    )
     expect(ConfigError, lambda: load_yaml(cfg), cfg, "key 'datamodule'", "lines 1 and 5", fix="merge them into one")
 
 
 def test_131_duplicate_nested_key_and_duplicate_in_an_override(tmp_path: Path) -> None:
     cfg = _write(tmp_path, "datamodule:\n  data_path: x\n  batch_size: 8\n  seed: 1\n  batch_size: 16\n")
-    expect(ConfigError, lambda: load_config(TrainFlowConfig, cfg), cfg, "'datamodule.batch_size'", "lines 3 and 5",
-           fix="keep only the second")
-    expect(ConfigError, lambda: parse_overrides(["datamodule={data_path: x, data_path: y}"]), "override",
-           "'data_path'", "line 1, columns 2 and 16", fix="given twice")
+    expect(
+        ConfigError,
+        lambda: load_config(TrainFlowConfig, cfg),
+        cfg,
+        "'datamodule.batch_size'",
+        "lines 3 and 5",
+        fix="keep only the second",
+    )
+    expect(
+        ConfigError,
+        lambda: parse_overrides(["datamodule={data_path: x, data_path: y}"]),
+        "override",
+        "'data_path'",
+        "line 1, columns 2 and 16",
+        fix="given twice",
+    )
 
 
 def test_131_merge_keys_override_without_being_duplicates(tmp_path: Path) -> None:
@@ -116,20 +152,29 @@ def test_131_merge_keys_override_without_being_duplicates(tmp_path: Path) -> Non
 
 def test_132_huge_values_are_cut_short_in_validation_errors(tmp_path: Path) -> None:
     cfg = _write(tmp_path, "datamodule:\n  data_path: x\n  seed: '" + "9" * 1_000_000 + "'\n")
-    msg = expect(ConfigError, lambda: load_config(TrainFlowConfig, cfg), "'datamodule.seed'", "...",
-                 fix="valid integer")
+    msg = expect(
+        ConfigError, lambda: load_config(TrainFlowConfig, cfg), "'datamodule.seed'", "...", fix="valid integer"
+    )
     assert len(msg) < 600
     long_key = "k" * 100_000
-    msg = expect(ConfigError, lambda: load_config(TrainFlowConfig, None, ["datamodule.data_path=x", f"{long_key}=1"]),
-                 "unknown key", "...", fix="known keys")
+    msg = expect(
+        ConfigError,
+        lambda: load_config(TrainFlowConfig, None, ["datamodule.data_path=x", f"{long_key}=1"]),
+        "unknown key",
+        "...",
+        fix="known keys",
+    )
     assert len(msg) < 1000
 
 
 def test_132_many_problems_are_counted_not_listed() -> None:
     values = json.dumps(list(range(5000)))
-    msg = expect(ConfigError, lambda: load_config(TrainFlowConfig, None, ["datamodule.data_path=x",
-                                                                          f"datamodule.include_filter={values}"]),
-                 "'datamodule.include_filter.0'", fix="and 4980 more problems")
+    msg = expect(
+        ConfigError,
+        lambda: load_config(TrainFlowConfig, None, ["datamodule.data_path=x", f"datamodule.include_filter={values}"]),
+        "'datamodule.include_filter.0'",
+        fix="and 4980 more problems",
+    )
     assert msg.count("\n") <= 22 and len(msg) < 4000
 
 
@@ -144,14 +189,19 @@ def test_132_unreadable_values_are_one_line(tmp_path: Path) -> None:
 # ============================================================================ 133. tags, depth, syntax
 
 
-@pytest.mark.parametrize("tag", ["!!python/object/apply:os.system", "!!python/name:os.system",
-                                 "!!python/object/new:subprocess.Popen"])
+@pytest.mark.parametrize(
+    "tag", ["!!python/object/apply:os.system", "!!python/name:os.system", "!!python/object/new:subprocess.Popen"]
+)
 def test_133_python_tags_are_refused_and_never_run(tmp_path: Path, tag: str) -> None:
     marker = tmp_path / "ran"
     cfg = _write(tmp_path, f"datamodule:\n  data_path: {tag} [['touch', '{marker}']]\n")
     expect(ConfigError, lambda: load_yaml(cfg), cfg, "line 2", fix="remove the tag")
-    expect(ConfigError, lambda: parse_overrides([f"datamodule.data_path={tag} ['touch {marker}']"]), "override",
-           fix="remove the tag")
+    expect(
+        ConfigError,
+        lambda: parse_overrides([f"datamodule.data_path={tag} ['touch {marker}']"]),
+        "override",
+        fix="remove the tag",
+    )
     assert not marker.exists()
 
 
@@ -185,8 +235,13 @@ def test_134_config_file_not_utf8_binary_or_a_folder(tmp_path: Path) -> None:
 
 
 def test_134_cli_config_folder_is_one_error_line(tmp_path: Path) -> None:
-    proc = subprocess.run([sys.executable, "-m", "flows.train", "--config", str(tmp_path)], cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "flows.train", "--config", str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr
     assert "is a folder" in proc.stderr
 
@@ -209,8 +264,14 @@ def test_134_cli_config_folder_is_one_error_line(tmp_path: Path) -> None:
     ],
 )
 def test_135_train_config_counts_seeds_and_indices_are_strict(override: str, key: str, got: str, hint: str) -> None:
-    expect(ConfigError, lambda: load_config(TrainFlowConfig, None, ["datamodule.data_path=x", override]),
-           f"'{key}'", f"(got {got})", "valid integer", fix=hint)
+    expect(
+        ConfigError,
+        lambda: load_config(TrainFlowConfig, None, ["datamodule.data_path=x", override]),
+        f"'{key}'",
+        f"(got {got})",
+        "valid integer",
+        fix=hint,
+    )
 
 
 @pytest.mark.parametrize(
@@ -228,33 +289,55 @@ def test_135_dataset_config_counts_seeds_and_indices_are_strict(override: str, k
     from tasks.dataset.config import DatasetFlowConfig
 
     base = ["data.images=imgs", "data.class_to_idx={bg: 0, a: 1}", "dataset.patch_number=[2, 2]"]
-    expect(ConfigError, lambda: load_config(DatasetFlowConfig, None, [*base, override]), f"'{key}'",
-           fix="valid integer")
+    expect(
+        ConfigError, lambda: load_config(DatasetFlowConfig, None, [*base, override]), f"'{key}'", fix="valid integer"
+    )
 
 
 def test_135_evaluate_predict_retrain_configs_are_strict() -> None:
-    from tasks.predict.config import PredictFlowConfig
     from flows.retrain import RetrainFlowConfig
     from tasks.evaluation.config import EvaluateFlowConfig
+    from tasks.predict.config import PredictFlowConfig
 
     ev = ["datamodule.data_path=x", "task.model_path=m"]
-    expect(ConfigError, lambda: load_config(EvaluateFlowConfig, None, [*ev, "task.output.n_overlays=true"]),
-           "'task.output.n_overlays'", fix="true/false")
-    expect(ConfigError, lambda: load_config(EvaluateFlowConfig, None, [*ev, "datamodule.batch_size=8.0"]),
-           "'datamodule.batch_size'", fix="decimal point: 8")
+    expect(
+        ConfigError,
+        lambda: load_config(EvaluateFlowConfig, None, [*ev, "task.output.n_overlays=true"]),
+        "'task.output.n_overlays'",
+        fix="true/false",
+    )
+    expect(
+        ConfigError,
+        lambda: load_config(EvaluateFlowConfig, None, [*ev, "datamodule.batch_size=8.0"]),
+        "'datamodule.batch_size'",
+        fix="decimal point: 8",
+    )
     predict = {"model": "m", "images": "i", "out": "o", "batch_size": True}
     expect(ConfigError, lambda: validate_config(PredictFlowConfig, predict), "'batch_size'", fix="true/false")
     rt = ["data.images=imgs", "data.class_to_idx={bg: 0, a: 1}", "dataset.patch_size=[64, 64]"]
-    expect(ConfigError, lambda: load_config(RetrainFlowConfig, None, [*rt, "train.datamodule.seed=1.0"]),
-           "'train.datamodule.seed'", fix="decimal point")
+    expect(
+        ConfigError,
+        lambda: load_config(RetrainFlowConfig, None, [*rt, "train.datamodule.seed=1.0"]),
+        "'train.datamodule.seed'",
+        fix="decimal point",
+    )
 
 
 def test_135_floats_stay_lax_and_tuples_take_lists() -> None:
     from tasks.dataset.config import DatasetFlowConfig
 
-    cfg = load_config(DatasetFlowConfig, None, ["data.images=imgs", "data.class_to_idx={bg: 0, a: 1}",
-                                                "dataset.patch_size=[64, 32]", "dataset.val_size=0",
-                                                "dataset.overlap=0", "dataset.test_size=1"])
+    cfg = load_config(
+        DatasetFlowConfig,
+        None,
+        [
+            "data.images=imgs",
+            "data.class_to_idx={bg: 0, a: 1}",
+            "dataset.patch_size=[64, 32]",
+            "dataset.val_size=0",
+            "dataset.overlap=0",
+            "dataset.test_size=1",
+        ],
+    )
     assert cfg.dataset.patch_size == (64, 32) and cfg.dataset.val_size == 0.0 and isinstance(cfg.dataset.overlap, float)
     again = validate_config(DatasetFlowConfig, json.loads(json.dumps(cfg.model_dump(mode="json"))))  # as Prefect sends
     assert again == cfg
@@ -298,8 +381,14 @@ def test_136_class_to_idx_file_values_are_strict(tmp_path: Path, content: str, n
 
     f = tmp_path / "classes.json"
     f.write_text(content)
-    expect(ConfigError, DataSection(images="imgs", class_to_idx_file=str(f)).resolved_class_to_idx,
-           "data.class_to_idx_file", f, *names, fix=fix)
+    expect(
+        ConfigError,
+        DataSection(images="imgs", class_to_idx_file=str(f)).resolved_class_to_idx,
+        "data.class_to_idx_file",
+        f,
+        *names,
+        fix=fix,
+    )
 
 
 def test_136_class_to_idx_file_not_utf8(tmp_path: Path) -> None:
@@ -307,8 +396,13 @@ def test_136_class_to_idx_file_not_utf8(tmp_path: Path) -> None:
 
     f = tmp_path / "classes.json"
     f.write_bytes('{"bg": 0, "défaut": 1}'.encode("latin-1"))
-    msg = expect(ConfigError, DataSection(images="imgs", class_to_idx_file=str(f)).resolved_class_to_idx,
-                 "data.class_to_idx_file", f, fix="cannot read a JSON mapping.*utf-8")
+    msg = expect(
+        ConfigError,
+        DataSection(images="imgs", class_to_idx_file=str(f)).resolved_class_to_idx,
+        "data.class_to_idx_file",
+        f,
+        fix="cannot read a JSON mapping.*utf-8",
+    )
     assert "\n" not in msg
 
 
@@ -325,15 +419,20 @@ def test_136_class_to_idx_file_not_utf8(tmp_path: Path) -> None:
         ({}, {"bg": 0, "a": True, "b": 2}, ["class_to_idx['a'] = True (bool)"]),
     ],
 )
-def test_137_generate_patch_dataset_refuses_bools_and_floats_for_integers(tmp_path: Path, kw: dict, classes: dict,
-                                                                          names: list[str]) -> None:
+def test_137_generate_patch_dataset_refuses_bools_and_floats_for_integers(
+    tmp_path: Path, kw: dict, classes: dict, names: list[str]
+) -> None:
     from tasks.dataset.generate import generate_patch_dataset
 
     dd = make_dataset(tmp_path / "src", n=2, n_empty=0)
     before = tree_digest(tmp_path / "src")
     out = tmp_path / "out"
-    expect(ValueError, lambda: generate_patch_dataset(dd, classes, output_folder=str(out), patch_number=[2, 2], **kw),
-           *names, fix="integer")
+    expect(
+        ValueError,
+        lambda: generate_patch_dataset(dd, classes, output_folder=str(out), patch_number=[2, 2], **kw),
+        *names,
+        fix="integer",
+    )
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
     assert tree_digest(tmp_path / "src") == before
 
@@ -345,8 +444,14 @@ def test_138_storage_root_that_is_a_file_or_under_a_file(tmp_path: Path) -> None
     f = tmp_path / "root"
     f.write_bytes(b"not a folder")
     expect(ConfigError, lambda: ensure_storage_root(str(f)), "storage_root", f, "is a file", fix="writable folder")
-    expect(ConfigError, lambda: ensure_storage_root(str(f / "sub")), "storage_root", f / "sub",
-           f"lies under {f}, which is a file", fix="writable folder")
+    expect(
+        ConfigError,
+        lambda: ensure_storage_root(str(f / "sub")),
+        "storage_root",
+        f / "sub",
+        f"lies under {f}, which is a file",
+        fix="writable folder",
+    )
     assert f.read_bytes() == b"not a folder"
     ok = tmp_path / "new" / "root"
     assert ensure_storage_root(str(ok)) == ok.resolve() and ok.is_dir() and not list(ok.iterdir())
@@ -356,20 +461,36 @@ def test_138_storage_root_from_the_environment_or_the_default(tmp_path: Path, mo
     f = tmp_path / "root"
     f.write_text("x")
     monkeypatch.setenv("PATCHFLOW_STORAGE_ROOT", str(f))
-    expect(ConfigError, lambda: ensure_storage_root(None), f"$PATCHFLOW_STORAGE_ROOT={f}", "is a file",
-           fix="set PATCHFLOW_STORAGE_ROOT")
+    expect(
+        ConfigError,
+        lambda: ensure_storage_root(None),
+        f"$PATCHFLOW_STORAGE_ROOT={f}",
+        "is a file",
+        fix="set PATCHFLOW_STORAGE_ROOT",
+    )
     monkeypatch.delenv("PATCHFLOW_STORAGE_ROOT")
     monkeypatch.chdir(tmp_path)
     (tmp_path / ".patchflow").write_text("x")
-    expect(ConfigError, lambda: ensure_storage_root(None), "default storage root ./.patchflow", "is a file",
-           fix="set storage_root or PATCHFLOW_STORAGE_ROOT")
-    expect(ConfigError, lambda: ensure_storage_root("~no-such-user-xyz/store"), "storage_root", "cannot be resolved",
-           fix="writable folder")
+    expect(
+        ConfigError,
+        lambda: ensure_storage_root(None),
+        "default storage root ./.patchflow",
+        "is a file",
+        fix="set storage_root or PATCHFLOW_STORAGE_ROOT",
+    )
+    expect(
+        ConfigError,
+        lambda: ensure_storage_root("~no-such-user-xyz/store"),
+        "storage_root",
+        "cannot be resolved",
+        fix="writable folder",
+    )
 
 
 @pytest.mark.parametrize("code,reason", [(errno.EROFS, "read-only file system"), (errno.EACCES, "permission denied")])
-def test_138_storage_root_read_only_simulated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int,
-                                              reason: str) -> None:
+def test_138_storage_root_read_only_simulated(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int, reason: str
+) -> None:
     """Simulated (root ignores chmod): the file system refuses the write probe (EROFS as a read-only mount, EACCES)."""
     real = Path.write_bytes
 
@@ -401,17 +522,30 @@ def test_139_every_flow_refuses_a_file_shaped_storage_root_before_any_work(tmp_p
     out, runs = tmp_path / "out", tmp_path / "runs"
     data = {"images": images, "class_to_idx": CLASS_TO_IDX}
     calls = {
-        "dataset": lambda: dataset_flow({"data": data, "dataset": {"output_folder": str(out), "patch_number": [2, 2]},
-                                         "storage_root": str(root)}),
-        "train": lambda: train_flow({"datamodule": {"data_path": str(tmp_path / "ds")},
-                                     "core": {"runs_folder": str(runs)}, "storage_root": str(root)}),
-        "evaluate": lambda: evaluate_flow({"datamodule": {"data_path": str(tmp_path / "ds")},
-                                           "task": {"model_path": str(tmp_path / "m")},
-                                           "core": {"runs_folder": str(runs)}, "storage_root": str(root)}),
-        "predict": lambda: predict_flow({"model": str(tmp_path / "m"), "images": images, "out": str(out),
-                                         "storage_root": str(root)}),
-        "retrain": lambda: retrain_flow({"data": data, "dataset": {"output_folder": str(out), "patch_size": [32, 32]},
-                                         "storage_root": str(root)}),
+        "dataset": lambda: dataset_flow(
+            {"data": data, "dataset": {"output_folder": str(out), "patch_number": [2, 2]}, "storage_root": str(root)}
+        ),
+        "train": lambda: train_flow(
+            {
+                "datamodule": {"data_path": str(tmp_path / "ds")},
+                "core": {"runs_folder": str(runs)},
+                "storage_root": str(root),
+            }
+        ),
+        "evaluate": lambda: evaluate_flow(
+            {
+                "datamodule": {"data_path": str(tmp_path / "ds")},
+                "task": {"model_path": str(tmp_path / "m")},
+                "core": {"runs_folder": str(runs)},
+                "storage_root": str(root),
+            }
+        ),
+        "predict": lambda: predict_flow(
+            {"model": str(tmp_path / "m"), "images": images, "out": str(out), "storage_root": str(root)}
+        ),
+        "retrain": lambda: retrain_flow(
+            {"data": data, "dataset": {"output_folder": str(out), "patch_size": [32, 32]}, "storage_root": str(root)}
+        ),
     }
     for name, call in calls.items():
         msg = expect(ConfigError, call, "storage_root", root, "is a file", fix="writable folder")
@@ -429,10 +563,12 @@ def test_133_bundle_model_config_yaml_uses_the_same_loader(tmp_path: Path) -> No
     pth = tmp_path / "model.pth"
     pth.write_bytes(b"never read")
     cfg = tmp_path / "model_config.yaml"
-    for text, name in [("name: mobilenet_v2\nx:\n" + _lol(), "fewer aliases"),
-                       ("name: !!python/object/apply:os.system ['true']\n", "remove the tag"),
-                       ("name: mobilenet_v2\nname: resnet18\n", "given twice"),
-                       ("- mobilenet_v2\n", "must hold a mapping")]:
+    for text, name in [
+        ("name: mobilenet_v2\nx:\n" + _lol(), "fewer aliases"),
+        ("name: !!python/object/apply:os.system ['true']\n", "remove the tag"),
+        ("name: mobilenet_v2\nname: resnet18\n", "given twice"),
+        ("- mobilenet_v2\n", "must hold a mapping"),
+    ]:
         cfg.write_text(text)
         expect(BackboneError, lambda: load_export(pth), cfg, name, fix="export the bundle again")
     cfg.write_bytes(b"name: r\xe9snet\n")

@@ -76,7 +76,12 @@ def leftovers(folder: Path) -> list[str]:
 
 def flow_cfg(images: Path, masks: Path | None, out: Path, root: Path, **data) -> dict:
     return {
-        "data": {"images": str(images), "masks": str(masks) if masks else None, "class_to_idx": dict(CLASS_TO_IDX), **data},
+        "data": {
+            "images": str(images),
+            "masks": str(masks) if masks else None,
+            "class_to_idx": dict(CLASS_TO_IDX),
+            **data,
+        },
         "dataset": {"output_folder": str(out), "patch_number": [2, 2], "val_size": 0.25, "test_size": 0.25},
         "storage_root": str(root),
     }
@@ -121,8 +126,13 @@ def test_106_rebuild_from_its_own_original_copy(tmp_path: Path) -> None:
     shutil.rmtree(tmp_path / "src")  # the dataset's copy is now the only one
     dd = get_image_mask_association(str(out / "original" / "images"), str(out / "original" / "masks"))
     before = tree_digest(tmp_path)
-    expect(OutputFolderError, lambda: generate(dd, out, save_original_images_and_masks=False), out,
-           out / "original" / "images", fix="original/ copy")
+    expect(
+        OutputFolderError,
+        lambda: generate(dd, out, save_original_images_and_masks=False),
+        out,
+        out / "original" / "images",
+        fix="original/ copy",
+    )
     assert tree_digest(tmp_path) == before
 
 
@@ -135,8 +145,13 @@ def test_107_output_folder_inside_the_images_folder(tmp_path: Path, prefect_harn
     images, masks = tmp_path / "raw" / "images", tmp_path / "raw" / "masks"
     out = images / "ds"
     before = tree_digest(tmp_path)
-    expect(OutputFolderError, lambda: dataset_flow(flow_cfg(images, masks, out, tmp_path / "store")), out, images,
-           fix="would read its own patches as images")
+    expect(
+        OutputFolderError,
+        lambda: dataset_flow(flow_cfg(images, masks, out, tmp_path / "store")),
+        out,
+        images,
+        fix="would read its own patches as images",
+    )
     assert tree_digest(tmp_path) == before
 
     dd = get_image_mask_association(str(images), str(masks))
@@ -159,8 +174,13 @@ def test_108_images_folder_inside_the_output_folder(tmp_path: Path, prefect_harn
     if where == "under":
         shutil.copytree(tmp_path / "src", out / "raw")
     before = tree_digest(tmp_path)
-    expect(OutputFolderError, lambda: dataset_flow(flow_cfg(images, None, out, tmp_path / "store", mask_extension="_m")),
-           out, images, fix="choose an output_folder outside data.images")
+    expect(
+        OutputFolderError,
+        lambda: dataset_flow(flow_cfg(images, None, out, tmp_path / "store", mask_extension="_m")),
+        out,
+        images,
+        fix="choose an output_folder outside data.images",
+    )
     assert tree_digest(tmp_path) == before
 
 
@@ -184,8 +204,13 @@ def test_109_class_map_config_or_storage_root_inside_the_output_folder(tmp_path:
     cfg = flow_cfg(src / "images", src / "masks", out, tmp_path / "store")
     (out / "cfg.yaml").write_text(yaml.safe_dump(cfg))
     before = tree_digest(tmp_path)
-    proc = subprocess.run([sys.executable, "-m", "flows.dataset", "--config", str(out / "cfg.yaml")],
-                          capture_output=True, text=True, cwd=REPO, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "flows.dataset", "--config", str(out / "cfg.yaml")],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
     assert proc.returncode == 1, proc.stderr
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: output_folder"), proc.stderr
     assert f"holds the config file {out / 'cfg.yaml'}" in proc.stderr
@@ -195,8 +220,10 @@ def test_109_class_map_config_or_storage_root_inside_the_output_folder(tmp_path:
 # ============================================================== L. output folder paths taken literally
 
 
-@pytest.mark.parametrize("name,victim", [("*", ".precious.partial-1234"), ("[ab]", ".a.partial-0123456789abcdef"),
-                                         ("?", ".b.tmp-99-0123abcd")])
+@pytest.mark.parametrize(
+    "name,victim",
+    [("*", ".precious.partial-1234"), ("[ab]", ".a.partial-0123456789abcdef"), ("?", ".b.tmp-99-0123abcd")],
+)
 def test_110_glob_characters_in_output_folder(tmp_path: Path, name: str, victim: str) -> None:
     """``output_folder='x/*'``: the build-folder cleanup matches names literally, an unrelated folder is kept."""
     x = tmp_path / "x"
@@ -220,7 +247,12 @@ def test_111_output_folder_dot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.chdir(work)
     before = tree_digest(tmp_path)
     for kw in ({}, {"fingerprint": "f" * 64}):
-        expect(FileExistsError, lambda kw=kw: generate(dd, ".", **kw), work, fix="is the current folder.*choose a sub-folder")
+        expect(
+            FileExistsError,
+            lambda kw=kw: generate(dd, ".", **kw),
+            work,
+            fix="is the current folder.*choose a sub-folder",
+        )
         expect(FileExistsError, lambda kw=kw: generate(dd, "..", **kw), tmp_path, fix="or holds it")
     assert tree_digest(tmp_path) == before
     generate(dd, "extraction_data")  # the fix the message gives
@@ -289,14 +321,22 @@ def test_114_two_concurrent_builds_with_different_seeds(tmp_path: Path) -> None:
     refs = {}
     for seed in (1, 2):
         refs[seed] = tmp_path / f"ref{seed}"
-        generate(dd, refs[seed], seed=seed, fingerprint=f"{seed}" * 64, mask_preprocessing=slow_identity, shard_images=2)
+        generate(
+            dd, refs[seed], seed=seed, fingerprint=f"{seed}" * 64, mask_preprocessing=slow_identity, shard_images=2
+        )
     out = tmp_path / "ds"
     env = {**os.environ, SLOW_ENV: "0.3"}
 
     def start(seed: int) -> subprocess.Popen:
         arg = json.dumps({"dd": dd, "classes": CLASS_TO_IDX, "out": str(out), "seed": seed, "fp": f"{seed}" * 64})
-        return subprocess.Popen([sys.executable, "-c", _BUILD, arg], cwd=REPO, env=env, text=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        return subprocess.Popen(
+            [sys.executable, "-c", _BUILD, arg],
+            cwd=REPO,
+            env=env,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
 
     first = start(1)
     deadline = time.time() + 60
@@ -318,8 +358,11 @@ def test_115_flow_holds_the_build_lock(tmp_path: Path, prefect_harness) -> None:
 
     source(tmp_path / "src")
     out = tmp_path / "ds"
-    code = ("import sys, time; from storage import layout\n"
-            f"with layout.build_lock({str(out)!r}):\n    print('held', flush=True); time.sleep(4); print(time.time(), flush=True)")
+    code = (
+        "import sys, time; from storage import layout\n"
+        f"with layout.build_lock({str(out)!r}):\n"
+        "    print('held', flush=True); time.sleep(4); print(time.time(), flush=True)"
+    )
     holder = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"
     assert layout.lock_path(out).exists()
@@ -344,14 +387,22 @@ def test_116_image_or_class_name_with_comma_or_line_break(tmp_path: Path, bad: s
     bad_dd[0].update(path=str(renamed), base_name=bad)
     out = tmp_path / "ds"
     before = tree_digest(tmp_path)
-    expect(InputDataError, lambda: generate(bad_dd, out), repr(str(renamed)), fix="no commas, line breaks or slashes.*rename")
+    expect(
+        InputDataError,
+        lambda: generate(bad_dd, out),
+        repr(str(renamed)),
+        fix="no commas, line breaks or slashes.*rename",
+    )
     assert tree_digest(tmp_path) == before
     os.rename(renamed, orig)
     cls = "scr" + bad[2] + "atch"
     before = tree_digest(tmp_path)
-    expect(InputDataError, lambda: generate_patch_dataset(dd, {"bg": 0, cls: 1, "b": 2}, output_folder=str(out),
-                                                          patch_number=[2, 2]),
-           repr(cls), fix="no commas or slashes, no line breaks")
+    expect(
+        InputDataError,
+        lambda: generate_patch_dataset(dd, {"bg": 0, cls: 1, "b": 2}, output_folder=str(out), patch_number=[2, 2]),
+        repr(cls),
+        fix="no commas or slashes, no line breaks",
+    )
     assert tree_digest(tmp_path) == before
 
 
@@ -373,15 +424,24 @@ def test_117_planted_build_state_is_never_executed(tmp_path: Path) -> None:
     fp = "c" * 64
     generate(dd, tmp_path / "ref", fingerprint=fp)
     victim = tmp_path / "victim"
-    plan_patch_dataset([dict(d) for d in dd], dict(CLASS_TO_IDX), output_folder=str(victim), patch_number=[2, 2],
-                       val_size=0.25, test_size=0.25, fingerprint=fp)
+    plan_patch_dataset(
+        [dict(d) for d in dd],
+        dict(CLASS_TO_IDX),
+        output_folder=str(victim),
+        patch_number=[2, 2],
+        val_size=0.25,
+        test_size=0.25,
+        fingerprint=fp,
+    )
     other_plan = (tmp_path / f".victim.partial-{'c' * 16}" / ".shards" / "plan.json").read_bytes()
     marker = tmp_path / "pwned"
     out = tmp_path / "ds"
     shards = tmp_path / f".ds.partial-{'c' * 16}" / ".shards"
-    for planted in ({"plan.pkl": pickle.dumps(_Payload(marker)), "process-000000.pkl": pickle.dumps(_Payload(marker))},
-                    {"plan.json": b"\x80garbage{", "process-000000.json": b"[1, 2"},
-                    {"plan.json": other_plan}):
+    for planted in (
+        {"plan.pkl": pickle.dumps(_Payload(marker)), "process-000000.pkl": pickle.dumps(_Payload(marker))},
+        {"plan.json": b"\x80garbage{", "process-000000.json": b"[1, 2"},
+        {"plan.json": other_plan},
+    ):
         shards.mkdir(parents=True, exist_ok=True)
         for name, data in planted.items():
             (shards / name).write_bytes(data)
@@ -394,7 +454,9 @@ def test_117_planted_build_state_is_never_executed(tmp_path: Path) -> None:
 
     (shards).mkdir(parents=True)
     (shards / "plan.json").write_text("garbage")
-    expect(layout.DatasetFormatError, lambda: scan_shard(shards.parent, 0), shards / "plan.json", fix="rerun the dataset")
+    expect(
+        layout.DatasetFormatError, lambda: scan_shard(shards.parent, 0), shards / "plan.json", fix="rerun the dataset"
+    )
 
 
 def double_mask(mask: np.ndarray) -> np.ndarray:
@@ -407,37 +469,70 @@ def test_118_mask_preprocessing_kept_as_import_path_or_in_memory(tmp_path: Path)
     ``generate_patch_dataset`` with num_workers=1 (before: PicklingError) and is refused where shards read the plan."""
     dd = source(tmp_path / "src")
     kw = dict(patch_number=[2, 2], val_size=0.25, test_size=0.25, fingerprint="d" * 64)
-    tmp = plan_patch_dataset([dict(d) for d in dd], dict(CLASS_TO_IDX), output_folder=str(tmp_path / "a"),
-                             mask_preprocessing=double_mask, **kw)
+    tmp = plan_patch_dataset(
+        [dict(d) for d in dd],
+        dict(CLASS_TO_IDX),
+        output_folder=str(tmp_path / "a"),
+        mask_preprocessing=double_mask,
+        **kw,
+    )
     saved = json.loads((tmp / ".shards" / "plan.json").read_text())
     assert saved["params"]["mask_preprocessing"] == "tests.test_bad_inputs_dataset:double_mask"
     assert sorted(p.suffix for p in (tmp / ".shards").iterdir()) == [".json"]
-    expect(ValueError, lambda: plan_patch_dataset([dict(d) for d in dd], dict(CLASS_TO_IDX), output_folder=str(tmp_path / "b"),
-                                                  mask_preprocessing=lambda m: m, **kw),
-           "mask_preprocessing", fix="module-level function")
+    expect(
+        ValueError,
+        lambda: plan_patch_dataset(
+            [dict(d) for d in dd],
+            dict(CLASS_TO_IDX),
+            output_folder=str(tmp_path / "b"),
+            mask_preprocessing=lambda m: m,
+            **kw,
+        ),
+        "mask_preprocessing",
+        fix="module-level function",
+    )
     assert not (tmp_path / "b").exists() and not leftovers(tmp_path / "b")
     generate(dd, tmp_path / "c", mask_preprocessing=lambda m: np.where(m == 2, 1, m).astype(np.uint8))
     counts = layout.read_sidecar(tmp_path / "c")["counts"]
     assert not any("b" in c for c in counts.values()) and any("a" in c for c in counts.values())
 
 
-@pytest.mark.parametrize("kw", [{"train_filename": "../evil.txt"}, {"mask_output_folder": "../../evil", "save_mask": True},
-                                {"base_name": "../escape.png"}, {"base_name": ".."}],
-                         ids=["train_filename", "mask_output_folder", "base_name", "dotdot"])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"train_filename": "../evil.txt"},
+        {"mask_output_folder": "../../evil", "save_mask": True},
+        {"base_name": "../escape.png"},
+        {"base_name": ".."},
+    ],
+    ids=["train_filename", "mask_output_folder", "base_name", "dotdot"],
+)
 def test_119_output_names_that_leave_the_dataset(tmp_path: Path, kw: dict) -> None:
     """File and folder names that would write outside the dataset are refused before anything is written."""
     dd = source(tmp_path / "src")
     if "base_name" in kw:
         dd[0]["base_name"] = kw.pop("base_name")
     before = tree_digest(tmp_path)
-    expect((ValueError, InputDataError), lambda: generate(dd, tmp_path / "ds", **kw), fix="slash|relative folder|is empty, '.' or '..'")
+    expect(
+        (ValueError, InputDataError),
+        lambda: generate(dd, tmp_path / "ds", **kw),
+        fix="slash|relative folder|is empty, '.' or '..'",
+    )
     assert tree_digest(tmp_path) == before
 
 
-@pytest.mark.parametrize("kw", [{"class_to_idx": {"bg": 0, "a": 1.0}}, {"val_size": 0.8, "test_size": 0.5},
-                                {"patch_number": [2, 0]}, {"sixteen_bit": 7}, {"train_filename": "a/b.txt"},
-                                {"num_workers": 0}],
-                         ids=["class_to_idx", "split_sizes", "geometry", "sixteen_bit", "train_filename", "num_workers"])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"class_to_idx": {"bg": 0, "a": 1.0}},
+        {"val_size": 0.8, "test_size": 0.5},
+        {"patch_number": [2, 0]},
+        {"sixteen_bit": 7},
+        {"train_filename": "a/b.txt"},
+        {"num_workers": 0},
+    ],
+    ids=["class_to_idx", "split_sizes", "geometry", "sixteen_bit", "train_filename", "num_workers"],
+)
 def test_bad_parameters_are_one_cli_line(tmp_path: Path, kw: dict) -> None:
     """A bad parameter reached through the API or a flow is a ConfigError (still a ValueError): the CLI prints it as
     one ``error:`` line with exit code 2, never a traceback; nothing is written."""
@@ -448,7 +543,8 @@ def test_bad_parameters_are_one_cli_line(tmp_path: Path, kw: dict) -> None:
     classes = kw.pop("class_to_idx", dict(CLASS_TO_IDX))
     before = tree_digest(tmp_path)
     with pytest.raises(ConfigError) as ei:
-        generate_patch_dataset([dict(d) for d in dd], classes, output_folder=str(tmp_path / "ds"),
-                               **{"patch_number": [2, 2], **kw})
+        generate_patch_dataset(
+            [dict(d) for d in dd], classes, output_folder=str(tmp_path / "ds"), **{"patch_number": [2, 2], **kw}
+        )
     assert isinstance(ei.value, ValueError) and cli_error(ei.value) == (2, str(ei.value))
     assert tree_digest(tmp_path) == before

@@ -50,20 +50,28 @@ def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tasks.features.params import backbone_digest
     from tasks.features.store import extract_train_pass
     from tasks.model.bundle import export_bundle
-    from tasks.model.fit import fit_classifier
     from tasks.model.config import TrainFlowConfig
+    from tasks.model.fit import fit_classifier
 
     root = tmp_path_factory.mktemp("predict-bundle")
     d = make_demo_dataset(root / "raw", n_images=6, size=(96, 128), seed=3)
     assoc = get_image_mask_association(d["images"], d["masks"], mask_extension="_mask")
     data = root / "patches"
-    generate_patch_dataset(assoc, d["class_to_idx"], val_size=0.3, test_size=0.0, patch_size=[64, 64],
-                           output_folder=str(data))
-    cfg = TrainFlowConfig.model_validate({
-        "datamodule": {"data_path": str(data)}, "transforms": {"input_height": 32, "input_width": 32},
-        "trainer": {"iteration_over_training": 1}, "export": {"types": ["pytorch"]}, "backbone": {"weights": None},
-        "task": {"runtime": "torch"}, "core": {"runs_folder": str(root / "runs")}, "storage_root": str(root / "store"),
-    })
+    generate_patch_dataset(
+        assoc, d["class_to_idx"], val_size=0.3, test_size=0.0, patch_size=[64, 64], output_folder=str(data)
+    )
+    cfg = TrainFlowConfig.model_validate(
+        {
+            "datamodule": {"data_path": str(data)},
+            "transforms": {"input_height": 32, "input_width": 32},
+            "trainer": {"iteration_over_training": 1},
+            "export": {"types": ["pytorch"]},
+            "backbone": {"weights": None},
+            "task": {"runtime": "torch"},
+            "core": {"runs_folder": str(root / "runs")},
+            "storage_root": str(root / "store"),
+        }
+    )
     wdig = backbone_digest(cfg)
     extract_train_pass(cfg, 0, root / "pass0.zarr", wdig)
     fit_classifier(cfg, [str(root / "pass0.zarr")], root / "classifier.skops")
@@ -108,8 +116,13 @@ def test_140_out_is_the_images_folder(bundle: Path, tmp_path: Path) -> None:
     img(images / "a.png", 1)
     img(images / "a_overlay.png", 2)  # an input whose name is a.png's overlay
     before = tree_digest(images)
-    expect(OutputFolderError, lambda: predict(bundle, images, images), images, "is the --images folder",
-           fix="choose an --out folder outside")
+    expect(
+        OutputFolderError,
+        lambda: predict(bundle, images, images),
+        images,
+        "is the --images folder",
+        fix="choose an --out folder outside",
+    )
     assert tree_digest(images) == before  # nothing overwritten, nothing added (no predictions.json)
     # the CLI: one line, exit 1, before any flow run starts; a relative --out spelling of the same folder too
     line = one_error_line(run_cli("--model", str(bundle), "--images", str(images), "--out", str(images / "sub" / "..")))
@@ -122,8 +135,13 @@ def test_141_out_inside_the_images_folder_or_a_link_to_it(bundle: Path, tmp_path
     img(images / "a.png", 1)
     img(images / "pred" / "old.png", 3)
     before = tree_digest(images)
-    expect(OutputFolderError, lambda: predict(bundle, images, images / "pred"), images / "pred", images,
-           fix="choose an --out folder outside")
+    expect(
+        OutputFolderError,
+        lambda: predict(bundle, images, images / "pred"),
+        images / "pred",
+        images,
+        fix="choose an --out folder outside",
+    )
     link = tmp_path / "link"
     link.symlink_to(images, target_is_directory=True)  # a link is followed: it is the images folder
     expect(OutputFolderError, lambda: predict(bundle, images, link / "pred"), images / "pred", fix="outside")
@@ -150,8 +168,14 @@ def test_143_same_stem_in_two_subfolders_keeps_the_subfolders(bundle: Path, tmp_
     res = predict(bundle, images, out)
     assert tree_digest(images) == before
     got = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
-    assert got == {"predictions.json", *(f"{s}_{k}" for s in ("sub1/dup", "sub2/dup", "top")
-                                         for k in ("classmap.png", "polygons.json", "overlay.png"))}
+    assert got == {
+        "predictions.json",
+        *(
+            f"{s}_{k}"
+            for s in ("sub1/dup", "sub2/dup", "top")
+            for k in ("classmap.png", "polygons.json", "overlay.png")
+        ),
+    }
     # each image's own outputs: the class maps have each image's size
     assert cv2.imread(str(out / "sub1" / "dup_classmap.png"), cv2.IMREAD_UNCHANGED).shape == (72, 88)
     assert cv2.imread(str(out / "sub2" / "dup_classmap.png"), cv2.IMREAD_UNCHANGED).shape == (64, 100)
@@ -173,18 +197,33 @@ def test_144_same_stem_twice_in_one_folder_is_refused(bundle: Path, tmp_path: Pa
     img(images / "a.jpg", 2)
     img(images / "b.png", 3)
     before = tree_digest(images)
-    expect(InputDataError, lambda: predict(bundle, images, out), images / "a.jpg", images / "a.png", "a_classmap.png",
-           fix="rename or remove one of them")
+    expect(
+        InputDataError,
+        lambda: predict(bundle, images, out),
+        images / "a.jpg",
+        images / "a.png",
+        "a_classmap.png",
+        fix="rename or remove one of them",
+    )
     assert not out.exists()  # refused before the output folder is created
     assert tree_digest(images) == before
     # any other pair of images whose outputs would share a path: a subfolder named like an output
     (images / "a.jpg").unlink()
     img(images / "a_classmap.png" / "x.png", 4)
-    expect(InputDataError, lambda: predict(bundle, images, out), images / "a.png", images / "a_classmap.png" / "x.png",
-           fix="rename or move one of them")
+    expect(
+        InputDataError,
+        lambda: predict(bundle, images, out),
+        images / "a.png",
+        images / "a_classmap.png" / "x.png",
+        fix="rename or move one of them",
+    )
     img(tmp_path / "i2" / "predictions.json" / "x.png", 5)
-    expect(InputDataError, lambda: predict(bundle, tmp_path / "i2", out), "predict's own predictions.json",
-           fix="rename its folder")
+    expect(
+        InputDataError,
+        lambda: predict(bundle, tmp_path / "i2", out),
+        "predict's own predictions.json",
+        fix="rename its folder",
+    )
     assert not out.exists()
 
 
@@ -195,10 +234,20 @@ def test_145_out_or_images_is_a_file(bundle: Path, tmp_path: Path) -> None:
     out.write_bytes(b"the user's file")
     before = tree_digest(tmp_path)
     expect(OutputFolderError, lambda: predict(bundle, images, out), out, "is a file", fix="choose another --out folder")
-    expect(OutputFolderError, lambda: predict(bundle, images, out / "sub"), out / "sub",
-           f"under {out}, which is a file", fix="choose another --out folder")
-    expect(FileNotFoundError, lambda: predict(bundle, out, tmp_path / "o"), out, "is not a folder",
-           fix="point --images at a folder")
+    expect(
+        OutputFolderError,
+        lambda: predict(bundle, images, out / "sub"),
+        out / "sub",
+        f"under {out}, which is a file",
+        fix="choose another --out folder",
+    )
+    expect(
+        FileNotFoundError,
+        lambda: predict(bundle, out, tmp_path / "o"),
+        out,
+        "is not a folder",
+        fix="point --images at a folder",
+    )
     assert tree_digest(tmp_path) == before
     line = one_error_line(run_cli("--model", str(bundle), "--images", str(images), "--out", str(out)))
     assert line == f"error: --out {out} is a file, not a folder; choose another --out folder"
@@ -214,8 +263,13 @@ def flow_run(bundle: Path, tmp_path: Path, prefect_harness):
     for i in range(2):
         img(images / f"part_{i:03d}.png", i)
     img(images / "sub" / "part_001.png", 7)
-    cfg = {"model": str(bundle), "images": str(images), "out": str(out), "batch_size": 8,
-           "storage_root": str(tmp_path / "store")}
+    cfg = {
+        "model": str(bundle),
+        "images": str(images),
+        "out": str(out),
+        "batch_size": 8,
+        "storage_root": str(tmp_path / "store"),
+    }
     inputs = tree_digest(images)
 
     def run(**changes) -> dict[str, str]:

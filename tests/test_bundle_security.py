@@ -28,8 +28,15 @@ from storage.manifest import MANIFEST_FILE, write_manifest
 from tests._synth import tree_digest
 
 REPO = Path(__file__).resolve().parents[1]
-FILES = ("model.json", "classifier.skops", "model.pt", "model.onnx", "model.pth", "model_config.yaml",
-         "classifier.joblib")
+FILES = (
+    "model.json",
+    "classifier.skops",
+    "model.pt",
+    "model.onnx",
+    "model.pth",
+    "model_config.yaml",
+    "classifier.joblib",
+)
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -64,9 +71,13 @@ def _store(path: Path, labels: np.ndarray, dim: int, seed: int) -> str:
 def _cfg(data: Path, backbone: str = "mobilenet_v2", **sections):
     from tasks.model.config import TrainFlowConfig
 
-    cfg = {"datamodule": {"data_path": str(data)}, "backbone": {"name": backbone, "weights": None},
-           "transforms": {"input_height": 32, "input_width": 32}, "task": {"runtime": "torch", "report": False},
-           "export": {"types": ["torchscript", "onnx", "pytorch"], "joblib_classifier": True}}
+    cfg = {
+        "datamodule": {"data_path": str(data)},
+        "backbone": {"name": backbone, "weights": None},
+        "transforms": {"input_height": 32, "input_width": 32},
+        "task": {"runtime": "torch", "report": False},
+        "export": {"types": ["torchscript", "onnx", "pytorch"], "joblib_classifier": True},
+    }
     for name, values in sections.items():
         cfg[name] = {**cfg.get(name, {}), **values}
     return TrainFlowConfig.model_validate(cfg)
@@ -93,11 +104,21 @@ def bundles(demo_patch_dataset: Path, tmp_path_factory: pytest.TempPathFactory) 
     """``a``: MobileNetV2 bundle with every file (three exports, classifier.skops + classifier.joblib);
     ``b``: a ResNet-18 bundle (every file differs); ``c``: another MobileNetV2 model (same feature size as ``a``)."""
     root = tmp_path_factory.mktemp("bundles")
-    out = {"a": _export(_cfg(demo_patch_dataset), root / "a" / "deployment_model", 1280, 0),
-           "b": _export(_cfg(demo_patch_dataset, "resnet18", transforms={"mean": [0.5, 0.5, 0.5]}),
-                        root / "b" / "deployment_model", 512, 1),
-           "c": _export(_cfg(demo_patch_dataset, export={"types": ["torchscript"], "joblib_classifier": False}),
-                        root / "c" / "deployment_model", 1280, 2)}
+    out = {
+        "a": _export(_cfg(demo_patch_dataset), root / "a" / "deployment_model", 1280, 0),
+        "b": _export(
+            _cfg(demo_patch_dataset, "resnet18", transforms={"mean": [0.5, 0.5, 0.5]}),
+            root / "b" / "deployment_model",
+            512,
+            1,
+        ),
+        "c": _export(
+            _cfg(demo_patch_dataset, export={"types": ["torchscript"], "joblib_classifier": False}),
+            root / "c" / "deployment_model",
+            1280,
+            2,
+        ),
+    }
     return out
 
 
@@ -170,10 +191,12 @@ def test_90_skops_round_trips_the_usual_classifiers(tmp_path: Path, demo_patch_d
     x, y = rng.normal(size=(60, 16)), np.arange(60) % 3
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # SVC(probability=True) is deprecated in scikit-learn 1.9
-        models = {"lr": LogisticRegression(max_iter=500),
-                  "pipe": Pipeline([("s", StandardScaler()), ("c", LogisticRegression())]),
-                  "svc": SVC(probability=True, random_state=0),
-                  "rf": RandomForestClassifier(n_estimators=5, random_state=0)}
+        models = {
+            "lr": LogisticRegression(max_iter=500),
+            "pipe": Pipeline([("s", StandardScaler()), ("c", LogisticRegression())]),
+            "svc": SVC(probability=True, random_state=0),
+            "rf": RandomForestClassifier(n_estimators=5, random_state=0),
+        }
         for name, est in models.items():
             est.fit(x, y)
             path = write_skops(est, tmp_path / f"{name}.skops")
@@ -182,8 +205,10 @@ def test_90_skops_round_trips_the_usual_classifiers(tmp_path: Path, demo_patch_d
             back = load_classifier_file(path, trusted, fix="")
             np.testing.assert_array_equal(back.predict_proba(x), est.predict_proba(x))
     # the fit stage stores the forest as skops and loads it back without any flag
-    cfg = _cfg(demo_patch_dataset,
-               model={"classifier": "sklearn.ensemble.RandomForestClassifier", "params": {"n_estimators": 4}})
+    cfg = _cfg(
+        demo_patch_dataset,
+        model={"classifier": "sklearn.ensemble.RandomForestClassifier", "params": {"n_estimators": 4}},
+    )
     store = _store(tmp_path / "f.zarr", np.arange(40) % 3, 16, 0)
     fit_classifier(cfg, [store], tmp_path / "rf-fit.skops")
     assert load_fitted(cfg, tmp_path / "rf-fit.skops").n_features_in_ == 16
@@ -193,8 +218,13 @@ def test_90_skops_round_trips_the_usual_classifiers(tmp_path: Path, demo_patch_d
     shutil.copy2(tmp_path / "rf.skops", b / "classifier.skops")
     (b / "model.json").write_text(json.dumps({"classes": {"0": "a", "1": "b", "2": "c"}}))
     write_manifest(b)
-    expect(bdl.BundleError, lambda: bdl.load_classifier(b, {"classes": {"0": "a", "1": "b", "2": "c"}}),
-           "classifier.skops", "['sklearn.tree._tree.Tree']", fix="--trust-pickle")
+    expect(
+        bdl.BundleError,
+        lambda: bdl.load_classifier(b, {"classes": {"0": "a", "1": "b", "2": "c"}}),
+        "classifier.skops",
+        "['sklearn.tree._tree.Tree']",
+        fix="--trust-pickle",
+    )
     assert bdl.load_classifier(b, {"classes": {"0": "a", "1": "b", "2": "c"}}, trust_pickle=True).n_estimators == 5
 
 
@@ -234,11 +264,18 @@ def test_91_user_classifier_class_needs_trust(tmp_path: Path, demo_patch_dataset
     assert type(load_fitted(cfg, tmp_path / "mine.skops")).__name__ == "MyClassifier"
 
     cfg2 = _cfg(demo_patch_dataset, model={"classifier": "userclf_91.WithHelper", "params": {}})
-    expect(ConfigError, lambda: fit_classifier(cfg2, [store], tmp_path / "helper.skops"), "userclf_91.WithHelper",
-           "['userclf_91.Helper']", fix="model.trusted_types")
+    expect(
+        ConfigError,
+        lambda: fit_classifier(cfg2, [store], tmp_path / "helper.skops"),
+        "userclf_91.WithHelper",
+        "['userclf_91.Helper']",
+        fix="model.trusted_types",
+    )
     assert not (tmp_path / "helper.skops").exists()
-    cfg3 = _cfg(demo_patch_dataset, model={"classifier": "userclf_91.WithHelper", "params": {},
-                                           "trusted_types": ["userclf_91.Helper"]})
+    cfg3 = _cfg(
+        demo_patch_dataset,
+        model={"classifier": "userclf_91.WithHelper", "params": {}, "trusted_types": ["userclf_91.Helper"]},
+    )
     fit_classifier(cfg3, [store], tmp_path / "helper.skops")
     assert load_fitted(cfg3, tmp_path / "helper.skops").helper_.note == "extra state"
 
@@ -248,9 +285,14 @@ def test_91_user_classifier_class_needs_trust(tmp_path: Path, demo_patch_dataset
     meta = {"classes": {"0": "a", "1": "b"}}
     (b / "model.json").write_text(json.dumps(meta))
     write_manifest(b)
-    msg = expect(bdl.BundleError, lambda: bdl.load_classifier(b, meta), b, "classifier.skops",
-                 "['userclf_91.MyClassifier']",
-                 fix="task.trust_pickle: true (evaluate) or pass --trust-pickle (predict)")
+    msg = expect(
+        bdl.BundleError,
+        lambda: bdl.load_classifier(b, meta),
+        b,
+        "classifier.skops",
+        "['userclf_91.MyClassifier']",
+        fix="task.trust_pickle: true (evaluate) or pass --trust-pickle (predict)",
+    )
     assert "can run" in msg
     assert type(bdl.load_classifier(b, meta, trust_pickle=True)).__name__ == "MyClassifier"
 
@@ -258,8 +300,9 @@ def test_91_user_classifier_class_needs_trust(tmp_path: Path, demo_patch_dataset
 # ===================================================================================== pickles
 
 
-def test_92_crafted_pickle_never_runs_without_the_flag(bundle: Path, images: Path, tmp_path: Path,
-                                                       demo_patch_dataset: Path) -> None:
+def test_92_crafted_pickle_never_runs_without_the_flag(
+    bundle: Path, images: Path, tmp_path: Path, demo_patch_dataset: Path
+) -> None:
     """classifier.joblib replaced by a crafted pickle: refused by the manifest; with a forged manifest and no
     classifier.skops, refused by the loader; a Quadra-style bundle (no manifest) is refused without the flag.
     The payload never runs, unless the trust flag is given (documented: then it does)."""
@@ -269,24 +312,42 @@ def test_92_crafted_pickle_never_runs_without_the_flag(bundle: Path, images: Pat
     marker = tmp_path / "PWNED"
     (bundle / "classifier.joblib").write_bytes(_crafted_pickle(marker))
     out = tmp_path / "pred"
-    expect(bdl.BundleError, lambda: _predict(bundle, images, out), bundle,
-           "classifier.joblib was modified after export", fix="re-export the model")
+    expect(
+        bdl.BundleError,
+        lambda: _predict(bundle, images, out),
+        bundle,
+        "classifier.joblib was modified after export",
+        fix="re-export the model",
+    )
     (bundle / "classifier.skops").unlink()
     _reseal(bundle)  # a forger rewrites the manifest too
-    expect(bdl.BundleError, lambda: _predict(bundle, images, out), "classifier.joblib is a pickle (joblib)",
-           fix="--trust-pickle")
-    cfg = EvaluateFlowConfig.model_validate({"datamodule": {"data_path": str(demo_patch_dataset), "split": "val"},
-                                             "task": {"model_path": str(bundle)}})
-    expect(bdl.BundleError, lambda: extract_with_bundle(cfg, bdl.open_bundle(bundle), tmp_path / "store"),
-           "classifier.joblib is a pickle (joblib)", fix="--trust-pickle")
+    expect(
+        bdl.BundleError,
+        lambda: _predict(bundle, images, out),
+        "classifier.joblib is a pickle (joblib)",
+        fix="--trust-pickle",
+    )
+    cfg = EvaluateFlowConfig.model_validate(
+        {"datamodule": {"data_path": str(demo_patch_dataset), "split": "val"}, "task": {"model_path": str(bundle)}}
+    )
+    expect(
+        bdl.BundleError,
+        lambda: extract_with_bundle(cfg, bdl.open_bundle(bundle), tmp_path / "store"),
+        "classifier.joblib is a pickle (joblib)",
+        fix="--trust-pickle",
+    )
     assert not (tmp_path / "store").exists()
     (bundle / MANIFEST_FILE).unlink()  # Quadra-style: no manifest
     expect(bdl.BundleError, lambda: _predict(bundle, images, out), "has no _manifest.json", fix="--trust-pickle")
     assert not marker.exists(), "the crafted pickle ran without the trust flag"
     assert not out.exists()
     # with the flag the pickle is loaded, and its code runs: that is what the flag documents
-    expect(bdl.BundleError, lambda: _predict(bundle, images, out, trust=True), "not a fitted classifier",
-           fix="predict_proba")
+    expect(
+        bdl.BundleError,
+        lambda: _predict(bundle, images, out, trust=True),
+        "not a fitted classifier",
+        fix="predict_proba",
+    )
     assert marker.read_text() == "code ran"
 
 
@@ -297,9 +358,27 @@ def test_92_crafted_pickle_cli_exits_1_with_one_line(bundle: Path, images: Path,
     (bundle / "classifier.joblib").write_bytes(_crafted_pickle(marker))
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     env["PREFECT_HOME"] = str(tmp_path / "home")
-    proc = subprocess.run([sys.executable, "-m", "flows.predict", "--model", str(bundle), "--images", str(images),
-                           "--out", str(tmp_path / "pred"), "--storage-root", str(tmp_path / "store")],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "flows.predict",
+            "--model",
+            str(bundle),
+            "--images",
+            str(images),
+            "--out",
+            str(tmp_path / "pred"),
+            "--storage-root",
+            str(tmp_path / "store"),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert proc.returncode == 1, proc.stderr[-2000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, proc.stderr[-2000:]  # the run log above it keeps Prefect's traceback (as #65b)
@@ -308,8 +387,9 @@ def test_92_crafted_pickle_cli_exits_1_with_one_line(bundle: Path, images: Path,
     assert not marker.exists() and not (tmp_path / "pred").exists()
 
 
-def test_93_bundle_without_manifest_needs_the_trust_flag(bundles: dict[str, Path], images: Path,
-                                                        tmp_path: Path) -> None:
+def test_93_bundle_without_manifest_needs_the_trust_flag(
+    bundles: dict[str, Path], images: Path, tmp_path: Path
+) -> None:
     """A hand-made or Quadra bundle (model.json + classifier.joblib + an export, no manifest) is refused without the
     flag and predicts with it; when both classifier files exist, classifier.skops is the one used."""
     quadra = tmp_path / "quadra"
@@ -318,8 +398,13 @@ def test_93_bundle_without_manifest_needs_the_trust_flag(bundles: dict[str, Path
         shutil.copy2(bundles["a"] / name, quadra / name)
     before = tree_digest(quadra)
     out = tmp_path / "pred"
-    msg = expect(bdl.BundleError, lambda: _predict(quadra, images, out), quadra, "has no _manifest.json",
-                 fix="set task.trust_pickle: true (evaluate) or pass --trust-pickle (predict)")
+    msg = expect(
+        bdl.BundleError,
+        lambda: _predict(quadra, images, out),
+        quadra,
+        "has no _manifest.json",
+        fix="set task.trust_pickle: true (evaluate) or pass --trust-pickle (predict)",
+    )
     assert "re-export the model" in msg and not out.exists()
     res = _predict(quadra, images, out, trust=True)
     assert len(res["images"]) == 2 and (out / "img0_classmap.png").is_file()
@@ -354,13 +439,18 @@ def _tamper(b: Path, name: str, how: str, other: Path) -> None:
 
 @pytest.mark.parametrize("how", ["edited", "truncated", "swapped", "deleted"])
 @pytest.mark.parametrize("name", FILES)
-def test_94_every_bundle_file_tampered_is_refused(bundle: Path, bundles: dict[str, Path], images: Path, tmp_path: Path,
-                                                   name: str, how: str) -> None:
+def test_94_every_bundle_file_tampered_is_refused(
+    bundle: Path, bundles: dict[str, Path], images: Path, tmp_path: Path, name: str, how: str
+) -> None:
     _tamper(bundle, name, how, bundles["b"])
     what = "was deleted after export" if how == "deleted" else "was modified after export"
     out = tmp_path / "pred"
-    msg = expect(bdl.BundleError, lambda: _predict(bundle, images, out), f"bundle {bundle}: {name} {what}",
-                 fix="re-export the model (or restore the file)")
+    msg = expect(
+        bdl.BundleError,
+        lambda: _predict(bundle, images, out),
+        f"bundle {bundle}: {name} {what}",
+        fix="re-export the model (or restore the file)",
+    )
     if how == "truncated":
         assert "bytes" in msg  # the sizes say it was cut
     assert not out.exists()  # refused before anything was loaded or written
@@ -368,8 +458,12 @@ def test_94_every_bundle_file_tampered_is_refused(bundle: Path, bundles: dict[st
 
 def test_95_added_file_is_refused_promotion_record_is_not(bundle: Path, images: Path, tmp_path: Path) -> None:
     (bundle / "model.pt.bak").write_bytes(b"x")
-    expect(bdl.BundleError, lambda: bdl.open_bundle(bundle), f"bundle {bundle}: model.pt.bak was added after export",
-           fix="remove it or re-export the model")
+    expect(
+        bdl.BundleError,
+        lambda: bdl.open_bundle(bundle),
+        f"bundle {bundle}: model.pt.bak was added after export",
+        fix="remove it or re-export the model",
+    )
     (bundle / "model.pt.bak").unlink()
     (bundle / "version.json").write_text('{"version": "v0001"}')  # what tasks/promotion.py adds to a version folder
     assert bdl.open_bundle(bundle).root == bundle
@@ -386,8 +480,12 @@ def test_bundle_opened_once_then_reopened_by_its_digest(bundle: Path) -> None:
     assert bdl.reopen_bundle(bundle / "model.json", opened.digest).meta == opened.meta
     expect(bdl.BundleError, lambda: bdl.reopen_bundle(bundle, "0" * 64), f"bundle {bundle} changed", fix="rerun")
     (bundle / "model.json").write_text((bundle / "model.json").read_text().replace('"std"', '"std" '))
-    expect(bdl.BundleError, lambda: bdl.reopen_bundle(bundle, opened.digest), "model.json was modified after export",
-           fix="re-export the model")
+    expect(
+        bdl.BundleError,
+        lambda: bdl.reopen_bundle(bundle, opened.digest),
+        "model.json was modified after export",
+        fix="re-export the model",
+    )
 
 
 def test_96_model_json_swapped_classes_or_other_mean_is_refused(bundle: Path, images: Path, tmp_path: Path) -> None:
@@ -401,29 +499,43 @@ def test_96_model_json_swapped_classes_or_other_mean_is_refused(bundle: Path, im
         else:
             meta["mean"] = [0.5, 0.5, 0.5]
         (bundle / "model.json").write_text(json.dumps(meta, indent=2) + "\n")
-        expect(bdl.BundleError, lambda: _predict(bundle, images, tmp_path / "pred"),
-               f"bundle {bundle}: model.json was modified after export", fix="re-export the model")
+        expect(
+            bdl.BundleError,
+            lambda: _predict(bundle, images, tmp_path / "pred"),
+            f"bundle {bundle}: model.json was modified after export",
+            fix="re-export the model",
+        )
     assert not (tmp_path / "pred").exists()
 
 
-def test_97_classifier_from_another_model_with_the_same_feature_size(bundle: Path, bundles: dict[str, Path],
-                                                                     images: Path, tmp_path: Path) -> None:
+def test_97_classifier_from_another_model_with_the_same_feature_size(
+    bundle: Path, bundles: dict[str, Path], images: Path, tmp_path: Path
+) -> None:
     """Before: rc 0 with another model's classifier. The manifest refuses it; without a manifest (trusted) a
     classifier whose classes are not model.json's is refused too."""
     shutil.copy2(bundles["c"] / "classifier.skops", bundle / "classifier.skops")
-    expect(bdl.BundleError, lambda: _predict(bundle, images, tmp_path / "pred"),
-           f"bundle {bundle}: classifier.skops was modified after export", fix="re-export the model")
+    expect(
+        bdl.BundleError,
+        lambda: _predict(bundle, images, tmp_path / "pred"),
+        f"bundle {bundle}: classifier.skops was modified after export",
+        fix="re-export the model",
+    )
     meta = json.loads((bundle / "model.json").read_text())
     meta["classes"] = {k: v for k, v in meta["classes"].items() if k != max(meta["classes"])}
     (bundle / "model.json").write_text(json.dumps(meta))
     (bundle / MANIFEST_FILE).unlink()
-    expect(bdl.BundleError, lambda: _predict(bundle, images, tmp_path / "pred", trust=True),
-           "the classifier predicts classes", fix="re-export the model")
+    expect(
+        bdl.BundleError,
+        lambda: _predict(bundle, images, tmp_path / "pred", trust=True),
+        "the classifier predicts classes",
+        fix="re-export the model",
+    )
     assert not (tmp_path / "pred").exists()
 
 
-def test_98_classifier_feature_size_mismatch(bundle: Path, bundles: dict[str, Path], images: Path, tmp_path: Path,
-                                             demo_patch_dataset: Path) -> None:
+def test_98_classifier_feature_size_mismatch(
+    bundle: Path, bundles: dict[str, Path], images: Path, tmp_path: Path, demo_patch_dataset: Path
+) -> None:
     """A classifier fitted on 512-wide features in a bundle whose backbone gives 1280 (manifest consistent, as a
     mis-assembled export would be): one line, checked before any image or patch is read."""
     from tasks.evaluation.config import EvaluateFlowConfig
@@ -436,30 +548,48 @@ def test_98_classifier_feature_size_mismatch(bundle: Path, bundles: dict[str, Pa
     (bundle / "model.json").write_text(json.dumps(meta))
     _reseal(bundle)
     out = tmp_path / "pred"
-    expect(bdl.BundleError, lambda: _predict(bundle, images, out),
-           "bundle classifier expects 512 features, backbone gives 1280", fix="re-export the model")
+    expect(
+        bdl.BundleError,
+        lambda: _predict(bundle, images, out),
+        "bundle classifier expects 512 features, backbone gives 1280",
+        fix="re-export the model",
+    )
     assert not out.exists()
-    cfg = EvaluateFlowConfig.model_validate({"datamodule": {"data_path": str(demo_patch_dataset), "split": "val"},
-                                             "task": {"model_path": str(bundle)}})
+    cfg = EvaluateFlowConfig.model_validate(
+        {"datamodule": {"data_path": str(demo_patch_dataset), "split": "val"}, "task": {"model_path": str(bundle)}}
+    )
     store = tmp_path / "store"
-    expect(bdl.BundleError, lambda: extract_with_bundle(cfg, bdl.open_bundle(bundle), store),
-           "bundle classifier expects 512 features, backbone gives 1280", fix="re-export the model")
+    expect(
+        bdl.BundleError,
+        lambda: extract_with_bundle(cfg, bdl.open_bundle(bundle), store),
+        "bundle classifier expects 512 features, backbone gives 1280",
+        fix="re-export the model",
+    )
     assert not store.exists()
 
 
-def test_99_truncated_classifier_in_a_trusted_bundle_without_manifest(bundle: Path, images: Path,
-                                                                      tmp_path: Path) -> None:
+def test_99_truncated_classifier_in_a_trusted_bundle_without_manifest(
+    bundle: Path, images: Path, tmp_path: Path
+) -> None:
     """The manifest catches a truncated classifier (#94); without a manifest the loader says so itself."""
     (bundle / MANIFEST_FILE).unlink()
     data = (bundle / "classifier.skops").read_bytes()
     (bundle / "classifier.skops").write_bytes(data[: len(data) // 2])
-    expect(bdl.BundleError, lambda: _predict(bundle, images, tmp_path / "pred", trust=True),
-           f"bundle {bundle}: classifier.skops is damaged or truncated", fix="BadZipFile")
+    expect(
+        bdl.BundleError,
+        lambda: _predict(bundle, images, tmp_path / "pred", trust=True),
+        f"bundle {bundle}: classifier.skops is damaged or truncated",
+        fix="BadZipFile",
+    )
     (bundle / "classifier.skops").unlink()
     data = (bundle / "classifier.joblib").read_bytes()
     (bundle / "classifier.joblib").write_bytes(data[: len(data) // 2])
-    expect(bdl.BundleError, lambda: _predict(bundle, images, tmp_path / "pred", trust=True),
-           f"bundle {bundle}: classifier.joblib is damaged or truncated", fix="Error")
+    expect(
+        bdl.BundleError,
+        lambda: _predict(bundle, images, tmp_path / "pred", trust=True),
+        f"bundle {bundle}: classifier.joblib is damaged or truncated",
+        fix="Error",
+    )
     assert not (tmp_path / "pred").exists()
 
 
@@ -491,12 +621,22 @@ _FULL_DISK_EXPORT = textwrap.dedent(
 
 def test_100_full_disk_during_backbone_export(tmp_path: Path, demo_patch_dataset: Path) -> None:
     """A real full disk (a file size limit in a subprocess): each export names its file and says disk full."""
-    cfg = {"datamodule": {"data_path": str(demo_patch_dataset)}, "backbone": {"name": "mobilenet_v2", "weights": None},
-           "transforms": {"input_height": 32, "input_width": 32}, "task": {"runtime": "torch"}}
+    cfg = {
+        "datamodule": {"data_path": str(demo_patch_dataset)},
+        "backbone": {"name": "mobilenet_v2", "weights": None},
+        "transforms": {"input_height": 32, "input_width": 32},
+        "task": {"runtime": "torch"},
+    }
     out = tmp_path / "backbones"
     arg = json.dumps({"cfg": cfg, "out": str(out)})
-    proc = subprocess.run([sys.executable, "-c", _FULL_DISK_EXPORT, arg], cwd=REPO,
-                          capture_output=True, text=True, timeout=300, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-c", _FULL_DISK_EXPORT, arg],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(proc.stdout.strip().splitlines()[-1])
     for t, name in {"torchscript": "model.pt", "onnx": "model.onnx", "pytorch": "model.pth"}.items():
@@ -551,8 +691,16 @@ def test_101_planted_cache_record_is_never_decoded(tmp_path: Path, prefect_harne
     payload = f"import pathlib; pathlib.Path({str(marker)!r}).write_text('imported')\n"
     (tmp_path / "mods" / "evil_mod_101.py").write_text(payload)
     monkeypatch.syspath_prepend(str(tmp_path / "mods"))
-    json_rec = dict(good, metadata={**good["metadata"], "serializer": {
-        **good["metadata"]["serializer"], "object_decoder": "prefect.serializers.prefect_json_object_decoder"}})
+    json_rec = dict(
+        good,
+        metadata={
+            **good["metadata"],
+            "serializer": {
+                **good["metadata"]["serializer"],
+                "object_decoder": "prefect.serializers.prefect_json_object_decoder",
+            },
+        },
+    )
     json_rec["result"] = json.dumps({"__class__": "evil_mod_101.X", "data": {}})
     record.write_text(json.dumps(json_rec))
     assert run() == {"value": 1} and len(calls) == 3
@@ -578,17 +726,27 @@ def flows_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
     tmp = tmp_path_factory.mktemp("flows")
     d = make_demo_dataset(tmp / "raw", n_images=10, size=(128, 160), seed=4)
-    ds_cfg = {"data": {"images": d["images"], "masks": d["masks"], "mask_extension": "_mask",
-                       "class_to_idx_file": str(tmp / "raw" / "class_to_idx.json")},
-              "dataset": {"output_folder": str(tmp / "patches"), "patch_size": [64, 64], "val_size": 0.3,
-                          "test_size": 0.3},
-              "storage_root": str(tmp / "store")}
+    ds_cfg = {
+        "data": {
+            "images": d["images"],
+            "masks": d["masks"],
+            "mask_extension": "_mask",
+            "class_to_idx_file": str(tmp / "raw" / "class_to_idx.json"),
+        },
+        "dataset": {"output_folder": str(tmp / "patches"), "patch_size": [64, 64], "val_size": 0.3, "test_size": 0.3},
+        "storage_root": str(tmp / "store"),
+    }
     ds_state = dataset_flow(ds_cfg, return_state=True)
-    train_cfg = {"datamodule": {"data_path": str(tmp / "patches")},
-                 "backbone": {"name": "mobilenet_v2", "weights": "imagenet"},
-                 "transforms": {"input_height": 32, "input_width": 32}, "trainer": {"iteration_over_training": 3},
-                 "task": {"runtime": "torch", "report": False}, "export": {"types": ["torchscript", "pytorch"]},
-                 "core": {"runs_folder": str(tmp / "runs")}, "storage_root": str(tmp / "store")}
+    train_cfg = {
+        "datamodule": {"data_path": str(tmp / "patches")},
+        "backbone": {"name": "mobilenet_v2", "weights": "imagenet"},
+        "transforms": {"input_height": 32, "input_width": 32},
+        "trainer": {"iteration_over_training": 3},
+        "task": {"runtime": "torch", "report": False},
+        "export": {"types": ["torchscript", "pytorch"]},
+        "core": {"runs_folder": str(tmp / "runs")},
+        "storage_root": str(tmp / "store"),
+    }
     ref = train_flow(train_cfg)
     return {"tmp": tmp, "ds_cfg": ds_cfg, "ds_state": ds_state, "train_cfg": train_cfg, "ref": ref, "raw": d}
 
@@ -618,9 +776,13 @@ def test_102_train_stage_outputs_tampered_are_recomputed(flows_run: dict, prefec
     (validation / "metrics.json").unlink()
     # one train pass's cache record replaced by a pickle that would write a marker
     marker = flows_run["tmp"] / "PWNED-102"
-    records = [p for p in (store / "prefect-results").iterdir()
-               if p.is_file() and "/features/" in json.loads(p.read_text())["result"]
-               and kinds.get(Path(json.loads(json.loads(p.read_text())["result"]))) == "train"]
+    records = [
+        p
+        for p in (store / "prefect-results").iterdir()
+        if p.is_file()
+        and "/features/" in json.loads(p.read_text())["result"]
+        and kinds.get(Path(json.loads(json.loads(p.read_text())["result"]))) == "train"
+    ]
     assert len(records) == 3
     import base64
 
@@ -669,8 +831,12 @@ def test_103_dataset_and_evaluation_outputs_tampered_are_recomputed(flows_run: d
     assert tree_digest(patches) == before and tree_digest(tmp / "raw") == raw_before  # inputs untouched
 
     bundle = Path(flows_run["ref"]["bundle"])
-    cfg = {"datamodule": {"data_path": str(patches)}, "task": {"model_path": str(bundle), "output": {"report": False}},
-           "core": {"runs_folder": str(tmp / "runs")}, "storage_root": str(tmp / "store")}
+    cfg = {
+        "datamodule": {"data_path": str(patches)},
+        "task": {"model_path": str(bundle), "output": {"report": False}},
+        "core": {"runs_folder": str(tmp / "runs")},
+        "storage_root": str(tmp / "store"),
+    }
     first = evaluate_flow(cfg)
     feats = [p for p in (tmp / "store" / "features").glob("*.zarr") if fstore.store_attrs(p)["kind"] == "test"]
     assert len(feats) == 1
@@ -678,8 +844,11 @@ def test_103_dataset_and_evaluation_outputs_tampered_are_recomputed(flows_run: d
     evaluation = next(p for p in (tmp / "store" / "evaluations").iterdir() if p.is_dir())
     (evaluation / "test_results.csv").unlink()
     state = evaluate_flow(cfg, return_state=True)
-    assert task_states(state) == {"bundle-split-features": "Completed", "evaluate-split": "Completed",
-                                  "publish-artifacts": "Completed"}
+    assert task_states(state) == {
+        "bundle-split-features": "Completed",
+        "evaluate-split": "Completed",
+        "publish-artifacts": "Completed",
+    }
     assert state.result()["metrics"] == first["metrics"]
 
     crafted = tmp / "crafted" / "deployment_model"

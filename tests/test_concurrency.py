@@ -34,8 +34,16 @@ def test_two_concurrent_train_runs_share_every_stage(tmp_path: Path) -> None:
     procs = []
     for _ in range(2):  # two independent processes, each with its own Prefect API (as two machines would)
         env = {**os.environ, "PREFECT_HOME": tempfile.mkdtemp(dir=tmp_path), "PREFECT_LOGGING_LEVEL": "INFO"}
-        procs.append(subprocess.Popen([sys.executable, "-m", "flows.train", "--config", str(cfg_file)], cwd=REPO, env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "flows.train", "--config", str(cfg_file)],
+                cwd=REPO,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
     logs = []
     for p in procs:
         out, _ = p.communicate(timeout=600)

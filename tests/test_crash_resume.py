@@ -47,9 +47,11 @@ def _kill_when(proc: subprocess.Popen, ready, timeout: float = 240.0) -> None:
 def test_lock_of_a_killed_process_is_reclaimed(tmp_path: Path) -> None:
     from tasks.locks import lock_manager
 
-    code = ("import os, signal; from pathlib import Path; from tasks.locks import lock_manager; "
-            f"m = lock_manager(Path({str(tmp_path)!r})); assert m.acquire_lock('stage', 'dead-holder'); "
-            "os.kill(os.getpid(), signal.SIGKILL)")
+    code = (
+        "import os, signal; from pathlib import Path; from tasks.locks import lock_manager; "
+        f"m = lock_manager(Path({str(tmp_path)!r})); assert m.acquire_lock('stage', 'dead-holder'); "
+        "os.kill(os.getpid(), signal.SIGKILL)"
+    )
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=False)
     assert list((tmp_path / "locks").glob("*.lock")), "the killed process left its lock file"
     m = lock_manager(tmp_path)
@@ -100,8 +102,14 @@ def test_held_locks_are_renewed_and_released_locks_are_not(tmp_path: Path) -> No
         assert m.acquire_lock('other', 'holder'); m.release_lock('other', 'holder')
         print(renewed < 5, not path.exists())
     """)
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True,
-                         env={**os.environ, "PATCHFLOW_LOCK_REFRESH_S": "0.2"})
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PATCHFLOW_LOCK_REFRESH_S": "0.2"},
+    )
     assert out.stdout.split() == ["True", "True"], out.stdout + out.stderr
 
 
@@ -134,8 +142,20 @@ def _store_job(tmp_path: Path, out: Path):
             cv2.imwrite(str(tmp_path / rel), rng.integers(0, 255, (20, 20, 3), dtype=np.uint8))
         items.append((rel, i % 3))
     ext = FeatureExtractor(_TinyNet(), "cpu", "fp32", 8)
-    return StoreJob(out, "k-" + out.name, items_plan(items), {"kind": "test", "data_path": str(tmp_path)}, 6,
-                    lambda: ext, (16, 16), (0.5, 0.5, 0.5), (0.2, 0.2, 0.2), 8, rows_per_shard=8, chunk_rows=4)
+    return StoreJob(
+        out,
+        "k-" + out.name,
+        items_plan(items),
+        {"kind": "test", "data_path": str(tmp_path)},
+        6,
+        lambda: ext,
+        (16, 16),
+        (0.5, 0.5, 0.5),
+        (0.2, 0.2, 0.2),
+        8,
+        rows_per_shard=8,
+        chunk_rows=4,
+    )
 
 
 def test_feature_store_resumes_verified_shards_only(tmp_path: Path) -> None:
@@ -191,13 +211,18 @@ def test_dataset_generation_killed_midway_resumes_to_identical_output(tmp_path: 
 
     assoc = make_dataset(tmp_path / "raw", n=30, h=64, w=80, seed=2)
     kw = dict(val_size=0.3, test_size=0.2, patch_size=[32, 32], shard_images=3, fingerprint="f" * 64)
-    generate_patch_dataset(assoc, CLASS_TO_IDX, output_folder=str(tmp_path / "ref"), mask_preprocessing=slow_identity, **kw)
+    generate_patch_dataset(
+        assoc, CLASS_TO_IDX, output_folder=str(tmp_path / "ref"), mask_preprocessing=slow_identity, **kw
+    )
 
     out = tmp_path / "ds"
-    code = ("import json, sys; from tasks import generate_patch_dataset; from tests.test_crash_resume import slow_identity; "
-            f"a = json.loads({json.dumps(json.dumps(assoc))}); "
-            f"generate_patch_dataset(a, {CLASS_TO_IDX!r}, output_folder={str(out)!r}, mask_preprocessing=slow_identity, "
-            f"**json.loads({json.dumps(json.dumps(kw))}))")
+    code = (
+        "import json, sys; from tasks import generate_patch_dataset; "
+        "from tests.test_crash_resume import slow_identity; "
+        f"a = json.loads({json.dumps(json.dumps(assoc))}); "
+        f"generate_patch_dataset(a, {CLASS_TO_IDX!r}, output_folder={str(out)!r}, mask_preprocessing=slow_identity, "
+        f"**json.loads({json.dumps(json.dumps(kw))}))"
+    )
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, start_new_session=True)
     partial = tmp_path / f".ds.partial-{'f' * 16}"
     _kill_when(proc, lambda: len(list((partial / ".shards").glob("process-*.json"))) >= 3)
@@ -260,13 +285,23 @@ def test_train_killed_in_feature_stage_resumes_identical_and_tampering_is_recomp
     cfg_file.write_text(yaml.safe_dump(_train_cfg(demo_patch_dataset, tmp_path / "b", root)))
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     env["PREFECT_HOME"] = str(tmp_path / "killed-home")  # its own ephemeral API, like a separate machine run
-    proc = subprocess.Popen([sys.executable, "-m", "flows.train", "--config", str(cfg_file)], cwd=REPO, env=env,
-                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flows.train", "--config", str(cfg_file)],
+        cwd=REPO,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
     def mid_features() -> bool:  # two passes finished and the next one has finished shards of its own
         feats = root / "features"
         done = [p for p in feats.glob("*.zarr") if (p / "_manifest.json").exists()] if feats.is_dir() else []
-        partial = [m for p in feats.glob("*.zarr.partial") for m in (p / "_shards").glob("shard-*.json")] if feats.is_dir() else []
+        partial = (
+            [m for p in feats.glob("*.zarr.partial") for m in (p / "_shards").glob("shard-*.json")]
+            if feats.is_dir()
+            else []
+        )
         return len(done) >= 2 and len(partial) >= 1
 
     _kill_when(proc, mid_features)
@@ -281,13 +316,17 @@ def test_train_killed_in_feature_stage_resumes_identical_and_tampering_is_recomp
     assert _stores(root) == _stores(tmp_path / "ref_root")  # identical features to the uninterrupted run
     assert not list((root / "features").glob("*.partial"))
     # identical model, predictions, metrics and report
-    X = fstore.load_features(next(p for p in (root / "features").glob("*.zarr") if fstore.store_attrs(p)["kind"] == "val"))[0]
+    X = fstore.load_features(
+        next(p for p in (root / "features").glob("*.zarr") if fstore.store_attrs(p)["kind"] == "val")
+    )[0]
     a = skops.io.load(Path(ref["bundle"]) / "classifier.skops")
     b = skops.io.load(Path(res["bundle"]) / "classifier.skops")
     np.testing.assert_array_equal(a.predict_proba(X), b.predict_proba(X))
     assert res["metrics"] == ref["metrics"]
     for name in ("report.html", "test_results.csv", "reconstruction_results.json"):
-        assert file_digest(Path(res["run_dir"]) / "validation" / name) == file_digest(Path(ref["run_dir"]) / "validation" / name)
+        assert file_digest(Path(res["run_dir"]) / "validation" / name) == file_digest(
+            Path(ref["run_dir"]) / "validation" / name
+        )
 
     # tampering: one feature chunk edited, the fitted classifier truncated, a validation file deleted
     pass_store = next(p for p in sorted((root / "features").glob("*.zarr")) if fstore.store_attrs(p)["kind"] == "train")

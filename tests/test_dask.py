@@ -51,8 +51,14 @@ def killing_identity(mask: np.ndarray) -> np.ndarray:
 def _dataset_cfg(raw: Path, out: Path, root: Path, runner: dict) -> dict:
     return {
         "data": {"images": str(raw / "images"), "masks": str(raw / "masks"), "class_to_idx": CLASS_TO_IDX},
-        "dataset": {"output_folder": str(out), "patch_size": [32, 32], "val_size": 0.3, "test_size": 0.2,
-                    "shard_images": 5, "mask_preprocessing": "tests.test_dask:flaky_identity"},
+        "dataset": {
+            "output_folder": str(out),
+            "patch_size": [32, 32],
+            "val_size": 0.3,
+            "test_size": 0.2,
+            "shard_images": 5,
+            "mask_preprocessing": "tests.test_dask:flaky_identity",
+        },
         "runner": runner,
         "storage_root": str(root),
     }
@@ -90,7 +96,9 @@ def test_dask_runs_match_single_process(tmp_path: Path, prefect_harness, monkeyp
     assert len(scans) == 5 and len(writes) == 5  # 22 images in shards of 5
     assert sorted(r.run_count for r in scans) == [1, 1, 1, 1, 2]  # only the failed shard ran again
     assert all(r.state.is_completed() for r in scans + writes)
-    state = dataset_flow(_dataset_cfg(raw, tmp_path / "ds_one", tmp_path / "root_one", {"kind": "thread"}), return_state=True)
+    state = dataset_flow(
+        _dataset_cfg(raw, tmp_path / "ds_one", tmp_path / "root_one", {"kind": "thread"}), return_state=True
+    )
     assert state.is_completed()
     assert tree_digest(tmp_path / "ds_dask") == tree_digest(tmp_path / "ds_one")
 
@@ -102,8 +110,9 @@ def test_dask_runs_match_single_process(tmp_path: Path, prefect_harness, monkeyp
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
     with get_client(sync_client=True) as client:
-        arts = client.read_artifacts(artifact_filter=ArtifactFilter(
-            flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+        arts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id]))
+        )
     shard_bars = [a for a in arts if a.type == "progress" and "feature shards on Dask" in (a.description or "")]
     assert len(shard_bars) == 1 and shard_bars[0].data == 100.0  # advanced shard by shard to the end
     r_one = train_flow(_train_cfg(data, tmp_path, tmp_path / "t_one", {"kind": "thread"}))
@@ -137,7 +146,8 @@ def test_dask_runner_needs_a_real_server() -> None:
 
 
 def test_existing_dask_cluster_by_address(tmp_path: Path, prefect_harness) -> None:
-    """`runner.address`: a scheduler and 2 workers started outside patchflow (no PREFECT_* env) build the same dataset."""
+    """`runner.address`: a scheduler and 2 workers started outside patchflow (no PREFECT_* env) build the same
+    dataset."""
     import socket
     import subprocess
     import sys
@@ -152,14 +162,29 @@ def test_existing_dask_cluster_by_address(tmp_path: Path, prefect_harness) -> No
         port = s.getsockname()[1]
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     dask = [str(Path(sys.executable).with_name("dask"))]
-    procs = [subprocess.Popen(dask + ["scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)]
+    procs = [
+        subprocess.Popen(
+            dask + ["scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    ]
     try:
         time.sleep(2)
-        procs.append(subprocess.Popen(dask + ["worker", f"tcp://127.0.0.1:{port}", "--nworkers", "2", "--nthreads", "1",
-                                              "--no-dashboard"], env=env, stdout=subprocess.DEVNULL,
-                                      stderr=subprocess.DEVNULL, start_new_session=True))
-        cfg = _dataset_cfg(raw, tmp_path / "ds_cluster", tmp_path / "root_c", {"kind": "dask", "address": f"tcp://127.0.0.1:{port}"})
+        procs.append(
+            subprocess.Popen(
+                dask + ["worker", f"tcp://127.0.0.1:{port}", "--nworkers", "2", "--nthreads", "1", "--no-dashboard"],
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        )
+        cfg = _dataset_cfg(
+            raw, tmp_path / "ds_cluster", tmp_path / "root_c", {"kind": "dask", "address": f"tcp://127.0.0.1:{port}"}
+        )
         cfg["dataset"].pop("mask_preprocessing")
         state = dataset_flow(cfg, return_state=True)
         assert state.is_completed()

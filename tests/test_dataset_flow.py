@@ -93,7 +93,10 @@ def test_dataset_cli_rejects_unknown_key(small_mtd: Path, tmp_path: Path) -> Non
     cfg_file.write_text(yaml.safe_dump(_config(small_mtd)))
     proc = subprocess.run(
         [sys.executable, "-m", "flows.dataset", "--config", str(cfg_file), "dataset.patch_nmuber=[2,2]"],
-        capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=120,
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+        timeout=120,
     )
     assert proc.returncode == 2
     assert "unknown key 'dataset.patch_nmuber'" in proc.stderr and "patch_number" in proc.stderr

@@ -13,11 +13,10 @@ import h5py
 import numpy as np
 import pytest
 
-from storage import layout
 from storage.geometry import compute_grid
 from tasks.dataset.generate import generate_patch_dataset
-from tasks.dataset.params import DatasetParams
 from tasks.dataset.labelling import label_components, label_patches
+from tasks.dataset.params import DatasetParams
 from tasks.dataset.split import split_images
 from tests._synth import CLASS_TO_IDX, make_dataset, tree_digest, write_image
 
@@ -345,7 +344,9 @@ def _missing_file(dd, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "breaker", [_corrupt, _mask_size, _mask_value, _duplicate_stem, _colour_mask, _missing_file], ids=lambda f: f.__name__
+    "breaker",
+    [_corrupt, _mask_size, _mask_value, _duplicate_stem, _colour_mask, _missing_file],
+    ids=lambda f: f.__name__,
 )
 def test_bad_input_file_errors_name_the_file(synth, tmp_path, breaker):
     dd, words = breaker(synth, tmp_path)
@@ -470,8 +471,17 @@ def test_failing_run_with_two_workers_leaves_no_temp_folder(tmp_path):
     bad.write_bytes(data[: len(data) // 2])
     out = tmp_path / "ds"
     with pytest.raises(ValueError) as exc:
-        run(dd, out, patch_number=None, patch_size=[8, 8], val_size=1.0, test_size=0.0, save_mask=True,
-            seed=42, num_workers=2)
+        run(
+            dd,
+            out,
+            patch_number=None,
+            patch_size=[8, 8],
+            val_size=1.0,
+            test_size=0.0,
+            save_mask=True,
+            seed=42,
+            num_workers=2,
+        )
     assert str(bad) in str(exc.value)
     assert not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
@@ -499,4 +509,8 @@ def test_dataset_params_bind_generate_patch_dataset_in_order() -> None:
     assert names == list(inspect.signature(generate_patch_dataset).parameters)[1:]
     section = GenerationSection(patch_number=(2, 2))
     params = section.build_params(dict(CLASS_TO_IDX), "k")
-    assert dataclasses.asdict(params) == {**section.model_dump(), "class_to_idx": dict(CLASS_TO_IDX), "fingerprint": "k"}
+    assert dataclasses.asdict(params) == {
+        **section.model_dump(),
+        "class_to_idx": dict(CLASS_TO_IDX),
+        "fingerprint": "k",
+    }

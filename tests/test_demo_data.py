@@ -25,7 +25,13 @@ def _load(res: dict) -> list[tuple[str, np.ndarray, np.ndarray | None]]:
     out = []
     for p in sorted(Path(res["images"]).glob("*.png")):
         m = Path(res["masks"]) / f"{p.stem}_mask.png"
-        out.append((p.stem, cv2.imread(str(p), cv2.IMREAD_UNCHANGED), cv2.imread(str(m), cv2.IMREAD_UNCHANGED) if m.exists() else None))
+        out.append(
+            (
+                p.stem,
+                cv2.imread(str(p), cv2.IMREAD_UNCHANGED),
+                cv2.imread(str(m), cv2.IMREAD_UNCHANGED) if m.exists() else None,
+            )
+        )
     return out
 
 
@@ -152,7 +158,9 @@ def test_refuses_to_overwrite_user_files(tmp_path: Path) -> None:
         make_demo_dataset(tmp_path / "empty" / "class_to_idx.json", n_images=2)  # a file, not a folder
 
 
-@pytest.mark.parametrize("kwargs", [{"n_classes": 4}, {"n_classes": 1}, {"n_images": 0}, {"size": (40, 40)}, {"good_fraction": 1.5}])
+@pytest.mark.parametrize(
+    "kwargs", [{"n_classes": 4}, {"n_classes": 1}, {"n_images": 0}, {"size": (40, 40)}, {"good_fraction": 1.5}]
+)
 def test_bad_arguments(tmp_path: Path, kwargs: dict) -> None:
     with pytest.raises(ValueError):
         make_demo_dataset(tmp_path / "d", **kwargs)
@@ -171,7 +179,9 @@ def test_cli(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     res = json.loads(proc.stdout)
     assert res["n_images"] == 6 and res["class_to_idx"] == {"background": 0, "blob": 1, "scratch": 2}
-    assert _files(out) == _files(Path(make_demo_dataset(tmp_path / "api", n_images=6, seed=1, n_classes=2)["images"]).parent)
+    assert _files(out) == _files(
+        Path(make_demo_dataset(tmp_path / "api", n_images=6, seed=1, n_classes=2)["images"]).parent
+    )
     (out / "images" / "x.txt").write_text("user")
     bad = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "refusing" in bad.stderr

@@ -21,7 +21,9 @@ def trained(tmp_path_factory):
     d = make_demo_dataset(root / "raw", n_images=14, size=(128, 160), seed=5, missing_mask_fraction=0.15)
     assoc = get_image_mask_association(d["images"], d["masks"], mask_extension="_mask", warning_on_missing_mask=False)
     data = root / "patches"
-    generate_patch_dataset(assoc, d["class_to_idx"], val_size=0.3, test_size=0.3, patch_size=[64, 64], output_folder=str(data))
+    generate_patch_dataset(
+        assoc, d["class_to_idx"], val_size=0.3, test_size=0.3, patch_size=[64, 64], output_folder=str(data)
+    )
     cfg = {
         "datamodule": {"data_path": str(data), "class_to_skip_training": ["stain"]},
         "transforms": {"input_height": 64, "input_width": 64},
@@ -83,8 +85,15 @@ def test_evaluate_flow_with_bundle(trained, prefect_harness) -> None:
     small = np.full((40, 50, 3), 128, np.uint8)  # smaller than the 64 px patch: padded, then cropped back
     cv2.imwrite(str(raw / "tiny.png"), small)
     pred_out = root / "pred"
-    res_p = predict_flow({"model": str(bundle), "images": str(raw), "out": str(pred_out), "method": "major_voting",
-                          "storage_root": str(root / "store")})
+    res_p = predict_flow(
+        {
+            "model": str(bundle),
+            "images": str(raw),
+            "out": str(pred_out),
+            "method": "major_voting",
+            "storage_root": str(root / "store"),
+        }
+    )
     assert len(res_p["images"]) == len(info["test_files"]) + 1
     for f in info["test_files"]:
         stem = Path(f["image_path"]).stem
@@ -97,7 +106,11 @@ def test_evaluate_flow_with_bundle(trained, prefect_harness) -> None:
     # only the reconstruction method changes: features come from the cache
     cfg["task"]["output"]["reconstruction_method"] = "priority"
     state = evaluate_flow(cfg, return_state=True)
-    assert task_states(state) == {"bundle-split-features": "Cached", "evaluate-split": "Completed", "publish-artifacts": "Completed"}
+    assert task_states(state) == {
+        "bundle-split-features": "Cached",
+        "evaluate-split": "Completed",
+        "publish-artifacts": "Completed",
+    }
     assert state.result()["metrics"]["reconstruction"]["patch_reconstruction_method"] == "priority"
 
 
@@ -110,7 +123,10 @@ def test_every_bundle_export_gives_the_same_features(trained) -> None:
     _, _, bundle = trained
     x = torch.rand(3, 3, 64, 64)
     with torch.inference_mode():
-        outs = {name: load_export(bundle / name, "mobilenet_v2")(x).numpy() for name in ("model.pt", "model.pth", "model.onnx")}
+        outs = {
+            name: load_export(bundle / name, "mobilenet_v2")(x).numpy()
+            for name in ("model.pt", "model.pth", "model.onnx")
+        }
     np.testing.assert_allclose(outs["model.pth"], outs["model.pt"], atol=1e-5)
     np.testing.assert_allclose(outs["model.onnx"], outs["model.pt"], atol=1e-4)
 

@@ -67,7 +67,9 @@ def _fill_shards(out: Path, indices) -> list[bool]:
 @pytest.fixture()
 def store(tmp_path: Path) -> Path:
     p = tmp_path / "pass_0.zarr"
-    create_store(p, n_rows=20, dim=DIM, attrs={"backbone": "resnet18", "pass": 0, "classes": ("a", "b")}, chunk_rows=CHUNK)
+    create_store(
+        p, n_rows=20, dim=DIM, attrs={"backbone": "resnet18", "pass": 0, "classes": ("a", "b")}, chunk_rows=CHUNK
+    )
     return p
 
 
@@ -216,9 +218,7 @@ def test_two_processes_disjoint_aligned_chunks(tmp_path: Path) -> None:
     count = shards.prepare(p, "mp", _row_plan(n_rows), DIM, {}, rows_per_shard=CHUNK, chunk_rows=CHUNK)
     assert count == 11  # one chunk per shard: the two processes write alternate, neighbouring chunks
     ctx = mp.get_context("spawn")
-    procs = [
-        ctx.Process(target=_fill_shards_child, args=(str(p), list(range(count))[k::2])) for k in range(2)
-    ]
+    procs = [ctx.Process(target=_fill_shards_child, args=(str(p), list(range(count))[k::2])) for k in range(2)]
     for pr in procs:
         pr.start()
     for pr in procs:
@@ -248,7 +248,7 @@ def test_prefetch_keeps_order_and_raises_where_the_producer_failed() -> None:
     got = []
     with pytest.raises(ValueError, match="bad image x.png"):
         for v in prefetch(failing()):
-            got.append(v)
+            got.append(v)  # noqa: PERF402 - the items before the failure are collected one by one
     assert got == [1, 2]
     # a consumer that stops early does not leave the producer thread blocked
     before = threading.active_count()

@@ -260,8 +260,16 @@ def test_grid_spec_from_info_model_json_and_params_gives_the_same_grid():
     extracted with it), a bundle's model.json (the reference's keys) and the generation parameters."""
     want = compute_grid(100, 130, patch_size=[32, 48], overlap=0.25)
     info = GridSpec.from_info({"patch_size": [32, 48], "patch_number": [3, 3], "overlap": 0.25})
-    meta = GridSpec.from_model_json({"patch_height": 32, "patch_width": 48, "vertical_patches": None,
-                                     "horizontal_patches": None, "overlap": 0.25, "grid_policy": GRID_POLICY})
+    meta = GridSpec.from_model_json(
+        {
+            "patch_height": 32,
+            "patch_width": 48,
+            "vertical_patches": None,
+            "horizontal_patches": None,
+            "overlap": 0.25,
+            "grid_policy": GRID_POLICY,
+        }
+    )
     params = GridSpec.from_params(None, [32, 48], 0.25)
     assert info == meta == params and info.grid(100, 130) == want
     by_number = GridSpec.from_model_json({"vertical_patches": 3, "horizontal_patches": 4, "overlap": None})

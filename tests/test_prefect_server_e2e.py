@@ -19,10 +19,10 @@ import sys
 import time
 import urllib.request
 import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -77,8 +77,15 @@ class Processes:
 
     def popen(self, args: list[str], log: Path, cwd: Path) -> subprocess.Popen:
         with open(log, "wb") as out:
-            proc = subprocess.Popen(args, env=self.env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, start_new_session=True)
+            proc = subprocess.Popen(
+                args,
+                env=self.env,
+                cwd=cwd,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
         self.started.append(proc)
         return proc
 
@@ -161,23 +168,28 @@ def e2e(tmp_path_factory: pytest.TempPathFactory) -> Iterator[E2E]:
     api_url = f"http://127.0.0.1:{port}/api"
     tag = uuid.uuid4().hex
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}  # conftest's or a user's settings
-    env.update({
-        "PREFECT_HOME": str(tmp / "prefect-home"),
-        "PREFECT_API_URL": api_url,
-        "PREFECT_SERVER_API_PORT": str(port),  # `--port` alone leaves the UI calling :4200
-        "PREFECT_SERVER_API_HOST": "127.0.0.1",
-        "DO_NOT_TRACK": "1",
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_SERVER_UI_SHOW_PROMOTIONAL_CONTENT": "false",
-        "PATCHFLOW_STORAGE_ROOT": str(tmp / "store"),
-        "COLUMNS": "240",  # keep CLI output (flow run name and id) on one line
-        TAG_VAR: tag,
-    })
+    env.update(
+        {
+            "PREFECT_HOME": str(tmp / "prefect-home"),
+            "PREFECT_API_URL": api_url,
+            "PREFECT_SERVER_API_PORT": str(port),  # `--port` alone leaves the UI calling :4200
+            "PREFECT_SERVER_API_HOST": "127.0.0.1",
+            "DO_NOT_TRACK": "1",
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_SERVER_UI_SHOW_PROMOTIONAL_CONTENT": "false",
+            "PATCHFLOW_STORAGE_ROOT": str(tmp / "store"),
+            "COLUMNS": "240",  # keep CLI output (flow run name and id) on one line
+            TAG_VAR: tag,
+        }
+    )
     procs = Processes(env=env, tag=tag)
     prefect = _prefect_cmd()
     try:
-        server = procs.popen([*prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port), "--analytics-off"],
-                             tmp / "server.log", tmp)
+        server = procs.popen(
+            [*prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port), "--analytics-off"],
+            tmp / "server.log",
+            tmp,
+        )
         demo = make_demo_dataset(tmp / "incoming", n_images=10, size=(128, 160))
         deadline = time.monotonic() + 90
         while True:
@@ -191,30 +203,48 @@ def e2e(tmp_path_factory: pytest.TempPathFactory) -> Iterator[E2E]:
                 pytest.fail(f"prefect server did not come up on {port}:\n{_tail((tmp / 'server.log').read_text())}")
             time.sleep(0.5)
 
-        rc, out = procs.run([*prefect, "work-pool", "create", "patchflow", "--type", "process"], tmp / "pool.log", tmp, 60)
+        rc, out = procs.run(
+            [*prefect, "work-pool", "create", "patchflow", "--type", "process"], tmp / "pool.log", tmp, 60
+        )
         assert rc == 0, _tail(out)
-        rc, out = procs.run([*prefect, "--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml"],
-                            tmp / "deploy.log", REPO, 180)  # entrypoints resolve against the repo root
+        rc, out = procs.run(
+            [*prefect, "--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml"],
+            tmp / "deploy.log",
+            REPO,
+            180,
+        )  # entrypoints resolve against the repo root
         assert rc == 0, _tail(out)
         assert out.count("successfully created") == 3, _tail(out)
 
         config = {
-            "data": {"images": demo["images"], "masks": demo["masks"], "mask_extension": "_mask",
-                     "class_to_idx": demo["class_to_idx"]},
+            "data": {
+                "images": demo["images"],
+                "masks": demo["masks"],
+                "mask_extension": "_mask",
+                "class_to_idx": demo["class_to_idx"],
+            },
             "dataset": {"output_folder": str(tmp / "patches"), "patch_size": [64, 64], "val_size": 0.3},
-            "train": {"trainer": {"iteration_over_training": 2}, "transforms": {"input_height": 64, "input_width": 64},
-                      "core": {"name": "tiles", "runs_folder": str(tmp / "runs")}},
+            "train": {
+                "trainer": {"iteration_over_training": 2},
+                "transforms": {"input_height": 64, "input_width": 64},
+                "core": {"name": "tiles", "runs_folder": str(tmp / "runs")},
+            },
             "promotion": {"models_folder": str(tmp / "models")},
             "storage_root": str(tmp / "store"),
         }
-        rc, out = procs.run([*prefect, "deployment", "run", RETRAIN, "--params", json.dumps({"config": config})],
-                            tmp / "trigger.log", tmp, 60)
+        rc, out = procs.run(
+            [*prefect, "deployment", "run", RETRAIN, "--params", json.dumps({"config": config})],
+            tmp / "trigger.log",
+            tmp,
+            60,
+        )
         assert rc == 0, _tail(out)
         m_id, m_name = re.search(r"UUID: ([0-9a-f-]{36})", out), re.search(r"Created flow run '([^']+)'", out)
         assert m_id and m_name, _tail(out)
 
-        rc, worker_out = procs.run([*prefect, "worker", "start", "--pool", "patchflow", "--run-once"],
-                                   tmp / "worker.log", tmp, 180)
+        rc, worker_out = procs.run(
+            [*prefect, "worker", "start", "--pool", "patchflow", "--run-once"], tmp / "worker.log", tmp, 180
+        )
         assert rc == 0, _tail(worker_out)
         yield E2E(api_url, f"http://127.0.0.1:{port}", tmp, m_id.group(1), m_name.group(1), worker_out, procs)
     finally:
@@ -238,7 +268,9 @@ def test_retrain_deployment_runs_on_a_worker(e2e: E2E) -> None:
         assert run.state is not None and run.state.type == StateType.COMPLETED, (run.state, _tail(e2e.worker_output))
         assert run.parameters["config"]["train"]["trainer"]["iteration_over_training"] == 2  # the run-time override
 
-        subflows = client.read_flow_runs(flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[run_id])))
+        subflows = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[run_id]))
+        )
         assert sorted(client.read_flow(s.flow_id).name for s in subflows) == ["patchflow-dataset", "patchflow-train"]
         assert all(s.state is not None and s.state.type == StateType.COMPLETED for s in subflows)
         ids = [run_id, *(s.id for s in subflows)]
@@ -255,14 +287,20 @@ def test_retrain_deployment_runs_on_a_worker(e2e: E2E) -> None:
         dep = client.read_deployment_by_name(RETRAIN)
         assert dep.id == run.deployment_id and dep.work_pool_name == "patchflow" and dep.enforce_parameter_schema
         assert [(s.schedule.cron, s.active) for s in dep.schedules] == [(CRON, True)]
-        assert dep.pull_steps == [{"prefect.deployments.steps.set_working_directory": {"directory": str(REPO.resolve())}}]
+        assert dep.pull_steps == [
+            {"prefect.deployments.steps.set_working_directory": {"directory": str(REPO.resolve())}}
+        ]
         assert dep.parameters["config"]["data"]["images"] == "demo_data/images"  # repo-relative defaults
         for name in ("patchflow-evaluate/evaluate", "patchflow-predict/predict"):
             other = client.read_deployment_by_name(name)
             assert other.schedules == [] and other.work_pool_name == "patchflow" and other.enforce_parameter_schema
         with pytest.raises(Exception, match="less than the minimum"):  # the schema is enforced server-side
-            client.create_flow_run_from_deployment(dep.id, parameters={"config": {**run.parameters["config"],
-                                                                                  "train": {"trainer": {"iteration_over_training": 0}}}})
+            client.create_flow_run_from_deployment(
+                dep.id,
+                parameters={
+                    "config": {**run.parameters["config"], "train": {"trainer": {"iteration_over_training": 0}}}
+                },
+            )
 
     assert os.environ.get("PREFECT_API_URL") == api_url_before  # nothing leaks to other tests
     latest = json.loads((e2e.tmp / "models" / "tiles" / "latest.json").read_text())
@@ -270,10 +308,22 @@ def test_retrain_deployment_runs_on_a_worker(e2e: E2E) -> None:
 
 
 def _chromium(e2e: E2E, url: str, out: Path, *extra: str) -> tuple[int, str]:
-    args = [str(CHROMIUM), "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-            "--disable-background-networking", "--disable-component-update", "--disable-sync",
-            f"--user-data-dir={e2e.tmp / 'chromium-profile'}", "--window-size=1600,1000", "--virtual-time-budget=15000",
-            *extra, url]
+    args = [
+        str(CHROMIUM),
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={e2e.tmp / 'chromium-profile'}",
+        "--window-size=1600,1000",
+        "--virtual-time-budget=15000",
+        *extra,
+        url,
+    ]
     return e2e.procs.run(args, out, e2e.tmp, 120)
 
 
@@ -290,7 +340,9 @@ def test_flow_run_page_renders_in_the_ui(e2e: E2E) -> None:
     rc, log = _chromium(e2e, page, e2e.tmp / "chromium.log", f"--screenshot={shot}")
     assert shot.is_file(), (rc, _tail(log))
     # the same page for a run that does not exist: the UI shell / not-found page, no run
-    _chromium(e2e, f"{e2e.ui_url}/runs/flow-run/{uuid.uuid4()}", e2e.tmp / "chromium-missing.log", f"--screenshot={missing}")
+    _chromium(
+        e2e, f"{e2e.ui_url}/runs/flow-run/{uuid.uuid4()}", e2e.tmp / "chromium-missing.log", f"--screenshot={missing}"
+    )
     rc, dom = _chromium(e2e, page, e2e.tmp / "dom.html", "--dump-dom")
 
     img = cv2.imread(str(shot)).astype(np.int16)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pytest
 
@@ -14,8 +13,15 @@ from tasks.evaluation.reconstruction import make_merger
 from tasks.evaluation.region_metrics import defect_coverage, pixel_scores, prediction_polygons, region_counts
 
 
-def reconstruct(method: str, grid, num_classes: int, patch_index: np.ndarray, labels: np.ndarray,
-                probabilities: np.ndarray | None = None, thresholds: list[float] | None = None) -> np.ndarray:
+def reconstruct(
+    method: str,
+    grid,
+    num_classes: int,
+    patch_index: np.ndarray,
+    labels: np.ndarray,
+    probabilities: np.ndarray | None = None,
+    thresholds: list[float] | None = None,
+) -> np.ndarray:
     """Class map of one image from its patch predictions, through the merger the inferer uses."""
     merger = make_merger(method, grid, num_classes, thresholds)
     merger.add(patch_index, labels, probabilities)
@@ -112,9 +118,13 @@ def _per_pixel(method: str, grid, num_classes: int, labels: np.ndarray, probs: n
 
 
 @pytest.mark.parametrize("method", ["major_voting", "priority", "soft"])
-@pytest.mark.parametrize("h, w, size, overlap", [(37, 53, (16, 12), 0.5), (40, 30, (7, 9), 0.3), (12, 10, (16, 16), 0.0)])
-def test_cell_mergers_equal_per_pixel_accumulation(method: str, h: int, w: int, size: tuple[int, int], overlap: float) -> None:
-    """Counting per cell of the box arrangement gives exactly the per-pixel maps (overlaps, flush last patch, padding)."""
+@pytest.mark.parametrize(
+    "h, w, size, overlap", [(37, 53, (16, 12), 0.5), (40, 30, (7, 9), 0.3), (12, 10, (16, 16), 0.0)]
+)
+def test_cell_mergers_equal_per_pixel_accumulation(
+    method: str, h: int, w: int, size: tuple[int, int], overlap: float
+) -> None:
+    """Counting per cell of the box arrangement gives exactly the per-pixel maps (overlaps, flush patch, padding)."""
     grid = compute_grid(h, w, patch_size=size, overlap=overlap)
     rng = np.random.default_rng(h * w)
     probs = rng.dirichlet(np.ones(4), grid.num_patches).astype(np.float32)
@@ -135,7 +145,7 @@ def test_polygons_keep_holes_of_any_region() -> None:
     assert ring[0]["area"] == 30 * 40 - 10 * 15
     xs = {pt["x"] for pt in ring[0]["holes"][0]}
     assert xs == {40, 55}  # pixel-edge coordinates of the hole
-    square = [p for p in polys if p["label"] == "b"][0]
+    square = next(p for p in polys if p["label"] == "b")
     assert square["holes"] == [] and {pt["x"] for pt in square["points"]} == {2, 10}
 
 
@@ -169,15 +179,23 @@ def test_evaluate_split_on_a_generated_dataset(tmp_path: Path) -> None:
     assoc = get_image_mask_association(d["images"], d["masks"], mask_extension="_mask")
     data = tmp_path / "ds"
     classes = d["class_to_idx"]
-    generate_patch_dataset(assoc, classes, val_size=1.0, patch_size=[32, 32], overlap=0.5, output_folder=str(data),
-                           area_threshold=0.05)
+    generate_patch_dataset(
+        assoc, classes, val_size=1.0, patch_size=[32, 32], overlap=0.5, output_folder=str(data), area_threshold=0.05
+    )
     files = sorted(p for p in (data / "val").rglob("*.png"))
     ids = [str(p.relative_to(data)) for p in files]
     labels = np.array([classes[p.parent.name] for p in files])
     probs = np.eye(max(classes.values()) + 1, dtype=np.float32)[labels]
     res = evaluate_split(data, "val", ids, labels, probs, classes, "major_voting", maps_dir=tmp_path / "maps")
-    for key in ("false_region_bad", "false_region_good", "true_region_bad", "reconstructions", "reconstructions_type",
-                "patch_reconstruction_method", "summary"):
+    for key in (
+        "false_region_bad",
+        "false_region_good",
+        "true_region_bad",
+        "reconstructions",
+        "reconstructions_type",
+        "patch_reconstruction_method",
+        "summary",
+    ):
         assert key in res
     assert len(res["reconstructions"]) == 8 and res["reconstructions_type"] == "polygon"
     assert sorted(p.name for p in (tmp_path / "maps").iterdir()) == sorted(f"{Path(a['path']).stem}.png" for a in assoc)
@@ -228,7 +246,9 @@ def test_discard_patches_are_reconstructed_but_not_scored(tmp_path: Path) -> Non
     fstore.write_row_meta(tmp_path / "val.zarr", labels, ids, np.full((len(ids), 4), -1))
     fstore.mark_complete(tmp_path / "val.zarr", fstore.store_digest(tmp_path / "val.zarr"))
     clf = LogisticRegression(max_iter=1000).fit(X, shown)
-    m = score_split(clf, tmp_path / "val.zarr", data, "val", classes, None, "major_voting", 0.3, tmp_path / "out").metrics
+    m = score_split(
+        clf, tmp_path / "val.zarr", data, "val", classes, None, "major_voting", 0.3, tmp_path / "out"
+    ).metrics
     assert m["n_patches"] == len(ids) and m["n_discarded"] == int(discard.sum())
     assert m["n_evaluated"] == int((~discard).sum()) and m["accuracy"] == 1.0
     assert sum(map(sum, m["confusion_matrix"]["matrix"])) == m["n_evaluated"]

@@ -1,4 +1,4 @@
-"""Evaluation report on a real evaluation folder: figures, self-contained HTML, determinism, headless Chromium render."""
+"""Evaluation report on a real evaluation folder: figures, self-contained HTML, determinism, Chromium render."""
 
 from __future__ import annotations
 
@@ -21,8 +21,16 @@ CHROMIUM = Path("/usr/bin/chromium")
 GENERATED = ("report.html", "confusion_matrix.csv", "confusion_matrix.png", "example", "reconstruction")
 
 
-def _write_eval(out: Path, data: Path, split: str, ids: list[str], y_eval: np.ndarray, pred: np.ndarray,
-                proba: np.ndarray, classes: dict[str, int]) -> SplitScores:
+def _write_eval(
+    out: Path,
+    data: Path,
+    split: str,
+    ids: list[str],
+    y_eval: np.ndarray,
+    pred: np.ndarray,
+    proba: np.ndarray,
+    classes: dict[str, int],
+) -> SplitScores:
     """What tasks.evaluation.scoring.score_split writes and returns, from given predictions instead of a classifier."""
     nc = max(classes.values()) + 1
     return split_scores(data, split, ids, y_eval, pred, proba, list(range(nc)), classes, "major_voting", 0.3, out)
@@ -35,8 +43,15 @@ def _dataset(root: Path, **kw) -> tuple[Path, dict[str, int], list[Path]]:
     d = make_demo_dataset(root / "raw", size=(128, 160), **kw)
     assoc = get_image_mask_association(d["images"], d["masks"], mask_extension="_mask", warning_on_missing_mask=False)
     data = root / "ds"
-    generate_patch_dataset(assoc, d["class_to_idx"], val_size=1.0, patch_size=[32, 32], overlap=0.5,
-                           output_folder=str(data), area_threshold=0.05)
+    generate_patch_dataset(
+        assoc,
+        d["class_to_idx"],
+        val_size=1.0,
+        patch_size=[32, 32],
+        overlap=0.5,
+        output_folder=str(data),
+        area_threshold=0.05,
+    )
     return data, d["class_to_idx"], sorted(p for p in data.rglob("*.png") if p.parent.parent.name in ("val", "test"))
 
 
@@ -68,7 +83,11 @@ def _fresh(src: Path, dst: Path) -> Path:
 
 
 def _generated(out: Path) -> dict[str, bytes]:
-    files = [out / n for n in GENERATED[:3]] + sorted((out / "example").glob("*")) + sorted((out / "reconstruction").glob("*"))
+    files = (
+        [out / n for n in GENERATED[:3]]
+        + sorted((out / "example").glob("*"))
+        + sorted((out / "reconstruction").glob("*"))
+    )
     return {p.relative_to(out).as_posix(): p.read_bytes() for p in files if p.is_file()}
 
 
@@ -100,9 +119,24 @@ def test_report_figures_and_self_contained_html(evaluation, tmp_path: Path) -> N
         assert img.shape[0] >= 36 + 128 and img.shape[1] >= 420  # title + at least one tile row
         assert img.shape[0] <= 36 + 3 * 168  # at most 3 rows of tiles
     html = page.read_text()
-    for text in ("demo &lt;val&gt;", "accuracy", "balanced accuracy", "defects detected", "region precision",
-                 "major_voting", "precision", "recall", "F1", "By class", "By size", "Pixel scores", "IoU", "Dice",
-                 f"{metrics['accuracy']:.3f}", "<table"):
+    for text in (
+        "demo &lt;val&gt;",
+        "accuracy",
+        "balanced accuracy",
+        "defects detected",
+        "region precision",
+        "major_voting",
+        "precision",
+        "recall",
+        "F1",
+        "By class",
+        "By size",
+        "Pixel scores",
+        "IoU",
+        "Dice",
+        f"{metrics['accuracy']:.3f}",
+        "<table",
+    ):
         assert text in html, text
     for name in metrics["per_class"]:
         assert f"<td>{name}</td>" in html
@@ -136,10 +170,21 @@ def test_report_renders_in_headless_chromium(evaluation, tmp_path: Path) -> None
     out = _fresh(src, tmp_path / "v")
     page = write_report(out, data, classes, scores)
     shot = tmp_path / "shot.png"
-    cmd = [str(CHROMIUM), "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-           "--disable-background-networking", "--disable-component-update", "--disable-sync",
-           f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1400,2000", f"--screenshot={shot}",
-           page.resolve().as_uri()]
+    cmd = [
+        str(CHROMIUM),
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--window-size=1400,2000",
+        f"--screenshot={shot}",
+        page.resolve().as_uri(),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=tmp_path)
     assert shot.is_file(), (proc.returncode, proc.stderr[-2000:])
     img = cv2.imread(str(shot))
@@ -165,8 +210,9 @@ def test_report_without_labels_masks_or_patches(tmp_path: Path) -> None:
     assert "No labelled patch" in html and html.count("data:image/png;base64,") == 3
 
     empty = tmp_path / "empty"  # test split of that dataset holds no image
-    scores = _write_eval(empty, data, "test", [], np.zeros(0, np.int64), np.zeros(0, np.int64),
-                         np.zeros((0, nc), np.float32), classes)
+    scores = _write_eval(
+        empty, data, "test", [], np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, nc), np.float32), classes
+    )
     html = write_report(empty, data, classes, scores).read_text()
     assert "No labelled patch" in html and "data:image" not in html
     bare = tmp_path / "bare"  # nothing at all

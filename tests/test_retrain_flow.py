@@ -6,8 +6,6 @@ import json
 import shutil
 from pathlib import Path
 
-import pytest
-
 from tasks.promotion import PromotionSection, read_latest, register_and_promote
 
 
@@ -29,14 +27,23 @@ def test_register_and_promote_policies(tmp_path: Path) -> None:
     slightly_worse = register_and_promote(_bundle(tmp_path, "c"), folder, {"balanced_accuracy": 0.795}, "k2", pol, "r3")
     assert slightly_worse["action"] == "promoted" and read_latest(folder)["version"] == "v0002"  # within tolerance
     worse = register_and_promote(_bundle(tmp_path, "d"), folder, {"balanced_accuracy": 0.70}, "k3", pol, "r4")
-    assert worse["action"] == "kept_previous" and worse["version"] == "v0003" and read_latest(folder)["version"] == "v0002"
+    assert (
+        worse["action"] == "kept_previous" and worse["version"] == "v0003" and read_latest(folder)["version"] == "v0002"
+    )
     assert (folder / "v0003" / "classifier.skops").read_bytes() == b"d"  # kept for inspection, not promoted
     assert (folder / "latest").resolve() == (folder / "v0002").resolve()
-    never = register_and_promote(_bundle(tmp_path, "e"), folder, {"balanced_accuracy": 0.99}, "k4",
-                                 PromotionSection(policy="never"), "r5")
+    never = register_and_promote(
+        _bundle(tmp_path, "e"), folder, {"balanced_accuracy": 0.99}, "k4", PromotionSection(policy="never"), "r5"
+    )
     assert never["action"] == "kept_previous" and read_latest(folder)["version"] == "v0002"
-    det = register_and_promote(_bundle(tmp_path, "f"), folder, {"reconstruction": {"all_defects": {"detection_rate": 0.5}}},
-                               "k5", PromotionSection(metric="defect_detection_rate", policy="always"), "r6")
+    det = register_and_promote(
+        _bundle(tmp_path, "f"),
+        folder,
+        {"reconstruction": {"all_defects": {"detection_rate": 0.5}}},
+        "k5",
+        PromotionSection(metric="defect_detection_rate", policy="always"),
+        "r6",
+    )
     assert det["action"] == "promoted" and det["value"] == 0.5
 
 
@@ -46,8 +53,15 @@ def test_promotion_compares_on_the_same_split_when_given(tmp_path: Path) -> None
     pol = PromotionSection()
     register_and_promote(_bundle(tmp_path, "a"), folder, {"balanced_accuracy": 0.90}, "k1", pol, "r1")
     # the new split is harder: the new model scores 0.80 there, the promoted one only 0.75
-    fair = register_and_promote(_bundle(tmp_path, "b"), folder, {"balanced_accuracy": 0.80}, "k2", pol, "r2",
-                                latest_metrics={"balanced_accuracy": 0.75})
+    fair = register_and_promote(
+        _bundle(tmp_path, "b"),
+        folder,
+        {"balanced_accuracy": 0.80},
+        "k2",
+        pol,
+        "r2",
+        latest_metrics={"balanced_accuracy": 0.75},
+    )
     assert fair["action"] == "promoted" and fair["previous_value"] == 0.75 and "re-evaluated" in fair["reason"]
     rec = json.loads((folder / "v0002" / "version.json").read_text())["compared_with"]
     assert rec == {"version": "v0001", "metric_value": 0.75, "basis": "re-evaluated on this run's validation split"}
@@ -63,11 +77,18 @@ def test_retrain_flow_picks_up_new_images(tmp_path: Path, prefect_harness) -> No
 
     d = make_demo_dataset(tmp_path / "incoming", n_images=12, size=(128, 160), seed=7)
     cfg = {
-        "data": {"images": d["images"], "masks": d["masks"], "mask_extension": "_mask",
-                 "class_to_idx": d["class_to_idx"]},
+        "data": {
+            "images": d["images"],
+            "masks": d["masks"],
+            "mask_extension": "_mask",
+            "class_to_idx": d["class_to_idx"],
+        },
         "dataset": {"output_folder": str(tmp_path / "patches"), "patch_size": [64, 64], "val_size": 0.3},
-        "train": {"trainer": {"iteration_over_training": 2}, "transforms": {"input_height": 64, "input_width": 64},
-                  "core": {"name": "tiles", "runs_folder": str(tmp_path / "runs")}},
+        "train": {
+            "trainer": {"iteration_over_training": 2},
+            "transforms": {"input_height": 64, "input_width": 64},
+            "core": {"name": "tiles", "runs_folder": str(tmp_path / "runs")},
+        },
         "promotion": {"models_folder": str(tmp_path / "models")},
         "storage_root": str(tmp_path / "store"),
     }

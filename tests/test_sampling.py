@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 from pathlib import Path
@@ -79,7 +80,7 @@ def make_dataset(
     for h5_name, (img, tris) in h5s.items():
         ps = (h5_patch_size or {}).get(h5_name, tuple(patch_size) if patch_size else None)
         write_h5(root / "train" / h5_name, f"original/images/{img}", ps, tris)
-    (root / "train" / "dataset.txt").write_text("".join(l + "\n" for l in lines))
+    (root / "train" / "dataset.txt").write_text("".join(line + "\n" for line in lines))
     return root
 
 
@@ -162,14 +163,16 @@ def test_read_train_list_bad_line_has_line_number(basic: Path) -> None:
 
 
 def test_balance_entries() -> None:
-    entries = [TrainEntry(f"a{i}.h5", "a") for i in range(7)] + [
-        TrainEntry(f"b{i}.h5", "b") for i in range(2)
-    ] + [TrainEntry("c0.h5", "c")]
+    entries = (
+        [TrainEntry(f"a{i}.h5", "a") for i in range(7)]
+        + [TrainEntry(f"b{i}.h5", "b") for i in range(2)]
+        + [TrainEntry("c0.h5", "c")]
+    )
     out = balance_entries(entries, seed=3)
     assert out[: len(entries)] == entries  # originals kept, in order
     counts = {c: sum(e.class_name == c for e in out) for c in "abc"}
     assert counts == {"a": 7, "b": 7, "c": 7}
-    extras = out[len(entries):]
+    extras = out[len(entries) :]
     assert [e.class_name for e in extras] == ["b"] * 5 + ["c"] * 6  # sorted class order
     assert set(extras[:5]) <= set(entries[7:9])
     assert balance_entries(entries, seed=3) == out
@@ -224,9 +227,7 @@ def test_ring_region_area_uniform(tmp_path: Path) -> None:
 def test_triangle_weights_and_uniformity(tmp_path: Path) -> None:
     t_small = [[0, 0], [0, 40], [40, 0]]  # area 800
     t_big = [[0, 60], [0, 180], [40, 60]]  # area 2400
-    root = make_dataset(
-        tmp_path / "ds", {"im.png": (64, 200)}, {"t.h5": ("im.png", [t_small, t_big])}, ["t.h5,a"]
-    )
+    root = make_dataset(tmp_path / "ds", {"im.png": (64, 200)}, {"t.h5": ("im.png", [t_small, t_big])}, ["t.h5,a"])
     n = 5000
     s = draw_pass(root, read_train_list(root) * n, CLASSES, seed=11, pass_index=2)
     cy, cx = s.center[:, 0], s.center[:, 1]
@@ -366,7 +367,7 @@ def test_iter_pass_patches_decodes_each_image_once(basic: Path, monkeypatch: pyt
     imgs = [s.image_path[r] for r in seen]
     firsts = list(dict.fromkeys(s.image_path.tolist()))
     assert list(dict.fromkeys(imgs)) == firsts
-    assert sum(1 for a, b in zip(imgs, imgs[1:]) if a != b) == len(firsts) - 1
+    assert sum(1 for a, b in itertools.pairwise(imgs) if a != b) == len(firsts) - 1
 
 
 def test_iter_pass_patches_unreadable_image(basic: Path) -> None:
@@ -434,7 +435,9 @@ def test_list_split(tmp_path: Path) -> None:
 def test_exif_orientation_ignored_and_changed_image_detected(tmp_path: Path) -> None:
     from PIL import Image
 
-    root = make_dataset(tmp_path / "ds", {"im.png": (40, 60)}, {"g.h5": ("im.jpg", None)}, ["g.h5,bg"], patch_size=[16, 16])
+    root = make_dataset(
+        tmp_path / "ds", {"im.png": (40, 60)}, {"g.h5": ("im.jpg", None)}, ["g.h5,bg"], patch_size=[16, 16]
+    )
     im = Image.fromarray(make_image(30, 80, 9))
     exif = im.getexif()
     exif[0x0112] = 6  # "rotate 90": cv2.imread would swap the axes unless told to ignore it
@@ -483,7 +486,9 @@ def test_rewritten_h5_is_read_again_not_served_from_the_memo(basic: Path) -> Non
 
 def test_grayscale_images_give_the_bgr_patches_of_a_colour_decode(tmp_path: Path) -> None:
     """A grayscale file is decoded as one channel (cheaper); its patches are the BGR pixels a colour decode gives."""
-    root = make_dataset(tmp_path / "ds", {"g.png": (60, 70)}, {"g.h5": ("g.png", None)}, ["g.h5,bg"], patch_size=[24, 20])
+    root = make_dataset(
+        tmp_path / "ds", {"g.png": (60, 70)}, {"g.h5": ("g.png", None)}, ["g.h5,bg"], patch_size=[24, 20]
+    )
     gray = np.random.default_rng(5).integers(0, 255, (60, 70), dtype=np.uint8)
     assert cv2.imwrite(str(root / "original/images/g.png"), gray)
     s = draw_pass(root, read_train_list(root) * 12, CLASSES, seed=1, pass_index=0)

@@ -86,8 +86,9 @@ class CliRun:
         env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
         env["PREFECT_HOME"] = str(self.home)
         with self.err.open("wb") as err, self.out.open("wb") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", module, *args], cwd=REPO, env=env,
-                                         start_new_session=True, stdout=out, stderr=err)
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", module, *args], cwd=REPO, env=env, start_new_session=True, stdout=out, stderr=err
+            )
 
     def wait_for(self, ready: Callable[[], bool], timeout: float = 240.0) -> None:
         t0 = time.time()
@@ -136,8 +137,13 @@ def dataset_case(tmp_path_factory) -> dict:
 
     tmp = tmp_path_factory.mktemp("signals-ds")
     make_dataset(tmp / "raw", n=36, h=64, w=80, seed=5)
-    gen = {"patch_size": [32, 32], "val_size": 0.3, "test_size": 0.2, "shard_images": 3,
-           "mask_preprocessing": "tests.test_signals:slow_mask"}
+    gen = {
+        "patch_size": [32, 32],
+        "val_size": 0.3,
+        "test_size": 0.2,
+        "shard_images": 3,
+        "mask_preprocessing": "tests.test_signals:slow_mask",
+    }
     assoc = get_image_mask_association(str(tmp / "raw" / "images"), str(tmp / "raw" / "masks"))
     section = GenerationSection(**gen, output_folder=str(tmp / "ref"))
     generate_task.fn(assoc, CLASS_TO_IDX, section, dataset_fingerprint(assoc, CLASS_TO_IDX, section))
@@ -148,9 +154,11 @@ def _dataset_config(case: dict, tmp: Path, num_workers: int) -> Path:
     import yaml
 
     raw = case["tmp"] / "raw"
-    cfg = {"data": {"images": str(raw / "images"), "masks": str(raw / "masks"), "class_to_idx": CLASS_TO_IDX},
-           "dataset": {**case["gen"], "output_folder": str(tmp / "ds"), "num_workers": num_workers},
-           "storage_root": str(tmp / "store")}
+    cfg = {
+        "data": {"images": str(raw / "images"), "masks": str(raw / "masks"), "class_to_idx": CLASS_TO_IDX},
+        "dataset": {**case["gen"], "output_folder": str(tmp / "ds"), "num_workers": num_workers},
+        "storage_root": str(tmp / "store"),
+    }
     path = tmp / "dataset.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))  # class_to_idx in its order (the sidecar keeps it)
     return path
@@ -289,8 +297,15 @@ def test_85_temporary_server_is_out_of_the_terminal_group_and_dies_with_its_run(
     """)
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     env["PREFECT_HOME"] = str(tmp_path / "home")
-    run = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=env, start_new_session=True,
-                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    run = subprocess.Popen(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     try:
         server = int(run.stdout.readline())
         assert prefect_servers(tmp_path / "home") == [server]
@@ -306,17 +321,20 @@ def test_85_temporary_server_is_out_of_the_terminal_group_and_dies_with_its_run(
 
 def _run_cli(tmp: Path, body: str) -> subprocess.CompletedProcess:
     """``run_cli(main)`` in a fresh interpreter, ``main`` running ``body`` (one line)."""
-    code = "\n".join([
-        "import os, signal, sys, time",
-        "from pathlib import Path",
-        "from tasks.cli import run_cli; from tasks.config import ConfigError",
-        f"tmp = Path({str(tmp)!r})",
-        "def main():",
-        f"    {body}",
-        "run_cli(main)",
-    ])
-    return subprocess.run([sys.executable, "-c", code], check=False, cwd=REPO, capture_output=True, text=True,
-                          timeout=120)
+    code = "\n".join(
+        [
+            "import os, signal, sys, time",
+            "from pathlib import Path",
+            "from tasks.cli import run_cli; from tasks.config import ConfigError",
+            f"tmp = Path({str(tmp)!r})",
+            "def main():",
+            f"    {body}",
+            "run_cli(main)",
+        ]
+    )
+    return subprocess.run(
+        [sys.executable, "-c", code], check=False, cwd=REPO, capture_output=True, text=True, timeout=120
+    )
 
 
 def test_86_run_cli_one_line_for_os_errors_signals_and_config_errors_traceback_for_bugs(tmp_path: Path) -> None:
@@ -349,9 +367,15 @@ def test_87_input_error_in_a_flow_keeps_the_traceback_off_the_console_and_in_the
     imgs = tmp_path / "imgs"
     imgs.mkdir()
     cfg = tmp_path / "bad.yaml"
-    cfg.write_text(yaml.safe_dump({"data": {"images": str(imgs), "masks": str(imgs), "class_to_idx": {"bg": 0, "a": 1}},
-                                   "dataset": {"output_folder": str(tmp_path / "ds"), "patch_number": [2, 2]},
-                                   "storage_root": str(tmp_path / "store")}))
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "data": {"images": str(imgs), "masks": str(imgs), "class_to_idx": {"bg": 0, "a": 1}},
+                "dataset": {"output_folder": str(tmp_path / "ds"), "patch_number": [2, 2]},
+                "storage_root": str(tmp_path / "store"),
+            }
+        )
+    )
     run = CliRun(tmp_path, "bad", "flows.dataset", "--config", str(cfg))
     assert run.finish() == 1
     err = run.stderr()
@@ -386,8 +410,13 @@ def test_88_dataset_build_keeps_its_resume_folder_unless_the_input_is_bad(tmp_pa
 
     assoc = make_dataset(tmp_path / "raw", n=18, h=64, w=80, seed=7)
     raw = tree_digest(tmp_path / "raw")
-    kw = {"val_size": 0.3, "patch_size": [32, 32], "shard_images": 3, "fingerprint": "e" * 64,
-          "mask_preprocessing": failing_mask}
+    kw = {
+        "val_size": 0.3,
+        "patch_size": [32, 32],
+        "shard_images": 3,
+        "fingerprint": "e" * 64,
+        "mask_preprocessing": failing_mask,
+    }
     generate_patch_dataset(assoc, CLASS_TO_IDX, output_folder=str(tmp_path / "ref"), **kw)
     partial = tmp_path / f".ds.partial-{'e' * 16}"
     DISK.update(full_after=18 + 9, calls=0)  # every mask scanned, then 3 shards of 3 images written

@@ -38,14 +38,37 @@ def test_train_flow_stages_are_cached_by_content(demo_patch_dataset: Path, tmp_p
     assert state.is_completed()
     res = state.result()
     run = Path(res["run_dir"])
-    for name in ("config_resolved.yaml", "config_tree.txt", "main.log", "data/train_list.csv", "data/val_list.csv",
-                 "deployment_model/model.pt", "deployment_model/classifier.skops", "deployment_model/model.json",
-                 "validation/metrics.json", "validation/test_results.csv", "validation/report.html",
-                 "validation/confusion_matrix.png"):
+    for name in (
+        "config_resolved.yaml",
+        "config_tree.txt",
+        "main.log",
+        "data/train_list.csv",
+        "data/val_list.csv",
+        "deployment_model/model.pt",
+        "deployment_model/classifier.skops",
+        "deployment_model/model.json",
+        "validation/metrics.json",
+        "validation/test_results.csv",
+        "validation/report.html",
+        "validation/confusion_matrix.png",
+    ):
         assert (run / name).is_file(), name
     mj = json.loads((run / "deployment_model/model.json").read_text())
-    for key in ("input_size", "classes", "mean", "std", "horizontal_patches", "vertical_patches", "patch_height",
-                "patch_width", "overlap", "reconstruction_method", "class_to_skip", "grid_policy", "precision"):
+    for key in (
+        "input_size",
+        "classes",
+        "mean",
+        "std",
+        "horizontal_patches",
+        "vertical_patches",
+        "patch_height",
+        "patch_width",
+        "overlap",
+        "reconstruction_method",
+        "class_to_skip",
+        "grid_policy",
+        "precision",
+    ):
         assert key in mj
     assert mj["patch_height"] == 64 and mj["input_size"] == [[3, 96, 96]]
     assert 0.0 <= res["metrics"]["accuracy"] <= 1.0 and "confusion_matrix" in res["metrics"]
@@ -59,12 +82,15 @@ def test_train_flow_stages_are_cached_by_content(demo_patch_dataset: Path, tmp_p
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
     with get_client(sync_client=True) as client:
-        arts = client.read_artifacts(artifact_filter=ArtifactFilter(
-            flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+        arts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id]))
+        )
     kinds = {a.type for a in arts}
     assert kinds == {"table", "markdown", "progress"}, kinds
     keys = {a.key for a in arts}
-    assert {"demo-validation-report", "demo-validation-bundle"} <= {k.replace("sklearn-classification-patch", "demo") for k in keys if k}, keys
+    assert {"demo-validation-report", "demo-validation-bundle"} <= {
+        k.replace("sklearn-classification-patch", "demo") for k in keys if k
+    }, keys
     assert next(a for a in arts if a.type == "progress").data == 100.0
     md = next(a for a in arts if a.type == "markdown" and a.key.endswith("summary")).data
     assert "Confusion matrix" in md and "accuracy" in md
@@ -75,23 +101,38 @@ def test_train_flow_stages_are_cached_by_content(demo_patch_dataset: Path, tmp_p
 
     cfg_file.write_text(yaml.safe_dump(cfg))
     env = {**os.environ, "PREFECT_LOGGING_LEVEL": "INFO"}
-    proc = subprocess.run([sys.executable, "-m", "flows.train", "--config", str(cfg_file)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "flows.train", "--config", str(cfg_file)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = proc.stdout + proc.stderr
     feature_lines = [line for line in log.splitlines() if "features-" in line and "Finished in state" in line]
     assert len(feature_lines) == 3 and all("Cached" in line for line in feature_lines), feature_lines
 
     # changing only the classifier reruns fit/export/validate, not features
-    state = train_flow(_cfg(demo_patch_dataset, tmp_path, model={"params": {"max_iter": 10000, "C": 0.3}}), return_state=True)
+    state = train_flow(
+        _cfg(demo_patch_dataset, tmp_path, model={"params": {"max_iter": 10000, "C": 0.3}}), return_state=True
+    )
     st = task_states(state)
     assert st["train-pass-features"] == "Cached" and st["split-features"] == "Cached"
     assert st["fit-classifier"] == "Completed" and st["validate-patches"] == "Completed"
     assert st["export-bundle"] == "Completed" and st["export-backbone"] == "Cached"  # no re-trace
 
     # changing only the reconstruction method reruns validation, no features and no fit
-    state = train_flow(_cfg(demo_patch_dataset, tmp_path, model={"params": {"max_iter": 10000, "C": 0.3}},
-                            task={"reconstruction_method": "soft"}), return_state=True)
+    state = train_flow(
+        _cfg(
+            demo_patch_dataset,
+            tmp_path,
+            model={"params": {"max_iter": 10000, "C": 0.3}},
+            task={"reconstruction_method": "soft"},
+        ),
+        return_state=True,
+    )
     st = task_states(state)
     assert st["validate-patches"] == "Completed" and st["fit-classifier"] == "Cached"
     assert st["train-pass-features"] == "Cached" and st["split-features"] == "Cached"
@@ -103,7 +144,9 @@ def test_train_flow_stages_are_cached_by_content(demo_patch_dataset: Path, tmp_p
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
     with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+        )
     passes = sorted(r.state.name for r in runs if r.name.startswith("train-pass-features"))
     assert passes == ["Cached", "Cached", "Completed"]
 
@@ -116,18 +159,17 @@ def test_exported_backbone_reproduces_training_features(demo_patch_dataset: Path
     from storage import features as fstore
     from tasks.features.export import OnnxBackbone
     from tasks.features.extractor import preprocess
-    from tasks.features.store import extract_split
+    from tasks.features.store import extract_split, extract_train_pass
     from tasks.model.bundle import export_bundle
-    from tasks.model.fit import fit_classifier
     from tasks.model.config import TrainFlowConfig
-    from tasks.features.store import extract_train_pass
+    from tasks.model.fit import fit_classifier
 
     cfg = TrainFlowConfig.model_validate(_cfg(demo_patch_dataset, tmp_path))
     extract_train_pass(cfg, 0, tmp_path / "p0.zarr")
     extract_split(cfg, "val", tmp_path / "val.zarr")
     fit_classifier(cfg, [str(tmp_path / "p0.zarr")], tmp_path / "clf.skops")
     bundle = export_bundle(cfg, tmp_path / "clf.skops", tmp_path / "deployment_model")
-    X, y, ids, _ = fstore.load_features(tmp_path / "val.zarr")
+    X, _y, ids, _ = fstore.load_features(tmp_path / "val.zarr")
     ts = torch.jit.load(str(bundle / "model.pt"))
     patches = [cv2.imread(str(demo_patch_dataset / p)) for p in ids[:8]]
     batch = preprocess(patches, (96, 96))
@@ -162,13 +204,15 @@ def test_feature_runtime_resolution(tmp_path: Path) -> None:
 
 
 def test_bad_backbone_config_errors(demo_patch_dataset: Path, tmp_path: Path) -> None:
-    from tasks.features.weights import BackboneError
     from tasks.config import ConfigError, validate_config
     from tasks.features.store import extract_train_pass
+    from tasks.features.weights import BackboneError
     from tasks.model.config import TrainFlowConfig
 
     with pytest.raises(ConfigError, match="backbone.name"):
         validate_config(TrainFlowConfig, _cfg(demo_patch_dataset, tmp_path, backbone={"name": "resnet181"}))
-    cfg = TrainFlowConfig.model_validate(_cfg(demo_patch_dataset, tmp_path, backbone={"weights": str(tmp_path / "nope.pth")}))
+    cfg = TrainFlowConfig.model_validate(
+        _cfg(demo_patch_dataset, tmp_path, backbone={"weights": str(tmp_path / "nope.pth")})
+    )
     with pytest.raises(BackboneError, match="nope.pth"):
         extract_train_pass(cfg, 0, tmp_path / "x.zarr")

@@ -70,7 +70,7 @@ def test_region_geometry_area_is_pixel_count():
 def test_ring_area_exact_without_simplification_and_close_with_it():
     region, _ = ring()
     n = int(region.sum())
-    tri0, w0 = triangulate_region(region, tolerance=0)
+    tri0, _w0 = triangulate_region(region, tolerance=0)
     assert tri_area_yx(tri0) == n
     tri, w = triangulate_region(region)
     assert abs(tri_area_yx(tri) - n) <= 0.01 * n
@@ -123,7 +123,7 @@ def test_one_pixel_diagonal_scratch_keeps_its_area():
 def test_two_pixel_horizontal_scratch():
     region = np.zeros((100, 100), bool)
     region[50:52, 5:95] = True
-    tri, w = triangulate_region(region)
+    tri, _w = triangulate_region(region)
     assert len(tri) > 0
     assert tri_area_yx(tri) == pytest.approx(region.sum(), rel=0.01)
 
@@ -134,7 +134,7 @@ def test_thin_diagonal_scratch_is_a_training_region():
     comps = label_components(m)
     assert len(comps.classes) == 2
     g = compute_grid(100, 100, patch_size=[64, 64])
-    good, regions = compute_regions(m, comps, (g.patch_h, g.patch_w), {0: "bg", 1: "scratch"}, set())
+    _good, regions = compute_regions(m, comps, (g.patch_h, g.patch_w), {0: "bg", 1: "scratch"}, set())
     assert len(regions) == 1
     r = regions[0]
     assert r.class_name == "scratch" and r.labelled_index == 1 and len(r.triangles) > 0

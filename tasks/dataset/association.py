@@ -25,11 +25,7 @@ class AssociationError(ValueError):
 def _list_images(folder: Path, recursive: bool = True) -> list[Path]:
     """Image files under ``folder`` (or directly in it), sorted; no folders, hidden files or other types."""
     it = folder.rglob("*") if recursive else folder.glob("*")
-    return sorted(
-        p
-        for p in it
-        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS
-    )
+    return sorted(p for p in it if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
 def get_image_mask_association(
@@ -87,9 +83,7 @@ def _images_and_masks(data: Path, mask_folder: str | None, mask_extension: str) 
         masks = _list_images(mdir, recursive=False)
         images = files
     if not images:
-        raise AssociationError(
-            f"no image files ({', '.join(IMAGE_EXTENSIONS)}) found under {data}; check data_folder"
-        )
+        raise AssociationError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) found under {data}; check data_folder")
     return images, masks
 
 

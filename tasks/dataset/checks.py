@@ -41,8 +41,9 @@ def check_build(data_dictionary: Sequence[dict[str, Any]], params: DatasetParams
     """Check parameters, images and the output folder (none of the inputs may lie inside it). ``from_disk``: the
     shards read the plan from disk, so ``mask_preprocessing`` must be importable."""
     if not data_dictionary:
-        raise param_error("data_dictionary is empty: no images to turn into a dataset "
-                          "(check get_image_mask_association's folder)")
+        raise param_error(
+            "data_dictionary is empty: no images to turn into a dataset (check get_image_mask_association's folder)"
+        )
     p = check_params(params, from_disk)
     jobs = image_jobs(data_dictionary)
     check_output_names(p.train_filename, p.mask_extension, p.mask_output_folder)
@@ -76,8 +77,9 @@ def check_params(p: DatasetParams, from_disk: bool) -> DatasetParams:
     if p.val_size < 0 or p.test_size < 0 or p.val_size + p.test_size > 1:
         raise param_error(f"val_size and test_size must be >= 0 with a sum <= 1 (got {p.val_size}, {p.test_size})")
     if p.save_mask and not p.mask_extension and p.mask_output_folder is None:
-        raise param_error("save_mask needs a mask_extension or a mask_output_folder, "
-                          "or patch masks would overwrite patches")
+        raise param_error(
+            "save_mask needs a mask_extension or a mask_output_folder, or patch masks would overwrite patches"
+        )
     for name in ("num_workers", "repeat_good_images", "shard_images"):
         value = getattr(p, name)
         if not _is_int(value) or value < 1:
@@ -88,11 +90,20 @@ def check_params(p: DatasetParams, from_disk: bool) -> DatasetParams:
         raise param_error(f"seed must be an integer, got {p.seed!r} ({type(p.seed).__name__})")
     _check_preprocessing(p.mask_preprocessing, p.num_workers, from_disk)
     return replace(
-        p, class_to_idx={k: int(v) for k, v in p.class_to_idx.items()}, val_size=float(p.val_size),
-        test_size=float(p.test_size), seed=int(p.seed), patch_number=_pair(p.patch_number),
-        patch_size=_pair(p.patch_size), overlap=float(p.overlap), area_threshold=float(p.area_threshold),
-        area_defect_threshold=float(p.area_defect_threshold), repeat_good_images=int(p.repeat_good_images),
-        annotated_good=tuple(p.annotated_good or ()), num_workers=int(p.num_workers), shard_images=int(p.shard_images),
+        p,
+        class_to_idx={k: int(v) for k, v in p.class_to_idx.items()},
+        val_size=float(p.val_size),
+        test_size=float(p.test_size),
+        seed=int(p.seed),
+        patch_number=_pair(p.patch_number),
+        patch_size=_pair(p.patch_size),
+        overlap=float(p.overlap),
+        area_threshold=float(p.area_threshold),
+        area_defect_threshold=float(p.area_defect_threshold),
+        repeat_good_images=int(p.repeat_good_images),
+        annotated_good=tuple(p.annotated_good or ()),
+        num_workers=int(p.num_workers),
+        shard_images=int(p.shard_images),
         max_image_pixels=_as_config_error(lambda: pixel_limit(p.max_image_pixels)),
         sixteen_bit=_as_config_error(lambda: parse_sixteen_bit(p.sixteen_bit, "sixteen_bit")),
     )
@@ -109,13 +120,22 @@ def _check_classes(class_to_idx: dict[str, int], annotated_good: Sequence[str] |
         raise param_error(f"class_to_idx must map a background class to 0, got {class_to_idx}")
     for name, v in class_to_idx.items():
         if not _is_int(v) or not 0 <= v <= 255:
-            raise param_error(f"class_to_idx[{str(name)[:100]!r}] = {v!r} ({type(v).__name__}): class_to_idx values "
-                              "must be distinct integers in 0..255 (not true/false or 1.0)")
+            raise param_error(
+                f"class_to_idx[{str(name)[:100]!r}] = {v!r} ({type(v).__name__}): class_to_idx values "
+                "must be distinct integers in 0..255 (not true/false or 1.0)"
+            )
     values = list(class_to_idx.values())
     if len(set(values)) != len(values):
         raise param_error(f"class_to_idx values must be distinct integers in 0..255, got {str(class_to_idx)[:300]}")
-    bad_names = [k for k in class_to_idx if not isinstance(k, str) or not k or k.startswith(".")
-                 or any(c in k for c in ",/\\\n\r") or k == layout.NONE_CLASS]
+    bad_names = [
+        k
+        for k in class_to_idx
+        if not isinstance(k, str)
+        or not k
+        or k.startswith(".")
+        or any(c in k for c in ",/\\\n\r")
+        or k == layout.NONE_CLASS
+    ]
     if bad_names:
         raise InputDataError(
             f"class names {bad_names} cannot be used: they name folders and dataset.txt fields "
@@ -138,7 +158,7 @@ def _check_preprocessing(fn: Callable[..., Any] | None, num_workers: int, from_d
     if num_workers > 1:
         try:
             pickle.dumps(fn)  # sent in memory to the worker processes (never stored in a file)
-        except Exception:  # noqa: BLE001
+        except Exception:
             raise param_error(
                 "mask_preprocessing must be a module-level function (picklable) when num_workers > 1 or in a flow; "
                 "lambdas and local functions only work with num_workers=1"

@@ -26,7 +26,8 @@ class DataSection(StrictModel):
     warning_on_missing_mask: bool = True
     class_to_idx: dict[str, StrictInt] | None = Field(None, description="Class name -> mask value; 0 = background")
     class_to_idx_file: str | None = Field(
-        None, description="JSON file with class_to_idx (used when class_to_idx is not set)")
+        None, description="JSON file with class_to_idx (used when class_to_idx is not set)"
+    )
 
     @model_validator(mode="after")
     def _one_class_map(self) -> DataSection:
@@ -44,13 +45,17 @@ class DataSection(StrictModel):
         except (OSError, ValueError) as exc:  # JSONDecodeError, UnicodeDecodeError, a key given twice
             raise ConfigError(f"data.class_to_idx_file {path}: cannot read a JSON mapping ({clip(exc, 200)})") from None
         if not isinstance(data, dict):
-            raise ConfigError(f"data.class_to_idx_file {path} must map class names to integer mask values, "
-                              f"not hold a {type(data).__name__}")
+            raise ConfigError(
+                f"data.class_to_idx_file {path} must map class names to integer mask values, "
+                f"not hold a {type(data).__name__}"
+            )
         for name, value in data.items():
             if type(value) is not int:  # true/false and 1.0 are not mask values
-                raise ConfigError(f"data.class_to_idx_file {path} must map class names to integer mask values: "
-                                  f"class {clip(repr(name))} maps to {clip(json.dumps(value))} "
-                                  f"({type(value).__name__}); write a whole number such as 1")
+                raise ConfigError(
+                    f"data.class_to_idx_file {path} must map class names to integer mask values: "
+                    f"class {clip(repr(name))} maps to {clip(json.dumps(value))} "
+                    f"({type(value).__name__}); write a whole number such as 1"
+                )
         return data
 
 
@@ -76,7 +81,8 @@ class GenerationSection(StrictModel):
     test_size: float = Field(0.0, ge=0, le=1, description="Share of images in test")
     seed: StrictInt = 42
     patch_number: tuple[StrictInt, StrictInt] | None = Field(
-        None, description="[n_vertical, n_horizontal] patches per image")
+        None, description="[n_vertical, n_horizontal] patches per image"
+    )
     patch_size: tuple[StrictInt, StrictInt] | None = Field(None, description="[height, width] of patches in pixels")
     overlap: float = Field(0.0, ge=0, lt=1)
     save_original_images_and_masks: bool = True
@@ -87,22 +93,30 @@ class GenerationSection(StrictModel):
     save_mask: bool = False
     clear_output_folder: bool = False
     mask_preprocessing: str | None = Field(
-        None, description="Import path 'module:function' of a mask preprocessing function")
+        None, description="Import path 'module:function' of a mask preprocessing function"
+    )
     train_filename: str = "dataset.txt"
     repeat_good_images: StrictInt = Field(1, ge=1)
     balance_defects: bool = True
     annotated_good: list[str] | None = None
     num_workers: StrictInt = Field(1, ge=1)
     missing_mask: Literal["test", "good"] = Field(
-        "test", description="Images without a mask: to test/None, or treated as defect-free")
+        "test", description="Images without a mask: to test/None, or treated as defect-free"
+    )
     shard_images: StrictInt = Field(
-        256, ge=1, description="Images per shard: the unit of parallel work (runner.kind=dask) and of resume")
+        256, ge=1, description="Images per shard: the unit of parallel work (runner.kind=dask) and of resume"
+    )
     max_image_pixels: StrictInt | None = Field(
-        None, ge=1, description="Images larger than this (pixels, read from the header) are refused before decoding; "
-        "None: $PATCHFLOW_MAX_IMAGE_PIXELS, else 200000000 (docs/bad-inputs.md, section M)")
+        None,
+        ge=1,
+        description="Images larger than this (pixels, read from the header) are refused before decoding; "
+        "None: $PATCHFLOW_MAX_IMAGE_PIXELS, else 200000000 (docs/bad-inputs.md, section M)",
+    )
     sixteen_bit: str | StrictInt | tuple[int, int] = Field(
-        "auto", description="16-bit images to 8 bits: 'auto' (per image, the smallest of 10/12/14/16 bits holding its "
-        "largest value), the bits the camera uses (8..16) or a [low, high] window mapped to 0..255")
+        "auto",
+        description="16-bit images to 8 bits: 'auto' (per image, the smallest of 10/12/14/16 bits holding its "
+        "largest value), the bits the camera uses (8..16) or a [low, high] window mapped to 0..255",
+    )
 
     @field_validator("sixteen_bit", mode="before")
     @classmethod
@@ -121,8 +135,12 @@ class GenerationSection(StrictModel):
         """The build's parameters: this section's, the class map and the inputs' content key (``mask_preprocessing``
         imported)."""
         pre = import_object(self.mask_preprocessing) if self.mask_preprocessing else None
-        return DatasetParams(class_to_idx=class_to_idx, fingerprint=fingerprint, mask_preprocessing=pre,
-                             **self.model_dump(exclude={"mask_preprocessing"}))
+        return DatasetParams(
+            class_to_idx=class_to_idx,
+            fingerprint=fingerprint,
+            mask_preprocessing=pre,
+            **self.model_dump(exclude={"mask_preprocessing"}),
+        )
 
 
 class DatasetFlowConfig(StrictModel):
@@ -131,7 +149,9 @@ class DatasetFlowConfig(StrictModel):
     data: DataSection
     dataset: GenerationSection
     storage_root: str | None = Field(
-        None, description="Results/cache/locks root (default $PATCHFLOW_STORAGE_ROOT or ./.patchflow)")
+        None, description="Results/cache/locks root (default $PATCHFLOW_STORAGE_ROOT or ./.patchflow)"
+    )
     force: bool = Field(False, description="Rebuild the dataset even if an identical one exists")
     runner: RunnerSection = Field(
-        default_factory=RunnerSection, description="Where image shards run (thread or a Dask cluster)")
+        default_factory=RunnerSection, description="Where image shards run (thread or a Dask cluster)"
+    )

@@ -75,10 +75,32 @@ def generate_patch_dataset(
     ``[low, high]`` window; ``tasks/imageio.py: to_uint8``), recorded in ``patchflow.json``.
     """
     params = DatasetParams(
-        class_to_idx, val_size, test_size, seed, patch_number, patch_size, overlap, output_folder,
-        save_original_images_and_masks, area_threshold, area_defect_threshold, mask_extension, mask_output_folder,
-        save_mask, clear_output_folder, mask_preprocessing, train_filename, repeat_good_images, balance_defects,
-        annotated_good, num_workers, missing_mask, fingerprint, shard_images, max_image_pixels, sixteen_bit,
+        class_to_idx,
+        val_size,
+        test_size,
+        seed,
+        patch_number,
+        patch_size,
+        overlap,
+        output_folder,
+        save_original_images_and_masks,
+        area_threshold,
+        area_defect_threshold,
+        mask_extension,
+        mask_output_folder,
+        save_mask,
+        clear_output_folder,
+        mask_preprocessing,
+        train_filename,
+        repeat_good_images,
+        balance_defects,
+        annotated_good,
+        num_workers,
+        missing_mask,
+        fingerprint,
+        shard_images,
+        max_image_pixels,
+        sixteen_bit,
     )
     return build_patch_dataset(data_dictionary, params)
 
@@ -141,8 +163,12 @@ def _partial_dir(out: Path, fingerprint: str | None, inputs: Sequence[tuple[str,
     build lock, so the other build folders of ``out`` are no live run's: they are removed (matched literally)."""
     keep = out.parent / f".{out.name}.partial-{_tag(fingerprint)}" if fingerprint is not None else None
     for other in layout.stale_build_folders(out, keep):
-        refuse_inputs_in(other, inputs, key="build folder",
-                         action="it is a killed build's leftover, and removing it would delete the input")
+        refuse_inputs_in(
+            other,
+            inputs,
+            key="build folder",
+            action="it is a killed build's leftover, and removing it would delete the input",
+        )
         shutil.rmtree(other, ignore_errors=True)  # left by a killed run
     if keep is None:
         return layout.temp_sibling(out)

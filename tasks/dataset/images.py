@@ -92,8 +92,9 @@ LIMIT_SETTING = "dataset.max_image_pixels"
 
 def _decoding(p: DatasetParams) -> Decoding:
     """How this build decodes images: its pixel limit and 16-bit rule."""
-    return Decoding(max_image_pixels(p.max_image_pixels), LIMIT_SETTING,
-                    parse_sixteen_bit(p.sixteen_bit, "dataset.sixteen_bit"))
+    return Decoding(
+        max_image_pixels(p.max_image_pixels), LIMIT_SETTING, parse_sixteen_bit(p.sixteen_bit, "dataset.sixteen_bit")
+    )
 
 
 def init_pool_worker(params: DatasetParams, root: Path) -> None:
@@ -158,8 +159,9 @@ def process_image(job: Job) -> Result:
     # files stay 1-channel: the patches read back as the same BGR pixels, written ~3x faster)
     img = decode_image(data, job.path, reduced=job.split == "train", keep_gray=True, decoding=_decoding(p))
     if job.split != "train" and img.shape[:2] != job.size:
-        raise InputDataError(f"{job.path}: decoded size {img.shape[:2]} differs from its header {job.size}; "
-                             "re-save the image")
+        raise InputDataError(
+            f"{job.path}: decoded size {img.shape[:2]} differs from its header {job.size}; re-save the image"
+        )
     mask, mask_data = _processed_mask(job, p)
     res = Result()
     _save_originals(res, root, job, p, data, mask, mask_data)
@@ -184,8 +186,9 @@ def _processed_mask(job: Job, p: DatasetParams) -> tuple[np.ndarray | None, byte
     return mask, mask_data
 
 
-def _save_originals(res: Result, root: Path, job: Job, p: DatasetParams, data: bytes, mask: np.ndarray | None,
-                    mask_data: bytes | None) -> None:
+def _save_originals(
+    res: Result, root: Path, job: Job, p: DatasetParams, data: bytes, mask: np.ndarray | None, mask_data: bytes | None
+) -> None:
     """Copy the image and its mask into ``original/`` (or refer to them where they are) and set the info.json
     entries."""
     if p.save_original_images_and_masks:
@@ -201,24 +204,35 @@ def _save_originals(res: Result, root: Path, job: Job, p: DatasetParams, data: b
             res.mask_entry = str(Path(job.mask).resolve())
 
 
-def _write_regions(res: Result, root: Path, job: Job, p: DatasetParams, mask: np.ndarray | None,
-                   components: Components | None, grid: PatchGrid) -> None:
+def _write_regions(
+    res: Result,
+    root: Path,
+    job: Job,
+    p: DatasetParams,
+    mask: np.ndarray | None,
+    components: Components | None,
+    grid: PatchGrid,
+) -> None:
     """A train image: one h5 sampling file per region, its ``dataset.txt`` lines and labelled mask."""
     annotated_good = set(p.annotated_good or ())
     good_idx = {p.class_to_idx[n] for n in annotated_good}
     class_names = {v: k for k, v in p.class_to_idx.items()}
     good, comps = compute_regions(mask, components, (grid.patch_h, grid.patch_w), class_names, good_idx)
     for region in ([good] if good is not None else []) + comps:
-        res.put(root, f"train/{job.stem}_{region.suffix}.h5", encode_region(
-            SamplingRegion(
-                img_path=res.image_entry,
-                patch_size=(grid.patch_h, grid.patch_w),
-                triangles=region.triangles,
-                weights=region.weights,
-                mask_path=res.mask_entry if (mask is not None and mask.any()) else None,
-                labelled_index=region.labelled_index,
+        res.put(
+            root,
+            f"train/{job.stem}_{region.suffix}.h5",
+            encode_region(
+                SamplingRegion(
+                    img_path=res.image_entry,
+                    patch_size=(grid.patch_h, grid.patch_w),
+                    triangles=region.triangles,
+                    weights=region.weights,
+                    mask_path=res.mask_entry if (mask is not None and mask.any()) else None,
+                    labelled_index=region.labelled_index,
+                ),
             ),
-        ))
+        )
     res.lines = dataset_lines(job.stem, good, comps, annotated_good, p.repeat_good_images, p.balance_defects)
     if components is not None and len(components.classes) > 1:
         rel = f"original/labelled_masks/{job.stem}.png"
@@ -228,8 +242,16 @@ def _write_regions(res: Result, root: Path, job: Job, p: DatasetParams, mask: np
         res.counts[cls] = res.counts.get(cls, 0) + 1
 
 
-def _write_patches(res: Result, root: Path, job: Job, p: DatasetParams, padded: np.ndarray, mask: np.ndarray | None,
-                   components: Components | None, grid: PatchGrid) -> None:
+def _write_patches(
+    res: Result,
+    root: Path,
+    job: Job,
+    p: DatasetParams,
+    padded: np.ndarray,
+    mask: np.ndarray | None,
+    components: Components | None,
+    grid: PatchGrid,
+) -> None:
     """A val/test image: its grid patches (and patch masks with ``save_mask``) in one folder per label."""
     background = next(k for k, v in p.class_to_idx.items() if v == 0)
     if mask is None:

@@ -53,8 +53,12 @@ def resolve_inputs(paths: Iterable[str | os.PathLike[str]]) -> list[tuple[str, s
     return out
 
 
-def refuse_inputs_in(folder: Path, inputs: Sequence[tuple[str, str]], key: str = "output_folder",
-                     action: str = "a build replaces output_folder as a whole and would delete it") -> None:
+def refuse_inputs_in(
+    folder: Path,
+    inputs: Sequence[tuple[str, str]],
+    key: str = "output_folder",
+    action: str = "a build replaces output_folder as a whole and would delete it",
+) -> None:
     """Raise :class:`OutputFolderError` naming both paths when a resolved input lies inside ``folder`` (resolved),
     which is about to be replaced or cleared (``action`` says how)."""
     root = os.fspath(folder)
@@ -83,18 +87,25 @@ def check_name(name: str, what: str, where: str) -> None:
 def check_output_names(train_filename: str, mask_extension: str, mask_output_folder: str | None) -> None:
     """``train_filename`` and ``mask_extension`` are plain names, ``mask_output_folder`` a relative folder inside the
     dataset (so nothing is ever written outside the build folder); a ConfigError otherwise."""
-    if not isinstance(train_filename, str) or not train_filename or train_filename.startswith(".") or any(
-        c in train_filename for c in BAD_NAME_CHARS
+    if (
+        not isinstance(train_filename, str)
+        or not train_filename
+        or train_filename.startswith(".")
+        or any(c in train_filename for c in BAD_NAME_CHARS)
     ):
-        raise param_error(f"train_filename {train_filename!r} must be a plain file name such as dataset.txt "
-                         "(no slashes, commas or line breaks, no leading dot)")
+        raise param_error(
+            f"train_filename {train_filename!r} must be a plain file name such as dataset.txt "
+            "(no slashes, commas or line breaks, no leading dot)"
+        )
     if any(c in mask_extension for c in BAD_NAME_CHARS):
         raise param_error(f"mask_extension {mask_extension!r} must be a file name suffix such as _mask (no slashes)")
     if mask_output_folder is not None:
         parts = Path(mask_output_folder).parts
         if Path(mask_output_folder).is_absolute() or ".." in parts or any(c in mask_output_folder for c in ",\n\r"):
-            raise param_error(f"mask_output_folder {mask_output_folder!r} must be a relative folder inside the dataset "
-                             "(no '..', not absolute)")
+            raise param_error(
+                f"mask_output_folder {mask_output_folder!r} must be a relative folder inside the dataset "
+                "(no '..', not absolute)"
+            )
 
 
 def check_flow_paths(
@@ -133,8 +144,12 @@ def check_dataset_paths(config: DatasetFlowConfig, config_file: str | None = Non
     inputs (images and masks folders, class map file, config file, storage root), to lie inside neither the images
     nor the masks folder, and to be replaceable (empty or a patch dataset); nothing is written or deleted before."""
     out = output_folder_path(config.dataset.output_folder)
-    check_flow_paths(out, config.data.images, config.data.masks,
-                     {"data.class_to_idx_file": config.data.class_to_idx_file, "the config file": config_file},
-                     storage_root(config.storage_root))
+    check_flow_paths(
+        out,
+        config.data.images,
+        config.data.masks,
+        {"data.class_to_idx_file": config.data.class_to_idx_file, "the config file": config_file},
+        storage_root(config.storage_root),
+    )
     layout.check_output_folder(out)
     return out

@@ -46,7 +46,11 @@ def finish_patch_dataset(tmp: str | Path, plan: DatasetPlan | None = None) -> di
         layout.publish(tmp, out)
     logger.info(
         "patch dataset in %s: %d train / %d val / %d test images, %d train lines",
-        out, len(info["train_files"]), len(info["val_files"]), len(info["test_files"]), len(lines),
+        out,
+        len(info["train_files"]),
+        len(info["val_files"]),
+        len(info["test_files"]),
+        len(lines),
     )
     return info
 

@@ -80,10 +80,14 @@ def compute_regions(
     # bounding boxes of all components in one pass
     ys, xs = np.nonzero(labels)
     lab = labels[ys, xs]
-    y_min = np.full(len(components.classes), H); y_max = np.full(len(components.classes), -1)
-    x_min = np.full(len(components.classes), W); x_max = np.full(len(components.classes), -1)
-    np.minimum.at(y_min, lab, ys); np.maximum.at(y_max, lab, ys)
-    np.minimum.at(x_min, lab, xs); np.maximum.at(x_max, lab, xs)
+    y_min = np.full(len(components.classes), H)
+    y_max = np.full(len(components.classes), -1)
+    x_min = np.full(len(components.classes), W)
+    x_max = np.full(len(components.classes), -1)
+    np.minimum.at(y_min, lab, ys)
+    np.maximum.at(y_max, lab, ys)
+    np.minimum.at(x_min, lab, xs)
+    np.maximum.at(x_max, lab, xs)
     for j in ids.tolist():
         value = int(components.classes[j])
         wy0, wy1 = max(0, y_min[j] - ph), min(H, y_max[j] + 1 + ph)

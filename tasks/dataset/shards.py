@@ -34,8 +34,9 @@ class Workers:
             # fork is cheapest but unsafe in a multi-threaded process (Prefect's engine runs threads)
             method = "fork" if threading.active_count() == 1 and os.name == "posix" else "forkserver"
             ctx = multiprocessing.get_context(method)
-            self.pool = ProcessPoolExecutor(num_workers, mp_context=ctx, initializer=init_pool_worker,
-                                            initargs=(params, Path(root)))
+            self.pool = ProcessPoolExecutor(
+                num_workers, mp_context=ctx, initializer=init_pool_worker, initargs=(params, Path(root))
+            )
         else:
             init_worker(params, root)
 

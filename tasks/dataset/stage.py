@@ -60,16 +60,26 @@ def fingerprint_task(association: list[dict[str, Any]], class_to_idx: dict[str, 
 
 
 @task(name="generate-patch-dataset", persist_result=True)
-def generate_task(association: list[dict[str, Any]], class_to_idx: dict[str, int], gen: GenerationSection, key: str,
-                  force: bool = False) -> str:
+def generate_task(
+    association: list[dict[str, Any]],
+    class_to_idx: dict[str, int],
+    gen: GenerationSection,
+    key: str,
+    force: bool = False,
+) -> str:
     """Build the patch dataset; returns its folder (cached on ``key``; reused if a concurrent run built it)."""
-    return build_once(output_folder_path(gen.output_folder), force, lambda out: dataset_is_current(out, key),
-                      lambda: build_patch_dataset([dict(a) for a in association], gen.build_params(class_to_idx, key)))
+    return build_once(
+        output_folder_path(gen.output_folder),
+        force,
+        lambda out: dataset_is_current(out, key),
+        lambda: build_patch_dataset([dict(a) for a in association], gen.build_params(class_to_idx, key)),
+    )
 
 
 @task(name="plan-patch-dataset", cache_policy=NO_CACHE)
-def plan_dataset_task(association: list[dict[str, Any]], class_to_idx: dict[str, int], gen: GenerationSection,
-                      key: str) -> str:
+def plan_dataset_task(
+    association: list[dict[str, Any]], class_to_idx: dict[str, int], gen: GenerationSection, key: str
+) -> str:
     """Validate inputs and prepare (or resume) the build folder for sharded generation; returns it."""
     return str(plan_build([dict(a) for a in association], gen.build_params(class_to_idx, key)))
 
@@ -96,8 +106,14 @@ def process_shard_task(tmp: str, shard: int, output_folder: str, key: str, root:
         return process_shard(tmp, shard)
 
 
-def build_shards_on_dask(runner: RunnerSection, association: list[dict[str, Any]], class_to_idx: dict[str, int],
-                         gen: GenerationSection, key: str, root: Path) -> None:
+def build_shards_on_dask(
+    runner: RunnerSection,
+    association: list[dict[str, Any]],
+    class_to_idx: dict[str, int],
+    gen: GenerationSection,
+    key: str,
+    root: Path,
+) -> None:
     """Plan the build, then run its scan shards, the split and its process shards as tasks on the Dask cluster
     (call it from the flow, holding the output folder's build lock); :func:`generate_task` then publishes."""
     out = str(output_folder_path(gen.output_folder))
@@ -107,5 +123,10 @@ def build_shards_on_dask(runner: RunnerSection, association: list[dict[str, Any]
         if n_process is None:
             scans = run_all(tr, [(scan_shard_task, {"tmp": tmp, "shard": i}) for i in range(n_scan)])
             n_process = assign_splits_task(tmp, [r for shard in scans for r in shard])
-        run_all(tr, [(process_shard_task, {"tmp": tmp, "shard": i, "output_folder": out, "key": key, "root": str(root)})
-                     for i in range(n_process)])
+        run_all(
+            tr,
+            [
+                (process_shard_task, {"tmp": tmp, "shard": i, "output_folder": out, "key": key, "root": str(root)})
+                for i in range(n_process)
+            ],
+        )

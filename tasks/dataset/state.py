@@ -32,11 +32,25 @@ SCAN_FIELDS = ("split", "size", "values", "plain_mask")  # filled in by the scan
 NUMBER = (int, float)
 #: stored parameters of one JSON type each (the others are checked one by one in :func:`_params`)
 PARAM_TYPES: dict[str, tuple[type, ...]] = {
-    "val_size": NUMBER, "test_size": NUMBER, "seed": (int,), "overlap": NUMBER, "output_folder": (str,),
-    "save_original_images_and_masks": (bool,), "area_threshold": NUMBER, "area_defect_threshold": NUMBER,
-    "mask_extension": (str,), "mask_output_folder": (str, type(None)), "save_mask": (bool,),
-    "clear_output_folder": (bool,), "train_filename": (str,), "repeat_good_images": (int,), "balance_defects": (bool,),
-    "num_workers": (int,), "missing_mask": (str,), "fingerprint": (str, type(None)), "shard_images": (int,),
+    "val_size": NUMBER,
+    "test_size": NUMBER,
+    "seed": (int,),
+    "overlap": NUMBER,
+    "output_folder": (str,),
+    "save_original_images_and_masks": (bool,),
+    "area_threshold": NUMBER,
+    "area_defect_threshold": NUMBER,
+    "mask_extension": (str,),
+    "mask_output_folder": (str, type(None)),
+    "save_mask": (bool,),
+    "clear_output_folder": (bool,),
+    "train_filename": (str,),
+    "repeat_good_images": (int,),
+    "balance_defects": (bool,),
+    "num_workers": (int,),
+    "missing_mask": (str,),
+    "fingerprint": (str, type(None)),
+    "shard_images": (int,),
     "max_image_pixels": (int,),
 }
 
@@ -68,12 +82,22 @@ def plan_data(plan: DatasetPlan) -> dict[str, Any]:
     """The plan as JSON-ready data (``mask_preprocessing`` as its import path, or None)."""
     p = plan.params
     params = {f.name: getattr(p, f.name) for f in fields(DatasetParams) if f.name != "mask_preprocessing"}
-    params.update(output_folder=os.fspath(p.output_folder), sixteen_bit=sixteen_bit_json(p.sixteen_bit),
-                  mask_preprocessing=callable_path(p.mask_preprocessing))
+    params.update(
+        output_folder=os.fspath(p.output_folder),
+        sixteen_bit=sixteen_bit_json(p.sixteen_bit),
+        mask_preprocessing=callable_path(p.mask_preprocessing),
+    )
     params["mask_preprocessing_in_memory"] = p.mask_preprocessing is not None and params["mask_preprocessing"] is None
     jobs = [[getattr(j, name) for name in JOB_FIELDS] for j in plan.jobs]
-    data = {"format": FORMAT, "out": plan.out, "tmp": plan.tmp, "order": plan.order, "params": params,
-            "job_fields": JOB_FIELDS, "jobs": jobs}
+    data = {
+        "format": FORMAT,
+        "out": plan.out,
+        "tmp": plan.tmp,
+        "order": plan.order,
+        "params": params,
+        "job_fields": JOB_FIELDS,
+        "jobs": jobs,
+    }
     return json.loads(json.dumps(data))
 
 
@@ -81,8 +105,9 @@ def planned_part(data: dict[str, Any]) -> dict[str, Any]:
     """``plan_data`` without what the scan fills in and the parameters that change no output byte: two plans of
     one build (a killed one and its rerun) agree on this."""
     keep = [i for i, name in enumerate(JOB_FIELDS) if name not in SCAN_FIELDS]
-    jobs = [[j[i] for i in keep] if isinstance(j, list) and len(j) == len(JOB_FIELDS) else j
-            for j in data.get("jobs", [])]
+    jobs = [
+        [j[i] for i in keep] if isinstance(j, list) and len(j) == len(JOB_FIELDS) else j for j in data.get("jobs", [])
+    ]
     params = data.get("params")
     if isinstance(params, dict):
         params = {k: v for k, v in params.items() if k not in RUNTIME_FIELDS}
@@ -137,8 +162,9 @@ def _params(d: dict[str, Any], mask_preprocessing: Callable[..., Any] | None) ->
     if mask_preprocessing is None and d.get("mask_preprocessing") is not None:
         mask_preprocessing = import_callable(_check(d["mask_preprocessing"], str, "mask_preprocessing"))
     elif mask_preprocessing is None and d.get("mask_preprocessing_in_memory"):
-        raise TypeError("its mask_preprocessing was a function passed in memory; "
-                        "only the call that planned it can run it")
+        raise TypeError(
+            "its mask_preprocessing was a function passed in memory; only the call that planned it can run it"
+        )
     return DatasetParams(**kw, mask_preprocessing=mask_preprocessing)
 
 
@@ -168,9 +194,13 @@ def load_plan(tmp: str | Path, mask_preprocessing: Callable[..., Any] | None = N
         if d.get("job_fields") != list(JOB_FIELDS):
             raise TypeError(f"job fields {d.get('job_fields')} are not {list(JOB_FIELDS)}")
         order = _ints(d["order"], "order")
-        plan = DatasetPlan(params=_params(_check(d["params"], dict, "params"), mask_preprocessing),
-                           jobs=[_job(j) for j in _check(d["jobs"], list, "jobs")], out=_check(d["out"], str, "out"),
-                           tmp=_check(d["tmp"], str, "tmp"), order=list(order) if order is not None else None)
+        plan = DatasetPlan(
+            params=_params(_check(d["params"], dict, "params"), mask_preprocessing),
+            jobs=[_job(j) for j in _check(d["jobs"], list, "jobs")],
+            out=_check(d["out"], str, "out"),
+            tmp=_check(d["tmp"], str, "tmp"),
+            order=list(order) if order is not None else None,
+        )
         if Path(plan.tmp) != tmp or not layout.build_folder_pattern(Path(plan.out)).fullmatch(tmp.name):
             raise TypeError(f"it belongs to {plan.tmp} for {plan.out}")
         if plan.params.shard_images < 1 or any(j.index != i for i, j in enumerate(plan.jobs)):
@@ -196,10 +226,12 @@ def _result(d: dict[str, Any]) -> Result:
     """A stored result, checked."""
     _check(d, dict, "result")
     counts = _check(d["counts"], dict, "counts")
-    res = Result(lines=[_check(s, str, "line") for s in _check(d["lines"], list, "lines")],
-                 counts={_check(k, str, "class"): _check(v, int, "count") for k, v in counts.items()},
-                 image_entry=_check(d["image_entry"], str, "image_entry"),
-                 mask_entry=_check(d["mask_entry"], (str, type(None)), "mask_entry"))
+    res = Result(
+        lines=[_check(s, str, "line") for s in _check(d["lines"], list, "lines")],
+        counts={_check(k, str, "class"): _check(v, int, "count") for k, v in counts.items()},
+        image_entry=_check(d["image_entry"], str, "image_entry"),
+        mask_entry=_check(d["mask_entry"], (str, type(None)), "mask_entry"),
+    )
     for rel, rec in _check(d["files"], dict, "files").items():
         size, digest = _check(rec, list, "file record")
         res.files[_check(rel, str, "file")] = (_check(size, int, "size"), _check(digest, str, "digest"))
@@ -216,8 +248,10 @@ def _intact(tmp: Path, rec: dict[str, Any]) -> bool:
     sizes = {_check(k, str, "file"): _check(v, int, "size") for k, v in _check(rec["sizes"], dict, "sizes").items()}
     if len(_results(rec)) != len(jobs):
         return False
-    return all(".." not in Path(rel).parts and not Path(rel).is_absolute() and (tmp / rel).stat().st_size == size
-               for rel, size in sizes.items())
+    return all(
+        ".." not in Path(rel).parts and not Path(rel).is_absolute() and (tmp / rel).stat().st_size == size
+        for rel, size in sizes.items()
+    )
 
 
 def load_marker(tmp: str | Path, shard: int, jobs: list[int]) -> list[Result] | None:
@@ -236,6 +270,8 @@ def finished_results(tmp: str | Path, plan: DatasetPlan) -> list[list[Result]]:
     records = state.require_all(len(shards), lambda r: _intact(tmp, r))
     for i, (rec, jobs) in enumerate(zip(records, shards)):
         if rec["jobs"] != jobs:
-            raise ShardStateError(f"{state.marker_path(i)} records other images than shard {i} of the plan; "
-                                  "rerun the dataset stage to resume")
+            raise ShardStateError(
+                f"{state.marker_path(i)} records other images than shard {i} of the plan; "
+                "rerun the dataset stage to resume"
+            )
     return [_results(rec) for rec in records]

@@ -31,7 +31,8 @@ class EvalOutput(StrictModel):
     )
     coverage_threshold: float = Field(0.3, gt=0, le=1)
     soft_thresholds: dict[str, float] | None = Field(
-        None, description="soft method only: class name -> minimum mean probability")
+        None, description="soft method only: class name -> minimum mean probability"
+    )
     n_overlays: StrictInt = Field(6, ge=0)
 
 
@@ -39,13 +40,16 @@ class EvalTask(StrictModel):
     """The model and where it runs."""
 
     model_path: str = Field(
-        description="deployment_model/ folder or any file in it (model.pt, model.onnx, model.pth, model.json)")
+        description="deployment_model/ folder or any file in it (model.pt, model.onnx, model.pth, model.json)"
+    )
     device: str = "cpu"
     output: EvalOutput = Field(default_factory=EvalOutput)
     trust_pickle: bool = Field(
-        False, description="Load a bundle without a manifest (hand-made, Quadra's) or with a pickled "
-                           "classifier.joblib; a pickle runs any code it holds: only for bundles whose source "
-                           "you trust")
+        False,
+        description="Load a bundle without a manifest (hand-made, Quadra's) or with a pickled "
+        "classifier.joblib; a pickle runs any code it holds: only for bundles whose source "
+        "you trust",
+    )
 
 
 class EvaluateFlowConfig(StrictModel):

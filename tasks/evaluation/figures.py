@@ -17,8 +17,17 @@ from tasks.imageio import Decoding, InputDataError, dataset_decoding, decode_mas
 
 # BGR class colours shared by the report and the predict overlays; index 0 (background) is transparent and
 # class k uses PALETTE[(k - 1) % len(PALETTE)].
-PALETTE = [(40, 40, 230), (40, 200, 40), (230, 120, 30), (200, 40, 200), (40, 200, 220), (220, 220, 40),
-           (120, 60, 200), (60, 140, 255), (180, 180, 180)]
+PALETTE = [
+    (40, 40, 230),
+    (40, 200, 40),
+    (230, 120, 30),
+    (200, 40, 200),
+    (40, 200, 220),
+    (220, 220, 40),
+    (120, 60, 200),
+    (60, 140, 255),
+    (180, 180, 180),
+]
 FONT = cv2.FONT_HERSHEY_SIMPLEX
 WHITE, BLACK, GREY = (255, 255, 255), (0, 0, 0), (110, 110, 110)
 
@@ -32,8 +41,14 @@ def _ascii(text: Any) -> str:
     return str(text).encode("ascii", "replace").decode()
 
 
-def _text(img: np.ndarray, text: Any, org: tuple[int, int], scale: float = 0.45, colour: tuple[int, int, int] = BLACK,
-          thick: int = 1) -> None:
+def _text(
+    img: np.ndarray,
+    text: Any,
+    org: tuple[int, int],
+    scale: float = 0.45,
+    colour: tuple[int, int, int] = BLACK,
+    thick: int = 1,
+) -> None:
     cv2.putText(img, _ascii(text), (int(org[0]), int(org[1])), FONT, scale, colour, thick, cv2.LINE_AA)
 
 
@@ -68,21 +83,25 @@ def confusion_matrix_image(labels: list[str], matrix: list[list[int]], title: st
     strip = np.ascontiguousarray(np.rot90(strip, -1))
     for j, name in enumerate(labels):
         _text(strip, name, (10, j * cell + cell // 2 + 5), 0.5)
-    img[40:top - 10, left:left + n * cell] = np.rot90(strip, 1)
+    img[40 : top - 10, left : left + n * cell] = np.rot90(strip, 1)
     _text(img, "true (rows) / predicted (columns)", (left, img.shape[0] - 14), 0.45, GREY)
     return img
 
 
-def _tile(data_path: Path, sample: str, caption: list[str], size: int = 128,
-          decoding: Decoding | None = None) -> np.ndarray:
+def _tile(
+    data_path: Path, sample: str, caption: list[str], size: int = 128, decoding: Decoding | None = None
+) -> np.ndarray:
     tile = np.full((size + 40, size + 8, 3), 255, np.uint8)
     try:
         patch = read_image(data_path / sample, decoding)
         h, w = patch.shape[:2]
         s = size / max(h, w)
-        patch = cv2.resize(patch, (max(1, round(w * s)), max(1, round(h * s))),
-                           interpolation=cv2.INTER_AREA if s < 1 else cv2.INTER_NEAREST)
-        tile[4:4 + patch.shape[0], 4:4 + patch.shape[1]] = patch
+        patch = cv2.resize(
+            patch,
+            (max(1, round(w * s)), max(1, round(h * s))),
+            interpolation=cv2.INTER_AREA if s < 1 else cv2.INTER_NEAREST,
+        )
+        tile[4 : 4 + patch.shape[0], 4 : 4 + patch.shape[1]] = patch
     except InputDataError:
         _text(tile, "missing", (30, size // 2), 0.5, GREY)
     for k, line in enumerate(caption):
@@ -110,8 +129,9 @@ def _resolve(stored: str | None, data_path: Path, sub: str) -> Path | None:
     return p if p.is_file() else data_path / "original" / sub / Path(stored).name  # moved dataset folder
 
 
-def _predicted_map(rec: dict[str, Any], maps_dir: Path, class_to_idx: dict[str, int],
-                   shape: tuple[int, int]) -> np.ndarray:
+def _predicted_map(
+    rec: dict[str, Any], maps_dir: Path, class_to_idx: dict[str, int], shape: tuple[int, int]
+) -> np.ndarray:
     """The image's class map from ``maps_dir``; without one (or of another size), its polygons rasterised."""
     pmap = maps_dir / f"{Path(rec['file_name']).stem}.png"
     pred = cv2.imread(str(pmap), cv2.IMREAD_UNCHANGED) if pmap.is_file() else None
@@ -138,8 +158,14 @@ def _truth_panel(base: np.ndarray, gt: np.ndarray | None, size: tuple[int, int])
     return g
 
 
-def overlay_image(rec: dict[str, Any], data_path: Path, maps_dir: Path, class_to_idx: dict[str, int],
-                  good: set[int] | None = None, decoding: Decoding | None = None) -> np.ndarray:
+def overlay_image(
+    rec: dict[str, Any],
+    data_path: Path,
+    maps_dir: Path,
+    class_to_idx: dict[str, int],
+    good: set[int] | None = None,
+    decoding: Decoding | None = None,
+) -> np.ndarray:
     """One row of panels: image | ground truth over image | prediction over image with polygon outlines, and a
     legend.
 
@@ -170,7 +196,7 @@ def overlay_image(rec: dict[str, Any], data_path: Path, maps_dir: Path, class_to
     row = np.full((head + size[1] + 44, 3 * size[0] + 4 * gap, 3), 255, np.uint8)
     for k, (panel, name) in enumerate(zip(panels, names)):
         x = gap + k * (size[0] + gap)
-        row[head:head + size[1], x:x + size[0]] = panel
+        row[head : head + size[1], x : x + size[0]] = panel
         _text(row, name, (x, head - 10), 0.5, BLACK, 1)
     x, y = gap, head + size[1] + 28
     defects = rec.get("defects") or []
@@ -185,19 +211,28 @@ def overlay_image(rec: dict[str, Any], data_path: Path, maps_dir: Path, class_to
     return row
 
 
-def example_grid(data_path: Path, samples: list[tuple[str, int, int, float]], total: int, kind: str,
-                 idx_to_class: dict[int, str], cols: int, decoding: Decoding | None = None) -> np.ndarray:
+def example_grid(
+    data_path: Path,
+    samples: list[tuple[str, int, int, float]],
+    total: int,
+    kind: str,
+    idx_to_class: dict[int, str],
+    cols: int,
+    decoding: Decoding | None = None,
+) -> np.ndarray:
     """A titled grid of patch tiles, ``cols`` per row, each captioned ``true->predicted`` and its probability;
     ``samples``: ``(sample, real_label, pred_label, probability)`` rows of one predicted class, ``total`` of them
     in the split."""
     c = samples[0][2]
-    tiles = [_tile(data_path, s, [f"{idx_to_class.get(t, t)}->{idx_to_class[p]}", f"p={pr:.2f}"], decoding=decoding)
-             for s, t, p, pr in samples]
+    tiles = [
+        _tile(data_path, s, [f"{idx_to_class.get(t, t)}->{idx_to_class[p]}", f"p={pr:.2f}"], decoding=decoding)
+        for s, t, p, pr in samples
+    ]
     th, tw = tiles[0].shape[:2]
     n_rows = -(-len(tiles) // cols)
     img = np.full((36 + n_rows * th, max(cols * tw, 420), 3), 255, np.uint8)
     _text(img, f"{kind}: predicted {idx_to_class[c]} ({len(tiles)} of {total})", (6, 24), 0.55, BLACK, 2)
     for t, tile in enumerate(tiles):
         y, x = 36 + (t // cols) * th, (t % cols) * tw
-        img[y:y + th, x:x + tw] = tile
+        img[y : y + th, x : x + tw] = tile
     return img

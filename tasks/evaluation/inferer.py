@@ -74,8 +74,14 @@ class PatchInferer:
     indices, shown as background in the class map; ``per_pixel``: keep the (C, H, W) mean probabilities
     (otherwise computed only for the polygons of images with a predicted defect)."""
 
-    def __init__(self, method: str, class_to_idx: dict[str, int], thresholds: Sequence[float] | None = None,
-                 good: Collection[int] = (), per_pixel: bool = False) -> None:
+    def __init__(
+        self,
+        method: str,
+        class_to_idx: dict[str, int],
+        thresholds: Sequence[float] | None = None,
+        good: Collection[int] = (),
+        per_pixel: bool = False,
+    ) -> None:
         self.method = method
         self.idx_to_class = {v: k for k, v in class_to_idx.items()}
         self.num_classes = max(class_to_idx.values()) + 1
@@ -83,8 +89,13 @@ class PatchInferer:
         self.good = sorted(good)
         self.per_pixel = per_pixel
 
-    def merge(self, grid: PatchGrid, probabilities: np.ndarray, patch_index: np.ndarray | None = None,
-              labels: np.ndarray | None = None) -> ImagePrediction:
+    def merge(
+        self,
+        grid: PatchGrid,
+        probabilities: np.ndarray,
+        patch_index: np.ndarray | None = None,
+        labels: np.ndarray | None = None,
+    ) -> ImagePrediction:
         """Prediction of the image of ``grid`` from its patches' (N, C) ``probabilities``.
 
         ``patch_index``: the grid index of each row (default: every patch of the grid, in order); ``labels``: the
@@ -100,13 +111,16 @@ class PatchInferer:
         mean = mean_probabilities(merger, idx, labels, probabilities) if needed else None
         boxes = grid.boxes()[idx] if len(idx) else None
         polygons = prediction_polygons(class_map, self.idx_to_class, mean, boxes, labels)
-        return ImagePrediction(grid, idx, labels, probabilities, class_map, polygons,
-                               mean if self.per_pixel else None)
+        return ImagePrediction(grid, idx, labels, probabilities, class_map, polygons, mean if self.per_pixel else None)
 
 
-def infer_images(images: Iterable[tuple[K, np.ndarray]], spec: GridSpec,
-                 classify: Callable[[list[np.ndarray]], np.ndarray], inferer: PatchInferer,
-                 batch_size: int) -> Iterator[tuple[K, np.ndarray, ImagePrediction]]:
+def infer_images(
+    images: Iterable[tuple[K, np.ndarray]],
+    spec: GridSpec,
+    classify: Callable[[list[np.ndarray]], np.ndarray],
+    inferer: PatchInferer,
+    batch_size: int,
+) -> Iterator[tuple[K, np.ndarray, ImagePrediction]]:
     """``(key, image, prediction)`` of each ``(key, image)``, in order. Patches of several images share a
     ``classify`` call (patches -> (N, C) probabilities) of at least ``batch_size`` patches (the last may be
     smaller); an image is yielded as soon as its batch is scored, and images are read as they are needed."""
@@ -124,8 +138,9 @@ def infer_images(images: Iterable[tuple[K, np.ndarray]], spec: GridSpec,
         yield from _scored(pending, classify(patches), inferer)
 
 
-def _scored(pending: list[tuple[K, np.ndarray, PatchGrid, int]], proba: np.ndarray,
-            inferer: PatchInferer) -> Iterator[tuple[K, np.ndarray, ImagePrediction]]:
+def _scored(
+    pending: list[tuple[K, np.ndarray, PatchGrid, int]], proba: np.ndarray, inferer: PatchInferer
+) -> Iterator[tuple[K, np.ndarray, ImagePrediction]]:
     start = 0
     for key, image, grid, n in pending:
         yield key, image, inferer.merge(grid, proba[start : start + n])
@@ -151,16 +166,20 @@ class BundleModel:
 
         est = bundle.load_classifier()
         path = bundle.backbone_file
-        extractor = FeatureExtractor(load_export(path, bundle.meta.get("backbone")),
-                                     "cpu" if path.suffix == ".onnx" else device, batch_size=batch_size)
+        extractor = FeatureExtractor(
+            load_export(path, bundle.meta.get("backbone")),
+            "cpu" if path.suffix == ".onnx" else device,
+            batch_size=batch_size,
+        )
         bundle.check_width(est, feature_dim_of(extractor, bundle.input_size))
         return cls(bundle, extractor, est)
 
     def features(self, patches: list[np.ndarray]) -> np.ndarray:
         """(N, D) backbone features of raw BGR patches, preprocessed as the bundle says."""
         t = time.perf_counter()
-        feats = self.extractor.extract(patches, self.bundle.input_size, self.bundle.meta["mean"],
-                                       self.bundle.meta["std"])
+        feats = self.extractor.extract(
+            patches, self.bundle.input_size, self.bundle.meta["mean"], self.bundle.meta["std"]
+        )
         self.extract_s += time.perf_counter() - t
         return feats
 

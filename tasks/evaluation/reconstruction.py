@@ -33,8 +33,15 @@ class Cells:
         H, W = padded_shape
         self.ys = np.unique(np.concatenate([[0, H], boxes[:, 0], boxes[:, 2]]))
         self.xs = np.unique(np.concatenate([[0, W], boxes[:, 1], boxes[:, 3]]))
-        self.spans = np.stack([np.searchsorted(self.ys, boxes[:, 0]), np.searchsorted(self.xs, boxes[:, 1]),
-                               np.searchsorted(self.ys, boxes[:, 2]), np.searchsorted(self.xs, boxes[:, 3])], axis=1)
+        self.spans = np.stack(
+            [
+                np.searchsorted(self.ys, boxes[:, 0]),
+                np.searchsorted(self.xs, boxes[:, 1]),
+                np.searchsorted(self.ys, boxes[:, 2]),
+                np.searchsorted(self.xs, boxes[:, 3]),
+            ],
+            axis=1,
+        )
         self.shape = (len(self.ys) - 1, len(self.xs) - 1)
 
     def expand(self, cells: np.ndarray) -> np.ndarray:
@@ -111,8 +118,9 @@ class SoftMerger(Merger):
             raise ValueError("the soft reconstruction needs class probabilities (predict_proba)")
         probs = np.asarray(probabilities, dtype=np.float32)
         if probs.shape[1] != self.num_classes:
-            raise ValueError(f"probabilities have {probs.shape[1]} columns, expected {self.num_classes} "
-                             "(one per class index)")
+            raise ValueError(
+                f"probabilities have {probs.shape[1]} columns, expected {self.num_classes} (one per class index)"
+            )
         for i, p in zip(np.asarray(patch_index).tolist(), probs):
             y0, x0, y1, x1 = self.cells.spans[i]
             self.sum[:, y0:y1, x0:x1] += p[:, None, None]
@@ -135,8 +143,9 @@ class SoftMerger(Merger):
         return self.grid.crop(self.cells.expand(out))
 
 
-def mean_probabilities(merger: Merger, patch_index: np.ndarray, labels: np.ndarray,
-                       probabilities: np.ndarray) -> np.ndarray:
+def mean_probabilities(
+    merger: Merger, patch_index: np.ndarray, labels: np.ndarray, probabilities: np.ndarray
+) -> np.ndarray:
     """(C, H, W) mean class probabilities of the patches ``merger`` was given (the same ones again here);
     a soft merger's own sums are reused instead of accumulated twice."""
     if not isinstance(merger, SoftMerger):
@@ -154,4 +163,3 @@ def make_merger(method: str, grid: PatchGrid, num_classes: int, thresholds: Sequ
     if method == "soft":
         return SoftMerger(grid, num_classes, thresholds)
     raise ValueError(f"unknown reconstruction method {method!r}; choose one of {', '.join(METHODS)}")
-

@@ -40,14 +40,16 @@ def defect_coverage(
     for j in range(1, n):
         area = int(comps.areas[j])
         cov = float(covered[j] / area)
-        out.append({
-            "defect_id": j,
-            "class": idx_to_class.get(int(comps.classes[j]), str(int(comps.classes[j]))),
-            "area": area,
-            "coverage": round(cov, 6),
-            "right_class_coverage": round(float(right[j] / area), 6),
-            "detected": bool(cov >= coverage_threshold and cov > 0),
-        })
+        out.append(
+            {
+                "defect_id": j,
+                "class": idx_to_class.get(int(comps.classes[j]), str(int(comps.classes[j]))),
+                "area": area,
+                "coverage": round(cov, 6),
+                "right_class_coverage": round(float(right[j] / area), 6),
+                "detected": bool(cov >= coverage_threshold and cov > 0),
+            }
+        )
     return out
 
 
@@ -80,8 +82,11 @@ def pixel_scores(gt: np.ndarray, pred: np.ndarray, class_ids: list[int]) -> dict
         inter, gs, ps = int(np.sum(g & p)), int(g.sum()), int(p.sum())
         union = gs + ps - inter
         out[c] = {
-            "intersection": inter, "gt_pixels": gs, "pred_pixels": ps,
-            "iou": inter / union if union else None, "dice": 2 * inter / (gs + ps) if gs + ps else None,
+            "intersection": inter,
+            "gt_pixels": gs,
+            "pred_pixels": ps,
+            "iou": inter / union if union else None,
+            "dice": 2 * inter / (gs + ps) if gs + ps else None,
         }
     return out
 
@@ -124,7 +129,8 @@ def prediction_polygons(
                     rec["max_probability"] = round(float(p.max()), 6)
                 if patch_boxes is not None and patch_labels is not None:
                     rec["supporting_patches"] = sum(
-                        1 for (y0, x0, y1, x1), lab in zip(patch_boxes.tolist(), np.asarray(patch_labels).tolist())
+                        1
+                        for (y0, x0, y1, x1), lab in zip(patch_boxes.tolist(), np.asarray(patch_labels).tolist())
                         if lab == c and region[y0:y1, x0:x1].any()
                     )
                 out.append(rec)
@@ -144,16 +150,29 @@ class SplitMeasures:
         self.defects: list[dict[str, Any]] = []
         self.records: list[dict[str, Any]] = []
 
-    def add(self, image_path: Path, mask_path: Path | None, pred: np.ndarray, gt: np.ndarray | None,
-            polygons: list[dict[str, Any]], n_patches: int) -> None:
+    def add(
+        self,
+        image_path: Path,
+        mask_path: Path | None,
+        pred: np.ndarray,
+        gt: np.ndarray | None,
+        polygons: list[dict[str, Any]],
+        n_patches: int,
+    ) -> None:
         """Measure one image's class map ``pred`` against its mask ``gt`` (None: no mask) and keep its record."""
         counts = region_counts(gt, pred)
         for k in self.totals:
             self.totals[k] += counts[k]
         self.predicted_regions += counts["predicted_regions"]
         name = Path(image_path).name
-        rec: dict[str, Any] = {"image_path": str(image_path), "mask_path": str(mask_path) if mask_path else None,
-                               "file_name": name, "prediction": polygons, "n_patches": int(n_patches), **counts}
+        rec: dict[str, Any] = {
+            "image_path": str(image_path),
+            "mask_path": str(mask_path) if mask_path else None,
+            "file_name": name,
+            "prediction": polygons,
+            "n_patches": int(n_patches),
+            **counts,
+        }
         if gt is not None:
             cov = defect_coverage(gt, pred, self.idx_to_class, self.threshold)
             for d in cov:
@@ -169,8 +188,13 @@ class SplitMeasures:
 
     def results(self, method: str) -> dict[str, Any]:
         """The reference's keys (region counts, ``reconstructions``, its type and method) plus ``summary``."""
-        return {**self.totals, "reconstructions": self.records, "reconstructions_type": "polygon",
-                "patch_reconstruction_method": method, "summary": self.summary()}
+        return {
+            **self.totals,
+            "reconstructions": self.records,
+            "reconstructions_type": "polygon",
+            "patch_reconstruction_method": method,
+            "summary": self.summary(),
+        }
 
     def summary(self) -> dict[str, Any]:
         """Detection by class and by defect size, pixel IoU/Dice per class, region precision."""

@@ -56,13 +56,21 @@ def _img_tag(path: Path, alt: str) -> str:
 
 
 def _agg_rows(groups: dict[str, dict[str, Any]]) -> list[list[Any]]:
-    return [[k, g["defects"], g["detected"], g["detection_rate"], g["mean_coverage"], g["mean_right_class_coverage"]]
-            for k, g in groups.items()]
+    return [
+        [k, g["defects"], g["detected"], g["detection_rate"], g["mean_coverage"], g["mean_right_class_coverage"]]
+        for k, g in groups.items()
+    ]
 
 
-def example_grids(out_dir: Path, data_path: Path, results: list[tuple[str, int, int, float]],
-                  idx_to_class: dict[int, str], grid: tuple[int, int] = (3, 4), seed: int = 0,
-                  decoding: Decoding | None = None) -> list[Path]:
+def example_grids(
+    out_dir: Path,
+    data_path: Path,
+    results: list[tuple[str, int, int, float]],
+    idx_to_class: dict[int, str],
+    grid: tuple[int, int] = (3, 4),
+    seed: int = 0,
+    decoding: Decoding | None = None,
+) -> list[Path]:
     """``example/{concordant,discordant}_<class>.png`` per predicted class (labelled patches only); their paths.
 
     ``results``: ``(sample, real_label, pred_label, probability)`` rows; ``decoding``: how the dataset's images
@@ -94,13 +102,22 @@ def _cards(scores: SplitScores, summary: dict[str, Any]) -> list[str]:
     acc, bal = metrics.get("accuracy"), metrics.get("balanced_accuracy")
     alld = summary.get("all_defects") or {}
     method = recon.get("patch_reconstruction_method") or summary.get("patch_reconstruction_method")
-    cards = [("accuracy", _fmt(acc)), ("balanced accuracy", _fmt(bal)),
-             ("defects detected", f"{alld['detected']}/{alld['defects']}" if alld else "-"),
-             ("region precision", _fmt(summary.get("region_precision"))), ("method", method or "-"),
-             ("patches evaluated", f"{metrics.get('n_evaluated', 0)}/{metrics.get('n_patches', len(scores.rows))}"
-              + (f" ({metrics['n_discarded']} #DISCARD# left out)" if metrics.get("n_discarded") else ""))]
-    return ['<div class="cards">', *(f'<div class="card">{html.escape(k)}<b>{html.escape(str(v))}</b></div>'
-                                     for k, v in cards)]
+    cards = [
+        ("accuracy", _fmt(acc)),
+        ("balanced accuracy", _fmt(bal)),
+        ("defects detected", f"{alld['detected']}/{alld['defects']}" if alld else "-"),
+        ("region precision", _fmt(summary.get("region_precision"))),
+        ("method", method or "-"),
+        (
+            "patches evaluated",
+            f"{metrics.get('n_evaluated', 0)}/{metrics.get('n_patches', len(scores.rows))}"
+            + (f" ({metrics['n_discarded']} #DISCARD# left out)" if metrics.get("n_discarded") else ""),
+        ),
+    ]
+    return [
+        '<div class="cards">',
+        *(f'<div class="card">{html.escape(k)}<b>{html.escape(str(v))}</b></div>' for k, v in cards),
+    ]
 
 
 def _patch_section(out_dir: Path, metrics: dict[str, Any]) -> list[str]:
@@ -110,14 +127,20 @@ def _patch_section(out_dir: Path, metrics: dict[str, Any]) -> list[str]:
     if not (cm and cm.get("labels")):
         return parts + ['<p class="muted">No labelled patch: no accuracy, per-class table or confusion matrix.</p>']
     per = metrics.get("per_class") or {}
-    parts.append(_table(["class", "precision", "recall", "F1", "support"],
-                        [[k, v["precision"], v["recall"], v["f1"], v["support"]] for k, v in per.items()]))
+    parts.append(
+        _table(
+            ["class", "precision", "recall", "F1", "support"],
+            [[k, v["precision"], v["recall"], v["f1"], v["support"]] for k, v in per.items()],
+        )
+    )
     with (out_dir / "confusion_matrix.csv").open("w", newline="") as f:
         w = csv.writer(f, lineterminator="\n")
         w.writerow(["true\\pred", *cm["labels"]])
         w.writerows([name, *row] for name, row in zip(cm["labels"], cm["matrix"]))
-    ttl = (f"Confusion matrix - accuracy {_fmt(metrics.get('accuracy'))}, balanced "
-           f"{_fmt(metrics.get('balanced_accuracy'))}, n={metrics.get('n_evaluated')}")
+    ttl = (
+        f"Confusion matrix - accuracy {_fmt(metrics.get('accuracy'))}, balanced "
+        f"{_fmt(metrics.get('balanced_accuracy'))}, n={metrics.get('n_evaluated')}"
+    )
     png = _png(out_dir / "confusion_matrix.png", confusion_matrix_image(cm["labels"], cm["matrix"], ttl))
     return [*parts, _img_tag(png, "confusion matrix")]
 
@@ -126,46 +149,73 @@ def _reconstruction_section(summary: dict[str, Any]) -> list[str]:
     """Detection by class and size, all defects, pixel scores."""
     if not summary:
         return ["<h2>Reconstruction</h2>", '<p class="muted">No reconstruction results.</p>']
-    parts = ["<h2>Reconstruction</h2>",
-             (f"<p>Coverage threshold {_fmt(summary.get('coverage_threshold'), 2)}; predicted regions "
-              f"{summary.get('predicted_regions', '-')}, false regions {summary.get('false_regions', '-')}.</p>")]
+    parts = [
+        "<h2>Reconstruction</h2>",
+        (
+            f"<p>Coverage threshold {_fmt(summary.get('coverage_threshold'), 2)}; predicted regions "
+            f"{summary.get('predicted_regions', '-')}, false regions {summary.get('false_regions', '-')}.</p>"
+        ),
+    ]
     head = ["", "defects", "detected", "detection rate", "mean coverage", "mean right-class coverage"]
     for name, key in (("By class", "by_class"), ("By size", "by_size")):
         if summary.get(key):
-            parts.append(f"<h3>{name}</h3>" + _table(["class" if key == "by_class" else "size", *head[1:]],
-                                                     _agg_rows(summary[key])))
+            parts.append(
+                f"<h3>{name}</h3>"
+                + _table(["class" if key == "by_class" else "size", *head[1:]], _agg_rows(summary[key]))
+            )
     if (summary.get("all_defects") or {}).get("defects"):
         parts.append(_table(["all defects", *head[1:]], _agg_rows({"all": summary["all_defects"]})))
     if summary.get("pixel"):
-        parts.append("<h3>Pixel scores</h3>" + _table(["class", "IoU", "Dice"], [
-            [k, v.get("iou"), v.get("dice")] for k, v in summary["pixel"].items()]))
+        parts.append(
+            "<h3>Pixel scores</h3>"
+            + _table(["class", "IoU", "Dice"], [[k, v.get("iou"), v.get("dice")] for k, v in summary["pixel"].items()])
+        )
     return parts
 
 
-def _overlay_section(out_dir: Path, data_path: Path, class_to_idx: dict[str, int], recons: list[dict[str, Any]],
-                     n_overlays: int, decoding: Decoding) -> list[str]:
+def _overlay_section(
+    out_dir: Path,
+    data_path: Path,
+    class_to_idx: dict[str, int],
+    recons: list[dict[str, Any]],
+    n_overlays: int,
+    decoding: Decoding,
+) -> list[str]:
     """The overlays of up to ``n_overlays`` images (``reconstruction/<stem>.png``) with a colour legend."""
     chosen = pick_overlays(recons, n_overlays)
     if not chosen:
         return []
     good = annotated_good(layout.read_info(data_path), class_to_idx)
-    legend = "".join(f'<span class="sw" style="background:#{r:02x}{g:02x}{b:02x}"></span>{html.escape(n)}'
-                     for n, c in sorted(class_to_idx.items(), key=lambda kv: kv[1]) if c > 0
-                     for r, g, b in [class_colour(c)[::-1]])
+    legend = "".join(
+        f'<span class="sw" style="background:#{r:02x}{g:02x}{b:02x}"></span>{html.escape(n)}'
+        for n, c in sorted(class_to_idx.items(), key=lambda kv: kv[1])
+        if c > 0
+        for r, g, b in [class_colour(c)[::-1]]
+    )
     parts = [f"<h3>Overlays ({len(chosen)} of {len(recons)} images)</h3><p>{legend}</p>"]
     for rec in chosen:
         try:
-            png = _png(out_dir / "reconstruction" / f"{Path(rec['file_name']).stem}.png",
-                       overlay_image(rec, data_path, out_dir / "maps", class_to_idx, good, decoding))
+            png = _png(
+                out_dir / "reconstruction" / f"{Path(rec['file_name']).stem}.png",
+                overlay_image(rec, data_path, out_dir / "maps", class_to_idx, good, decoding),
+            )
             parts.append(_img_tag(png, rec["file_name"]))
         except InputDataError as exc:
             parts.append(f'<p class="muted">{html.escape(rec["file_name"])}: {html.escape(str(exc))}</p>')
     return parts
 
 
-def write_report(out_dir: Path, data_path: Path, class_to_idx: dict[str, int], scores: SplitScores,
-                 title: str = "patchflow evaluation", n_overlays: int = 6, examples: bool = True,
-                 grid: tuple[int, int] = (3, 4), seed: int = 0) -> Path:
+def write_report(
+    out_dir: Path,
+    data_path: Path,
+    class_to_idx: dict[str, int],
+    scores: SplitScores,
+    title: str = "patchflow evaluation",
+    n_overlays: int = 6,
+    examples: bool = True,
+    grid: tuple[int, int] = (3, 4),
+    seed: int = 0,
+) -> Path:
     """Write the confusion matrix, example grids, overlays and ``report.html`` of ``scores`` into ``out_dir`` (which
     holds the class maps, ``maps/<stem>.png``); returns the HTML path."""
     out_dir, data_path = Path(out_dir), Path(data_path)
@@ -174,17 +224,26 @@ def write_report(out_dir: Path, data_path: Path, class_to_idx: dict[str, int], s
         for old in sorted(out_dir.glob(pattern)):
             old.unlink()
     summary = scores.reconstruction.get("summary") or scores.metrics.get("reconstruction") or {}
-    parts = [f"<h1>{html.escape(title)}</h1>", *_cards(scores, summary), *_patch_section(out_dir, scores.metrics),
-             *_reconstruction_section(summary),
-             *_overlay_section(out_dir, data_path, class_to_idx, scores.reconstruction.get("reconstructions") or [],
-                               n_overlays, decoding)]
+    parts = [
+        f"<h1>{html.escape(title)}</h1>",
+        *_cards(scores, summary),
+        *_patch_section(out_dir, scores.metrics),
+        *_reconstruction_section(summary),
+        *_overlay_section(
+            out_dir, data_path, class_to_idx, scores.reconstruction.get("reconstructions") or [], n_overlays, decoding
+        ),
+    ]
     if examples:
         idx_to_class = {v: k for k, v in class_to_idx.items()}
         grids = example_grids(out_dir, data_path, scores.rows, idx_to_class, grid, seed, decoding)
-        parts += ["<h2>Examples</h2>", *([_img_tag(p, p.stem) for p in grids]
-                                         or ['<p class="muted">No labelled patch to show.</p>'])]
-    page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
-            f"<style>{CSS}</style></head><body>\n" + "\n".join(parts) + "\n</body></html>\n")
+        parts += [
+            "<h2>Examples</h2>",
+            *([_img_tag(p, p.stem) for p in grids] or ['<p class="muted">No labelled patch to show.</p>']),
+        ]
+    page = (
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+        f"<style>{CSS}</style></head><body>\n" + "\n".join(parts) + "\n</body></html>\n"
+    )
     out = out_dir / "report.html"
     out.write_text(page, encoding="utf-8")
     return out

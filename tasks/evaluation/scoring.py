@@ -79,8 +79,10 @@ def _patches_by_image(sample_ids: Sequence[str]) -> dict[str, tuple[np.ndarray, 
     for row, sid in enumerate(sample_ids):
         stem, index, _ = layout.parse_patch_name(os.path.basename(sid))
         found[stem].append((row, index))
-    return {stem: (np.array([r for r, _ in pairs], np.int64), np.array([i for _, i in pairs], np.int64))
-            for stem, pairs in found.items()}
+    return {
+        stem: (np.array([r for r, _ in pairs], np.int64), np.array([i for _, i in pairs], np.int64))
+        for stem, pairs in found.items()
+    }
 
 
 def evaluate_split(
@@ -113,8 +115,9 @@ def evaluate_split(
     for entry in info.get(f"{split}_files") or []:
         image_path = layout.resolve_path(entry.get("image_path"), data_path)
         if image_path is None:
-            raise layout.DatasetFormatError(f"{data_path / layout.INFO_FILE}: a {split}_files entry has no image_path; "
-                                            "regenerate the dataset")
+            raise layout.DatasetFormatError(
+                f"{data_path / layout.INFO_FILE}: a {split}_files entry has no image_path; regenerate the dataset"
+            )
         mask_path = layout.resolve_path(entry.get("mask_path"), data_path)
         stem = Path(image_path).stem
         grid = spec.grid(*file_image_size(image_path))
@@ -150,8 +153,12 @@ def patch_metrics(y_true: np.ndarray, pred: np.ndarray, idx_to_class: dict[int, 
         accuracy=float(accuracy_score(yt, yp)),
         balanced_accuracy=float(balanced_accuracy_score(yt, yp)),
         per_class={
-            idx_to_class.get(c, str(c)): {"precision": float(pi), "recall": float(ri), "f1": float(fi),
-                                          "support": int(si)}
+            idx_to_class.get(c, str(c)): {
+                "precision": float(pi),
+                "recall": float(ri),
+                "f1": float(fi),
+                "support": int(si),
+            }
             for c, pi, ri, fi, si in zip(labels, p, r, f, s)
         },
         confusion_matrix={
@@ -162,17 +169,30 @@ def patch_metrics(y_true: np.ndarray, pred: np.ndarray, idx_to_class: dict[int, 
     return metrics
 
 
-def split_scores(data_path: Path, split: str, ids: Sequence[str], y_eval: np.ndarray, pred: np.ndarray,
-                 proba: np.ndarray, classes: Sequence[int], class_to_idx: dict[str, int], method: str,
-                 coverage_threshold: float, out_dir: Path, soft_thresholds: dict[str, float] | None = None,
-                 n_discarded: int | None = None) -> SplitScores:
+def split_scores(
+    data_path: Path,
+    split: str,
+    ids: Sequence[str],
+    y_eval: np.ndarray,
+    pred: np.ndarray,
+    proba: np.ndarray,
+    classes: Sequence[int],
+    class_to_idx: dict[str, int],
+    method: str,
+    coverage_threshold: float,
+    out_dir: Path,
+    soft_thresholds: dict[str, float] | None = None,
+    n_discarded: int | None = None,
+) -> SplitScores:
     """Patch metrics and reconstruction of a split's patch predictions (``pred``; ``proba``: ``predict_proba``
     over the classifier's ``classes``; ``y_eval``: -1 where not scored); writes ``test_results.csv``, ``maps/``,
     ``reconstruction_results.json`` and ``metrics.json`` into ``out_dir`` and returns them in memory."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows = [(sid, int(t), int(p), float(f"{pr:.6f}"))  # the probability as the CSV holds it
-            for sid, t, p, pr in zip(ids, y_eval.tolist(), pred.tolist(), proba.max(axis=1).tolist())]
+    rows = [
+        (sid, int(t), int(p), float(f"{pr:.6f}"))  # the probability as the CSV holds it
+        for sid, t, p, pr in zip(ids, y_eval.tolist(), pred.tolist(), proba.max(axis=1).tolist())
+    ]
     with (out_dir / "test_results.csv").open("w", newline="") as fh:  # the reference's columns (pandas-style index)
         w = csv.writer(fh, lineterminator="\n")
         w.writerow(["", "sample", "real_label", "pred_label", "probability", "filename"])
@@ -182,8 +202,18 @@ def split_scores(data_path: Path, split: str, ids: Sequence[str], y_eval: np.nda
     if n_discarded is not None:
         metrics["n_discarded"] = n_discarded  # #DISCARD# patches: reconstructed, not scored (B28)
     full = full_probabilities(proba, classes, max(class_to_idx.values()) + 1)
-    results = evaluate_split(data_path, split, ids, pred, full, class_to_idx, method, coverage_threshold,
-                             maps_dir=out_dir / "maps", soft_thresholds=soft_thresholds)
+    results = evaluate_split(
+        data_path,
+        split,
+        ids,
+        pred,
+        full,
+        class_to_idx,
+        method,
+        coverage_threshold,
+        maps_dir=out_dir / "maps",
+        soft_thresholds=soft_thresholds,
+    )
     layout.write_json(out_dir / "reconstruction_results.json", results)
     counts = ("false_region_bad", "false_region_good", "true_region_bad", "patch_reconstruction_method")
     metrics["reconstruction"] = results["summary"] | {k: results[k] for k in counts}
@@ -218,23 +248,40 @@ def score_split(
     X, y, ids, _ = fstore.load_features(store)
     problem = width_problem(est, X.shape[1])
     if problem:
-        raise fstore.FeatureStoreError(f"classifier {problem} (feature store {store}); the classifier and the "
-                                       "features come from different backbones: re-export or retrain the model")
+        raise fstore.FeatureStoreError(
+            f"classifier {problem} (feature store {store}); the classifier and the "
+            "features come from different backbones: re-export or retrain the model"
+        )
     skip = {class_to_idx[n] for n in (class_to_skip or []) if n in class_to_idx}
     discard = np.array([layout.parse_patch_name(os.path.basename(sid))[2] for sid in ids.tolist()], dtype=bool)
     y_eval = np.where(np.isin(y, list(skip)) | discard, -1, y)
     proba = est.predict_proba(X)
     pred = est.classes_[np.argmax(proba, axis=1)]
-    return split_scores(data_path, split, ids.tolist(), y_eval, pred, proba, est.classes_, class_to_idx, method,
-                        coverage_threshold, out_dir, soft_thresholds, n_discarded=int(discard.sum()))
+    return split_scores(
+        data_path,
+        split,
+        ids.tolist(),
+        y_eval,
+        pred,
+        proba,
+        est.classes_,
+        class_to_idx,
+        method,
+        coverage_threshold,
+        out_dir,
+        soft_thresholds,
+        n_discarded=int(discard.sum()),
+    )
 
 
 def headline(metrics: dict[str, Any], split: str) -> list[str]:
     """One-line summaries of patch accuracy and defect detection, for the command-line entry points."""
     lines = []
     if "accuracy" in metrics:
-        lines.append(f"{split} accuracy {metrics['accuracy']:.3f}, balanced accuracy "
-                     f"{metrics['balanced_accuracy']:.3f} on {metrics['n_evaluated']} patches")
+        lines.append(
+            f"{split} accuracy {metrics['accuracy']:.3f}, balanced accuracy "
+            f"{metrics['balanced_accuracy']:.3f} on {metrics['n_evaluated']} patches"
+        )
     rec = (metrics.get("reconstruction") or {}).get("all_defects") or {}
     if rec.get("defects"):
         lines.append(f"{split} defects detected {rec['detected']}/{rec['defects']}")

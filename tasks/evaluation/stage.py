@@ -84,60 +84,125 @@ class ScoringJob:
 def score(job: ScoringJob, out: Path) -> dict[str, Any]:
     """Classify, score and reconstruct the split into ``out`` (metrics.json, test_results.csv,
     reconstruction_results.json, maps/) and write its report there; returns the metrics."""
-    scores = score_split(job.classifier.load(), Path(job.store), Path(job.data_path), job.split, job.classes,
-                         job.class_to_skip, job.method, job.coverage_threshold, out, job.soft_thresholds)
+    scores = score_split(
+        job.classifier.load(),
+        Path(job.store),
+        Path(job.data_path),
+        job.split,
+        job.classes,
+        job.class_to_skip,
+        job.method,
+        job.coverage_threshold,
+        out,
+        job.soft_thresholds,
+    )
     if job.report:
-        write_report(out, Path(job.data_path), job.classes, scores, title=job.title, n_overlays=job.n_overlays,
-                     examples=job.examples)
+        write_report(
+            out,
+            Path(job.data_path),
+            job.classes,
+            scores,
+            title=job.title,
+            n_overlays=job.n_overlays,
+            examples=job.examples,
+        )
     return scores.metrics
 
 
 def validation_job(cfg: TrainFlowConfig, classifier: str, store: str) -> ScoringJob:
     """The train flow's validation: the val split with the fitted classifier and the train config's options."""
     t = cfg.task
-    return ScoringJob(store, cfg.datamodule.data_path, "val", class_map(cfg), cfg.datamodule.class_to_skip_training,
-                      FittedClassifier(classifier, tuple(sorted(trusted_types(cfg)))), t.reconstruction_method,
-                      t.coverage_threshold, t.soft_thresholds, t.report, f"patchflow validation: {cfg.core.name}")
+    return ScoringJob(
+        store,
+        cfg.datamodule.data_path,
+        "val",
+        class_map(cfg),
+        cfg.datamodule.class_to_skip_training,
+        FittedClassifier(classifier, tuple(sorted(trusted_types(cfg)))),
+        t.reconstruction_method,
+        t.coverage_threshold,
+        t.soft_thresholds,
+        t.report,
+        f"patchflow validation: {cfg.core.name}",
+    )
 
 
 def validation_key(cfg: TrainFlowConfig, fit_key: str, val_store: str) -> str:
     """Key of the validation: classifier (fit key), val features, skipped classes and reconstruction options."""
     skip = sorted(cfg.datamodule.class_to_skip_training or [])
     t = cfg.task
-    recon = {"method": t.reconstruction_method, "coverage": t.coverage_threshold, "report": t.report,
-             "soft_thresholds": t.soft_thresholds}
-    return combine("validate", METRICS_VERSION, fit_key, Path(val_store).name,
-                   params_digest({"skip": skip, "reconstruction": recon}))
+    recon = {
+        "method": t.reconstruction_method,
+        "coverage": t.coverage_threshold,
+        "report": t.report,
+        "soft_thresholds": t.soft_thresholds,
+    }
+    return combine(
+        "validate",
+        METRICS_VERSION,
+        fit_key,
+        Path(val_store).name,
+        params_digest({"skip": skip, "reconstruction": recon}),
+    )
 
 
 def evaluation_job(cfg: EvaluateFlowConfig, bundle: Bundle, store: str) -> ScoringJob:
     """The evaluate flow's scoring: the configured split with the bundle's classifier, classes and skips."""
     o = cfg.task.output
     method = o.reconstruction_method or bundle.meta.get("reconstruction_method") or "major_voting"
-    return ScoringJob(store, cfg.datamodule.data_path, cfg.datamodule.split, bundle.classes,
-                      bundle.meta.get("class_to_skip"),
-                      BundleClassifier(str(bundle.root), bundle.digest, cfg.task.trust_pickle), method,
-                      o.coverage_threshold, o.soft_thresholds, o.report, f"patchflow evaluation: {cfg.core.name}",
-                      o.n_overlays, o.example)
+    return ScoringJob(
+        store,
+        cfg.datamodule.data_path,
+        cfg.datamodule.split,
+        bundle.classes,
+        bundle.meta.get("class_to_skip"),
+        BundleClassifier(str(bundle.root), bundle.digest, cfg.task.trust_pickle),
+        method,
+        o.coverage_threshold,
+        o.soft_thresholds,
+        o.report,
+        f"patchflow evaluation: {cfg.core.name}",
+        o.n_overlays,
+        o.example,
+    )
 
 
 def evaluation_key(cfg: EvaluateFlowConfig, features_key: str, bundle: Bundle) -> str:
     """Key of the scoring/report stage: features, classifier bytes, skipped classes and output options."""
     o = cfg.task.output
     meta = bundle.meta
-    return combine("evaluate", METRICS_VERSION, features_key, bundle.file_digest(bundle.classifier_file),
-                   params_digest({"skip": meta.get("class_to_skip"),
-                                  "method": o.reconstruction_method or meta.get("reconstruction_method"),
-                                  "output": o.model_dump(mode="json", exclude={"folder"}), "classes": meta["classes"]}))
+    return combine(
+        "evaluate",
+        METRICS_VERSION,
+        features_key,
+        bundle.file_digest(bundle.classifier_file),
+        params_digest(
+            {
+                "skip": meta.get("class_to_skip"),
+                "method": o.reconstruction_method or meta.get("reconstruction_method"),
+                "output": o.model_dump(mode="json", exclude={"folder"}),
+                "classes": meta["classes"],
+            }
+        ),
+    )
 
 
 def bundle_split_key(cfg: EvaluateFlowConfig, bundle: Bundle) -> str:
     """Key of a split's features under a bundle's backbone (backbone file bytes, preprocessing, selection)."""
     dm, meta = cfg.datamodule, bundle.meta
-    sel = {"split": dm.split, "include": dm.include_filter, "exclude": dm.exclude_filter, "classes": bundle.classes,
-           "size": bundle.input_size, "mean": meta["mean"], "std": meta["std"], "device": cfg.task.device}
-    return combine("bundle-split", dataset_key(dm.data_path), bundle.file_digest(bundle.backbone_file),
-                   params_digest(sel))
+    sel = {
+        "split": dm.split,
+        "include": dm.include_filter,
+        "exclude": dm.exclude_filter,
+        "classes": bundle.classes,
+        "size": bundle.input_size,
+        "mean": meta["mean"],
+        "std": meta["std"],
+        "device": cfg.task.device,
+    }
+    return combine(
+        "bundle-split", dataset_key(dm.data_path), bundle.file_digest(bundle.backbone_file), params_digest(sel)
+    )
 
 
 def extract_with_bundle(cfg: EvaluateFlowConfig, bundle: Bundle, out: Path, force: bool = False) -> dict[str, Any]:
@@ -148,8 +213,18 @@ def extract_with_bundle(cfg: EvaluateFlowConfig, bundle: Bundle, out: Path, forc
     items = split_items(data_path, dm.split, bundle.classes, dm.include_filter, dm.exclude_filter)
     model = BundleModel.load(bundle, cfg.task.device)
     attrs = {"kind": dm.split, "bundle_backbone": bundle.backbone_file.name}
-    return extract_items(model.extractor, bundle.input_size, bundle.meta["mean"], bundle.meta["std"], data_path,
-                         items, dm.batch_size, out, attrs, force=force)
+    return extract_items(
+        model.extractor,
+        bundle.input_size,
+        bundle.meta["mean"],
+        bundle.meta["std"],
+        data_path,
+        items,
+        dm.batch_size,
+        out,
+        attrs,
+        force=force,
+    )
 
 
 def finish_evaluation_run(cfg: EvaluateFlowConfig, run: Path, scored: str, metrics: dict[str, Any]) -> dict[str, Any]:
@@ -168,34 +243,46 @@ def bundle_features_stage(cfg: EvaluateFlowConfig, root: Path, bundle: Bundle) -
     """Run the cached feature extraction of the split under the bundle's backbone; ``(store, features key)``."""
     key, force = bundle_split_key(cfg, bundle), "features" in cfg.force
     out = str(store_path(root, key))
-    return run_stage(bundle_features_task, root, out, is_verified, force, cfg, str(bundle.root), bundle.digest, key,
-                     out, force), key
+    return run_stage(
+        bundle_features_task, root, out, is_verified, force, cfg, str(bundle.root), bundle.digest, key, out, force
+    ), key
 
 
-def evaluate_stage(cfg: EvaluateFlowConfig, root: Path, bundle: Bundle, features_key: str,
-                   store: str) -> tuple[dict[str, Any], str]:
+def evaluate_stage(
+    cfg: EvaluateFlowConfig, root: Path, bundle: Bundle, features_key: str, store: str
+) -> tuple[dict[str, Any], str]:
     """Run the cached scoring of the split with the bundle's classifier; ``(metrics, output folder)``."""
     key, force = evaluation_key(cfg, features_key, bundle), "evaluate" in cfg.force
     out = str(root / "evaluations" / key[:32])
-    return run_stage(score_task, root, out, matches_manifest, force, evaluation_job(cfg, bundle, store), key, out,
-                     force), out
+    return run_stage(
+        score_task, root, out, matches_manifest, force, evaluation_job(cfg, bundle, store), key, out, force
+    ), out
 
 
-def validate_stage(cfg: TrainFlowConfig, root: Path, classifier: str, fit_key: str,
-                   val_store: str) -> tuple[dict[str, Any], str]:
+def validate_stage(
+    cfg: TrainFlowConfig, root: Path, classifier: str, fit_key: str, val_store: str
+) -> tuple[dict[str, Any], str]:
     """Run the cached validation of ``classifier`` on the val store; ``(metrics, validation folder)``."""
     key, force = validation_key(cfg, fit_key, val_store), "validate" in cfg.force
     out = str(root / "validation" / key[:32])
-    return run_stage(validate_task, root, out, matches_manifest, force, validation_job(cfg, classifier, val_store),
-                     key, out, force), out
+    return run_stage(
+        validate_task, root, out, matches_manifest, force, validation_job(cfg, classifier, val_store), key, out, force
+    ), out
 
 
 @task(name="bundle-split-features", persist_result=True)
-def bundle_features_task(cfg: EvaluateFlowConfig, bundle_root: str, bundle_digest: str, key: str, out: str,
-                         force: bool = False) -> str:
+def bundle_features_task(
+    cfg: EvaluateFlowConfig, bundle_root: str, bundle_digest: str, key: str, out: str, force: bool = False
+) -> str:
     """Split features under the bundle's backbone (cached on ``key``)."""
-    return build_once(out, force, is_verified, lambda: extract_with_bundle(
-        cfg, reopen_bundle(bundle_root, bundle_digest, cfg.task.trust_pickle), Path(out), force))
+    return build_once(
+        out,
+        force,
+        is_verified,
+        lambda: extract_with_bundle(
+            cfg, reopen_bundle(bundle_root, bundle_digest, cfg.task.trust_pickle), Path(out), force
+        ),
+    )
 
 
 @task(name="evaluate-split", persist_result=True)

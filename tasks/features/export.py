@@ -86,9 +86,16 @@ def export_onnx(model: nn.Module, path: Path, input_size: tuple[int, int] = (224
 
     def save(fh: Any) -> None:
         with _quiet_tracing(), _plain_attention():  # the TorchScript-based exporter is chosen on purpose
-            torch.onnx.export(m, (example,), fh, dynamo=False, opset_version=17,
-                              input_names=["images"], output_names=["features"],
-                              dynamic_axes={"images": {0: "batch"}, "features": {0: "batch"}})
+            torch.onnx.export(
+                m,
+                (example,),
+                fh,
+                dynamo=False,
+                opset_version=17,
+                input_names=["images"],
+                output_names=["features"],
+                dynamic_axes={"images": {0: "batch"}, "features": {0: "batch"}},
+            )
 
     return serialise_to(path, save)  # in memory first: a full disk is named (see export_torchscript)
 
@@ -104,8 +111,9 @@ class OnnxBackbone(nn.Module):
         try:
             import onnxruntime as ort
         except ImportError:
-            raise BackboneError("runtime onnxruntime needs the `onnxruntime` package: "
-                                "pip install onnxruntime") from None
+            raise BackboneError(
+                "runtime onnxruntime needs the `onnxruntime` package: pip install onnxruntime"
+            ) from None
         so = ort.SessionOptions()
         so.intra_op_num_threads = int(threads or torch.get_num_threads())
         so.inter_op_num_threads = 1
@@ -118,8 +126,13 @@ class OnnxBackbone(nn.Module):
         return torch.from_numpy(self.session.run(None, {self.input_name: arr})[0])
 
 
-def onnx_backbone(name: str, weights: str | os.PathLike[str] | None, input_size: tuple[int, int],
-                  cache_dir: Path, digest: str | None = None) -> OnnxBackbone:
+def onnx_backbone(
+    name: str,
+    weights: str | os.PathLike[str] | None,
+    input_size: tuple[int, int],
+    cache_dir: Path,
+    digest: str | None = None,
+) -> OnnxBackbone:
     """ONNX Runtime version of :func:`build_backbone`, exported once into ``cache_dir`` (keyed by weights digest)."""
     digest = digest or weights_digest(resolve_weights(name, weights), name)
     tag = hashlib.sha256(digest.encode()).hexdigest()[:16]
@@ -145,8 +158,9 @@ def _exported_name(path: Path, backbone_name: str | None) -> str:
             raise BackboneError(f"{cfg_file} must hold a mapping with the backbone 'name'; export the bundle again")
         name = cfg.get("name", name)
     if not name:
-        raise BackboneError(f"{path}: a .pth export needs model_config.yaml (or model.json's backbone) to rebuild "
-                            "the architecture")
+        raise BackboneError(
+            f"{path}: a .pth export needs model_config.yaml (or model.json's backbone) to rebuild the architecture"
+        )
     return name
 
 

@@ -28,7 +28,11 @@ logger = logging.getLogger("patchflow.backbones")
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 _FEATURE_DIMS: dict[str, int] = {
-    "resnet18": 512, "resnet50": 2048, "mobilenet_v2": 1280, "efficientnet_b0": 1280, "dino_vitb8": 768,
+    "resnet18": 512,
+    "resnet50": 2048,
+    "mobilenet_v2": 1280,
+    "efficientnet_b0": 1280,
+    "dino_vitb8": 768,
 }
 _PRECISIONS = ("fp32", "bf16")
 
@@ -47,8 +51,10 @@ class AnySizeViT(models.VisionTransformer):
         h, w = int(x.shape[2]), int(x.shape[3])
         p = self.patch_size
         if h % p or w % p:
-            raise BackboneError(f"dino_vitb8 needs an input size that is a multiple of {p}, got {h}x{w}; "
-                                f"set transforms.input_height/input_width to multiples of {p} (e.g. 224)")
+            raise BackboneError(
+                f"dino_vitb8 needs an input size that is a multiple of {p}, got {h}x{w}; "
+                f"set transforms.input_height/input_width to multiples of {p} (e.g. 224)"
+            )
         x = self.conv_proj(x).flatten(2).transpose(1, 2)  # (B, tokens, hidden)
         x = torch.cat([self.class_token.expand(x.shape[0], -1, -1), x], dim=1) + self._positions(h // p, w // p)
         x = self.encoder.ln(self.encoder.layers(self.encoder.dropout(x)))
@@ -89,18 +95,22 @@ def _load_state(name: str, model: nn.Module, path: Path) -> None:
             f"PyTorch state dict (.pth) saved for this architecture. Reason: {type(exc).__name__}: {str(exc)[:200]}"
         ) from exc
     if not isinstance(state, Mapping):
-        raise BackboneError(f"Weights file {path} does not hold a state dict (got {type(state).__name__}); "
-                            f"it does not fit backbone {name!r}: save model.state_dict() and point backbone.weights "
-                            "at it.")
+        raise BackboneError(
+            f"Weights file {path} does not hold a state dict (got {type(state).__name__}); "
+            f"it does not fit backbone {name!r}: save model.state_dict() and point backbone.weights "
+            "at it."
+        )
     if name == "dino_vitb8":
         state = dino_to_torchvision(state)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         detail = str(exc).splitlines()
-        raise BackboneError(f"Weights file {path} does not fit backbone {name!r}; set backbone.name to the "
-                            "architecture these weights were saved from, or point backbone.weights at a checkpoint "
-                            f"for {name!r}. Details: {' '.join(d.strip() for d in detail[:3])[:600]}") from exc
+        raise BackboneError(
+            f"Weights file {path} does not fit backbone {name!r}; set backbone.name to the "
+            "architecture these weights were saved from, or point backbone.weights at a checkpoint "
+            f"for {name!r}. Details: {' '.join(d.strip() for d in detail[:3])[:600]}"
+        ) from exc
 
 
 def build_backbone(name: str, weights: str | os.PathLike[str] | None = "imagenet") -> nn.Module:
@@ -161,17 +171,20 @@ def parse_device(device: str | torch.device) -> torch.device:
     dev = torch.device(text)
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise BackboneError(f"Device {device!r} was requested but CUDA is not available on this machine; "
-                                "use 'cpu'.")
+            raise BackboneError(
+                f"Device {device!r} was requested but CUDA is not available on this machine; use 'cpu'."
+            )
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise BackboneError(f"Device {device!r} does not exist; {torch.cuda.device_count()} CUDA device(s) "
-                                "visible.")
+            raise BackboneError(
+                f"Device {device!r} does not exist; {torch.cuda.device_count()} CUDA device(s) visible."
+            )
     return dev
 
 
 def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or (
-        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
+        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+    )
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -189,8 +202,14 @@ def cpu_has_fast_bf16() -> bool:
 class FeatureExtractor:
     """Runs a backbone over batches of patches on one device at fp32 or bf16 precision."""
 
-    def __init__(self, model: nn.Module, device: str = "cpu", precision: str = "fp32", batch_size: int = 64,
-                 automatic_batch_size: bool = False) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        device: str = "cpu",
+        precision: str = "fp32",
+        batch_size: int = 64,
+        automatic_batch_size: bool = False,
+    ) -> None:
         if precision not in _PRECISIONS:
             raise BackboneError(f"Unsupported precision {precision!r}; choose one of {', '.join(_PRECISIONS)}.")
         if int(batch_size) < 1:
@@ -203,7 +222,8 @@ class FeatureExtractor:
         if precision == "bf16" and self.device.type == "cpu" and not cpu_has_fast_bf16():
             logger.warning(
                 "precision bf16 on a CPU without AMX/AVX512-BF16 (%s) is emulated and much slower than fp32; "
-                "use task.precision=fp32 here", torch.backends.cpu.get_cpu_capability(),
+                "use task.precision=fp32 here",
+                torch.backends.cpu.get_cpu_capability(),
             )
 
     def _autocast(self):
@@ -229,7 +249,7 @@ class FeatureExtractor:
         outputs: list[np.ndarray] = []
         start, n = 0, len(patches)
         while start < n:
-            chunk = patches[start:start + self.batch_size]
+            chunk = patches[start : start + self.batch_size]
             try:
                 outputs.append(self(preprocess(chunk, size, mean, std)))
             except Exception as exc:

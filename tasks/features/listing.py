@@ -143,11 +143,17 @@ def list_split(
     return out
 
 
-def split_items(data_path: Path, split: str, class_to_idx: dict[str, int], include_filter: Sequence[str] | None,
-                exclude_filter: Sequence[str] | None) -> list[tuple[str, int]]:
+def split_items(
+    data_path: Path,
+    split: str,
+    class_to_idx: dict[str, int],
+    include_filter: Sequence[str] | None,
+    exclude_filter: Sequence[str] | None,
+) -> list[tuple[str, int]]:
     """Patches of a val/test split as (path relative to the dataset, label); test keeps unlabelled (None, -1) ones."""
     items = list_split(data_path, split, class_to_idx, include_filter, exclude_filter, include_none=split != "val")
     if not items:
-        raise ValueError(f"no {split} patches in {data_path / split}; generate the dataset with a non-zero "
-                         f"{split}_size")
+        raise ValueError(
+            f"no {split} patches in {data_path / split}; generate the dataset with a non-zero {split}_size"
+        )
     return items

@@ -50,15 +50,20 @@ def decode_attrs(data_path: Path) -> dict[str, Any]:
     return {"sixteen_bit": sixteen_bit_json(dataset_decoding(data_path).sixteen_bit)}
 
 
-def plan_batches(plan: dict[str, np.ndarray], attrs: dict[str, Any], start: int, end: int,
-                 batch_size: int) -> Batches:
+def plan_batches(plan: dict[str, np.ndarray], attrs: dict[str, Any], start: int, end: int, batch_size: int) -> Batches:
     """Batches of rows ``[start, end)`` of a store's plan: (row indices relative to ``start``, BGR patches)."""
     # stores prepared before the rule was recorded were filled with the legacy rule: keep it for their last shards
     dec = make_decoding(sixteen_bit=attrs.get("sixteen_bit", LEGACY_SIXTEEN_BIT))
     if str(plan["kind"]) == "train":
         sl = slice(start, end)
-        sub = PassSamples(plan["entry_index"][sl], plan["image_path"][sl], plan["label"][sl], plan["box"][sl],
-                          plan["center"][sl], plan["image_size"][sl] if "image_size" in plan else None)
+        sub = PassSamples(
+            plan["entry_index"][sl],
+            plan["image_path"][sl],
+            plan["label"][sl],
+            plan["box"][sl],
+            plan["center"][sl],
+            plan["image_size"][sl] if "image_size" in plan else None,
+        )
         yield from iter_pass_patches(sub, batch_size, dec)
     else:
         yield from _patch_batches(Path(attrs["data_path"]), plan["rel"][start:end].tolist(), batch_size, dec)
@@ -72,21 +77,29 @@ def pass_plan(cfg: TrainFlowConfig, pass_index: int) -> PlanFn:
         if not listing.is_file():
             have = sorted(p.name for p in (data_path / "train").glob("*.txt"))
             raise ValueError(f"{listing} not found; check datamodule.train_filename (the dataset has {have})")
-        entries = read_train_list(data_path, dm.train_filename, dm.include_filter, dm.exclude_filter,
-                                  dm.class_to_skip_training)
+        entries = read_train_list(
+            data_path, dm.train_filename, dm.include_filter, dm.exclude_filter, dm.class_to_skip_training
+        )
         if not entries:
             raise ValueError(f"no training samples in {listing} after filters and skipped classes")
         if dm.balance_classes:
             entries = balance_entries(entries, dm.seed)
-        smp = order_by_image(draw_pass(data_path, entries, class_map(cfg), dm.seed, pass_index,
-                                       info=read_info(data_path)))
+        smp = order_by_image(
+            draw_pass(data_path, entries, class_map(cfg), dm.seed, pass_index, info=read_info(data_path))
+        )
         ids = [f"{entries[i].h5_name}#{i}" for i in smp.entry_index.tolist()]
-        plan = {"kind": np.array("train"), "entry_index": smp.entry_index,
-                "image_path": np.asarray(smp.image_path, dtype=str), "label": smp.label, "box": smp.box,
-                "center": smp.center}
+        plan = {
+            "kind": np.array("train"),
+            "entry_index": smp.entry_index,
+            "image_path": np.asarray(smp.image_path, dtype=str),
+            "label": smp.label,
+            "box": smp.box,
+            "center": smp.center,
+        }
         if smp.image_size is not None:
             plan["image_size"] = smp.image_size
         return plan, smp.label, ids, smp.box
+
     return make
 
 
@@ -96,4 +109,5 @@ def items_plan(items: list[tuple[str, int]]) -> PlanFn:
         rels = [rel for rel, _ in items]
         plan = {"kind": np.array("split"), "rel": np.asarray(rels, dtype=str), "label": labels}
         return plan, labels, rels, np.full((len(items), 4), -1, dtype=np.int64)
+
     return make

@@ -121,9 +121,7 @@ def _resolve_patch_size(rec: _H5Record, info: dict, h5_path: Path) -> tuple[int,
     if ps is not None:  # h5 patch_size is transposed by Quadra in this mode (B1): ignore it
         return int(ps[0]), int(ps[1])
     if rec.patch_size is None:
-        raise DatasetFormatError(
-            f"{h5_path} has no patch_size and info.json has none either; regenerate the dataset"
-        )
+        raise DatasetFormatError(f"{h5_path} has no patch_size and info.json has none either; regenerate the dataset")
     return rec.patch_size
 
 
@@ -235,7 +233,9 @@ def order_by_image(samples: PassSamples) -> PassSamples:
 
 
 def iter_pass_patches(
-    samples: PassSamples, batch_size: int, decoding: Decoding | None = None,
+    samples: PassSamples,
+    batch_size: int,
+    decoding: Decoding | None = None,
 ) -> Iterator[tuple[np.ndarray, list[np.ndarray]]]:
     """Yield ``(row indices, BGR uint8 patches)`` in batches, decoding each distinct image once.
 

@@ -79,8 +79,16 @@ def _ranges(plan: dict[str, Any]) -> list[tuple[int, int]]:
     return shard_ranges(plan["n_rows"], plan["shard_rows"])
 
 
-def prepare(out: Path, key: str, make_plan: PlanFn, dim: int, attrs: dict[str, Any], rows_per_shard: int,
-            force: bool = False, chunk_rows: int = CHUNK_ROWS) -> int:
+def prepare(
+    out: Path,
+    key: str,
+    make_plan: PlanFn,
+    dim: int,
+    attrs: dict[str, Any],
+    rows_per_shard: int,
+    force: bool = False,
+    chunk_rows: int = CHUNK_ROWS,
+) -> int:
     """Prepare (or reuse a prepared) partial store of ``out``; returns its number of shards.
 
     ``make_plan()`` returns ``(row plan arrays, labels, sample ids, boxes)``; it is only called when the
@@ -101,8 +109,9 @@ def prepare(out: Path, key: str, make_plan: PlanFn, dim: int, attrs: dict[str, A
     rows, labels, ids, boxes = make_plan()
     n = len(labels)
     shutil.rmtree(part, ignore_errors=True)
-    fstore.create_store(part, n, dim, {**attrs, "store_key": key, "shard_rows": int(rows_per_shard)},
-                        chunk_rows=chunk_rows)
+    fstore.create_store(
+        part, n, dim, {**attrs, "store_key": key, "shard_rows": int(rows_per_shard)}, chunk_rows=chunk_rows
+    )
     fstore.write_row_meta(part, labels, ids, boxes)
     buf = io.BytesIO()
     np.savez(buf, **rows)
@@ -143,7 +152,7 @@ def prefetch(items: Iterator[Any], depth: int = 2) -> Iterator[Any]:
                 if not put((True, item)):
                     return
             put((True, done))
-        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+        except BaseException as exc:
             put((False, exc))
 
     thread = threading.Thread(target=run, name="patchflow-prefetch", daemon=True)
@@ -161,8 +170,9 @@ def prefetch(items: Iterator[Any], depth: int = 2) -> Iterator[Any]:
         thread.join(timeout=5)
 
 
-def fill_shard(out: Path, index: int, extract: Callable[[list[np.ndarray]], np.ndarray], batches: BatchFn,
-               batch_size: int) -> dict[str, Any]:
+def fill_shard(
+    out: Path, index: int, extract: Callable[[list[np.ndarray]], np.ndarray], batches: BatchFn, batch_size: int
+) -> dict[str, Any]:
     """Compute the features of shard ``index`` of the prepared partial store of ``out`` (skipped if done)."""
     part = partial_path(out)
     state = shard_state(part)

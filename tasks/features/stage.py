@@ -40,9 +40,14 @@ def train_pass_key(cfg: TrainFlowConfig, dkey: str, wdigest: str, pass_index: in
     """Key of one training pass's features."""
     dm = cfg.datamodule
     sampling = {
-        "train_filename": dm.train_filename, "include": dm.include_filter, "exclude": dm.exclude_filter,
-        "skip": dm.class_to_skip_training, "balance": dm.balance_classes, "seed": dm.seed,
-        "classes": class_map(cfg), "pass": pass_index,
+        "train_filename": dm.train_filename,
+        "include": dm.include_filter,
+        "exclude": dm.exclude_filter,
+        "skip": dm.class_to_skip_training,
+        "balance": dm.balance_classes,
+        "seed": dm.seed,
+        "classes": class_map(cfg),
+        "pass": pass_index,
     }
     return combine("train-pass", dkey, params_digest(feature_params(cfg, wdigest)), params_digest(sampling))
 
@@ -70,21 +75,24 @@ def _store_job(cfg: TrainFlowConfig, what: str | int, out: str, wdigest: str, ke
 
 
 @task(name="prepare-features", cache_policy=NO_CACHE)
-def prepare_features_task(cfg: TrainFlowConfig, what: str | int, key: str, out: str, weights_digest: str, root: str,
-                          force: bool = False) -> int:
+def prepare_features_task(
+    cfg: TrainFlowConfig, what: str | int, key: str, out: str, weights_digest: str, root: str, force: bool = False
+) -> int:
     """Prepare the store of a pass (int) or split (str) for sharded filling; returns its number of shards (0: done)."""
     return _store_job(cfg, what, out, weights_digest, key, root).prepare(force)
 
 
 @task(name="feature-shard", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1)
-def feature_shard_task(cfg: TrainFlowConfig, what: str | int, key: str, out: str, weights_digest: str, root: str,
-                       index: int) -> dict[str, Any]:
+def feature_shard_task(
+    cfg: TrainFlowConfig, what: str | int, key: str, out: str, weights_digest: str, root: str, index: int
+) -> dict[str, Any]:
     """Fill one shard of a prepared store (skipped when already done and verified); retried alone on failure."""
     return _store_job(cfg, what, out, weights_digest, key, root).fill(index)
 
 
-def _finish_store(cfg: TrainFlowConfig, what: str | int, key: str, out: str, wdigest: str, force: bool,
-                  root: str | None) -> str:
+def _finish_store(
+    cfg: TrainFlowConfig, what: str | int, key: str, out: str, wdigest: str, force: bool, root: str | None
+) -> str:
     def build() -> dict[str, Any]:
         return _store_job(cfg, what, out, wdigest, key, root).build(force)
 
@@ -93,7 +101,12 @@ def _finish_store(cfg: TrainFlowConfig, what: str | int, key: str, out: str, wdi
 
 @task(name="train-pass-features", persist_result=True)
 def train_pass_task(
-    cfg: TrainFlowConfig, pass_index: int, key: str, out: str, weights_digest: str, force: bool = False,
+    cfg: TrainFlowConfig,
+    pass_index: int,
+    key: str,
+    out: str,
+    weights_digest: str,
+    force: bool = False,
     root: str | None = None,
 ) -> str:
     """Features of one training pass, finished here (cached on ``key``; resumes a partial store; reuses a concurrent
@@ -103,7 +116,12 @@ def train_pass_task(
 
 @task(name="split-features", persist_result=True)
 def split_features_task(
-    cfg: TrainFlowConfig, split: str, key: str, out: str, weights_digest: str, force: bool = False,
+    cfg: TrainFlowConfig,
+    split: str,
+    key: str,
+    out: str,
+    weights_digest: str,
+    force: bool = False,
     root: str | None = None,
 ) -> str:
     """Features of a val/test split, finished here (cached on ``key``; resumes a partial store; reuses a concurrent
@@ -118,8 +136,10 @@ Job = tuple[int | str, str, str, bool]
 def feature_jobs(cfg: TrainFlowConfig, root: Path, weights_digest: str) -> list[Job]:
     """Every store of a training run: the passes ``0..iteration_over_training-1``, then ``"val"``."""
     dkey, force = dataset_key(cfg.datamodule.data_path), set(cfg.force)
-    keys = [(p, train_pass_key(cfg, dkey, weights_digest, p), "features" in force)
-            for p in range(cfg.trainer.iteration_over_training)]
+    keys = [
+        (p, train_pass_key(cfg, dkey, weights_digest, p), "features" in force)
+        for p in range(cfg.trainer.iteration_over_training)
+    ]
     keys.append(("val", split_key(cfg, dkey, weights_digest, "val"), "val_features" in force))
     return [(what, key, str(store_path(root, key)), forced) for what, key, forced in keys]
 
@@ -131,13 +151,22 @@ def fill_on_dask(cfg: TrainFlowConfig, root: Path, weights_digest: str, jobs: li
         return
     with dask_runner(cfg.runner) as tr:
         common = {"cfg": cfg, "weights_digest": weights_digest, "root": str(root)}
-        counts = run_all(tr, [(prepare_features_task, {**common, "what": w, "key": k, "out": out, "force": f})
-                              for w, k, out, f in todo])
+        counts = run_all(
+            tr,
+            [(prepare_features_task, {**common, "what": w, "key": k, "out": out, "force": f}) for w, k, out, f in todo],
+        )
         from tasks.artifacts import Progress
 
         progress = Progress(sum(counts), f"{cfg.core.name}: {sum(counts)} feature shards on Dask")
-        run_all(tr, [(feature_shard_task, {**common, "what": w, "key": k, "out": out, "index": i})
-                     for (w, k, out, _), n in zip(todo, counts) for i in range(n)], on_done=progress.step)
+        run_all(
+            tr,
+            [
+                (feature_shard_task, {**common, "what": w, "key": k, "out": out, "index": i})
+                for (w, k, out, _), n in zip(todo, counts)
+                for i in range(n)
+            ],
+            on_done=progress.step,
+        )
 
 
 def train_features(cfg: TrainFlowConfig, root: Path, weights_digest: str, progress: Progress) -> tuple[list[str], str]:
@@ -149,7 +178,21 @@ def train_features(cfg: TrainFlowConfig, root: Path, weights_digest: str, progre
     stores = []
     for what, key, out, forced in jobs:
         stage = train_pass_task if what != "val" else split_features_task
-        stores.append(run_stage(stage, root, out, fstore.is_verified, forced,
-                                cfg, what, key, out, weights_digest, forced and not sharded, str(root)))
+        stores.append(
+            run_stage(
+                stage,
+                root,
+                out,
+                fstore.is_verified,
+                forced,
+                cfg,
+                what,
+                key,
+                out,
+                weights_digest,
+                forced and not sharded,
+                str(root),
+            )
+        )
         progress.step()
     return stores[:-1], stores[-1]

@@ -47,16 +47,26 @@ def _extractor(cfg: TrainFlowConfig, onnx_cache: Path, wdigest: str | None = Non
     auto = cfg.task.automatic_batch_size
     batch = cfg.datamodule.batch_size if auto.disable else auto.starting_batch_size
     runtime = feature_runtime(cfg)
-    ident = (runtime, cfg.backbone.name, wdigest or str(cfg.backbone.weights), size, cfg.task.device,
-             cfg.task.precision, batch, auto.disable, str(onnx_cache))
+    ident = (
+        runtime,
+        cfg.backbone.name,
+        wdigest or str(cfg.backbone.weights),
+        size,
+        cfg.task.device,
+        cfg.task.precision,
+        batch,
+        auto.disable,
+        str(onnx_cache),
+    )
     if ident not in _EXTRACTORS:
         _EXTRACTORS.clear()
         if runtime == "onnxruntime":
             model = onnx_backbone(cfg.backbone.name, cfg.backbone.weights, size, onnx_cache, wdigest)
         else:
             model = build_backbone(cfg.backbone.name, cfg.backbone.weights)
-        _EXTRACTORS[ident] = FeatureExtractor(model, cfg.task.device, cfg.task.precision, batch,
-                                              automatic_batch_size=not auto.disable)
+        _EXTRACTORS[ident] = FeatureExtractor(
+            model, cfg.task.device, cfg.task.precision, batch, automatic_batch_size=not auto.disable
+        )
     return _EXTRACTORS[ident]
 
 
@@ -70,10 +80,22 @@ def _no_lock(name: str) -> AbstractContextManager[Any]:
 class StoreJob:
     """Everything needed to build one feature store: what to extract (plan) and how (extractor, transform)."""
 
-    def __init__(self, out: Path, key: str, make_plan: shards.PlanFn, attrs: dict[str, Any], dim: int,
-                 get_extractor: Callable[[], FeatureExtractor], size: tuple[int, int], mean: Sequence[float],
-                 std: Sequence[float], batch_size: int, rows_per_shard: int, lock: LockFn = _no_lock,
-                 chunk_rows: int = CHUNK_ROWS) -> None:
+    def __init__(
+        self,
+        out: Path,
+        key: str,
+        make_plan: shards.PlanFn,
+        attrs: dict[str, Any],
+        dim: int,
+        get_extractor: Callable[[], FeatureExtractor],
+        size: tuple[int, int],
+        mean: Sequence[float],
+        std: Sequence[float],
+        batch_size: int,
+        rows_per_shard: int,
+        lock: LockFn = _no_lock,
+        chunk_rows: int = CHUNK_ROWS,
+    ) -> None:
         self.out, self.key, self.make_plan, self.attrs, self.dim = Path(out), key, make_plan, attrs, dim
         self.get_extractor, self.size, self.mean, self.std = get_extractor, size, mean, std
         self.batch_size, self.rows_per_shard, self.lock, self.chunk_rows = batch_size, rows_per_shard, lock, chunk_rows
@@ -85,8 +107,9 @@ class StoreJob:
                 return 0
             if force:
                 shutil.rmtree(self.out, ignore_errors=True)
-            return shards.prepare(self.out, self.key, self.make_plan, self.dim, self.attrs, self.rows_per_shard,
-                                  force, self.chunk_rows)
+            return shards.prepare(
+                self.out, self.key, self.make_plan, self.dim, self.attrs, self.rows_per_shard, force, self.chunk_rows
+            )
 
     def fill(self, index: int) -> dict[str, Any]:
         """Compute shard ``index`` unless it is done (or the whole store is)."""
@@ -119,35 +142,78 @@ class StoreJob:
         rows = int(fstore.store_attrs(self.out)["n_rows"])
         reused = sum(s["skipped"] for s in stats)
         if count:
-            logger.info("%s features: %d patches in %.1f s (%.1f patches/s; %d of %d shards reused)",
-                        self.attrs.get("kind"), rows, wall, rows / max(wall, 1e-9), reused, count)
-        return {"rows": rows, "wall_s": wall, "setup_s": setup, "extract_s": sum(s["extract_s"] for s in stats),
-                "shards": count, "shards_reused": reused}
+            logger.info(
+                "%s features: %d patches in %.1f s (%.1f patches/s; %d of %d shards reused)",
+                self.attrs.get("kind"),
+                rows,
+                wall,
+                rows / max(wall, 1e-9),
+                reused,
+                count,
+            )
+        return {
+            "rows": rows,
+            "wall_s": wall,
+            "setup_s": setup,
+            "extract_s": sum(s["extract_s"] for s in stats),
+            "shards": count,
+            "shards_reused": reused,
+        }
 
 
-def _job(cfg: TrainFlowConfig, out: Path, key: str | None, make_plan: shards.PlanFn, extra: dict[str, Any],
-         wdigest: str | None, root: Path | None) -> StoreJob:
+def _job(
+    cfg: TrainFlowConfig,
+    out: Path,
+    key: str | None,
+    make_plan: shards.PlanFn,
+    extra: dict[str, Any],
+    wdigest: str | None,
+    root: Path | None,
+) -> StoreJob:
     from tasks.features.extractor import feature_dim
 
     wdigest = wdigest or backbone_digest(cfg)
     t = cfg.transforms
     lock: LockFn = (lambda name: stage_lock(root, name)) if root is not None else _no_lock
     chunk = min(CHUNK_ROWS, cfg.task.shard_patches)  # small shards get small chunks: writes stay whole-chunk
-    return StoreJob(out, key or out.name, make_plan, {**feature_params(cfg, wdigest), **extra},
-                    feature_dim(cfg.backbone.name), lambda: _extractor(cfg, out.parent / "onnx", wdigest),
-                    (t.input_height, t.input_width), t.mean, t.std, cfg.datamodule.batch_size,
-                    shards.shard_rows(cfg.task.shard_patches, chunk), lock, chunk)
+    return StoreJob(
+        out,
+        key or out.name,
+        make_plan,
+        {**feature_params(cfg, wdigest), **extra},
+        feature_dim(cfg.backbone.name),
+        lambda: _extractor(cfg, out.parent / "onnx", wdigest),
+        (t.input_height, t.input_width),
+        t.mean,
+        t.std,
+        cfg.datamodule.batch_size,
+        shards.shard_rows(cfg.task.shard_patches, chunk),
+        lock,
+        chunk,
+    )
 
 
-def train_pass_job(cfg: TrainFlowConfig, pass_index: int, out: Path, weights_digest: str | None = None,
-                   key: str | None = None, root: Path | None = None) -> StoreJob:
+def train_pass_job(
+    cfg: TrainFlowConfig,
+    pass_index: int,
+    out: Path,
+    weights_digest: str | None = None,
+    key: str | None = None,
+    root: Path | None = None,
+) -> StoreJob:
     """The store job of training pass ``pass_index`` (one patch per ``dataset.txt`` line, drawn from seed and pass)."""
     extra = {"kind": "train", "pass_index": pass_index, **decode_attrs(Path(cfg.datamodule.data_path))}
     return _job(cfg, Path(out), key, pass_plan(cfg, pass_index), extra, weights_digest, root)
 
 
-def split_job(cfg: TrainFlowConfig, split: str, out: Path, weights_digest: str | None = None,
-              key: str | None = None, root: Path | None = None) -> StoreJob:
+def split_job(
+    cfg: TrainFlowConfig,
+    split: str,
+    out: Path,
+    weights_digest: str | None = None,
+    key: str | None = None,
+    root: Path | None = None,
+) -> StoreJob:
     """The store job of every patch of ``split`` (val/test)."""
     data_path = Path(cfg.datamodule.data_path).resolve()
     items = split_items(data_path, split, class_map(cfg), cfg.datamodule.include_filter, cfg.datamodule.exclude_filter)
@@ -155,8 +221,9 @@ def split_job(cfg: TrainFlowConfig, split: str, out: Path, weights_digest: str |
     return _job(cfg, Path(out), key, items_plan(items), extra, weights_digest, root)
 
 
-def extract_train_pass(cfg: TrainFlowConfig, pass_index: int, out: Path,
-                       weights_digest: str | None = None) -> dict[str, Any]:
+def extract_train_pass(
+    cfg: TrainFlowConfig, pass_index: int, out: Path, weights_digest: str | None = None
+) -> dict[str, Any]:
     """Draw pass ``pass_index`` and store its features at ``out``; returns timing figures."""
     return train_pass_job(cfg, pass_index, out, weights_digest).build()
 
@@ -167,15 +234,32 @@ def extract_split(cfg: TrainFlowConfig, split: str, out: Path, weights_digest: s
 
 
 def extract_items(
-    extractor: FeatureExtractor, size: tuple[int, int], mean: Sequence[float], std: Sequence[float], data_path: Path,
-    items: list[tuple[str, int]], batch_size: int, out: Path, attrs: dict[str, Any], rows_per_shard: int = 4096,
+    extractor: FeatureExtractor,
+    size: tuple[int, int],
+    mean: Sequence[float],
+    std: Sequence[float],
+    data_path: Path,
+    items: list[tuple[str, int]],
+    batch_size: int,
+    out: Path,
+    attrs: dict[str, Any],
+    rows_per_shard: int = 4096,
     force: bool = False,
 ) -> dict[str, Any]:
     """Store the features of listed patch files at ``out`` (labels and relative paths as sample ids)."""
-    job = StoreJob(out, Path(out).name, items_plan(items),
-                   {**attrs, "data_path": str(Path(data_path).resolve()), **decode_attrs(Path(data_path))},
-                   feature_dim_of(extractor, size), lambda: extractor, size, mean, std, batch_size,
-                   shards.shard_rows(rows_per_shard))
+    job = StoreJob(
+        out,
+        Path(out).name,
+        items_plan(items),
+        {**attrs, "data_path": str(Path(data_path).resolve()), **decode_attrs(Path(data_path))},
+        feature_dim_of(extractor, size),
+        lambda: extractor,
+        size,
+        mean,
+        std,
+        batch_size,
+        shards.shard_rows(rows_per_shard),
+    )
     return job.build(force)
 
 

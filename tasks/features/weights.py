@@ -118,11 +118,20 @@ def weights_digest(path: Path | None, name: str) -> str:
 # --------------------------------------------------------------------------- DINO key mapping
 
 _DINO_TO_TV_BLOCK = {
-    "norm1": "ln_1", "attn.qkv.weight": "self_attention.in_proj_weight", "attn.qkv.bias": "self_attention.in_proj_bias",
-    "attn.proj": "self_attention.out_proj", "norm2": "ln_2", "mlp.fc1": "mlp.0", "mlp.fc2": "mlp.3",
+    "norm1": "ln_1",
+    "attn.qkv.weight": "self_attention.in_proj_weight",
+    "attn.qkv.bias": "self_attention.in_proj_bias",
+    "attn.proj": "self_attention.out_proj",
+    "norm2": "ln_2",
+    "mlp.fc1": "mlp.0",
+    "mlp.fc2": "mlp.3",
 }
-_DINO_TO_TV_TOP = {"cls_token": "class_token", "pos_embed": "encoder.pos_embedding",
-                   "patch_embed.proj": "conv_proj", "norm": "encoder.ln"}
+_DINO_TO_TV_TOP = {
+    "cls_token": "class_token",
+    "pos_embed": "encoder.pos_embedding",
+    "patch_embed.proj": "conv_proj",
+    "norm": "encoder.ln",
+}
 
 T = TypeVar("T")
 
@@ -130,12 +139,13 @@ T = TypeVar("T")
 def _rename(key: str, table: Mapping[str, str]) -> str | None:
     for src, dst in table.items():
         if key == src or key.startswith(src + "."):
-            return dst + key[len(src):]
+            return dst + key[len(src) :]
     return None
 
 
-def _map_keys(state: Mapping[str, T], block: str, block_name: str, block_table: Mapping[str, str],
-              top_table: Mapping[str, str]) -> dict[str, T]:
+def _map_keys(
+    state: Mapping[str, T], block: str, block_name: str, block_table: Mapping[str, str], top_table: Mapping[str, str]
+) -> dict[str, T]:
     """``state`` renamed: keys matching ``block`` (groups: block index, rest) become ``block_name`` formatted with
     the index and the renamed rest; other keys are renamed by ``top_table``; unknown keys are kept as they are."""
     out: dict[str, T] = {}
@@ -153,8 +163,9 @@ def _map_keys(state: Mapping[str, T], block: str, block_name: str, block_table: 
 def dino_to_torchvision(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Rename a DINO-release ViT state dict to torchvision VisionTransformer names (unknown keys kept as is)."""
     plain = {re.sub(r"^(module\.|backbone\.)+", "", key): value for key, value in state.items()}
-    return _map_keys(plain, r"blocks\.(\d+)\.(.+)$", "encoder.layers.encoder_layer_{}.{}", _DINO_TO_TV_BLOCK,
-                     _DINO_TO_TV_TOP)
+    return _map_keys(
+        plain, r"blocks\.(\d+)\.(.+)$", "encoder.layers.encoder_layer_{}.{}", _DINO_TO_TV_BLOCK, _DINO_TO_TV_TOP
+    )
 
 
 def torchvision_to_dino(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -38,8 +38,10 @@ def make_classifier(cfg: TrainFlowConfig) -> Any:
     return est
 
 
-TRAIN_FIX = ("If you trust them, list them in model.trusted_types (loading a type runs its code), "
-             "or choose another model.classifier")
+TRAIN_FIX = (
+    "If you trust them, list them in model.trusted_types (loading a type runs its code), "
+    "or choose another model.classifier"
+)
 
 
 def trusted_types(cfg: TrainFlowConfig) -> set[str]:
@@ -65,14 +67,17 @@ def fit_classifier(cfg: TrainFlowConfig, stores: list[str], out: Path) -> dict[s
     est.fit(X, y)
     try:
         data = skops_bytes(est)
-    except Exception as exc:  # noqa: BLE001 - skops stores scikit-learn compatible objects only
-        raise ConfigError(f"model.classifier {cfg.model.classifier}: skops cannot store the fitted classifier "
-                          f"({type(exc).__name__}: {str(exc)[:200]}); choose a scikit-learn compatible classifier"
-                          ) from None
+    except Exception as exc:
+        raise ConfigError(
+            f"model.classifier {cfg.model.classifier}: skops cannot store the fitted classifier "
+            f"({type(exc).__name__}: {str(exc)[:200]}); choose a scikit-learn compatible classifier"
+        ) from None
     refused = sorted(set(untrusted_types(data=data)) - trusted_types(cfg))
     if refused:
-        raise ConfigError(f"model.classifier {cfg.model.classifier}: the fitted classifier holds types that skops "
-                          f"does not trust by default: {refused}. {TRAIN_FIX}")
+        raise ConfigError(
+            f"model.classifier {cfg.model.classifier}: the fitted classifier holds types that skops "
+            f"does not trust by default: {refused}. {TRAIN_FIX}"
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     write_skops(est, out, data)
     logger.info("fitted %s on %d feature rows", type(est).__name__, len(y))

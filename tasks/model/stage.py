@@ -23,21 +23,29 @@ from tasks.stage import build_once, run_stage
 
 def fit_key(cfg: TrainFlowConfig, stores: list[str]) -> str:
     """Key of the fit: the training stores (named by their keys), the classifier config and the seed."""
-    return combine("fit", *sorted(Path(s).name for s in stores), params_digest(cfg.model.model_dump(mode="json")),
-                   str(cfg.core.seed))
+    return combine(
+        "fit",
+        *sorted(Path(s).name for s in stores),
+        params_digest(cfg.model.model_dump(mode="json")),
+        str(cfg.core.seed),
+    )
 
 
 def backbone_key(cfg: TrainFlowConfig, weights_digest: str) -> str:
     """Key of the backbone export: weights, architecture, input size and formats (never the classifier)."""
     size = [cfg.transforms.input_height, cfg.transforms.input_width]
-    return combine("backbone-export", weights_digest,
-                   params_digest({"name": cfg.backbone.name, "size": size, "types": export_types(cfg)}))
+    return combine(
+        "backbone-export",
+        weights_digest,
+        params_digest({"name": cfg.backbone.name, "size": size, "types": export_types(cfg)}),
+    )
 
 
 def bundle_key(cfg: TrainFlowConfig, fkey: str, bkey: str, weights_digest: str) -> str:
     """Key of the deployment bundle: classifier, backbone export, ``model.json`` and the joblib opt-in."""
-    return combine("export", fkey, bkey, params_digest(model_json(cfg, weights_digest)),
-                   f"joblib={cfg.export.joblib_classifier}")
+    return combine(
+        "export", fkey, bkey, params_digest(model_json(cfg, weights_digest)), f"joblib={cfg.export.joblib_classifier}"
+    )
 
 
 @task(name="fit-classifier", persist_result=True)
@@ -62,8 +70,12 @@ def export_task(
     cfg: TrainFlowConfig, classifier: str, backbone: str, key: str, out: str, weights_digest: str, force: bool = False
 ) -> str:
     """Assemble the deployment bundle from the exported backbone and the classifier (cached on ``key``)."""
-    return build_once(out, force, matches_manifest,
-                      lambda: export_bundle(cfg, Path(classifier), Path(out), weights_digest, Path(backbone)))
+    return build_once(
+        out,
+        force,
+        matches_manifest,
+        lambda: export_bundle(cfg, Path(classifier), Path(out), weights_digest, Path(backbone)),
+    )
 
 
 def fit_stage(cfg: TrainFlowConfig, root: Path, stores: list[str]) -> tuple[str, str]:
@@ -81,5 +93,17 @@ def export_stage(cfg: TrainFlowConfig, root: Path, classifier: str, fkey: str, w
     backbone = run_stage(export_backbone_task, root, bout, matches_manifest, force, cfg, bkey, str(bout), force)
     ekey = bundle_key(cfg, fkey, bkey, weights_digest)
     eout = root / "bundles" / ekey[:32] / "deployment_model"
-    return run_stage(export_task, root, eout, matches_manifest, force, cfg, classifier, backbone, ekey, str(eout),
-                     weights_digest, force)
+    return run_stage(
+        export_task,
+        root,
+        eout,
+        matches_manifest,
+        force,
+        cfg,
+        classifier,
+        backbone,
+        ekey,
+        str(eout),
+        weights_digest,
+        force,
+    )

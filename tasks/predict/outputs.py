@@ -85,8 +85,10 @@ def _clash(path: Path, other: Path | None, name: str) -> str:
     if other is None:
         return f"{path} would write into --out/{name}, which is predict's own {PREDICTIONS_FILE}; rename its folder"
     if other.parent == path.parent and other.stem == path.stem:
-        return (f"images {other} and {path} have the same stem {path.stem!r} in one folder, so both would write "
-                f"{name}; rename or remove one of them")
+        return (
+            f"images {other} and {path} have the same stem {path.stem!r} in one folder, so both would write "
+            f"{name}; rename or remove one of them"
+        )
     return f"images {other} and {path} would both write {name}; rename or move one of them"
 
 

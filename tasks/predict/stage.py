@@ -47,16 +47,26 @@ def list_images(folder: Path) -> list[Path]:
     if not folder.is_dir():
         what = "is not a folder" if folder.exists() else "does not exist"
         raise FileNotFoundError(f"images folder {folder} {what}; point --images at a folder of images")
-    files = sorted(p for p in folder.rglob("*")
-                   if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS)
+    files = sorted(
+        p
+        for p in folder.rglob("*")
+        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS
+    )
     if not files:
         raise FileNotFoundError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {folder}")
     return files
 
 
 def predict_images(
-    model: str | Path | Bundle, images_dir: Path, out_dir: Path, method: str | None = None, batch_size: int = 32,
-    device: str = "cpu", key: str | None = None, max_image_pixels: int | None = None, trust_pickle: bool = False,
+    model: str | Path | Bundle,
+    images_dir: Path,
+    out_dir: Path,
+    method: str | None = None,
+    batch_size: int = 32,
+    device: str = "cpu",
+    key: str | None = None,
+    max_image_pixels: int | None = None,
+    trust_pickle: bool = False,
 ) -> dict[str, Any]:
     """Predict every image of ``images_dir`` and write its class map, polygons and overlay into ``out_dir``.
 
@@ -69,8 +79,9 @@ def predict_images(
     bundle = model if isinstance(model, Bundle) else open_bundle(model, trust_pickle)
     method = method or bundle.meta.get("reconstruction_method") or "major_voting"
     spec = bundle.grid_spec
-    decoding = bundle_decoding(bundle.meta, bundle.root, max_image_pixels,
-                               "--max-image-pixels" if max_image_pixels else None)
+    decoding = bundle_decoding(
+        bundle.meta, bundle.root, max_image_pixels, "--max-image-pixels" if max_image_pixels else None
+    )
     images = list_images(images_dir)
     out_dir = check_output_folder(images_dir, out_dir)  # before anything is written or deleted
     plan = {p.image: p for p in plan_outputs(images_dir, images)}
@@ -83,8 +94,14 @@ def predict_images(
     predicted = infer_images(read, spec, net.probabilities, PatchInferer(method, bundle.classes), batch_size)
     summary = [_write_image(out_dir, plan[path], image, pred) for path, image, pred in predicted]
     timing = {"extract_s": net.extract_s, "wall_s": time.perf_counter() - t0}
-    result = {"model": str(bundle.root), "method": method, "key": key, "out": str(out_dir), "images": summary,
-              "timing": timing}
+    result = {
+        "model": str(bundle.root),
+        "method": method,
+        "key": key,
+        "out": str(out_dir),
+        "images": summary,
+        "timing": timing,
+    }
     return write_predictions(out_dir, result)
 
 
@@ -97,23 +114,38 @@ def _write_image(out_dir: Path, names: ImageOutputs, image: np.ndarray, pred: Im
         "overlay": encode_png(colourise(image, pred.class_map), files["overlay"]),
     }
     outputs = {kind: write_output(out_dir, files[kind], data[kind]) for kind in ("classmap", "polygons", "overlay")}
-    return {"image": str(names.image), "relative_path": names.rel, "defect_regions": len(pred.polygons),
-            "defect_pixels": pred.defect_pixels, "classes": pred.defect_classes, "outputs": outputs}
+    return {
+        "image": str(names.image),
+        "relative_path": names.rel,
+        "defect_regions": len(pred.polygons),
+        "defect_pixels": pred.defect_pixels,
+        "classes": pred.defect_classes,
+        "outputs": outputs,
+    }
 
 
 def prediction_key(bundle: Bundle, images_dir: str | Path, out_dir: str | Path, method: str | None) -> str:
     """Content key: bundle files, image bytes and names, method and the output folder."""
     images_dir = Path(images_dir).expanduser()
     files = list_images(images_dir)
-    return combine("predict", bundle.digest, files_digest(files), params_digest({
-        "names": [p.relative_to(images_dir).as_posix() for p in files], "method": method,
-        "out": str(user_path(out_dir)),
-    }))
+    return combine(
+        "predict",
+        bundle.digest,
+        files_digest(files),
+        params_digest(
+            {
+                "names": [p.relative_to(images_dir).as_posix() for p in files],
+                "method": method,
+                "out": str(user_path(out_dir)),
+            }
+        ),
+    )
 
 
 def predictions_verified(key: str) -> Callable[[Path], bool]:
     """The predict stage's check: ``out`` holds this run's ``predictions.json`` and every output it lists is
     unchanged (deleted, resized or edited outputs are recomputed, never served); logs why when not."""
+
     def verify(out: Path) -> bool:
         problem = outputs_problem(out, key)
         if problem is not None:
@@ -127,5 +159,13 @@ def predictions_verified(key: str) -> Callable[[Path], bool]:
 def predict_task(cfg: PredictFlowConfig, bundle_root: str, bundle_digest: str, key: str, out: str) -> dict[str, Any]:
     """Predict a folder of images (cached on ``key``) with the bundle the flow opened."""
     bundle = reopen_bundle(bundle_root, bundle_digest, cfg.trust_pickle)
-    return predict_images(bundle, Path(cfg.images), Path(out), cfg.method, cfg.batch_size, cfg.device, key=key,
-                          max_image_pixels=cfg.max_image_pixels)
+    return predict_images(
+        bundle,
+        Path(cfg.images),
+        Path(out),
+        cfg.method,
+        cfg.batch_size,
+        cfg.device,
+        key=key,
+        max_image_pixels=cfg.max_image_pixels,
+    )
