@@ -143,6 +143,31 @@ def _prepare(out: Path) -> None:
             (out / rel).unlink()
 
 
+def _draw_image(
+    rng: np.random.Generator, h: int, w: int, defects: list[int], n_blobs: int
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """One demo image (float BGR), its index mask and the blob count so far, with the ``defects`` classes drawn
+    apart from each other so each stays whole and distinct."""
+    gray = _surface(rng, h, w)
+    img = gray[..., None] * np.array([1.0 + rng.uniform(0, 0.04), 1.0, 1.0 - rng.uniform(0, 0.04)], np.float32)
+    mask = np.zeros((h, w), np.uint8)
+    kernel = np.ones((9, 9), np.uint8)
+    for c in defects:
+        busy = cv2.dilate((mask > 0).astype(np.uint8), kernel)
+        for _ in range(30):
+            if c == 1:
+                shape, delta = _blob(rng, h, w, n_blobs == 0 or rng.random() < 0.35)
+            else:
+                shape, delta = _scratch(rng, h, w) if c == 2 else _stain(rng, h, w)
+            if not (shape & busy).any():
+                break
+        shape, delta = shape & (1 - busy), delta * (1 - busy)
+        n_blobs += c == 1
+        mask[shape > 0] = c
+        img += delta[..., None] * np.array(_CHANNELS[c], np.float32)
+    return img, mask, n_blobs
+
+
 def make_demo_dataset(
     out_dir: str | Path,
     n_images: int = 24,
@@ -181,27 +206,9 @@ def make_demo_dataset(
     )
     (out / "class_to_idx.json").write_text(json.dumps(class_to_idx, indent=2))
     counts = dict.fromkeys(list(class_to_idx)[1:], 0)
-    kernel, n_blobs = np.ones((9, 9), np.uint8), 0
+    n_blobs = 0
     for i, name in enumerate(names):
-        gray = _surface(rng, h, w)
-        img = gray[..., None] * np.array([1.0 + rng.uniform(0, 0.04), 1.0, 1.0 - rng.uniform(0, 0.04)], np.float32)
-        mask = np.zeros((h, w), np.uint8)
-        for c in plan[i]:
-            busy = cv2.dilate((mask > 0).astype(np.uint8), kernel)
-            for _ in range(30):  # keep defects apart so each stays whole and distinct
-                shape, delta = (
-                    _blob(rng, h, w, n_blobs == 0 or rng.random() < 0.35)
-                    if c == 1
-                    else _scratch(rng, h, w)
-                    if c == 2
-                    else _stain(rng, h, w)
-                )
-                if not (shape & busy).any():
-                    break
-            shape, delta = shape & (1 - busy), delta * (1 - busy)
-            n_blobs += c == 1
-            mask[shape > 0] = c
-            img += delta[..., None] * np.array(_CHANNELS[c], np.float32)
+        img, mask, n_blobs = _draw_image(rng, h, w, plan[i], n_blobs)
         for c in set(np.unique(mask).tolist()) - {0}:
             counts[list(class_to_idx)[c]] += 1
         cv2.imwrite(str(out / "images" / f"{name}.png"), np.clip(np.round(img), 0, 255).astype(np.uint8))

@@ -134,6 +134,50 @@ def latest_evaluation_config(
     )
 
 
+def _decide(
+    promotion: PromotionSection, latest: dict[str, Any] | None, value: float | None, current: float | None, basis: str
+) -> tuple[bool, str]:
+    """Whether the new version (metric ``value``) replaces the latest one (``current``), and why."""
+    if promotion.policy == "never":
+        return False, "promotion policy is 'never'"
+    if promotion.policy == "always" or latest is None:
+        return True, "first model" if latest is None else "promotion policy is 'always'"
+    if value is None:
+        return False, f"{promotion.metric} could not be computed for the new model"
+    if current is None or value >= current - promotion.tolerance:
+        shown = current if current is None else round(current, 4)
+        return True, (
+            f"{promotion.metric} {value:.4f} is not worse than the latest's {shown} {basis} "
+            f"(tolerance {promotion.tolerance})"
+        )
+    return False, (
+        f"{promotion.metric} {value:.4f} is worse than the latest's {current:.4f} {basis} "
+        f"(tolerance {promotion.tolerance})"
+    )
+
+
+def _add_version(folder: Path, name: str, bundle: Path, record: dict[str, Any]) -> None:
+    """Copy ``bundle`` to ``folder/name`` with its ``version.json`` (atomically: built aside, then renamed)."""
+    tmp = folder / f".{name}.{os.getpid()}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(bundle, tmp)
+    write_json(tmp / "version.json", record)
+    os.replace(tmp, folder / name)
+
+
+def _promote(folder: Path, name: str, record: dict[str, Any]) -> None:
+    """Make ``name`` the latest version: ``latest.json``, and the ``latest`` symlink where the platform allows."""
+    write_json(folder / "latest.json", record)
+    try:
+        tmp_link = folder / f".latest.{os.getpid()}"
+        if tmp_link.is_symlink():
+            tmp_link.unlink()
+        tmp_link.symlink_to(name, target_is_directory=True)
+        os.replace(tmp_link, folder / "latest")
+    except OSError:
+        pass  # no symlinks here: latest.json is the reference
+
+
 def register_and_promote(
     bundle: Path,
     folder: Path,
@@ -151,90 +195,26 @@ def register_and_promote(
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    versions = _versions(folder)
-    latest = read_latest(folder)
-    value = metric_value(metrics, promotion.metric)
-    newest = _newest(versions)
+    versions, latest = _versions(folder), read_latest(folder)
+    value, newest = metric_value(metrics, promotion.metric), _newest(versions)
+    outcome: dict[str, Any] = {"metric": promotion.metric, "latest": (latest or {}).get("version")}
     if newest is not None and newest.get("inputs_key") == inputs_key:
-        return {
-            "action": "unchanged",
-            "version": versions[-1].name,
-            "latest": (latest or {}).get("version"),
-            "reason": "no new or changed images and the same configuration: nothing to retrain",
-            "metric": promotion.metric,
-            "value": newest.get("metric_value"),
-        }
+        reason = "no new or changed images and the same configuration: nothing to retrain"
+        return {**outcome, "action": "unchanged", "version": versions[-1].name, "reason": reason,
+                "value": newest.get("metric_value")}  # fmt: skip
     current = (latest or {}).get("metric_value")
     basis = "recorded when it was registered (another validation split)"
     if latest is not None and latest_metrics is not None:
         current = metric_value(latest_metrics, promotion.metric)
         basis = "re-evaluated on this run's validation split"
     name = f"v{len(versions) + 1:04d}" if not versions else f"v{int(versions[-1].name[1:]) + 1:04d}"
-    tmp = folder / f".{name}.{os.getpid()}.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(bundle, tmp)
-    write_json(
-        tmp / "version.json",
-        {
-            "version": name,
-            "inputs_key": inputs_key,
-            "metric": promotion.metric,
-            "metric_value": value,
-            "metrics": metrics,
-            "run_dir": run_dir,
-            "compared_with": None
-            if latest is None
-            else {"version": latest.get("version"), "metric_value": current, "basis": basis},
-        },
-    )
-    os.replace(tmp, folder / name)
-    if promotion.policy == "never":
-        promote, reason = False, "promotion policy is 'never'"
-    elif promotion.policy == "always" or latest is None:
-        promote, reason = True, "first model" if latest is None else "promotion policy is 'always'"
-    elif value is None:
-        promote, reason = False, f"{promotion.metric} could not be computed for the new model"
-    elif current is None or value >= current - promotion.tolerance:
-        promote, reason = (
-            True,
-            (
-                f"{promotion.metric} {value:.4f} is not worse than the latest's "
-                f"{current if current is None else round(current, 4)} {basis} (tolerance {promotion.tolerance})"
-            ),
-        )
-    else:
-        promote, reason = (
-            False,
-            (
-                f"{promotion.metric} {value:.4f} is worse than the latest's {current:.4f} {basis} "
-                f"(tolerance {promotion.tolerance})"
-            ),
-        )
+    compared = None if latest is None else {"version": latest.get("version"), "metric_value": current, "basis": basis}
+    record = {"version": name, "inputs_key": inputs_key, "metric": promotion.metric, "metric_value": value}
+    _add_version(folder, name, bundle, {**record, "metrics": metrics, "run_dir": run_dir, "compared_with": compared})
+    promote, reason = _decide(promotion, latest, value, current, basis)
     if promote:
-        write_json(
-            folder / "latest.json",
-            {
-                "version": name,
-                "metric": promotion.metric,
-                "metric_value": value,
-                "previous": (latest or {}).get("version"),
-            },
-        )
-        link = folder / "latest"
-        try:
-            tmp_link = folder / f".latest.{os.getpid()}"
-            if tmp_link.is_symlink():
-                tmp_link.unlink()
-            tmp_link.symlink_to(name, target_is_directory=True)
-            os.replace(tmp_link, link)
-        except OSError:
-            pass  # no symlinks here: latest.json is the reference
-    return {
-        "action": "promoted" if promote else "kept_previous",
-        "version": name,
-        "latest": name if promote else (latest or {}).get("version"),
-        "reason": reason,
-        "metric": promotion.metric,
-        "value": value,
-        "previous_value": current,
-    }
+        _promote(folder, name, {"version": name, "metric": promotion.metric, "metric_value": value,
+                                "previous": (latest or {}).get("version")})  # fmt: skip
+        outcome["latest"] = name
+    action = "promoted" if promote else "kept_previous"
+    return {**outcome, "action": action, "version": name, "reason": reason, "value": value, "previous_value": current}

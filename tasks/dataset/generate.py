@@ -74,35 +74,8 @@ def generate_patch_dataset(
     else 200 MP). ``sixteen_bit``: how 16-bit images become 8-bit (``"auto"``, the camera's bits 8..16 or a
     ``[low, high]`` window; ``tasks/imageio.py: to_uint8``), recorded in ``patchflow.json``.
     """
-    params = DatasetParams(
-        class_to_idx,
-        val_size,
-        test_size,
-        seed,
-        patch_number,
-        patch_size,
-        overlap,
-        output_folder,
-        save_original_images_and_masks,
-        area_threshold,
-        area_defect_threshold,
-        mask_extension,
-        mask_output_folder,
-        save_mask,
-        clear_output_folder,
-        mask_preprocessing,
-        train_filename,
-        repeat_good_images,
-        balance_defects,
-        annotated_good,
-        num_workers,
-        missing_mask,
-        fingerprint,
-        shard_images,
-        max_image_pixels,
-        sixteen_bit,
-    )
-    return build_patch_dataset(data_dictionary, params)
+    args = dict(locals())  # first statement: exactly the parameters (DatasetParams has the same names)
+    return build_patch_dataset(args.pop("data_dictionary"), DatasetParams(**args))
 
 
 def plan_patch_dataset(data_dictionary: list[dict[str, Any]], class_to_idx: dict[str, int], **params: Any) -> Path:
