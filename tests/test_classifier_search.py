@@ -260,7 +260,7 @@ def test_search_scores_every_setting_and_the_fit_uses_the_choice(tmp_path: Path,
     fit_classifier(cfg, stores, tmp_path / "best.skops", choice["setting"])
     est = load_fitted(cfg, tmp_path / "best.skops")
     chosen_c = choice["setting"]["clf__C"]
-    assert est.named_steps["clf"].C == chosen_c
+    assert est.get_params()["clf__C"] == chosen_c
 
 
 # ====================================================================================== the flow
