@@ -17,10 +17,11 @@ from storage import features as fstore
 from tasks.config import ConfigError, dump_yaml, validate_config
 from tasks.model.config import TrainerSection, TrainFlowConfig
 
+SCALER = {"_target_": "sklearn.preprocessing.StandardScaler"}
 PIPE = {
     "_target_": "sklearn.pipeline.Pipeline",
     "steps": [
-        ["scaler", {"_target_": "sklearn.preprocessing.StandardScaler"}],
+        ["scaler", SCALER],
         ["clf", {"_target_": "sklearn.linear_model.LogisticRegression", "max_iter": 500, "class_weight": "balanced"}],
     ],
 }
@@ -127,7 +128,7 @@ def test_pipeline_persists_with_skops(tmp_path: Path, demo_patch_dataset: Path) 
 def test_recipe_presets_fill_only_unset_keys() -> None:
     default = _cfg()
     assert default.recipe == "patchflow" and default.model.target_spec()["_target_"] == "sklearn.pipeline.Pipeline"
-    assert default.search.grid["clf__C"] == [0.1, 1.0, 10.0] and not default.search.enabled
+    assert default.search.grid["clf__C"] == [0.01, 0.03, 0.1, 0.3, 1.0, 3.0] and not default.search.enabled
     quadra = _cfg(recipe="quadra")
     assert quadra.model_dump(mode="json")["model"] == {
         "classifier": "sklearn.linear_model.LogisticRegression",
@@ -142,7 +143,7 @@ def test_recipe_presets_fill_only_unset_keys() -> None:
     # explicit keys win; trusted_types alone keeps the recipe's model; the user's own model keeps the default grid
     mine = _cfg(recipe="quadra", model=PIPE, trainer={"iteration_over_training": 3})
     assert mine.model.target_spec() == PIPE and mine.trainer.iteration_over_training == 3
-    assert set(mine.search.grid) == {"scaler", "clf__C", "clf__class_weight"}
+    assert set(mine.search.grid) == {"clf__C", "clf__class_weight"}
     trusted = _cfg(recipe="quadra", model={"trusted_types": ["x.Y"]})
     assert trusted.model.classifier.endswith("LogisticRegression") and trusted.model.trusted_types == ["x.Y"]
     grid = _cfg(recipe="quadra", search={"grid": {"C": [1.0]}})
@@ -154,7 +155,7 @@ def test_search_grid_is_checked_against_the_model() -> None:
     _cfg(search={"enabled": True})  # the default grid fits the default pipeline
     _refused(
         {"recipe": "quadra", "model": {"params": {"max_iter": 100}}, "search": {"enabled": True}},
-        "search.grid: 'scaler' is not a parameter of the model LogisticRegression",
+        "search.grid: 'clf__C' is not a parameter of the model LogisticRegression",
     )
     _refused({"search": {"enabled": True, "grid": {"C": [1.0]}}}, "'C' is not a parameter", "did you mean clf__C")
     _refused({"search": {"enabled": True, "grid": {"clf__C": []}}}, "search.grid.clf__C: give at least one value")
@@ -242,7 +243,8 @@ def test_search_scores_every_setting_and_the_fit_uses_the_choice(tmp_path: Path,
     labels = np.arange(n) % 3
     ids = [f"{stems[i % len(stems)]}_{'good' if labels[i] == 0 else 1}.h5#{i}" for i in range(n)]
     stores = [_store(tmp_path / "a.zarr", labels, ids, seed=1), _store(tmp_path / "b.zarr", labels, ids, seed=2)]
-    cfg = _cfg(demo_patch_dataset, model=PIPE, search={"enabled": True, "folds": 3, "n_jobs": 1})
+    grid = {"scaler": ["passthrough", SCALER], "clf__C": [0.1, 1.0, 10.0], "clf__class_weight": [None, "balanced"]}
+    cfg = _cfg(demo_patch_dataset, model=PIPE, search={"enabled": True, "grid": grid, "folds": 3, "n_jobs": 1})
     record = run_search(cfg, stores)
     assert len(record["table"]) == 12 and record["images"] == len(stems) and record["rows"] == 2 * n
     assert {image_of(i) for i in ids} == set(stems)
@@ -304,9 +306,9 @@ def test_train_flow_with_search(demo_patch_dataset: Path, tmp_path: Path, prefec
     # a rerun serves the search and the fit from the cache; another grid searches again and computes no features
     st = task_states(train_flow(cfg, return_state=True))
     assert st["search-classifier"] == "Cached" and st["fit-classifier"] == "Cached"
-    cfg["search"] = {"enabled": True, "folds": 3, "grid": {"clf__C": [0.5, 2.0]}}
+    cfg["search"] = {"enabled": True, "folds": 3, "grid": {"clf__C": [0.5, 2.0], "scaler": ["passthrough", SCALER]}}
     state = train_flow(cfg, return_state=True)
     st = task_states(state)
     assert st["search-classifier"] == "Completed" and st["train-pass-features"] == "Cached"
     meta = json.loads((Path(state.result()["run_dir"]) / "deployment_model/model.json").read_text())
-    assert meta["search"]["settings"] == 2 and meta["search"]["setting"]["clf__C"] in (0.5, 2.0)
+    assert meta["search"]["settings"] == 4 and meta["search"]["setting"]["clf__C"] in (0.5, 2.0)

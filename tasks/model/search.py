@@ -75,7 +75,8 @@ def train_stems(data_path: Path) -> set[str]:
 
 
 def grouped_folds(groups: np.ndarray, folds: int) -> Any:
-    """scikit-learn's ``GroupKFold`` for ``groups``; a ConfigError when there are fewer images than folds."""
+    """scikit-learn's ``GroupKFold`` for ``groups`` (no image on both sides of a fold); a ConfigError when there
+    are fewer images than folds."""
     from sklearn.model_selection import GroupKFold
 
     n = len(np.unique(groups))
@@ -88,18 +89,21 @@ def grouped_folds(groups: np.ndarray, folds: int) -> Any:
 
 
 def run_search(cfg: TrainFlowConfig, stores: list[str]) -> dict[str, Any]:
-    """Score every setting of ``cfg.search.grid`` by grouped cross-validation on the training ``stores``; the
-    record: metric, folds, rows, images, the table (setting, mean and std over folds, mean fit seconds) and the
-    best setting (the first of the highest mean)."""
+    """Score every setting of ``cfg.search.grid`` by grouped cross-validation on all rows of the training
+    ``stores``; the record: metric, folds, rows, images, the table (setting, mean and std over folds, mean fit
+    seconds, the score of each fold) and the index of the best setting (the first of the highest mean).
+
+    Every row is used: the rows are many crops of fewer images, and a fit on a subset regularises more (the loss
+    sums over rows), so a subset would favour a larger ``C`` than the refit on all rows needs."""
     from sklearn.model_selection import GridSearchCV
 
     paths = [Path(s) for s in stores]
     X, y = fstore.concat_stores(paths)
     ids = fstore.concat_sample_ids(paths)
+    s = cfg.search
     keep = y >= 0
     X, y, ids = X[keep], y[keep], ids[keep]
     groups = image_groups(ids.tolist(), train_stems(Path(cfg.datamodule.data_path)))
-    s = cfg.search
     cv = grouped_folds(groups, s.folds)
     settings = grid_settings(s.grid)
     param_grid = [{k: [seed_unset(instantiate_value(v), cfg.core.seed)] for k, v in c.items()} for c in settings]
@@ -118,6 +122,7 @@ def run_search(cfg: TrainFlowConfig, stores: list[str]) -> dict[str, Any]:
             "mean": round(float(res["mean_test_score"][i]), 6),
             "std": round(float(res["std_test_score"][i]), 6),
             "fit_s": round(float(res["mean_fit_time"][i]), 3),
+            "folds": [round(float(res[f"split{f}_test_score"][i]), 6) for f in range(s.folds)],
         }
         for i, c in enumerate(settings)
     ]

@@ -51,8 +51,8 @@ def fit_key(cfg: TrainFlowConfig, stores: list[str], choice: dict[str, Any] | No
 
 
 def search_key(cfg: TrainFlowConfig, stores: list[str]) -> str:
-    """Key of the classifier search: the fit key's inputs (stores, model, user modules, seed) and the grid, folds
-    and metric (not ``n_jobs``: it does not change the result)."""
+    """Key of the classifier search: the fit key's inputs (stores, model, user modules, seed) and the grid, folds,
+    metric (not ``n_jobs``: it does not change the result)."""
     s = cfg.search
     return combine(
         "search",
