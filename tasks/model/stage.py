@@ -67,7 +67,9 @@ def search_task(cfg: TrainFlowConfig, stores: list[str], key: str, out: str, for
     """Score the search grid by grouped cross-validation (cached on ``key``); the record's JSON file."""
 
     def build() -> None:
-        write_json(Path(out), run_search(cfg, stores))
+        record = run_search(cfg, stores)
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        write_json(Path(out), record)
         write_file_digest(Path(out))
 
     return build_once(out, force, file_matches, build)
