@@ -247,5 +247,5 @@ def concat_sample_ids(paths: Sequence[Path]) -> np.ndarray:
     for p in paths:
         if not is_complete(p):
             raise FeatureStoreError(f"feature store {p} is missing or incomplete; cannot read its sample ids")
-    parts = [np.array(_open(p, "r")["sample_ids"][:].tolist(), dtype=str) for p in paths]
+    parts = [np.asarray(np.asarray(_array(_open(p, "r"), "sample_ids")[:]).tolist(), dtype=str) for p in paths]
     return np.concatenate(parts) if parts else np.array([], dtype=str)

@@ -126,7 +126,7 @@ def run_search(cfg: TrainFlowConfig, stores: list[str]) -> dict[str, Any]:
         }
         for i, c in enumerate(settings)
     ]
-    best = int(np.argmax([r["mean"] for r in table]))
+    best = int(np.argmax([round(float(m), 6) for m in res["mean_test_score"]]))
     logger.info("search: %d settings x %d folds in %.1f s; best %s", len(settings), s.folds, wall, table[best]["label"])
     return {
         "metric": s.metric,
