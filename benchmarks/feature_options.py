@@ -70,8 +70,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/feature_options.json"))
     args = ap.parse_args()
     runs = []
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
+    with tempfile.TemporaryDirectory() as tmp_dir:
+        tmp = Path(tmp_dir)
         build_dataset(args.data, tmp / "ds", val_size=0.3, test_size=0.1)
         base = {
             "datamodule": {"data_path": str(tmp / "ds"), "batch_size": 32},

@@ -126,6 +126,20 @@ def test_train_flow_stages_are_cached_by_content(demo_patch_dataset: Path, tmp_p
     assert st["fit-classifier"] == "Completed" and st["validate-patches"] == "Completed"
     assert st["export-bundle"] == "Completed" and st["export-backbone"] == "Cached"  # no re-trace
 
+    # changing a grid labelling threshold recomputes the grid store only (then the fit and what follows)
+    state = train_flow(
+        _cfg(
+            demo_patch_dataset,
+            tmp_path,
+            model={"params": {"max_iter": 10000, "C": 0.3}},
+            trainer={"area_threshold": 0.3},
+        ),
+        return_state=True,
+    )
+    st = task_states(state)
+    assert st["grid-features"] == "Completed" and st["fit-classifier"] == "Completed"
+    assert st["train-pass-features"] == "Cached" and st["split-features"] == "Cached"
+
     # changing only the reconstruction method reruns validation, no features and no fit
     state = train_flow(
         _cfg(

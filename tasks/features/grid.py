@@ -29,7 +29,7 @@ import numpy as np
 from storage import layout
 from storage.geometry import GridSpec, PatchGrid
 from storage.h5files import read_region
-from storage.layout import DatasetFormatError, resolve_path
+from storage.layout import DatasetFormatError
 from tasks.dataset.labelling import label_components, label_patches
 from tasks.features.listing import TrainEntry, read_train_list
 from tasks.features.params import class_map
@@ -77,14 +77,14 @@ def _info_masks(data_path: Path, info: dict[str, Any]) -> dict[str, str | None]:
         if not isinstance(entry, dict) or not entry.get("image_path"):
             continue
         stored, mask = str(entry["image_path"]), entry.get("mask_path")
-        for key in (stored, str(resolve_path(stored, data_path).resolve()), Path(stored).name):
+        for key in (stored, str(_resolved(stored, data_path)), Path(stored).name):
             out.setdefault(key, mask)
     return out
 
 
 def _find_mask(data_path: Path, image: str, named: list[str]) -> str:
     """The first existing file among the masks ``named`` for ``image`` and ``original/masks/<stem>.png``."""
-    candidates = [*(str(resolve_path(m, data_path)) for m in named), str(_saved_mask(data_path, image))]
+    candidates = [*(str(_resolved(m, data_path)) for m in named), str(_saved_mask(data_path, image))]
     looked = list(dict.fromkeys(candidates))
     for path in looked:
         if os.path.isfile(path):
@@ -92,6 +92,11 @@ def _find_mask(data_path: Path, image: str, named: list[str]) -> str:
     raise DatasetFormatError(
         f"grid patches: the mask of train image {image} is not found (looked at {', '.join(looked)}); restore it, {OFF}"
     )
+
+
+def _resolved(stored: str, data_path: Path) -> Path:
+    """A path stored in info.json or an h5 file, absolute (relative ones join the dataset)."""
+    return (Path(stored) if Path(stored).is_absolute() else data_path / stored).resolve()
 
 
 def _saved_mask(data_path: Path, image: str) -> Path:
@@ -106,7 +111,7 @@ def grid_images(data_path: Path, entries: Sequence[TrainEntry], info: dict[str, 
     for name in dict.fromkeys(e.h5_name for e in entries):
         h5 = data_path / "train" / name
         region = read_region(h5)
-        image = str(resolve_path(region.img_path, data_path).resolve())
+        image = str(_resolved(region.img_path, data_path))
         if image not in stored:
             if not os.path.isfile(image):
                 raise DatasetFormatError(
@@ -119,7 +124,8 @@ def grid_images(data_path: Path, entries: Sequence[TrainEntry], info: dict[str, 
     out = []
     for image, (as_stored, h5_masks) in stored.items():
         key = next((k for k in (as_stored, image, Path(as_stored).name) if k in listed), None)
-        named = ([listed[key]] if key is not None and listed[key] else []) + h5_masks
+        info_mask = listed[key] if key is not None else None
+        named = ([info_mask] if info_mask else []) + h5_masks
         annotated = bool(named) or (key is None and _saved_mask(data_path, image).is_file())
         out.append(GridImage(image, Path(image).stem, _find_mask(data_path, image, named) if annotated else None))
     return out

@@ -9,6 +9,7 @@ bundle's exports and every consumer of a bundle compute the same vector with no 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -50,7 +51,7 @@ class PooledFeatures(nn.Module):
 
     def _cnn(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         want = {name: index for name, index in _TAPS[self.arch].items() if name in self.layers}
-        m = self.backbone
+        m: Any = self.backbone  # the architecture's modules (torchvision's attributes)
         stages: list[Callable[[torch.Tensor], torch.Tensor]]
         if self.arch.startswith("resnet"):
             stages = [lambda t: m.maxpool(m.relu(m.bn1(m.conv1(t)))), m.layer1, m.layer2, m.layer3, m.layer4]
@@ -63,7 +64,7 @@ class PooledFeatures(nn.Module):
         return out
 
     def _vit(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        m = self.backbone
+        m: Any = self.backbone  # the architecture's modules (torchvision's attributes)
         blocks = {int(n[5:]) for n in self.layers if n.startswith("block")}
         depth = len(m.encoder.layers) if FINAL in self.layers or "tokens" in self.layers else max(blocks)
         x = m.encoder.dropout(m.embed(x))
