@@ -69,6 +69,7 @@ def test_width_and_final_part_for_every_backbone(name: str) -> None:
     torch.testing.assert_close(got2[:, :first], got[:, :first], rtol=0, atol=0)
 
 
+@pytest.mark.slow  # exports (ViT-B among them)
 @pytest.mark.parametrize(
     ("name", "weights", "layers"),
     [
