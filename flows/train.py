@@ -34,10 +34,12 @@ def train_flow(config: TrainFlowConfig) -> dict[str, Any]:
         write_data_record(cfg, run)
         prune_partials(root)  # leftovers of killed runs
         weights = backbone_digest(cfg)
-        n_pass, n_search = cfg.trainer.iteration_over_training, int(cfg.search.enabled)
+        n_pass, grid = cfg.trainer.iteration_over_training, int(cfg.trainer.grid_patches)
+        n_search = int(cfg.search.enabled)
         progress = Progress(
-            n_pass + 5 + n_search,
-            f"{cfg.core.name}: {n_pass} feature passes, val features, {'search, ' * n_search}fit, export, validation",
+            n_pass + grid + 5 + n_search,
+            f"{cfg.core.name}: {n_pass} feature passes{', train grid' * grid}, val features, "
+            f"{'search, ' * n_search}fit, export, validation",
         )
         stores, val_store = train_features(cfg, root, weights, progress)
         choice = search_stage(cfg, root, stores)  # None unless search.enabled

@@ -73,7 +73,7 @@ def _cfg(data: Path, backbone: str = "mobilenet_v2", **sections):
 
     cfg = {
         "datamodule": {"data_path": str(data)},
-        "backbone": {"name": backbone, "weights": None},
+        "backbone": {"name": backbone, "weights": None, "feature_layers": "final"},  # widths 1280 / 512
         "transforms": {"input_height": 32, "input_width": 32},
         "task": {"runtime": "torch", "report": False},
         "export": {"types": ["torchscript", "onnx", "pytorch"], "joblib_classifier": True},

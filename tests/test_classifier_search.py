@@ -15,7 +15,7 @@ import pytest
 
 from storage import features as fstore
 from tasks.config import ConfigError, dump_yaml, validate_config
-from tasks.model.config import TrainerSection, TrainFlowConfig
+from tasks.model.config import TrainFlowConfig
 
 SCALER = {"_target_": "sklearn.preprocessing.StandardScaler"}
 PIPE = {
@@ -137,9 +137,11 @@ def test_recipe_presets_fill_only_unset_keys() -> None:
     }
     assert set(quadra.search.grid) == {"C", "class_weight"}  # the grid of the recipe's model
     assert "recipe: quadra" in dump_yaml(quadra)
-    for key, want in (("grid_patches", False),):  # train-split grid patches: off in the reference's recipe
-        if key in TrainerSection.model_fields:
-            assert getattr(quadra.trainer, key) is want
+    # the reference's samples and feature vector; patchflow's: train-split grid patches and multi-scale features
+    assert quadra.trainer.grid_patches is False and quadra.backbone.feature_layers == "final"
+    assert default.trainer.grid_patches is True and default.backbone.feature_layers == "multiscale"
+    assert _cfg(recipe="quadra", backbone={"pooling": "avg+max"}).backbone.feature_layers == "final"
+    assert _cfg(recipe="quadra", trainer={"grid_patches": True}).trainer.grid_patches is True
     # explicit keys win; trusted_types alone keeps the recipe's model; the user's own model keeps the default grid
     mine = _cfg(recipe="quadra", model=PIPE, trainer={"iteration_over_training": 3})
     assert mine.model.target_spec() == PIPE and mine.trainer.iteration_over_training == 3
@@ -291,9 +293,17 @@ def test_train_flow_with_search(demo_patch_dataset: Path, tmp_path: Path, prefec
     assert set(meta["search"]["setting"]) == set(grid) and meta["search"]["settings"] == 12
     assert meta["search"]["metric"] == "macro_f1" and 0 <= meta["search"]["cv_score"] <= 1
     searches = list((tmp_path / "store" / "searches").glob("*.json"))
-    assert len(searches) == 1 and len(json.loads(searches[0].read_text())["table"]) == 12
+    record = json.loads(searches[0].read_text())
+    assert len(searches) == 1 and len(record["table"]) == 12
     st = task_states(state)
     assert st["search-classifier"] == "Completed" and st["publish-search"] == "Completed"
+    # the search scores the fit's matrix: both random passes and the train grid (default recipe), not val
+    from tasks.model.fit import training_rows
+
+    kinds = {p: fstore.store_attrs(p)["kind"] for p in (tmp_path / "store" / "features").glob("*.zarr")}
+    train = sorted(str(p) for p, kind in kinds.items() if kind != "val")
+    assert sorted(kinds.values()) == ["grid", "train", "train", "val"]
+    assert record["rows"] == len(training_rows(train)[1])
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
@@ -310,5 +320,6 @@ def test_train_flow_with_search(demo_patch_dataset: Path, tmp_path: Path, prefec
     state = train_flow(cfg, return_state=True)
     st = task_states(state)
     assert st["search-classifier"] == "Completed" and st["train-pass-features"] == "Cached"
+    assert st["grid-features"] == "Cached" and st["split-features"] == "Cached"
     meta = json.loads((Path(state.result()["run_dir"]) / "deployment_model/model.json").read_text())
     assert meta["search"]["settings"] == 4 and meta["search"]["setting"]["clf__C"] in (0.5, 2.0)

@@ -54,14 +54,21 @@ def load_fitted(cfg: TrainFlowConfig, path: Path) -> Any:
     return load_classifier_file(Path(path), trusted_types(cfg), TRAIN_FIX)
 
 
+def training_rows(stores: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(X, y, sample ids)`` of the labelled rows (label >= 0) of the training ``stores`` (the random passes and,
+    with ``trainer.grid_patches``, the train grid), in store order: the one matrix the fit and the search use."""
+    paths = [Path(s) for s in stores]
+    X, y = fstore.concat_stores(paths)
+    keep = y >= 0
+    return X[keep], y[keep], fstore.concat_sample_ids(paths)[keep]
+
+
 def fit_classifier(
     cfg: TrainFlowConfig, stores: list[str], out: Path, setting: dict[str, Any] | None = None
 ) -> dict[str, Any]:
     """Fit on the features of all training passes (with the search's ``setting``, if any) and save the classifier
     with skops (loading it cannot run code)."""
-    X, y = fstore.concat_stores([Path(s) for s in stores])
-    keep = y >= 0
-    X, y = X[keep], y[keep]
+    X, y, _ = training_rows(stores)
     if len(np.unique(y)) < 2:
         raise ValueError("training features hold fewer than 2 classes; check class_to_skip_training and the dataset")
     est = make_classifier(cfg, setting)

@@ -20,11 +20,10 @@ from typing import Any
 
 import numpy as np
 
-from storage import features as fstore
 from storage import layout
 from tasks.config import ConfigError
 from tasks.model.config import TrainFlowConfig
-from tasks.model.fit import make_classifier
+from tasks.model.fit import make_classifier, training_rows
 from tasks.model.spec import instantiate_value, seed_unset
 
 logger = logging.getLogger("patchflow.search")
@@ -97,12 +96,8 @@ def run_search(cfg: TrainFlowConfig, stores: list[str]) -> dict[str, Any]:
     sums over rows), so a subset would favour a larger ``C`` than the refit on all rows needs."""
     from sklearn.model_selection import GridSearchCV
 
-    paths = [Path(s) for s in stores]
-    X, y = fstore.concat_stores(paths)
-    ids = fstore.concat_sample_ids(paths)
+    X, y, ids = training_rows(stores)
     s = cfg.search
-    keep = y >= 0
-    X, y, ids = X[keep], y[keep], ids[keep]
     groups = image_groups(ids.tolist(), train_stems(Path(cfg.datamodule.data_path)))
     cv = grouped_folds(groups, s.folds)
     settings = grid_settings(s.grid)
