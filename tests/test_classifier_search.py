@@ -205,7 +205,7 @@ def test_fit_key_holds_the_user_module_digest(tmp_path: Path, monkeypatch) -> No
     # the search's key has the grid, folds and metric, not n_jobs; a chosen setting changes the fit key
     on = _cfg(model=PIPE, search={"enabled": True})
     assert search_key(on, stores) == search_key(_cfg(model=PIPE, search={"enabled": True, "n_jobs": 1}), stores)
-    assert search_key(on, stores) != search_key(_cfg(model=PIPE, search={"enabled": True, "folds": 3}), stores)
+    assert search_key(on, stores) != search_key(_cfg(model=PIPE, search={"enabled": True, "folds": 5}), stores)
     choice = {"setting": {"clf__C": 0.1}}
     assert fit_key(on, stores, choice) != fit_key(on, stores)
 
