@@ -98,11 +98,9 @@ def with_intervals(m: dict[str, np.ndarray], draws: int = 1000, seed: int = 0) -
         "defects": int(m["defects"][:, 0].sum()),
     }
     for k in METRICS:
-        lo, hi = np.percentile(samples[k], [2.5, 97.5]) if samples[k] else (None, None)
-        out[k] = {
-            "value": None if point[k] is None else round(point[k], 4),
-            "ci95": None if lo is None else [round(float(lo), 4), round(float(hi), 4)],
-        }
+        value = point[k]
+        ci = [round(float(q), 4) for q in np.percentile(samples[k], [2.5, 97.5])] if samples[k] else None
+        out[k] = {"value": None if value is None else round(value, 4), "ci95": ci}
     return out
 
 
@@ -124,13 +122,15 @@ def run_recipe(name: str, extra: dict[str, Any], data: Path, work: Path, args: a
     """Train (val metrics) and evaluate on test (test metrics) one recipe with the real flows."""
     from flows.evaluate import evaluate_flow
     from flows.train import train_flow
+    from tasks.evaluation.config import EvaluateFlowConfig
     from tasks.model.config import TrainFlowConfig
 
     cfg = train_config(name, extra, data, work, args)
-    resolved = TrainFlowConfig.model_validate(cfg).model_dump(mode="json")
+    config = TrainFlowConfig.model_validate(cfg)
+    resolved = config.model_dump(mode="json")
     n_classes = len(json.loads((data / "patchflow.json").read_text())["class_to_idx"])
     t = time.perf_counter()
-    res = train_flow(cfg)
+    res = train_flow(config)
     train_wall = time.perf_counter() - t
     ecfg = {
         "datamodule": {"data_path": str(data), "split": "test"},
@@ -139,7 +139,7 @@ def run_recipe(name: str, extra: dict[str, Any], data: Path, work: Path, args: a
         "storage_root": cfg["storage_root"],
     }
     t = time.perf_counter()
-    eres = evaluate_flow(ecfg)
+    eres = evaluate_flow(EvaluateFlowConfig.model_validate(ecfg))
     eval_wall = time.perf_counter() - t
     meta = json.loads((Path(res["bundle"]) / "model.json").read_text())
     out = {
