@@ -116,5 +116,8 @@ class Progress:
         if (
             self.done == self.total or now - self.sent_at >= self.MIN_INTERVAL_S
         ):  # a cached rerun steps 20+ times in a second
-            update_progress_artifact(artifact_id=self.id, progress=round(100.0 * self.done / self.total, 1))
+            update_progress_artifact(
+                artifact_id=self.id,  # type: ignore[arg-type]
+                progress=round(100.0 * self.done / self.total, 1),
+            )
             self.sent_at = now

@@ -22,7 +22,7 @@ from tasks.features.params import class_map
 from tasks.model.config import TrainFlowConfig
 
 
-def make_run_dir(cfg: BaseModel) -> Path:
+def make_run_dir(cfg: Any) -> Path:
     """Create a fresh run folder and write config_resolved.yaml and config_tree.txt."""
     base = Path(cfg.core.runs_folder) / cfg.core.name
     stamp = time.strftime("%Y-%m-%d_%H-%M-%S")

@@ -63,6 +63,7 @@ def _extractor(cfg: TrainFlowConfig, onnx_cache: Path, wdigest: str | None = Non
     )
     if ident not in _EXTRACTORS:
         _EXTRACTORS.clear()
+        model: Any
         if runtime == "onnxruntime":
             model = onnx_backbone(cfg.backbone.name, cfg.backbone.weights, size, onnx_cache, wdigest, layers, pooling)
         else:

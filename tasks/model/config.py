@@ -142,7 +142,7 @@ class TaskSection(StrictModel):
 class ExportSection(StrictModel):
     """Deployment bundle formats."""
 
-    types: list[Literal["torchscript", "onnx", "pytorch"]] = Field(default_factory=lambda: ["torchscript"])
+    types: list[Literal["torchscript", "onnx", "pytorch"]] = Field(default_factory=lambda: ["torchscript"])  # type: ignore[arg-type]
     joblib_classifier: bool = Field(
         False,
         description="Also write classifier.joblib (a pickle) for Quadra's test task; patchflow reads "
