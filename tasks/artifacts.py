@@ -18,6 +18,9 @@ def _key(text: str) -> str:
     return re.sub(r"-+", "-", re.sub(r"[^a-z0-9]+", "-", text.lower())).strip("-")[:60] or "patchflow"
 
 
+artifact_key = _key
+
+
 def summary_markdown(title: str, metrics: dict[str, Any], out_dir: Path | None = None) -> str:
     """Markdown summary: headline numbers, confusion matrix table (and PNG when a report made one), defect coverage."""
     lines = [f"# {title}", ""]
