@@ -85,7 +85,8 @@ def check_user_yaml(dirs: Sequence[Path], config_file: str | None) -> None:
 def split_overrides(overrides: Sequence[str], groups: set[str]) -> tuple[list[str], list[str]]:
     """``(hydra overrides, value overrides)``: group selections and ``+``/``~`` go to Hydra; ``dotted.key=value`` is
     applied after composition (any key, values read as YAML as in plain mode)."""
-    hydra, values = [], []
+    hydra: list[str] = []
+    values: list[str] = []
     for item in overrides:
         key = item.partition("=")[0].strip()
         top = key.split(".")[0].split("/")[0]

@@ -150,8 +150,11 @@ def _transforms(data: dict[str, Any]) -> None:
     if not isinstance(t, dict):
         return
     want = _plain(standard_pipeline(t))
-    dm = data.get("datamodule") if isinstance(data.get("datamodule"), dict) else {}
-    for section, sec in (("transforms", t), ("datamodule", dm)):
+    dm = data.get("datamodule")
+    sections: list[tuple[str, dict[str, Any]]] = [("transforms", t)] + (
+        [("datamodule", dm)] if isinstance(dm, dict) else []
+    )
+    for section, sec in sections:
         for split in _SPLITS:
             if split in sec and sec[split] is not None and _plain(sec[split]) != want:
                 raise _fail(

@@ -22,19 +22,8 @@ import numpy as np
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 #: model.json as Quadra's export writes it (quadra/tasks/patch.py:245-267)
-QUADRA_MODEL_JSON_KEYS = (
-    "input_size",
-    "classes",
-    "mean",
-    "std",
-    "horizontal_patches",
-    "vertical_patches",
-    "patch_height",
-    "patch_width",
-    "overlap",
-    "reconstruction_method",
-    "class_to_skip",
-)
+QUADRA_MODEL_JSON_KEYS = ("input_size", "classes", "mean", "std", "horizontal_patches", "vertical_patches")
+QUADRA_MODEL_JSON_KEYS += ("patch_height", "patch_width", "overlap", "reconstruction_method", "class_to_skip")
 
 
 def split_patches(data: Path, split: str, class_to_idx: dict[str, int]) -> list[tuple[Path, int]]:
