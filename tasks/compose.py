@@ -77,9 +77,14 @@ def check_user_yaml(dirs: Sequence[Path], config_file: str | None) -> None:
                 )
     for f in files:
         try:
-            load_yaml_text(_read_config_text(f), f"config file {f}")
+            data = load_yaml_text(_read_config_text(f), f"config file {f}")
         except YamlError as exc:
             raise ConfigError(str(exc)) from None
+        if isinstance(data, dict) and "hydra" in data and (f is files[0] and config_file or "experiment" in f.parts):
+            raise ConfigError(
+                f"config file {f}: hydra: patchflow runs no Hydra app (run folder: <core.runs_folder>/<core.name>/"
+                "<timestamp>); remove it and set core.runs_folder or core.name instead"
+            )
 
 
 def split_overrides(overrides: Sequence[str], groups: set[str]) -> tuple[list[str], list[str]]:
@@ -90,8 +95,13 @@ def split_overrides(overrides: Sequence[str], groups: set[str]) -> tuple[list[st
     for item in overrides:
         key = item.partition("=")[0].strip()
         top = key.split(".")[0].split("/")[0]
+        if top.lstrip("+~") == "hydra":
+            raise ConfigError(
+                f"override {clip(key)}: patchflow runs no Hydra app (run folder: <core.runs_folder>/<core.name>/"
+                "<timestamp>; no multirun); set core.runs_folder or core.name instead"
+            )
         is_group = "." not in key and top in groups
-        (hydra if key.startswith(_HYDRA_PREFIXES) or is_group or top == "hydra" else values).append(item)
+        (hydra if key.startswith(_HYDRA_PREFIXES) or is_group else values).append(item)
     return hydra, values
 
 

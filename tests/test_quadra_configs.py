@@ -150,6 +150,7 @@ def test_overrides_groups_additions_and_removals() -> None:
         ("+datamodule.enable_hashing=true", r"unknown key 'datamodule.enable_hashing'"),
         ("experiment=custom_experiment/nope", r"Could not find 'experiment/custom_experiment/nope'.*--config-dir"),
         ("backbone.model.pretrained=maybe", r"^backbone.model.pretrained: give true or false"),
+        ("hydra.run.dir=/x", r"^override hydra.run.dir: patchflow runs no Hydra app .*core.runs_folder"),
     ],
 )
 def test_what_patchflow_cannot_honour_is_one_line_naming_the_key(over: str, match: str) -> None:
@@ -170,6 +171,7 @@ def test_flow_and_experiment_must_match() -> None:
     [
         ("core:\n  name: a\n  name: b\n", r"key 'core.name' is given twice \(lines 5 and 6\)"),
         ("core:\n  name: !!python/object/apply:os.system [echo]\n", r"only plain values.*remove the tag"),
+        ("hydra:\n  run:\n    dir: elsewhere\n", r"hydra: patchflow runs no Hydra app"),
         ("a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, "
          f"*{p}, *{p}, *{p}]\n" for p, c in zip("abcdef", "bcdefg")), r"aliases expand the document"),
     ],
