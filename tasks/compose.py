@@ -75,12 +75,12 @@ def check_user_yaml(dirs: Sequence[Path], config_file: str | None) -> None:
                     f"config folder {d} holds more than {MAX_USER_FILES} YAML files; give --config-dir the folder "
                     "that holds experiment/"
                 )
-    for f in files:
+    for i, f in enumerate(files):
         try:
             data = load_yaml_text(_read_config_text(f), f"config file {f}")
         except YamlError as exc:
             raise ConfigError(str(exc)) from None
-        if isinstance(data, dict) and "hydra" in data and (f is files[0] and config_file or "experiment" in f.parts):
+        if isinstance(data, dict) and "hydra" in data and ((i == 0 and config_file) or "experiment" in f.parts):
             raise ConfigError(
                 f"config file {f}: hydra: patchflow runs no Hydra app (run folder: <core.runs_folder>/<core.name>/"
                 "<timestamp>); remove it and set core.runs_folder or core.name instead"
