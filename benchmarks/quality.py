@@ -147,7 +147,7 @@ def run_recipe(name: str, extra: dict[str, Any], data: Path, work: Path, args: a
         "model": resolved["model"],
         "trainer": resolved["trainer"],
         "backbone": resolved["backbone"],
-        "val": with_intervals(image_measures(Path(res["run_dir"]) / "validation", n_classes), args.draws),
+        "val": with_intervals(image_measures(Path(res["output"]), n_classes), args.draws),
         "test": with_intervals(image_measures(Path(eres["output"]), n_classes), args.draws),
         "train_wall_s": round(train_wall, 1),
         "evaluate_wall_s": round(eval_wall, 1),

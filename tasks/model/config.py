@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import ConfigDict, Field, SerializerFunctionWrapHandler, StrictInt, model_serializer, model_validator
+from pydantic import (
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    StrictInt,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from tasks.config import StrictModel
@@ -30,9 +38,7 @@ class DatamoduleSection(StrictModel):
     )
     seed: StrictInt = 42
     batch_size: StrictInt = Field(32, ge=1)
-    num_workers: StrictInt = Field(
-        1, ge=0, description="Kept for config compatibility; decoding is done once per image"
-    )
+    num_workers: StrictInt = Field(1, ge=0, description="Threads decoding val/test patch files (0 or 1: none)")
     balance_classes: bool = False
     class_to_skip_training: list[str] | None = Field(
         None, description="Class names left out of training (-1 in validation)"
@@ -46,7 +52,7 @@ class BackboneSection(StrictModel):
     weights: str | None = Field(
         "imagenet", description="'imagenet' (offline: file, hub cache or package), a file path, or null"
     )
-    freeze: bool = True
+    freeze: bool = Field(True, description="Only true: backbones are frozen feature extractors")
     feature_layers: Literal["final", "multiscale"] | list[str] = Field(
         "multiscale",
         description="Which outputs make the feature vector: 'final' (the reference's pooled last layer), "
@@ -61,6 +67,13 @@ class BackboneSection(StrictModel):
     def _layers_exist(self) -> BackboneSection:
         resolve_layers(self.name, self.feature_layers)  # an unknown layer name is refused when the config is read
         return self
+
+    @field_validator("freeze")
+    @classmethod
+    def _frozen(cls, v: bool) -> bool:
+        if v is not True:
+            raise ValueError("patchflow's backbones are frozen feature extractors (never trained): set it to true")
+        return v
 
 
 class TransformsSection(StrictModel):
@@ -181,6 +194,15 @@ class AutoBatchSection(StrictModel):
     disable: bool = True
 
 
+#: Quadra's task.output keys -> TaskSection fields
+_OUTPUT_KEYS = {
+    "folder": "output_folder",
+    "report": "report",
+    "example": "example",
+    "reconstruction_method": "reconstruction_method",
+}
+
+
 class TaskSection(StrictModel):
     """Where and how to compute."""
 
@@ -207,14 +229,52 @@ class TaskSection(StrictModel):
         None, description="soft method only: class name -> minimum mean probability for a pixel to take that class"
     )
     report: bool = Field(
-        True, description="Write validation/report.html with figures (confusion matrix, overlays, example grids)"
+        True,
+        description="Write <output_folder>/report.html with figures (confusion matrix, overlays, example grids)",
     )
+    example: bool = Field(True, description="Example grids of concordant/discordant val patches in the report")
+    output_folder: str = Field(
+        "classification_patch_experiment", description="Run sub-folder of the validation report (Quadra's name)"
+    )
+
+    @field_validator("output_folder")
+    @classmethod
+    def _folder(cls, v: str) -> str:
+        parts = v.replace("\\", "/").split("/")
+        if not v.strip() or v.startswith("/") or ".." in parts:
+            raise ValueError("give a folder name inside the run folder (no absolute path, no '..')")
+        return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _output(cls, data: Any) -> Any:
+        """Quadra's ``task.output: {folder, report, example, reconstruction_method}`` -> this section's keys."""
+        if not (isinstance(data, dict) and "output" in data):
+            return data
+        out, output = dict(data), data["output"]
+        if not isinstance(output, dict):
+            raise PydanticCustomError("output", "task.output must be a mapping of folder/report/example/"
+                                      "reconstruction_method")  # fmt: skip
+        for key, value in output.items():
+            flat = _OUTPUT_KEYS.get(key)
+            if flat is None:
+                raise PydanticCustomError(
+                    "output", "unknown key 'task.output.{key}'; task.output takes {known}",
+                    {"key": str(key)[:100], "known": ", ".join(_OUTPUT_KEYS)},
+                )  # fmt: skip
+            if flat in data and data[flat] != value:
+                raise PydanticCustomError(
+                    "output", "task.output.{key} and task.{flat} differ: give one", {"key": key, "flat": flat}
+                )
+            out[flat] = value
+        del out["output"]
+        return out
 
 
 class ExportSection(StrictModel):
     """Deployment bundle formats."""
 
-    types: list[Literal["torchscript", "onnx", "pytorch"]] = Field(default_factory=lambda: ["torchscript"])
+    types: list[Literal["torchscript", "onnx", "pytorch"]] = Field(default_factory=lambda: ["torchscript"])  # type: ignore[arg-type]
     joblib_classifier: bool = Field(
         False,
         description="Also write classifier.joblib (a pickle) for Quadra's test task; patchflow reads "
