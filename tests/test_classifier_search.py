@@ -312,7 +312,7 @@ def test_train_flow_with_search(demo_patch_dataset: Path, tmp_path: Path, prefec
             artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id]))
         )
     table = next(a for a in arts if a.key == "searchdemo-search")
-    assert table.type == "table" and "chosen:" in table.description
+    assert table.type == "table" and "chosen:" in (table.description or "")
     # a rerun serves the search and the fit from the cache; another grid searches again and computes no features
     st = task_states(train_flow(cfg, return_state=True))
     assert st["search-classifier"] == "Cached" and st["fit-classifier"] == "Cached"
