@@ -15,6 +15,7 @@ from typing import Any
 
 from tasks.cli import early_start
 from tasks.config import validate_config
+from tasks.device import check_config_devices
 from tasks.predict.config import PredictFlowConfig
 from tasks.predict.outputs import check_output_folder
 
@@ -56,10 +57,13 @@ def parse(argv: Sequence[str] | None) -> PredictFlowConfig:
         },
     )
     check_output_folder(cfg.images, cfg.out)  # one line before a flow run (and an API server) starts
+    check_config_devices(cfg, {"device": "--device"})
     return cfg
 
 
-early_start(__name__, parse)  # --help and errors before Prefect
+# --help and errors before Prefect; the bundle's classifier (skops, before torch: it scans sys.modules) and backbone
+# imports run while the temporary API server boots
+early_start(__name__, parse, preload=("skops.io", "torch", "tasks.features.export"))
 
 from prefect import flow
 

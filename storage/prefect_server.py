@@ -162,12 +162,14 @@ def _configured_elsewhere() -> bool:
     return False
 
 
-def start_early() -> str | None:
+def start_early(preload: Sequence[str] = ()) -> str | None:
     """Start Prefect's temporary API server now, as Prefect would on the first API call (same command, same
     environment, own session, parent-death watchdog), and point ``PREFECT_API_URL`` at it; the command line calls
     this before Prefect is imported, so the server boots while the flow's modules import, and the process's other
     workers (Dask, pools) use this server instead of each starting one. Nothing is done (None) when the API is
-    configured anywhere (:func:`_configured_elsewhere`): Prefect then decides as usual. Stopped at exit."""
+    configured anywhere (:func:`_configured_elsewhere`): Prefect then decides as usual. Stopped at exit.
+    ``preload``: modules the flow will import (torch, skops...), imported by :func:`wait_early` while the server
+    boots."""
     if _early or _configured_elsewhere() or "prefect" in sys.modules:
         return None
     import atexit
@@ -182,17 +184,28 @@ def start_early() -> str | None:
     url = f"http://127.0.0.1:{port}/api"
     os.environ["PREFECT_API_URL"] = url
     os.environ.setdefault("PREFECT_UI_URL", "")  # no UI is served: no "View at" link (as Prefect's own start)
-    _early.update(process=proc, url=url)
+    _early.update(process=proc, url=url, preload=list(preload))
     atexit.register(stop_early)
     return url
 
 
-def wait_early(timeout: float | None = None) -> None:
-    """Wait until the server of :func:`start_early` answers ``/health`` (no-op when none was started); a server that
-    exits or does not answer within ``timeout`` seconds ($PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS) is one
-    ``ConnectionError`` line."""
-    import time
+def _healthy(url: str) -> bool:
     import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
+            return resp.status == 200
+    except OSError:
+        return False
+
+
+def wait_early(timeout: float | None = None) -> None:
+    """Wait until the server of :func:`start_early` answers ``/health`` (no-op when none was started), importing its
+    ``preload`` modules one by one meanwhile (stopping once the server is up: a cached run may not need them); a
+    server that exits or does not answer within ``timeout`` seconds ($PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS)
+    is one ``ConnectionError`` line."""
+    import importlib
+    import time
 
     proc = _early.get("process")
     if proc is None or _early.get("ready"):
@@ -201,17 +214,17 @@ def wait_early(timeout: float | None = None) -> None:
     # Prefect's own line when it starts the server (its logger: shown like Prefect's other lines)
     logging.getLogger("prefect").info("Starting temporary server on %s", _early["url"].removesuffix("/api"))
     t0 = time.monotonic()
+    preload = list(_early.get("preload", ()))
     while time.monotonic() - t0 < limit:
         if proc.poll() is not None:
             raise ConnectionError(f"Prefect's temporary API server exited with code {proc.returncode}; run again")
-        try:
-            with urllib.request.urlopen(f"{_early['url']}/health", timeout=2) as resp:
-                if resp.status == 200:
-                    _early["ready"] = True
-                    return
-        except OSError:
-            pass
-        time.sleep(0.05)
+        if _healthy(_early["url"]):
+            _early["ready"] = True
+            return
+        if preload:
+            importlib.import_module(preload.pop(0))
+        else:
+            time.sleep(0.05)
     raise ConnectionError(
         f"Prefect's temporary API server did not answer within {limit:.0f} s; set "
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS higher or PREFECT_API_URL to a running server"

@@ -146,25 +146,30 @@ def cli_main(
     report(flow_fn(parse_cli(model_cls, argv, description or "")))
 
 
-def early_start(module_name: str, parse: Callable[[list[str]], Any]) -> None:
+def early_start(module_name: str, parse: Callable[[list[str]], Any], preload: Sequence[str] = ()) -> None:
     """The first statement of a flow module: when it runs as ``python -m flows.<name>`` (``module_name`` is
     ``__main__``), check the command line with ``parse`` (the same function its ``main`` parses with) before Prefect,
     torch or the stages are imported: ``--help`` is answered there (argparse exits 0), a bad command line or config
-    ends in one ``error:`` line (exit code as :func:`cli_error` says) and no server is started. Then Prefect's
+    (a ``device`` this machine lacks included: :func:`tasks.device.check_config_devices`) ends in one ``error:`` line
+    (exit code as :func:`cli_error` says) and no server is started. Then Prefect's
     temporary API server is started (:func:`storage.prefect_server.start_early`) so that it boots while the flow's
-    modules import; :func:`run_cli` waits for it. Imported as a module (tests, deployments, other flows): nothing."""
+    modules import; :func:`run_cli` waits for it, importing ``preload`` (modules the flow's stages import: torch,
+    skops...) while it boots. Imported as a module (tests, deployments, other flows): nothing."""
     if module_name != "__main__":
         return
     import sys
 
     from storage import prefect_server
+    from tasks.device import check_config_devices
 
     try:
-        parse(sys.argv[1:])
+        parsed = parse(sys.argv[1:])
+        for cfg in parsed if isinstance(parsed, tuple) else (parsed,):
+            check_config_devices(cfg)
     except (Exception, KeyboardInterrupt) as exc:
         known = cli_error(exc)
         if known is None:
             raise
         print(f"error: {known[1]}", file=sys.stderr, flush=True)
         raise SystemExit(known[0]) from None
-    prefect_server.start_early()
+    prefect_server.start_early(preload)
