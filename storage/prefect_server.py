@@ -192,8 +192,9 @@ def start_early(preload: Sequence[str] = ()) -> str | None:
 def _healthy(url: str) -> bool:
     import urllib.request
 
+    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # 127.0.0.1: never through a proxy
     try:
-        with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
+        with direct.open(f"{url}/health", timeout=2) as resp:
             return resp.status == 200
     except OSError:
         return False

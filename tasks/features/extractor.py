@@ -8,7 +8,6 @@ Weights are resolved offline by ``tasks/features/weights.py``; exports live in `
 from __future__ import annotations
 
 import logging
-import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -17,7 +16,6 @@ import cv2
 import numpy as np
 import torch
 from torch import nn
-from torchvision import models
 
 from tasks.device import autocast, check_precision, resolve_device
 from tasks.features.layers import FINAL, check_pooling, feature_width, is_plain, resolve_layers
@@ -32,44 +30,14 @@ IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 # --------------------------------------------------------------------------- models
 
 
-class AnySizeViT(models.VisionTransformer):
-    """torchvision's ViT for any input size that is a multiple of the patch size (torchvision's asserts
-    224): the 28x28 positional embeddings are interpolated bicubically the way DINO's release does it
-    (``interpolate_pos_encoding``), so dino_vitb8 runs at any ``transforms.input_height/width``, as the
-    reference's torch.hub model does. At 224x224 nothing is interpolated (the plain ViT forward)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.encoder.ln(self.encoder.layers(self.encoder.dropout(self.embed(x))))
-        return self.heads(x[:, 0])
-
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """The token sequence (B, 1 + patches, hidden) entering the first block: CLS token, patch embeddings and
-        the positions for this input size."""
-        # exports trace one fixed size (model.json's input_size); the batch stays free
-        h, w = int(x.shape[2]), int(x.shape[3])
-        p = self.patch_size
-        if h % p or w % p:
-            raise BackboneError(
-                f"dino_vitb8 needs an input size that is a multiple of {p}, got {h}x{w}; "
-                f"set transforms.input_height/input_width to multiples of {p} (e.g. 224)"
-            )
-        x = self.conv_proj(x).flatten(2).transpose(1, 2)  # (B, tokens, hidden)
-        return torch.cat([self.class_token.expand(x.shape[0], -1, -1), x], dim=1) + self._positions(h // p, w // p)
-
-    def _positions(self, gh: int, gw: int) -> torch.Tensor:
-        pos = self.encoder.pos_embedding
-        side = round(math.sqrt(pos.shape[1] - 1))
-        if (gh, gw) == (side, side):
-            return pos
-        grid = pos[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
-        # DINO's +0.1 keeps floor(side * scale) at exactly (gh, gw) despite float rounding
-        grid = nn.functional.interpolate(grid, scale_factor=((gh + 0.1) / side, (gw + 0.1) / side), mode="bicubic")
-        return torch.cat([pos[:, :1], grid.permute(0, 2, 3, 1).reshape(1, gh * gw, -1)], dim=1)
-
-
 def _architecture(name: str) -> nn.Module:
+    """The untrained architecture (torchvision is imported here only: running an export needs none of it)."""
     if name == "dino_vitb8":
+        from tasks.features.vit import AnySizeViT
+
         return AnySizeViT(image_size=224, patch_size=8, num_layers=12, num_heads=12, hidden_dim=768, mlp_dim=3072)
+    from torchvision import models
+
     return getattr(models, name)(weights=None)
 
 
