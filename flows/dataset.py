@@ -9,13 +9,33 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from tasks.cli import early_start, parse_cli
+from tasks.dataset.config import DatasetFlowConfig
+from tasks.dataset.output import check_dataset_paths
+
+
+def parse(argv: Sequence[str] | None) -> tuple[DatasetFlowConfig, str | None]:
+    """The command line -> (validated config, its ``--config`` file); the paths are checked before Prefect starts."""
+    cfg = parse_cli(DatasetFlowConfig, argv, description=__doc__)
+    config_file = _config_file(argv)
+    check_dataset_paths(cfg, config_file)
+    return cfg, config_file
+
+
+def _config_file(argv: Sequence[str] | None) -> str | None:
+    """The ``--config`` path of a command line (parse_cli has validated it already)."""
+    ap = argparse.ArgumentParser(add_help=False)
+    ap.add_argument("--config")
+    return ap.parse_known_args(argv)[0].config
+
+
+early_start(__name__, parse)  # --help and errors before Prefect
+
 from prefect import flow
 
 from storage import layout
-from tasks.cli import parse_cli, run_cli
+from tasks.cli import run_cli
 from tasks.config import ensure_storage_root, validate_config
-from tasks.dataset.config import DatasetFlowConfig
-from tasks.dataset.output import check_dataset_paths
 from tasks.dataset.stage import (
     associate_task,
     build_shards_on_dask,
@@ -48,17 +68,8 @@ def dataset_flow(config: DatasetFlowConfig, config_file: str | None = None) -> s
 
 def main(argv: Sequence[str] | None = None) -> None:
     """CLI entry point (the paths are checked before Prefect starts)."""
-    cfg = parse_cli(DatasetFlowConfig, argv, description=__doc__)
-    config_file = _config_file(argv)
-    check_dataset_paths(cfg, config_file)
+    cfg, config_file = parse(argv)
     print(dataset_flow(cfg, config_file=config_file))
-
-
-def _config_file(argv: Sequence[str] | None) -> str | None:
-    """The ``--config`` path of a command line (parse_cli has validated it already)."""
-    ap = argparse.ArgumentParser(add_help=False)
-    ap.add_argument("--config")
-    return ap.parse_known_args(argv)[0].config
 
 
 if __name__ == "__main__":

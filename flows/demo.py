@@ -10,6 +10,19 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from tasks.cli import early_start
+
+
+def parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    """The command line: ``--data FOLDER`` and the train config's overrides."""
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--data", default="demo_data", help="where the synthetic images and masks go")
+    ap.add_argument("overrides", nargs="*")
+    return ap.parse_args(argv)
+
+
+early_start(__name__, parse)  # --help before Prefect
+
 from flows.dataset import dataset_flow
 from flows.train import TrainFlowConfig, train_flow
 from tasks.cli import run_cli
@@ -23,10 +36,7 @@ HERE = Path(__file__).resolve().parents[1] / "deployments"
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Run the demo pipeline."""
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--data", default="demo_data", help="where the synthetic images and masks go")
-    ap.add_argument("overrides", nargs="*")
-    args = ap.parse_args(argv)
+    args = parse(argv)
     if not (Path(args.data) / "class_to_idx.json").is_file():
         make_demo_dataset(args.data)
     ds_cfg = load_config(DatasetFlowConfig, HERE / "demo_dataset.yaml")

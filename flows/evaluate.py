@@ -5,6 +5,13 @@
 
 from __future__ import annotations
 
+from functools import partial
+
+from tasks.cli import early_start, parse_cli
+from tasks.evaluation.config import EvaluateFlowConfig
+
+early_start(__name__, partial(parse_cli, EvaluateFlowConfig, description=__doc__))  # --help and errors before Prefect
+
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -14,7 +21,6 @@ from prefect import flow
 from storage.bundle import open_bundle
 from tasks.cli import cli_main, run_cli
 from tasks.config import ensure_storage_root, validate_config
-from tasks.evaluation.config import EvaluateFlowConfig
 from tasks.evaluation.scoring import headline
 from tasks.evaluation.stage import bundle_features_stage, evaluate_stage, finish_evaluation_run
 from tasks.run_folder import run_folder

@@ -13,13 +13,63 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from tasks.cli import early_start
+from tasks.config import validate_config
+from tasks.device import check_config_devices
+from tasks.predict.config import PredictFlowConfig
+from tasks.predict.outputs import check_output_folder
+
+
+def parse(argv: Sequence[str] | None) -> PredictFlowConfig:
+    """The command line -> validated config; the output folder is checked before Prefect (and an API server) starts."""
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--images", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--method", choices=["major_voting", "priority", "soft"])
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    ap.add_argument("--storage-root")
+    ap.add_argument("--force", action="store_true")
+    ap.add_argument(
+        "--max-image-pixels", type=int, help="refuse larger images (default $PATCHFLOW_MAX_IMAGE_PIXELS or 200000000)"
+    )
+    ap.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="load a bundle without _manifest.json or with a pickled classifier.joblib: a pickle runs "
+        "any code it holds, so only for bundles whose source you trust",
+    )
+    a = ap.parse_args(argv)
+    cfg = validate_config(
+        PredictFlowConfig,
+        {
+            "model": a.model,
+            "images": a.images,
+            "out": a.out,
+            "method": a.method,
+            "batch_size": a.batch_size,
+            "device": a.device,
+            "storage_root": a.storage_root,
+            "force": a.force,
+            "max_image_pixels": a.max_image_pixels,
+            "trust_pickle": a.trust_pickle,
+        },
+    )
+    check_output_folder(cfg.images, cfg.out)  # one line before a flow run (and an API server) starts
+    check_config_devices(cfg, {"device": "--device"})
+    return cfg
+
+
+# --help and errors before Prefect; the bundle's classifier (skops, before torch: it scans sys.modules) and backbone
+# imports run while the temporary API server boots
+early_start(__name__, parse, preload=("skops.io", "torch", "tasks.features.export"))
+
 from prefect import flow
 
 from storage.bundle import open_bundle
 from tasks.cli import run_cli
-from tasks.config import ensure_storage_root, validate_config
-from tasks.predict.config import PredictFlowConfig
-from tasks.predict.outputs import check_output_folder
+from tasks.config import ensure_storage_root
 from tasks.stage import run_stage
 
 
@@ -49,42 +99,7 @@ def predict_flow(config: PredictFlowConfig) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """CLI entry point."""
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--images", required=True)
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--method", choices=["major_voting", "priority", "soft"])
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--storage-root")
-    ap.add_argument("--force", action="store_true")
-    ap.add_argument(
-        "--max-image-pixels", type=int, help="refuse larger images (default $PATCHFLOW_MAX_IMAGE_PIXELS or 200000000)"
-    )
-    ap.add_argument(
-        "--trust-pickle",
-        action="store_true",
-        help="load a bundle without _manifest.json or with a pickled classifier.joblib: a pickle runs "
-        "any code it holds, so only for bundles whose source you trust",
-    )
-    a = ap.parse_args(argv)
-    cfg = validate_config(
-        PredictFlowConfig,
-        {
-            "model": a.model,
-            "images": a.images,
-            "out": a.out,
-            "method": a.method,
-            "batch_size": a.batch_size,
-            "device": a.device,
-            "storage_root": a.storage_root,
-            "force": a.force,
-            "max_image_pixels": a.max_image_pixels,
-            "trust_pickle": a.trust_pickle,
-        },
-    )
-    check_output_folder(cfg.images, cfg.out)  # one line before a flow run (and an API server) starts
-    res = predict_flow(cfg)
+    res = predict_flow(parse(argv))
     for item in res["images"]:
         print(f"{item['image']}: {item['defect_regions']} defect regions {item['classes']}")
 

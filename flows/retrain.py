@@ -8,6 +8,13 @@ unchanged inputs adds no version. What was done is published as a markdown artif
 
 from __future__ import annotations
 
+from functools import partial
+
+from tasks.cli import early_start, parse_cli
+from tasks.retrain_config import RetrainFlowConfig
+
+early_start(__name__, partial(parse_cli, RetrainFlowConfig, description=__doc__))  # --help and errors before Prefect
+
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -21,7 +28,6 @@ from tasks.cli import cli_main, run_cli
 from tasks.config import ensure_storage_root, validate_config
 from tasks.dataset.config import DatasetFlowConfig
 from tasks.retrain import (
-    RetrainFlowConfig,
     comparison_config,
     inputs_key,
     models_folder,

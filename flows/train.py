@@ -5,6 +5,13 @@
 
 from __future__ import annotations
 
+from functools import partial
+
+from tasks.cli import early_start, parse_cli
+from tasks.model.config import TrainFlowConfig
+
+early_start(__name__, partial(parse_cli, TrainFlowConfig, description=__doc__))  # --help and errors before Prefect
+
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -18,7 +25,6 @@ from tasks.evaluation.scoring import headline
 from tasks.evaluation.stage import validate_stage
 from tasks.features.params import backbone_digest
 from tasks.features.stage import train_features
-from tasks.model.config import TrainFlowConfig
 from tasks.model.stage import export_stage, fit_stage, search_stage
 from tasks.run_folder import finish_train_run, prune_partials, run_folder, write_data_record
 from tasks.runner import check_runner

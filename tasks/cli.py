@@ -18,10 +18,8 @@ from tasks.config import ConfigError, load_config
 M = TypeVar("M", bound=BaseModel)
 
 
-def parse_cli(model_cls: type[M], argv: Sequence[str] | None, description: str) -> M:
-    """``[--config FILE] [--config-dir DIR] [experiment=NAME] [group=option] [dotted.key=value ...]`` -> validated
-    config. A plain file is read as it is; an experiment, a file with a ``defaults:`` list, ``--config-dir``, a group
-    selection or ``+key``/``~key`` is composed with Hydra the way Quadra's configs are (:mod:`tasks.compose`)."""
+def config_parser(description: str) -> argparse.ArgumentParser:
+    """The command line of the config-file flows: ``[--config FILE] [--config-dir DIR] [overrides ...]``."""
     ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--config", help="YAML config file (plain, or a Quadra-style experiment with a defaults: list)")
     ap.add_argument(
@@ -32,7 +30,14 @@ def parse_cli(model_cls: type[M], argv: Sequence[str] | None, description: str) 
     ap.add_argument(
         "overrides", nargs="*", help="experiment=NAME, group=option, dotted.key=value (YAML values), +key=value, ~key"
     )
-    args = ap.parse_args(argv)
+    return ap
+
+
+def parse_cli(model_cls: type[M], argv: Sequence[str] | None, description: str) -> M:
+    """``[--config FILE] [--config-dir DIR] [experiment=NAME] [group=option] [dotted.key=value ...]`` -> validated
+    config. A plain file is read as it is; an experiment, a file with a ``defaults:`` list, ``--config-dir``, a group
+    selection or ``+key``/``~key`` is composed with Hydra the way Quadra's configs are (:mod:`tasks.compose`)."""
+    args = config_parser(description).parse_args(argv)
     from tasks.compose import wants_composition
 
     if not wants_composition(args.config, args.config_dir, args.overrides):
@@ -128,11 +133,14 @@ def run_cli(main_fn: Callable[[], Any]) -> None:
     import signal
     import sys
 
+    from storage import prefect_server
+
     last_line: list[str] = []
     atexit.register(lambda: last_line and print(f"error: {last_line[0]}", file=sys.stderr, flush=True))
     _quiet_console_tracebacks()
     signal.signal(signal.SIGTERM, _raise_terminated)
     try:
+        prefect_server.wait_early()  # the API server that early_start started while the modules were imported
         main_fn()
     except BaseException as exc:  # KeyboardInterrupt, Terminated and Prefect's TerminationSignal included
         known = None if isinstance(exc, SystemExit) else cli_error(exc)
@@ -154,3 +162,32 @@ def cli_main(
     """The shared ``main`` of the config-file flows: parse ``--config`` and overrides, run ``flow_fn``, ``report`` its
     result (run it through :func:`run_cli`)."""
     report(flow_fn(parse_cli(model_cls, argv, description or "")))
+
+
+def early_start(module_name: str, parse: Callable[[list[str]], Any], preload: Sequence[str] = ()) -> None:
+    """The first statement of a flow module: when it runs as ``python -m flows.<name>`` (``module_name`` is
+    ``__main__``), check the command line with ``parse`` (the same function its ``main`` parses with) before Prefect,
+    torch or the stages are imported: ``--help`` is answered there (argparse exits 0), a bad command line or config
+    (a ``device`` this machine lacks included: :func:`tasks.device.check_config_devices`) ends in one ``error:`` line
+    (exit code as :func:`cli_error` says) and no server is started. Then Prefect's
+    temporary API server is started (:func:`storage.prefect_server.start_early`) so that it boots while the flow's
+    modules import; :func:`run_cli` waits for it, importing ``preload`` (modules the flow's stages import: torch,
+    skops...) while it boots. Imported as a module (tests, deployments, other flows): nothing."""
+    if module_name != "__main__":
+        return
+    import sys
+
+    from storage import prefect_server
+    from tasks.device import check_config_devices
+
+    try:
+        parsed = parse(sys.argv[1:])
+        for cfg in parsed if isinstance(parsed, tuple) else (parsed,):
+            check_config_devices(cfg)
+    except (Exception, KeyboardInterrupt) as exc:
+        known = cli_error(exc)
+        if known is None:
+            raise
+        print(f"error: {known[1]}", file=sys.stderr, flush=True)
+        raise SystemExit(known[0]) from None
+    prefect_server.start_early(preload)

@@ -794,7 +794,7 @@ def test_57_unknown_key_in_an_override() -> None:
         ("datamodule.batch_size=0", "datamodule.batch_size"),
         ("transforms.mean=[0.5, 0.5]", "transforms.mean"),
         ("backbone.name=resnet19", "backbone.name"),
-        ("task.precision=fp16", "task.precision"),
+        ("task.precision=fp8", "task.precision"),
     ],
 )
 def test_58_wrong_types_and_values(override: str, key: str) -> None:

@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field, StrictInt
 
 from tasks.config import StrictModel
+from tasks.device import Device
 from tasks.model.config import CoreSection
 
 
@@ -43,7 +44,7 @@ class EvalTask(StrictModel):
     model_path: str = Field(
         description="deployment_model/ folder or any file in it (model.pt, model.onnx, model.pth, model.json)"
     )
-    device: str = "cpu"
+    device: Device = Field("cpu", description="cpu, cuda or cuda:N; never a CPU fallback")
     output: EvalOutput = Field(default_factory=EvalOutput)
     trust_pickle: bool = Field(
         False,

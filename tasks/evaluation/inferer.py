@@ -19,6 +19,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
@@ -147,6 +148,26 @@ def _scored(
         start += n
 
 
+def gpu_backbone_file(bundle: Bundle, device: str) -> Path:
+    """The bundle's backbone export to run on ``device``: :attr:`Bundle.backbone_file`, except that an ONNX export is
+    passed over on a GPU when ONNX Runtime has no CUDA provider and the bundle holds a torch export (still the GPU)."""
+    path = bundle.backbone_file
+    if path.suffix != ".onnx" or str(device).strip().lower() == "cpu" or _onnx_has_cuda():
+        return path
+    for name in ("model.pt", "model.pth"):
+        if (bundle.root / name).is_file():
+            return bundle.root / name
+    return path  # the ONNX session then refuses the device in one line (tasks.device.onnx_providers)
+
+
+def _onnx_has_cuda() -> bool:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return False
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
 @dataclass
 class BundleModel:
     """A bundle's backbone and classifier, checked to fit each other: raw BGR patches -> class probabilities."""
@@ -158,18 +179,18 @@ class BundleModel:
 
     @classmethod
     def load(cls, bundle: Bundle, device: str = "cpu", batch_size: int = 64) -> BundleModel:
-        """Load the classifier, then the backbone export (ONNX runs on the CPU), and refuse a classifier whose
-        feature length is not the backbone's before any image is read."""
+        """Load the classifier, then the backbone export onto ``device`` (cpu, cuda, cuda:N: checked by
+        :func:`tasks.device.resolve_device`, never a CPU fallback), and refuse a classifier whose feature length is not
+        the backbone's before any image is read. Exports are device-independent (a bundle trained on the CPU runs on a
+        GPU and the reverse); an ONNX backbone runs on a GPU with onnxruntime-gpu, else the bundle's torch export."""
         from tasks.features.export import load_export
         from tasks.features.extractor import FeatureExtractor
         from tasks.features.store import feature_dim_of
 
         est = bundle.load_classifier()
-        path = bundle.backbone_file
+        path = gpu_backbone_file(bundle, device)
         extractor = FeatureExtractor(
-            load_export(path, bundle.meta.get("backbone")),
-            "cpu" if path.suffix == ".onnx" else device,
-            batch_size=batch_size,
+            load_export(path, bundle.meta.get("backbone"), device), device, batch_size=batch_size
         )
         bundle.check_width(est, feature_dim_of(extractor, bundle.input_size))
         return cls(bundle, extractor, est)

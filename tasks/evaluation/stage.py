@@ -19,7 +19,6 @@ from typing import Any
 from prefect import task
 
 from storage.bundle import Bundle, reopen_bundle
-from storage.classifier import load_classifier_file
 from storage.features import is_verified
 from storage.fingerprint import combine, params_digest
 from storage.layout import read_info
@@ -33,20 +32,21 @@ from tasks.features.params import class_map
 from tasks.features.stage import dataset_key, store_path
 from tasks.features.store import extract_items
 from tasks.model.config import TrainFlowConfig
-from tasks.model.fit import TRAIN_FIX, trusted_types
+from tasks.model.fit import load_fitted
 from tasks.stage import build_once, run_stage
 
 
 @dataclass(frozen=True)
 class FittedClassifier:
-    """The fit stage's classifier file, loaded with the types the train config trusts (never unpickled)."""
+    """The fit stage's classifier file, loaded with the types the train config trusts (never unpickled); those are
+    worked out when it is loaded (they import the classifier's module and skops: not on a cached run)."""
 
     path: str
-    trusted_types: tuple[str, ...]
+    config: TrainFlowConfig
 
     def load(self) -> Any:
         """The fitted classifier."""
-        return load_classifier_file(Path(self.path), set(self.trusted_types), TRAIN_FIX)
+        return load_fitted(self.config, Path(self.path))
 
 
 @dataclass(frozen=True)
@@ -118,7 +118,7 @@ def validation_job(cfg: TrainFlowConfig, classifier: str, store: str) -> Scoring
         "val",
         class_map(cfg),
         cfg.datamodule.class_to_skip_training,
-        FittedClassifier(classifier, tuple(sorted(trusted_types(cfg)))),
+        FittedClassifier(classifier, cfg),
         t.reconstruction_method,
         t.coverage_threshold,
         t.soft_thresholds,

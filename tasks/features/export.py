@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from storage.writes import serialise_to
-from tasks.features.extractor import build_backbone, inner_backbone, parse_device
+from tasks.device import check_onnx_session, onnx_providers, resolve_device
+from tasks.features.extractor import build_backbone, inner_backbone
 from tasks.features.layers import FINAL, is_plain, resolve_layers
 from tasks.features.weights import BackboneError, resolve_weights, weights_digest
 
@@ -50,7 +51,7 @@ def load_torchscript(path: Path, device: str = "cpu") -> torch.jit.ScriptModule:
     if not path.is_file():
         raise BackboneError(f"TorchScript file does not exist: {path}")
     with _quiet_tracing():
-        module = torch.jit.load(str(path), map_location=parse_device(device))
+        module = torch.jit.load(str(path), map_location=resolve_device(device))
     return module.eval()
 
 
@@ -106,9 +107,12 @@ def export_onnx(model: nn.Module, path: Path, input_size: tuple[int, int] = (224
 
 
 class OnnxBackbone(nn.Module):
-    """An exported ONNX backbone run by ONNX Runtime on the CPU, usable wherever the torch module is."""
+    """An exported ONNX backbone run by ONNX Runtime, usable wherever the torch module is: it takes host tensors and
+    runs on ``device`` (the CPU, or a GPU through the CUDA provider of onnxruntime-gpu, else one clear error)."""
 
-    def __init__(self, path: Path, threads: int | None = None) -> None:
+    onnx_session = True  # FeatureExtractor keeps its tensors on the host: the session moves them itself
+
+    def __init__(self, path: Path, threads: int | None = None, device: str = "cpu") -> None:
         super().__init__()
         try:
             import onnxruntime as ort
@@ -120,7 +124,8 @@ class OnnxBackbone(nn.Module):
         so.intra_op_num_threads = int(threads or torch.get_num_threads())
         so.inter_op_num_threads = 1
         self.path = str(path)
-        self.session = ort.InferenceSession(self.path, so, providers=["CPUExecutionProvider"])
+        providers = onnx_providers(device)
+        self.session = check_onnx_session(ort.InferenceSession(self.path, so, providers=providers), device)
         self.input_name = self.session.get_inputs()[0].name
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -136,6 +141,7 @@ def onnx_backbone(
     digest: str | None = None,
     feature_layers: str | Sequence[str] = FINAL,
     pooling: str = "avg",
+    device: str = "cpu",
 ) -> OnnxBackbone:
     """ONNX Runtime version of :func:`build_backbone`, exported once into ``cache_dir`` (keyed by weights digest,
     feature layers and pooling)."""
@@ -147,7 +153,7 @@ def onnx_backbone(
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
         export_onnx(build_backbone(name, weights, layers, pooling), path, input_size)
-    return OnnxBackbone(path)
+    return OnnxBackbone(path, device=device)
 
 
 def _exported_config(path: Path, backbone_name: str | None) -> tuple[str, Any, str]:
@@ -173,13 +179,14 @@ def _exported_config(path: Path, backbone_name: str | None) -> tuple[str, Any, s
     return name, cfg.get("feature_layers", FINAL), str(cfg.get("pooling", "avg"))
 
 
-def load_export(path: Path, backbone_name: str | None = None) -> nn.Module:
-    """A backbone from a bundle export: ``.onnx`` (ONNX Runtime), ``.pt`` (TorchScript) or ``.pth`` (state dict)."""
+def load_export(path: Path, backbone_name: str | None = None, device: str = "cpu") -> nn.Module:
+    """A backbone from a bundle export: ``.onnx`` (ONNX Runtime on ``device``), ``.pt`` (TorchScript, mapped onto
+    ``device``) or ``.pth`` (state dict, read onto the CPU; the extractor moves it): exports are device-independent."""
     path = Path(path)
     if path.suffix == ".onnx":
-        return OnnxBackbone(path)
+        return OnnxBackbone(path, device=device)
     if path.suffix == ".pt":
-        return load_torchscript(path)
+        return load_torchscript(path, device)
     if path.suffix != ".pth":
         raise BackboneError(f"{path}: unsupported backbone export (use model.pt, model.onnx or model.pth)")
     name, layers, pooling = _exported_config(path, backbone_name)

@@ -8,19 +8,16 @@ Weights are resolved offline by ``tasks/features/weights.py``; exports live in `
 from __future__ import annotations
 
 import logging
-import math
 import os
-import re
 from collections.abc import Mapping, Sequence
-from contextlib import nullcontext
 from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
 from torch import nn
-from torchvision import models
 
+from tasks.device import autocast, check_precision, resolve_device
 from tasks.features.layers import FINAL, check_pooling, feature_width, is_plain, resolve_layers
 from tasks.features.weights import BackboneError, check_name, dino_to_torchvision, resolve_weights
 
@@ -28,50 +25,19 @@ logger = logging.getLogger("patchflow.backbones")
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
-_PRECISIONS = ("fp32", "bf16")
 
 
 # --------------------------------------------------------------------------- models
 
 
-class AnySizeViT(models.VisionTransformer):
-    """torchvision's ViT for any input size that is a multiple of the patch size (torchvision's asserts
-    224): the 28x28 positional embeddings are interpolated bicubically the way DINO's release does it
-    (``interpolate_pos_encoding``), so dino_vitb8 runs at any ``transforms.input_height/width``, as the
-    reference's torch.hub model does. At 224x224 nothing is interpolated (the plain ViT forward)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.encoder.ln(self.encoder.layers(self.encoder.dropout(self.embed(x))))
-        return self.heads(x[:, 0])
-
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """The token sequence (B, 1 + patches, hidden) entering the first block: CLS token, patch embeddings and
-        the positions for this input size."""
-        # exports trace one fixed size (model.json's input_size); the batch stays free
-        h, w = int(x.shape[2]), int(x.shape[3])
-        p = self.patch_size
-        if h % p or w % p:
-            raise BackboneError(
-                f"dino_vitb8 needs an input size that is a multiple of {p}, got {h}x{w}; "
-                f"set transforms.input_height/input_width to multiples of {p} (e.g. 224)"
-            )
-        x = self.conv_proj(x).flatten(2).transpose(1, 2)  # (B, tokens, hidden)
-        return torch.cat([self.class_token.expand(x.shape[0], -1, -1), x], dim=1) + self._positions(h // p, w // p)
-
-    def _positions(self, gh: int, gw: int) -> torch.Tensor:
-        pos = self.encoder.pos_embedding
-        side = round(math.sqrt(pos.shape[1] - 1))
-        if (gh, gw) == (side, side):
-            return pos
-        grid = pos[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
-        # DINO's +0.1 keeps floor(side * scale) at exactly (gh, gw) despite float rounding
-        grid = nn.functional.interpolate(grid, scale_factor=((gh + 0.1) / side, (gw + 0.1) / side), mode="bicubic")
-        return torch.cat([pos[:, :1], grid.permute(0, 2, 3, 1).reshape(1, gh * gw, -1)], dim=1)
-
-
 def _architecture(name: str) -> nn.Module:
+    """The untrained architecture (torchvision is imported here only: running an export needs none of it)."""
     if name == "dino_vitb8":
+        from tasks.features.vit import AnySizeViT
+
         return AnySizeViT(image_size=224, patch_size=8, num_layers=12, num_heads=12, hidden_dim=768, mlp_dim=3072)
+    from torchvision import models
+
     return getattr(models, name)(weights=None)
 
 
@@ -181,24 +147,6 @@ def preprocess(
 # --------------------------------------------------------------------------- inference
 
 
-def parse_device(device: str | torch.device) -> torch.device:
-    """Validate a device string ("cpu", "cuda", "cuda:N") and return the torch.device."""
-    text = str(device).strip().lower()
-    if not re.fullmatch(r"cpu|cuda(:\d+)?", text):
-        raise BackboneError(f"Unsupported device {device!r}; use 'cpu', 'cuda' or 'cuda:N'.")
-    dev = torch.device(text)
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise BackboneError(
-                f"Device {device!r} was requested but CUDA is not available on this machine; use 'cpu'."
-            )
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise BackboneError(
-                f"Device {device!r} does not exist; {torch.cuda.device_count()} CUDA device(s) visible."
-            )
-    return dev
-
-
 def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or (
         isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
@@ -218,7 +166,8 @@ def cpu_has_fast_bf16() -> bool:
 
 
 class FeatureExtractor:
-    """Runs a backbone over batches of patches on one device at fp32 or bf16 precision."""
+    """Runs a backbone over batches of patches on one device (``task.device``, checked by
+    :func:`~tasks.device.resolve_device`: no CPU fallback) at fp32, or fp16/bf16 autocast (fp16: GPU only)."""
 
     def __init__(
         self,
@@ -228,15 +177,16 @@ class FeatureExtractor:
         batch_size: int = 64,
         automatic_batch_size: bool = False,
     ) -> None:
-        if precision not in _PRECISIONS:
-            raise BackboneError(f"Unsupported precision {precision!r}; choose one of {', '.join(_PRECISIONS)}.")
         if int(batch_size) < 1:
             raise BackboneError(f"batch_size must be >= 1, got {batch_size}")
-        self.device = parse_device(device)
+        self.device = resolve_device(device)
+        check_precision(precision, self.device.type)
+        # an ONNX Runtime backbone (tasks/features/export.py) takes host tensors and runs where its session runs
+        self.host = torch.device("cpu") if getattr(model, "onnx_session", False) else self.device
         self.precision = precision
         self.batch_size = int(batch_size)
         self.automatic_batch_size = bool(automatic_batch_size)
-        self.model = model.to(self.device, memory_format=torch.channels_last).eval()  # type: ignore[call-overload]
+        self.model = model.to(self.host, memory_format=torch.channels_last).eval()  # type: ignore[call-overload]
         if precision == "bf16" and self.device.type == "cpu" and not cpu_has_fast_bf16():
             logger.warning(
                 "precision bf16 on a CPU without AMX/AVX512-BF16 (%s) is emulated and much slower than fp32; "
@@ -244,15 +194,10 @@ class FeatureExtractor:
                 torch.backends.cpu.get_cpu_capability(),
             )
 
-    def _autocast(self):
-        if self.precision == "bf16":
-            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
-        return nullcontext()
-
     def __call__(self, batch: torch.Tensor) -> np.ndarray:
         """Features (B, D) float32 for an already preprocessed batch."""
-        x = batch.to(self.device, memory_format=torch.channels_last)
-        with torch.inference_mode(), self._autocast():
+        x = batch.to(self.host, memory_format=torch.channels_last)
+        with torch.inference_mode(), autocast(self.host, self.precision):
             out = self.model(x)
         return out.float().cpu().numpy()
 

@@ -39,13 +39,17 @@ def backbone_digest(cfg: TrainFlowConfig) -> str:
 
 
 def feature_runtime(cfg: TrainFlowConfig) -> str:
-    """The runtime that computes features: ``torch`` or ``onnxruntime`` (``auto`` resolved for this machine)."""
+    """The runtime that computes features: ``torch`` or ``onnxruntime`` (``auto``: ONNX Runtime on the CPU at fp32
+    when installed, else torch). ONNX Runtime runs at fp32 only; on a GPU with its CUDA provider (onnxruntime-gpu,
+    checked when the session starts)."""
     task = cfg.task
-    plain_cpu = task.device == "cpu" and task.precision == "fp32"
     if task.runtime == "auto":
+        plain_cpu = task.device == "cpu" and task.precision == "fp32"
         return "onnxruntime" if plain_cpu and importlib.util.find_spec("onnxruntime") else "torch"
-    if task.runtime == "onnxruntime" and not plain_cpu:
-        raise ConfigError("task.runtime=onnxruntime runs on device cpu at precision fp32 only; use task.runtime=torch")
+    if task.runtime == "onnxruntime" and task.precision != "fp32":
+        raise ConfigError(
+            f"task.runtime=onnxruntime runs at task.precision=fp32 only (got {task.precision}); use task.runtime=torch"
+        )
     return task.runtime
 
 

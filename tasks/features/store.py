@@ -65,7 +65,9 @@ def _extractor(cfg: TrainFlowConfig, onnx_cache: Path, wdigest: str | None = Non
         _EXTRACTORS.clear()
         model: Any
         if runtime == "onnxruntime":
-            model = onnx_backbone(cfg.backbone.name, cfg.backbone.weights, size, onnx_cache, wdigest, layers, pooling)
+            model = onnx_backbone(
+                cfg.backbone.name, cfg.backbone.weights, size, onnx_cache, wdigest, layers, pooling, cfg.task.device
+            )
         else:
             model = build_backbone(cfg.backbone.name, cfg.backbone.weights, layers, pooling)
         _EXTRACTORS[ident] = FeatureExtractor(

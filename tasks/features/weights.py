@@ -13,6 +13,7 @@ import hashlib
 import importlib.util
 import os
 import re
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
@@ -49,10 +50,14 @@ def check_name(name: str) -> str:
 
 
 def _hub_checkpoint_dir() -> Path:
-    import torch
-
-    # torch.hub.get_dir() honours $TORCH_HOME / $XDG_CACHE_HOME at call time.
-    return Path(torch.hub.get_dir()) / "checkpoints"
+    """torch hub's ``checkpoints`` folder, read at call time as ``torch.hub.get_dir()`` does ($TORCH_HOME, else
+    $XDG_CACHE_HOME/torch, else ~/.cache/torch), without importing torch (a cached run needs only the file's path);
+    once torch is imported its own answer is used (it also honours ``torch.hub.set_dir``)."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        return Path(torch.hub.get_dir()) / "checkpoints"
+    cache = os.getenv("XDG_CACHE_HOME", os.path.join("~", ".cache"))
+    return Path(os.path.expanduser(os.getenv("TORCH_HOME", os.path.join(cache, "torch")))) / "hub" / "checkpoints"
 
 
 def _package_weight_dirs(name: str) -> list[tuple[str, Path | None]]:

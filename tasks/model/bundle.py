@@ -18,8 +18,7 @@ from storage.fingerprint import CODE_VERSION
 from storage.geometry import GRID_POLICY
 from storage.manifest import MANIFEST_FILE, STAT_CACHE, building
 from storage.writes import naming_write_errors, serialise_to
-from tasks.features.export import export_onnx, export_torchscript
-from tasks.features.extractor import build_backbone, feature_dim, inner_backbone
+from tasks.features.layers import feature_width
 from tasks.features.params import backbone_digest, class_map, feature_layers, feature_options, feature_runtime
 from tasks.imageio import dataset_decoding, sixteen_bit_json
 from tasks.model.config import TrainFlowConfig
@@ -54,7 +53,7 @@ def model_json(
         # the backbone exports return these layers pooled (absent in older bundles: "final", "avg")
         "feature_layers": list(feature_layers(cfg)),
         "pooling": cfg.backbone.pooling,
-        "feature_dim": feature_dim(cfg.backbone.name, feature_layers(cfg), cfg.backbone.pooling),
+        "feature_dim": feature_width(cfg.backbone.name, feature_layers(cfg), cfg.backbone.pooling),
         "weights_digest": weights_digest or backbone_digest(cfg),
         "patchflow_version": CODE_VERSION,
         # how 16-bit images became 8-bit in the dataset: predict decodes its images the same way
@@ -76,6 +75,9 @@ def export_backbone(cfg: TrainFlowConfig, out: Path) -> Path:
 
     It depends only on the backbone, its weights, its feature layers and the input size, never on the classifier.
     """
+    from tasks.features.export import export_onnx, export_torchscript  # torch: only when something is exported
+    from tasks.features.extractor import build_backbone, inner_backbone
+
     size = (cfg.transforms.input_height, cfg.transforms.input_width)
     model = build_backbone(cfg.backbone.name, cfg.backbone.weights, feature_layers(cfg), cfg.backbone.pooling)
     types = export_types(cfg)

@@ -16,6 +16,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from tasks.config import StrictModel
+from tasks.device import Device, check_precision
 from tasks.features.layers import resolve_layers
 from tasks.features.weights import SUPPORTED_BACKBONES
 from tasks.model.recipes import DEFAULT_GRID, apply_recipe, check_model
@@ -206,9 +207,13 @@ _OUTPUT_KEYS = {
 class TaskSection(StrictModel):
     """Where and how to compute."""
 
-    device: str = Field("cpu", description="cpu, cuda or cuda:N")
+    device: Device = Field(
+        "cpu", description="cpu, cuda or cuda:N (the GPU's index, e.g. cuda:2); never a CPU fallback"
+    )
     automatic_batch_size: AutoBatchSection = Field(default_factory=AutoBatchSection)
-    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 = autocast (fast on AMX CPUs and recent GPUs)")
+    precision: Literal["fp32", "fp16", "bf16"] = Field(
+        "fp32", description="fp16/bf16 = autocast (fp16: GPU only; bf16: fast on AMX CPUs and recent GPUs)"
+    )
     shard_patches: StrictInt = Field(
         4096,
         ge=1,
@@ -343,4 +348,5 @@ class TrainFlowConfig(StrictModel):
                 f"backbone dino_vitb8 needs transforms.input_height/input_width that are multiples of 8 "
                 f"(its patch size), got {t.input_height}x{t.input_width}"
             )
+        check_precision(self.task.precision, self.task.device)  # fp16 on the CPU is refused
         return self

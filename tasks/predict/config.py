@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field, StrictInt
 
 from tasks.config import StrictModel
+from tasks.device import Device
 
 
 class PredictFlowConfig(StrictModel):
@@ -22,7 +23,7 @@ class PredictFlowConfig(StrictModel):
         description="Patches per forward; 32 keeps the peak memory of a CPU "
         "forward about 350 MB lower than 64 at the same speed",
     )
-    device: str = "cpu"
+    device: Device = Field("cpu", description="cpu, cuda or cuda:N; never a CPU fallback")
     storage_root: str | None = None
     force: bool = False
     max_image_pixels: StrictInt | None = Field(
