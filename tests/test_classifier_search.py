@@ -155,9 +155,13 @@ def test_recipe_presets_fill_only_unset_keys() -> None:
 
 def test_search_grid_is_checked_against_the_model() -> None:
     _cfg(search={"enabled": True})  # the default grid fits the default pipeline
+    # the default grid follows the user's model: C and class_weight wherever the estimator has them
+    lr = _cfg(recipe="quadra", model={"params": {"max_iter": 100}}, search={"enabled": True})
+    assert lr.search.grid == {"C": [0.01, 0.03, 0.1, 0.3, 1.0, 3.0], "class_weight": [None, "balanced"]}
     _refused(
-        {"recipe": "quadra", "model": {"params": {"max_iter": 100}}, "search": {"enabled": True}},
-        "search.grid: 'clf__C' is not a parameter of the model LogisticRegression",
+        {"model": {"_target_": "sklearn.ensemble.RandomForestClassifier"}, "search": {"enabled": True}},
+        "search.grid: 'clf__C' is not a parameter of the model RandomForestClassifier",
+        "set search.grid for this model",
     )
     _refused({"search": {"enabled": True, "grid": {"C": [1.0]}}}, "'C' is not a parameter", "did you mean clf__C")
     _refused({"search": {"enabled": True, "grid": {"clf__C": []}}}, "search.grid.clf__C: give at least one value")

@@ -67,6 +67,21 @@ def apply_recipe(model_cls: Any, data: Any) -> Any:
     return out
 
 
+def default_grid_for(spec: dict[str, Any], seed: int) -> dict[str, list[Any]]:
+    """The default search grid (C values x class weights) addressed to wherever ``spec``'s estimator has ``C`` and
+    ``class_weight`` (``C`` for a bare classifier, ``clf__C`` in the default pipeline); unchanged when it has none."""
+    try:
+        params = build_estimator(spec, seed).get_params(deep=True)
+    except ValueError:
+        return dict(DEFAULT_GRID)  # check_model names the problem
+    out: dict[str, list[Any]] = {}
+    for name, values in (("C", C_VALUES), ("class_weight", [None, "balanced"])):
+        keys = sorted((k for k in params if k.rpartition("__")[2] == name), key=len)
+        if keys:
+            out[keys[0]] = list(values)
+    return out if len(out) == 2 else dict(DEFAULT_GRID)
+
+
 def check_model(spec: dict[str, Any], seed: int, grid: dict[str, list[Any]] | None = None) -> None:
     """Raise ``ValueError`` (one line naming ``model`` or ``search.grid``) unless ``spec`` builds into an estimator
     with ``fit`` and ``predict_proba`` and every value of ``grid`` (when given) applies to it."""
