@@ -3,7 +3,8 @@
 The validation is the scoring stage of ``tasks/evaluation/stage.py`` (:func:`~tasks.evaluation.stage.validate_stage`).
 
 Keys: fit = the training stores' keys + classifier config + seed; backbone export = weights digest + name +
-input size + formats; bundle = fit key + backbone key + ``model.json`` + the joblib opt-in. So changing the
+input size + formats; bundle = fit key + backbone key + ``model.json`` + the joblib opt-in + the one-file model's
+version. So changing the
 classifier re-exports no backbone, and an unchanged stage is never recomputed.
 """
 
@@ -18,6 +19,7 @@ from storage.manifest import file_matches, matches_manifest, write_file_digest
 from tasks.model.bundle import export_backbone, export_bundle, export_types, model_json
 from tasks.model.config import TrainFlowConfig
 from tasks.model.fit import fit_classifier
+from tasks.model.onefile import FULL_MODEL_VERSION
 from tasks.stage import build_once, run_stage
 
 
@@ -42,9 +44,15 @@ def backbone_key(cfg: TrainFlowConfig, weights_digest: str) -> str:
 
 
 def bundle_key(cfg: TrainFlowConfig, fkey: str, bkey: str, weights_digest: str) -> str:
-    """Key of the deployment bundle: classifier, backbone export, ``model.json`` and the joblib opt-in."""
+    """Key of the deployment bundle: classifier, backbone export, ``model.json``, the joblib opt-in and the
+    one-file model's layout version."""
     return combine(
-        "export", fkey, bkey, params_digest(model_json(cfg, weights_digest)), f"joblib={cfg.export.joblib_classifier}"
+        "export",
+        fkey,
+        bkey,
+        params_digest(model_json(cfg, weights_digest)),
+        f"joblib={cfg.export.joblib_classifier}",
+        f"full_model={FULL_MODEL_VERSION}",
     )
 
 
