@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -54,9 +55,11 @@ def backbone_graph(backbone_dir: Path, name: str, size: tuple[int, int]) -> Any:
         raise NotConvertibleError(f"{folder} holds no backbone export to convert")
     with tempfile.TemporaryDirectory(prefix="patchflow-onefile-") as tmp:
         try:
-            export_onnx(load_export(source, name), Path(tmp) / "backbone.onnx", size)
+            with warnings.catch_warnings():  # a TorchScript module has no Python signature: nothing to act on
+                warnings.filterwarnings("ignore", message="no signature found", category=UserWarning)
+                export_onnx(load_export(source, name), Path(tmp) / "backbone.onnx", size)
         except Exception as exc:  # e.g. a traced op with no ONNX form
-            raise NotConvertibleError(f"the backbone {source.name} has no ONNX form ({str(exc)[:200]})") from None
+            raise NotConvertibleError(f"the backbone {source.name} has no ONNX form ({_line(exc)})") from None
         return onnx.load(str(Path(tmp) / "backbone.onnx"))
 
 
@@ -73,10 +76,29 @@ def classifier_graph(est: Any, width: int) -> Any:
             est,
             initial_types=[("features", FloatTensorType([None, int(width)]))],
             options=options,
-            target_opset={"": OPSET, "ai.onnx.ml": 3},
+            target_opset=OPSET,
         )
     except Exception as exc:
-        raise NotConvertibleError(f"skl2onnx cannot convert {type(est).__name__} ({str(exc)[:200]})") from None
+        raise NotConvertibleError(f"skl2onnx cannot convert {type(est).__name__} ({_line(exc)})") from None
+
+
+def check_classifier(backbone: Any, clf: Any, est: Any, size: tuple[int, int], tolerance: float = 1e-4) -> None:
+    """Refuse a conversion whose probabilities differ from ``est.predict_proba`` by more than ``tolerance`` on the
+    features of a few random patches (the backbone graph and the classifier graph run by ONNX Runtime)."""
+    import onnxruntime as ort
+
+    def run(model: Any, x: np.ndarray) -> list[np.ndarray]:
+        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        return session.run(None, {session.get_inputs()[0].name: x})
+
+    x = np.random.default_rng(0).normal(size=(8, 3, *size)).astype(np.float32)
+    feats = run(backbone, x)[0]
+    got = next(o for o in run(clf, feats) if o.ndim == 2 and o.dtype == np.float32)
+    worst = float(np.abs(got - est.predict_proba(feats)).max())
+    if not worst <= tolerance:
+        raise NotConvertibleError(
+            f"skl2onnx's conversion of {type(est).__name__} differs from its predict_proba by {worst:.2g}"
+        )
 
 
 def _preprocessing(size: tuple[int, int], mean: Sequence[float], std: Sequence[float], out: str) -> tuple[list, list]:
@@ -141,9 +163,10 @@ def full_model(backbone: Any, est: Any, meta: dict[str, Any]) -> Any:
 
     h, w = input_size(meta)
     num_classes = max(class_to_idx(meta).values()) + 1
-    bb = compose.add_prefix(backbone, "backbone/")
-    width = bb.graph.output[0].type.tensor_type.shape.dim[1].dim_value or int(est.n_features_in_)
-    clf = compose.add_prefix(classifier_graph(est, width), "classifier/")
+    width = backbone.graph.output[0].type.tensor_type.shape.dim[1].dim_value or int(est.n_features_in_)
+    clf = classifier_graph(est, width)
+    check_classifier(backbone, clf, est, (h, w))
+    bb, clf = compose.add_prefix(backbone, "backbone/"), compose.add_prefix(clf, "classifier/")
     pre_nodes, pre_inits = _preprocessing((h, w), meta["mean"], meta["std"], bb.graph.input[0].name)
     proba = next(o.name for o in clf.graph.output if o.name.endswith("probabilities"))
     post_nodes, post_inits = _all_classes(proba, est.classes_, num_classes)
@@ -191,6 +214,10 @@ def export_full_model(backbone_dir: Path, est: Any, meta: dict[str, Any], out: P
         return None
     write_file(out, model.SerializeToString())
     return full_model_entry(meta)
+
+
+def _line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:200]
 
 
 def _size(meta: dict[str, Any]) -> tuple[int, int]:
