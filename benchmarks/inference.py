@@ -1,0 +1,267 @@
+"""Benchmark: the in-process Predictor and the inference service against the bare backbone forward, on mtd-dev.
+
+Trains a MobileNetV2 (ImageNet) bundle with the flows on a private storage root ([2, 2] patches, 2 passes),
+then on the test split's raw images measures, on this machine's CPU:
+- Predictor latency per image (decoded image in memory -> class map, polygons, summary) against the bare
+  backbone forward of the same 4 patches (already resized and normalised; the bundle's ``model.onnx`` run by ONNX
+  Runtime, the features' runtime; the torch module's forward is recorded too);
+- batch throughput (``predict_batch`` over all images) against the bare forward of all their patches;
+- Predictor load time (in process, and a fresh process: import + load + first image);
+- the service (``deployments.inference_server`` as a subprocess on 127.0.0.1): p50/p99 latency and throughput
+  with 1 and 8 concurrent clients, 500 requests each (bounded by count and time), errors counted.
+Usage: python -m benchmarks.inference [--out benchmarks/results/inference.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.dataset_generation import DEFAULT_DATA, build_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+REPS = 5
+
+
+def train_bundle(data: Path, tmp: Path) -> tuple[Path, list[Path]]:
+    """The benchmark bundle (flows.train, 2 passes, private storage root) and the test split's raw images."""
+    from flows.train import train_flow
+
+    build_dataset(data, tmp / "ds", val_size=0.3, test_size=0.2)
+    res = train_flow(
+        {
+            "datamodule": {"data_path": str(tmp / "ds")},
+            "trainer": {"iteration_over_training": 2},
+            "core": {"runs_folder": str(tmp / "runs")},
+            "storage_root": str(tmp / "store"),
+        }
+    )
+    info = json.loads((tmp / "ds" / "info.json").read_text())
+    raw = tmp / "raw"
+    raw.mkdir()
+    for f in info["test_files"]:
+        shutil.copy2(tmp / "ds" / f["image_path"], raw)
+    return Path(res["bundle"]), sorted(raw.iterdir())
+
+
+def best(fn: Callable[[], Any], reps: int = REPS) -> float:
+    """Median wall time of ``fn`` over ``reps`` runs (after one warm-up)."""
+    fn()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def bare_forwards(bundle: Path) -> dict[str, Callable[[np.ndarray], Any]]:
+    """The bare backbone forwards of preprocessed (N, 3, H, W) batches: ONNX Runtime (``model.onnx``) and torch."""
+    import onnxruntime as ort
+    import torch
+
+    from tasks.features.extractor import build_backbone
+
+    session = ort.InferenceSession(str(bundle / "model.onnx"), providers=["CPUExecutionProvider"])
+    module = build_backbone("mobilenet_v2", "imagenet")
+
+    def torch_forward(x: np.ndarray) -> Any:
+        with torch.inference_mode():
+            return module(torch.from_numpy(x).contiguous(memory_format=torch.channels_last))
+
+    return {"onnxruntime": lambda x: session.run(None, {"images": x}), "torch": torch_forward}
+
+
+def predictor_figures(bundle: Path, images: list[Path]) -> dict[str, Any]:
+    """Latency per image and batch throughput of the Predictor against the bare forwards; load time."""
+    from tasks import Predictor
+    from tasks.evaluation.inferer import split_image
+    from tasks.features.extractor import preprocess
+    from tasks.imageio import read_image
+
+    t = time.perf_counter()
+    p = Predictor.load(bundle)
+    load_s = time.perf_counter() - t
+    meta = p.bundle.meta
+    arrays = [read_image(f) for f in images]
+    batches = [
+        preprocess(
+            split_image(a, p.bundle.grid_spec.grid(*a.shape[:2])), p.bundle.input_size, meta["mean"], meta["std"]
+        )
+        .contiguous()
+        .numpy()
+        for a in arrays
+    ]
+    bare = bare_forwards(bundle)
+    per_image = {name: sum(best(lambda b=b, f=f: f(b)) for b in batches) for name, f in bare.items()}
+    per_image["predictor"] = sum(best(lambda a=a: p.predict(a)) for a in arrays)
+    per_image["predictor_from_file"] = sum(best(lambda f=f: p.predict(f)) for f in images)
+    two = Predictor.load(bundle, runtime="two-part")
+    per_image["predictor_two_part"] = sum(best(lambda a=a: two.predict(a)) for a in arrays)
+    everything = np.concatenate(batches)
+    chunks = [everything[i : i + p.batch_size] for i in range(0, len(everything), p.batch_size)]
+    batch = {name: best(lambda f=f: [f(c) for c in chunks], 3) for name, f in bare.items()}
+    batch["predictor"] = best(lambda: p.predict_batch(arrays), 3)
+    batch["predictor_two_part"] = best(lambda: two.predict_batch(arrays), 3)
+    n = len(arrays)
+    return {
+        "images": n,
+        "patches": int(len(everything)),
+        "runtime": p.runtime,
+        "load_s": round(load_s, 3),
+        "latency_per_image_ms": {k: round(1000 * v / n, 2) for k, v in per_image.items()},
+        "overhead_over_bare_forward": {
+            f"{k}_vs_{b}": round(per_image[k] / per_image[b] - 1, 3)
+            for k in ("predictor", "predictor_two_part")
+            for b in bare
+        },
+        "batch_images_per_s": {k: round(n / v, 1) for k, v in batch.items()},
+        "batch_throughput_ratio": {
+            f"{k}_vs_{b}": round(batch[b] / batch[k], 3) for k in ("predictor", "predictor_two_part") for b in bare
+        },
+    }
+
+
+def cold_start(bundle: Path, image: Path) -> dict[str, float]:
+    """A fresh process: ``from tasks import Predictor``, ``Predictor.load``, the first prediction (seconds)."""
+    code = (
+        "import json, time; t0 = time.perf_counter(); from tasks import Predictor; t1 = time.perf_counter(); "
+        f"p = Predictor.load({str(bundle)!r}); t2 = time.perf_counter(); p.predict({str(image)!r}); "
+        "t3 = time.perf_counter(); "
+        "print(json.dumps({'import_s': t1 - t0, 'load_s': t2 - t1, 'first_image_s': t3 - t2}))"
+    )
+    runs = []
+    for _ in range(3):
+        out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    return {k: round(statistics.median(r[k] for r in runs), 3) for k in runs[0]}
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def load_test(url: str, bodies: list[bytes], clients: int, requests: int, limit_s: float) -> dict[str, Any]:
+    """``requests`` POST /predict from ``clients`` threads (keep-alive), stopped after ``limit_s`` at the latest."""
+    import threading
+
+    import httpx
+
+    latencies: list[float] = []
+    errors: list[str] = []
+    counter = iter(range(requests))
+    lock = threading.Lock()
+    deadline = time.monotonic() + limit_s
+
+    def client() -> None:
+        with httpx.Client(base_url=url, timeout=60) as c:
+            while time.monotonic() < deadline:
+                with lock:
+                    i = next(counter, None)
+                if i is None:
+                    return
+                t = time.perf_counter()
+                r = c.post("/predict", content=bodies[i % len(bodies)])
+                with lock:
+                    latencies.append(time.perf_counter() - t)
+                    if r.status_code != 200:
+                        errors.append(f"{r.status_code} {r.text[:100]}")
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    wall = time.perf_counter() - t0
+    ms = np.array(latencies) * 1000
+    return {
+        "clients": clients,
+        "requests": len(latencies),
+        "errors": len(errors),
+        "first_errors": errors[:3],
+        "wall_s": round(wall, 2),
+        "p50_ms": round(float(np.percentile(ms, 50)), 1),
+        "p99_ms": round(float(np.percentile(ms, 99)), 1),
+        "requests_per_s": round(len(latencies) / wall, 1),
+    }
+
+
+def service_figures(bundle: Path, images: list[Path], requests: int = 500, limit_s: float = 300) -> dict[str, Any]:
+    """The real server as a subprocess on a free loopback port; load tests at 1 and 8 concurrent clients."""
+    import httpx
+
+    port = _free_port()
+    cmd = [sys.executable, "-m", "deployments.inference_server", "--model", str(bundle), "--port", str(port)]
+    t = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        while True:
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                if proc.poll() is not None or time.perf_counter() - t > 120:
+                    raise RuntimeError("the inference server did not start") from None
+                time.sleep(0.1)
+        ready_s = time.perf_counter() - t
+        bodies = [f.read_bytes() for f in images]
+        runs = [load_test(url, bodies, c, requests, limit_s) for c in (1, 8)]
+        health = httpx.get(f"{url}/health", timeout=10).json()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    return {"ready_s": round(ready_s, 2), "runs": runs, "batches": health["batches"], "images": health["images"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/inference.json"))
+    ap.add_argument("--requests", type=int, default=500)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        bundle, images = train_bundle(args.data, Path(tmp))
+        pred = predictor_figures(bundle, images)
+        cold = cold_start(bundle, images[0])
+        service = service_figures(bundle, images, args.requests)
+    overhead = pred["overhead_over_bare_forward"]["predictor_vs_onnxruntime"]
+    ratio = pred["batch_throughput_ratio"]["predictor_vs_onnxruntime"]
+    result = {
+        "benchmark": "inference",
+        "machine": {"cpus": os.cpu_count(), "loadavg_at_end": [round(x, 2) for x in os.getloadavg()]},
+        "bundle": "mobilenet_v2 ImageNet, mtd-dev [2, 2] patches at 224 px, 2 passes, LogisticRegression",
+        "predictor": pred,
+        "cold_process": cold,
+        "service": service,
+        "targets": {
+            "latency_overhead_le_0.30": overhead <= 0.30,
+            "batch_throughput_ratio_ge_0.9": ratio >= 0.9,
+            "load_lt_1s": pred["load_s"] < 1.0,
+            "service_0_errors": all(r["errors"] == 0 and r["requests"] == args.requests for r in service["runs"]),
+        },
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
