@@ -66,8 +66,11 @@ def backbone_graph(backbone_dir: Path, name: str, size: tuple[int, int]) -> Any:
 def classifier_graph(est: Any, width: int) -> Any:
     """The classifier as an ONNX model (``skl2onnx``; input ``features`` (N, width) float32, output
     ``probabilities`` over its ``classes_``, no ZipMap)."""
-    from skl2onnx import convert_sklearn
-    from skl2onnx.common.data_types import FloatTensorType
+    try:
+        from skl2onnx import convert_sklearn
+        from skl2onnx.common.data_types import FloatTensorType
+    except ImportError:
+        raise NotConvertibleError("skl2onnx is not installed (pip install skl2onnx)") from None
 
     last = est.steps[-1][1] if hasattr(est, "steps") else est
     options = {id(est): {"zipmap": False}, id(last): {"zipmap": False}}

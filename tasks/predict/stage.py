@@ -89,7 +89,7 @@ def predict_images(
     (out_dir / PREDICTIONS_FILE).unlink(missing_ok=True)
     # the Predictor's two-part runtime: the evaluation's backbone and classifier (checked to fit, before any image
     # is read), so predict's maps are the evaluation's
-    predictor = Predictor.load(bundle, device, "two-part", method, batch_size)
+    predictor = Predictor.load(bundle, device, "two-part", method, batch_size, max_image_pixels=max_image_pixels)
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     read = ((path, read_image(path, decoding)) for path in images)  # pixel limit from the header first
