@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from storage.bundle import FULL_MODEL_FILE
+from storage.bundle import FULL_MODEL_FILE, class_to_idx, input_size
 from storage.writes import write_file
 
 #: version of the one-file graph's layout (part of the bundle export key: a change re-exports bundles)
@@ -108,19 +108,20 @@ def _preprocessing(size: tuple[int, int], mean: Sequence[float], std: Sequence[f
     """Nodes and initializers: uint8 NHWC BGR ``images`` -> normalised float32 NCHW RGB ``out``."""
     from onnx import TensorProto, helper, numpy_helper
 
-    scale = np.array([1.0 / (255.0 * s) for s in std], dtype=np.float32)  # the values preprocess() uses
-    shift = np.array([m / s for m, s in zip(mean, std)], dtype=np.float32)
+    # the values preprocess() uses; planes first: a Gather over NHWC's last axis copies pixel by pixel (20x slower)
+    scale = np.array([1.0 / (255.0 * s) for s in std], dtype=np.float32).reshape(1, 3, 1, 1)
+    shift = np.array([m / s for m, s in zip(mean, std)], dtype=np.float32).reshape(1, 3, 1, 1)
     inits = [
         numpy_helper.from_array(np.array([2, 1, 0], np.int64), "pre/bgr_to_rgb"),
         numpy_helper.from_array(scale, "pre/scale"),
         numpy_helper.from_array(shift, "pre/shift"),
     ]
     nodes = [
-        helper.make_node("Gather", [INPUT_NAME, "pre/bgr_to_rgb"], ["pre/rgb"], axis=3),
+        helper.make_node("Transpose", [INPUT_NAME], ["pre/nchw"], perm=[0, 3, 1, 2]),
+        helper.make_node("Gather", ["pre/nchw", "pre/bgr_to_rgb"], ["pre/rgb"], axis=1),
         helper.make_node("Cast", ["pre/rgb"], ["pre/float"], to=TensorProto.FLOAT),
         helper.make_node("Mul", ["pre/float", "pre/scale"], ["pre/scaled"]),
-        helper.make_node("Sub", ["pre/scaled", "pre/shift"], ["pre/normalised"]),
-        helper.make_node("Transpose", ["pre/normalised"], [out], perm=[0, 3, 1, 2]),
+        helper.make_node("Sub", ["pre/scaled", "pre/shift"], [out]),
     ]
     return nodes, inits
 
@@ -162,8 +163,6 @@ def full_model(backbone: Any, est: Any, meta: dict[str, Any]) -> Any:
     import onnx
     from onnx import TensorProto, compose, helper
 
-    from storage.bundle import class_to_idx, input_size
-
     h, w = input_size(meta)
     num_classes = max(class_to_idx(meta).values()) + 1
     width = backbone.graph.output[0].type.tensor_type.shape.dim[1].dim_value or int(est.n_features_in_)
@@ -191,8 +190,6 @@ def full_model(backbone: Any, est: Any, meta: dict[str, Any]) -> Any:
 
 def full_model_entry(meta: dict[str, Any]) -> dict[str, Any]:
     """``model.json``'s ``full_model`` entry: the file and its input and output."""
-    from storage.bundle import class_to_idx, input_size
-
     h, w = input_size(meta)
     return {
         "file": FULL_MODEL_FILE,
@@ -207,11 +204,12 @@ def export_full_model(backbone_dir: Path, est: Any, meta: dict[str, Any], out: P
     """Write ``out`` (``model_full.onnx``); its ``model.json`` entry, or None with one warning when the
     classifier (or the backbone) has no ONNX form (the bundle then keeps the two-part path only)."""
     try:
-        model = full_model(backbone_graph(backbone_dir, meta.get("backbone") or "", _size(meta)), est, meta)
-    except NotConvertibleError as exc:
+        model = full_model(backbone_graph(backbone_dir, meta.get("backbone") or "", input_size(meta)), est, meta)
+    except Exception as exc:  # NotConvertibleError, or anything else: the two-part bundle is still complete
+        reason = str(exc) if isinstance(exc, NotConvertibleError) else f"{type(exc).__name__}: {_line(exc)}"
         logger.warning(
             "%s; the bundle has no %s and is run as two parts (backbone export + classifier.skops)",
-            exc,
+            reason,
             FULL_MODEL_FILE,
         )
         return None
@@ -221,9 +219,3 @@ def export_full_model(backbone_dir: Path, est: Any, meta: dict[str, Any], out: P
 
 def _line(exc: BaseException) -> str:
     return " ".join(str(exc).split())[:200]
-
-
-def _size(meta: dict[str, Any]) -> tuple[int, int]:
-    from storage.bundle import input_size
-
-    return input_size(meta)

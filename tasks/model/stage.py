@@ -4,8 +4,7 @@ The validation is the scoring stage of ``tasks/evaluation/stage.py`` (:func:`~ta
 
 Keys: fit = the training stores' keys + classifier config + seed; backbone export = weights digest + name +
 input size + formats; bundle = fit key + backbone key + ``model.json`` + the joblib opt-in + the one-file model's
-version. So changing the
-classifier re-exports no backbone, and an unchanged stage is never recomputed.
+version. So changing the classifier re-exports no backbone, and an unchanged stage is never recomputed.
 """
 
 from __future__ import annotations

@@ -101,13 +101,15 @@ class Predictor:
         batch_size: int = 32,
         trust_pickle: bool = False,
         max_image_pixels: int | None = None,
+        threads: int | None = None,
     ) -> Predictor:
         """Open the bundle (verified against its manifest) and load its model once.
 
         ``runtime``: ``"auto"`` (the one-file model on the CPU when the bundle has one, else two parts),
         ``"full-onnx"`` or ``"two-part"``. ``method``: reconstruction rule (default: ``model.json``'s).
         ``trust_pickle``: a bundle without a manifest or with a pickled classifier (its files may run code).
-        ``max_image_pixels``: larger images are refused from their header (None: the environment's limit)."""
+        ``max_image_pixels``: larger images are refused from their header (None: the environment's limit).
+        ``threads``: ONNX Runtime's intra-op threads for the one-file model (None: its default, one per core)."""
         if runtime not in RUNTIMES:
             raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
         opened = bundle if isinstance(bundle, Bundle) else open_bundle(bundle, trust_pickle)
@@ -119,7 +121,7 @@ class Predictor:
         if runtime == "two-part" or not full:
             model: BundleModel | FullModel = BundleModel.load(opened, device, batch_size)
         else:
-            model = FullModel.load(opened, batch_size)
+            model = FullModel.load(opened, batch_size, threads)
         chosen = method or opened.meta.get("reconstruction_method") or "major_voting"
         return cls(opened, model, chosen, decoding, batch_size)
 
