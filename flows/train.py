@@ -34,9 +34,10 @@ def train_flow(config: TrainFlowConfig) -> dict[str, Any]:
         write_data_record(cfg, run)
         prune_partials(root)  # leftovers of killed runs
         weights = backbone_digest(cfg)
-        n_pass = cfg.trainer.iteration_over_training
+        n_pass, grid = cfg.trainer.iteration_over_training, int(cfg.trainer.grid_patches)
         progress = Progress(
-            n_pass + 5, f"{cfg.core.name}: {n_pass} feature passes, val features, fit, export, validation"
+            n_pass + grid + 5,
+            f"{cfg.core.name}: {n_pass} feature passes{', train grid' * grid}, val features, fit, export, validation",
         )
         stores, val_store = train_features(cfg, root, weights, progress)
         classifier, fit_key = fit_stage(cfg, root, stores)

@@ -25,7 +25,7 @@ import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import zarr
@@ -46,8 +46,16 @@ def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
-def _open(path: Path, mode: str) -> zarr.Group:
+def _open(path: Path, mode: Literal["r", "r+", "w"]) -> zarr.Group:
     return zarr.open_group(str(path), mode=mode)
+
+
+def _array(group: zarr.Group, name: str) -> zarr.Array:
+    """The array ``name`` of a store's group (a store holds arrays only)."""
+    arr = group[name]
+    if not isinstance(arr, zarr.Array):
+        raise FeatureStoreError(f"{group.store}: {name} is not an array; delete the store and rebuild it")
+    return arr
 
 
 def create_store(path: Path, n_rows: int, dim: int, attrs: dict, chunk_rows: int = 4096) -> None:
@@ -86,7 +94,7 @@ def create_store(path: Path, n_rows: int, dim: int, attrs: dict, chunk_rows: int
 def write_feature_rows(path: Path, start: int, features: np.ndarray) -> None:
     """Write the feature rows of a chunk-aligned block starting at ``start`` (safe from several processes;
     labels, ids and boxes are written once by the coordinator, :func:`write_row_meta`)."""
-    f = _open(path, "r+")["features"]
+    f = _array(_open(path, "r+"), "features")
     n_rows, dim = f.shape
     chunk_rows = f.chunks[0]
     features = np.asarray(features, dtype=np.float32)
@@ -108,13 +116,13 @@ def write_feature_rows(path: Path, start: int, features: np.ndarray) -> None:
 
 def read_feature_rows(path: Path, start: int, end: int) -> np.ndarray:
     """Feature rows ``[start, end)`` as stored."""
-    return np.asarray(_open(path, "r")["features"][start:end], dtype=np.float32)
+    return np.asarray(_array(_open(path, "r"), "features")[start:end], dtype=np.float32)
 
 
 def write_row_meta(path: Path, labels: np.ndarray, sample_ids: Sequence[str], boxes: np.ndarray) -> None:
     """Write every row's label, sample id and box at once (single coordinating process)."""
     g = _open(path, "r+")
-    n = g["features"].shape[0]
+    n = _array(g, "features").shape[0]
     labels, ids, boxes = np.asarray(labels), np.asarray(list(sample_ids), dtype=str), np.asarray(boxes)
     if labels.shape != (n,) or ids.shape != (n,) or boxes.shape != (n, 4):
         raise ValueError(
@@ -122,9 +130,9 @@ def write_row_meta(path: Path, labels: np.ndarray, sample_ids: Sequence[str], bo
             f"sample_ids {ids.shape}, boxes {boxes.shape}"
         )
     if n:
-        g["labels"][:] = labels.astype(np.int16)
-        g["sample_ids"][:] = ids
-        g["boxes"][:] = boxes.astype(np.int32)
+        _array(g, "labels")[:] = labels.astype(np.int16)
+        _array(g, "sample_ids")[:] = ids
+        _array(g, "boxes")[:] = boxes.astype(np.int32)
 
 
 def mark_complete(path: Path, digest: str) -> None:
@@ -165,13 +173,13 @@ def store_digest(path: Path) -> str:
     g = _open(path, "r")
     h = hashlib.sha256()
     for name in ARRAY_NAMES:
-        a = g[name]
+        a = _array(g, name)
         n = a.shape[0]
         row_bytes = 4 * int(np.prod(a.shape[1:], dtype=np.int64))
         step = a.chunks[0] * max(1, (16 << 20) // (a.chunks[0] * row_bytes))  # ~16 MiB blocks
         h.update(f"{name}|{a.shape}|".encode())
         for s in range(0, n, step):
-            block = a[s : s + step]
+            block = np.asarray(a[s : s + step])
             if name == "sample_ids":
                 for sid in block.tolist():
                     b = str(sid).encode("utf-8")
@@ -202,10 +210,10 @@ def load_features(path: Path, verify: bool = False) -> tuple[np.ndarray, np.ndar
                 f"feature store {path} content digest mismatch (stored {want}, computed {got}): "
                 "it was modified after completion; delete it and re-run extraction"
             )
-    X = np.asarray(g["features"][:], dtype=np.float32)
-    y = np.asarray(g["labels"][:], dtype=np.int64)
-    ids = np.array(g["sample_ids"][:].tolist(), dtype=str)
-    boxes = np.asarray(g["boxes"][:], dtype=np.int32)
+    X = np.asarray(_array(g, "features")[:], dtype=np.float32)
+    y = np.asarray(_array(g, "labels")[:], dtype=np.int64)
+    ids = np.asarray(np.asarray(_array(g, "sample_ids")[:]).tolist(), dtype=str)
+    boxes = np.asarray(_array(g, "boxes")[:], dtype=np.int32)
     return X, y, ids, boxes
 
 
@@ -218,17 +226,17 @@ def concat_stores(paths: Sequence[Path]) -> tuple[np.ndarray, np.ndarray]:
         if not is_complete(p):
             raise FeatureStoreError(f"feature store {p} is missing or incomplete; cannot concatenate")
         groups.append(_open(p, "r"))
-    dims = {g["features"].shape[1] for g in groups}
+    dims = {_array(g, "features").shape[1] for g in groups}
     if len(dims) != 1:
         raise FeatureStoreError(f"feature stores have different feature dims {sorted(dims)}: {list(paths)}")
-    total = sum(g["features"].shape[0] for g in groups)
+    total = sum(_array(g, "features").shape[0] for g in groups)
     X = np.empty((total, dims.pop()), dtype=np.float32)
     y = np.empty(total, dtype=np.int64)
     s = 0
     for g in groups:
-        n = g["features"].shape[0]
+        n = _array(g, "features").shape[0]
         if n:
-            X[s : s + n] = g["features"][:]
-            y[s : s + n] = g["labels"][:]
+            X[s : s + n] = _array(g, "features")[:]
+            y[s : s + n] = _array(g, "labels")[:]
         s += n
     return X, y

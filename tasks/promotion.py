@@ -179,8 +179,8 @@ def _promote(folder: Path, name: str, record: dict[str, Any]) -> None:
 
 
 def register_and_promote(
-    bundle: Path,
-    folder: Path,
+    bundle: str | Path,
+    folder: str | Path,
     metrics: dict[str, Any],
     inputs_key: str,
     promotion: PromotionSection,

@@ -88,18 +88,8 @@ def comparison_config(cfg: RetrainFlowConfig, train_cfg: TrainFlowConfig, key: s
     return ecfg if ecfg is not None and newest_inputs_key(folder) != key else None
 
 
-@task(name="register-model-version", cache_policy=NO_CACHE)
-def register_task(
-    bundle: str,
-    folder: str,
-    metrics: dict[str, Any],
-    inputs_key: str,
-    promotion: PromotionSection,
-    run_dir: str,
-    latest_metrics: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Add the new bundle as a version and promote it by policy."""
-    return register_and_promote(Path(bundle), Path(folder), metrics, inputs_key, promotion, run_dir, latest_metrics)
+#: register the new bundle as a version and promote it by policy (``tasks/promotion.py``), as a Prefect task
+register_task = task(name="register-model-version", cache_policy=NO_CACHE)(register_and_promote)
 
 
 def publish_outcome(outcome: dict[str, Any], folder: Path, run_dir: str) -> None:

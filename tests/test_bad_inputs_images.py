@@ -219,6 +219,7 @@ def test_121_pixel_limit_in_the_training_evaluation_and_report_stages(
     )
 
 
+@pytest.mark.slow
 def test_122_predict_pixel_limit_flag(bundle_src: Path, tmp_path: Path) -> None:  # noqa: F811
     """predict refuses an image over --max-image-pixels (default: the environment's limit) before decoding it."""
     from tasks.predict.config import PredictFlowConfig
@@ -265,6 +266,7 @@ def test_123_header_beyond_opencv_limits_is_one_clear_line(tmp_path: Path, monke
     )
 
 
+@pytest.mark.slow
 def test_123b_cli_huge_header_ends_with_one_error_line(tmp_path: Path) -> None:
     """The dataset CLI on an image whose header claims 1.6 GP: exit 1, one 'error: ...' line, no traceback."""
     src = tmp_path / "imgs"
@@ -303,6 +305,7 @@ def test_123b_cli_huge_header_ends_with_one_error_line(tmp_path: Path) -> None:
     assert not (out / "info.json").exists()
 
 
+@pytest.mark.slow
 def test_124_12bit_data_in_16bit_png_has_the_full_range_everywhere(bundle_src: Path, tmp_path: Path) -> None:  # noqa: F811
     """Rule "auto" (default): a 12-bit ramp saved as 16-bit PNG gives 0..255 (value >> 4), not 0..15 (>> 8), in the
     val/test patches, in training crops and in predict; patchflow.json and model.json record the rule."""

@@ -111,6 +111,7 @@ def one_error_line(proc: subprocess.CompletedProcess, rc: int = 1) -> str:
 # ===================================================================== O. predict outputs
 
 
+@pytest.mark.slow
 def test_140_out_is_the_images_folder(bundle: Path, tmp_path: Path) -> None:
     images = tmp_path / "images"
     img(images / "a.png", 1)
@@ -159,6 +160,7 @@ def test_142_out_holds_the_images_folder(bundle: Path, tmp_path: Path) -> None:
     assert tree_digest(out) == before
 
 
+@pytest.mark.slow
 def test_143_same_stem_in_two_subfolders_keeps_the_subfolders(bundle: Path, tmp_path: Path) -> None:
     images, out = tmp_path / "images", tmp_path / "pred"
     img(images / "sub1" / "dup.png", 1)
@@ -227,6 +229,7 @@ def test_144_same_stem_twice_in_one_folder_is_refused(bundle: Path, tmp_path: Pa
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_145_out_or_images_is_a_file(bundle: Path, tmp_path: Path) -> None:
     images = tmp_path / "images"
     img(images / "a.png", 1)
@@ -327,6 +330,7 @@ def test_148_outputs_of_another_run_in_the_same_folder_are_not_served(flow_run) 
     assert run(method="major_voting") == {"predict-images": "Cached"}
 
 
+@pytest.mark.slow
 def test_149_tilde_in_images_and_out_is_expanded(bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     home = tmp_path / "home"
     img(home / "imgs" / "a.png", 1)

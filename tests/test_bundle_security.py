@@ -73,7 +73,7 @@ def _cfg(data: Path, backbone: str = "mobilenet_v2", **sections):
 
     cfg = {
         "datamodule": {"data_path": str(data)},
-        "backbone": {"name": backbone, "weights": None},
+        "backbone": {"name": backbone, "weights": None, "feature_layers": "final"},  # widths 1280 / 512
         "transforms": {"input_height": 32, "input_width": 32},
         "task": {"runtime": "torch", "report": False},
         "export": {"types": ["torchscript", "onnx", "pytorch"], "joblib_classifier": True},
@@ -300,6 +300,7 @@ def test_91_user_classifier_class_needs_trust(tmp_path: Path, demo_patch_dataset
 # ===================================================================================== pickles
 
 
+@pytest.mark.slow
 def test_92_crafted_pickle_never_runs_without_the_flag(
     bundle: Path, images: Path, tmp_path: Path, demo_patch_dataset: Path
 ) -> None:
@@ -387,6 +388,7 @@ def test_92_crafted_pickle_cli_exits_1_with_one_line(bundle: Path, images: Path,
     assert not marker.exists() and not (tmp_path / "pred").exists()
 
 
+@pytest.mark.slow
 def test_93_bundle_without_manifest_needs_the_trust_flag(
     bundles: dict[str, Path], images: Path, tmp_path: Path
 ) -> None:
@@ -533,6 +535,7 @@ def test_97_classifier_from_another_model_with_the_same_feature_size(
     assert not (tmp_path / "pred").exists()
 
 
+@pytest.mark.slow
 def test_98_classifier_feature_size_mismatch(
     bundle: Path, bundles: dict[str, Path], images: Path, tmp_path: Path, demo_patch_dataset: Path
 ) -> None:
@@ -619,6 +622,7 @@ _FULL_DISK_EXPORT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_100_full_disk_during_backbone_export(tmp_path: Path, demo_patch_dataset: Path) -> None:
     """A real full disk (a file size limit in a subprocess): each export names its file and says disk full."""
     cfg = {
@@ -866,6 +870,7 @@ def test_103_dataset_and_evaluation_outputs_tampered_are_recomputed(flows_run: d
 # ============================================================================ Quadra compatibility
 
 
+@pytest.mark.slow
 def test_104_joblib_classifier_is_opt_in(bundles: dict[str, Path], images: Path, tmp_path: Path) -> None:
     """export.joblib_classifier writes Quadra's classifier.joblib next to classifier.skops (same model); patchflow
     reads the skops one without any flag. The default export has no pickle."""

@@ -50,8 +50,9 @@ def test_two_concurrent_train_runs_share_every_stage(tmp_path: Path) -> None:
         assert p.returncode == 0, out[-3000:]
         logs.append(out)
     both = "\n".join(logs)
-    # each feature store (2 passes + val) and the classifier were computed by exactly one of the runs
+    # each feature store (2 passes + train grid + val) and the classifier were computed by exactly one of the runs
     assert both.count("train features:") == 2, both[-4000:]
+    assert both.count("grid features:") == 1, both[-4000:]
     assert both.count("val features:") == 1, both[-4000:]
     assert both.count("fitted LogisticRegression") == 1, both[-4000:]
     runs = sorted((tmp_path / "runs").glob("*/*/deployment_model"))
@@ -62,7 +63,7 @@ def test_two_concurrent_train_runs_share_every_stage(tmp_path: Path) -> None:
     from storage import features as fstore
 
     stores = sorted((tmp_path / "shared-store" / "features").glob("*.zarr"))
-    assert len(stores) == 3 and not list((tmp_path / "shared-store" / "features").glob("*.partial"))
+    assert len(stores) == 4 and not list((tmp_path / "shared-store" / "features").glob("*.partial"))
     for store in stores:
         assert fstore.is_verified(store)
         fstore.load_features(store, verify=True)

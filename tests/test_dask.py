@@ -118,13 +118,14 @@ def test_dask_runs_match_single_process(tmp_path: Path, prefect_harness, monkeyp
     r_one = train_flow(_train_cfg(data, tmp_path, tmp_path / "t_one", {"kind": "thread"}))
     stores_dask = sorted((tmp_path / "t_dask" / "features").glob("*.zarr"))
     stores_one = sorted((tmp_path / "t_one" / "features").glob("*.zarr"))
-    assert [p.name for p in stores_dask] == [p.name for p in stores_one] and len(stores_one) == 3
+    assert [p.name for p in stores_dask] == [p.name for p in stores_one] and len(stores_one) == 4
+    assert sorted(fstore.store_attrs(p)["kind"] for p in stores_one) == ["grid", "train", "train", "val"]
     n_shards = 0
     for a, b in zip(stores_dask, stores_one):
         assert fstore.is_verified(a) and fstore.is_verified(b)
         assert fstore.store_attrs(a)["content_digest"] == fstore.store_attrs(b)["content_digest"]
         n_shards += len(list((a / "_shards").glob("shard-*.json")))
-    assert n_shards > 3  # several shards per store really ran
+    assert n_shards > 4  # several shards per store really ran
     val = next(p for p in stores_one if fstore.store_attrs(p)["kind"] == "val")
     X = fstore.load_features(val)[0]
     clf_dask = skops.io.load(Path(r_dask["bundle"]) / "classifier.skops")

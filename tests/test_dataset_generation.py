@@ -275,6 +275,7 @@ def test_image_smaller_than_patch_size(tmp_path):
 # ------------------------------------------------------------------ determinism
 
 
+@pytest.mark.slow
 def test_same_output_for_one_and_two_workers(synth, tmp_path):
     kw = dict(patch_number=None, patch_size=[32, 32], overlap=0.25, annotated_good=["b"], repeat_good_images=2)
     run(synth, tmp_path / "w1", num_workers=1, **kw)
@@ -462,6 +463,7 @@ def test_rerun_replaces_dataset(synth, tmp_path):
     assert tree_digest(out) == tree_digest(tmp_path / "fresh")
 
 
+@pytest.mark.slow
 def test_failing_run_with_two_workers_leaves_no_temp_folder(tmp_path):
     n = 40
     dd = make_dataset(tmp_path / "src", n=n, h=96, w=128, n_empty=2)

@@ -172,6 +172,7 @@ def test_fast(tmp_path: Path) -> None:
     assert time.perf_counter() - t < 3.0  # ~0.4 s on a 2-core machine; lenient for loaded CI
 
 
+@pytest.mark.slow
 def test_cli(tmp_path: Path) -> None:
     out = tmp_path / "cli"
     cmd = [sys.executable, "-m", "tasks.demo_data", str(out), "--n-images", "6", "--seed", "1", "--classes", "2"]

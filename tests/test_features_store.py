@@ -212,6 +212,7 @@ def _fill_shards_child(out: str, indices: list[int]) -> None:
     _fill_shards(Path(out), indices)
 
 
+@pytest.mark.slow
 def test_two_processes_disjoint_aligned_chunks(tmp_path: Path) -> None:
     n_rows = 10 * CHUNK + 3
     p = tmp_path / "mp.zarr"

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import pytest
 
 from storage.h5files import SamplingRegion, encode_region, read_region
 
@@ -44,6 +45,7 @@ def test_whole_image_region_has_empty_triangles(tmp_path: Path) -> None:
     assert read_region(tmp_path / "g.h5").triangles.shape == (0, 3, 2)
 
 
+@pytest.mark.slow
 def test_bytes_are_deterministic_across_time_and_processes() -> None:
     """No creation timestamps anywhere (a root-group timestamp once made rebuilt datasets differ)."""
     first = encode_region(REGION)

@@ -161,6 +161,7 @@ def test_report_is_deterministic(evaluation, tmp_path: Path) -> None:
     assert _generated(a)["report.html"] != first["report.html"]
 
 
+@pytest.mark.slow
 def test_report_renders_in_headless_chromium(evaluation, tmp_path: Path) -> None:
     if not CHROMIUM.is_file():
         if os.environ.get("CI") == "true":

@@ -77,7 +77,9 @@ def test_train_flow_stages_are_cached_by_content(demo_patch_dataset: Path, tmp_p
     assert len(recon["reconstructions"]) == len(json.loads((demo_patch_dataset / "info.json").read_text())["val_files"])
     assert "all_defects" in res["metrics"]["reconstruction"]
     first = task_states(state)
-    assert len(first) == 7 and set(first.values()) == {"Completed"}
+    assert len(first) == 8 and set(first.values()) == {
+        "Completed"
+    }  # 2 passes, train grid, val, fit, export x2, validate
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
@@ -112,7 +114,7 @@ def test_train_flow_stages_are_cached_by_content(demo_patch_dataset: Path, tmp_p
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = proc.stdout + proc.stderr
     feature_lines = [line for line in log.splitlines() if "features-" in line and "Finished in state" in line]
-    assert len(feature_lines) == 3 and all("Cached" in line for line in feature_lines), feature_lines
+    assert len(feature_lines) == 4 and all("Cached" in line for line in feature_lines), feature_lines
 
     # changing only the classifier reruns fit/export/validate, not features
     state = train_flow(
@@ -120,8 +122,23 @@ def test_train_flow_stages_are_cached_by_content(demo_patch_dataset: Path, tmp_p
     )
     st = task_states(state)
     assert st["train-pass-features"] == "Cached" and st["split-features"] == "Cached"
+    assert st["grid-features"] == "Cached"
     assert st["fit-classifier"] == "Completed" and st["validate-patches"] == "Completed"
     assert st["export-bundle"] == "Completed" and st["export-backbone"] == "Cached"  # no re-trace
+
+    # changing a grid labelling threshold recomputes the grid store only (then the fit and what follows)
+    state = train_flow(
+        _cfg(
+            demo_patch_dataset,
+            tmp_path,
+            model={"params": {"max_iter": 10000, "C": 0.3}},
+            trainer={"area_threshold": 0.3},
+        ),
+        return_state=True,
+    )
+    st = task_states(state)
+    assert st["grid-features"] == "Completed" and st["fit-classifier"] == "Completed"
+    assert st["train-pass-features"] == "Cached" and st["split-features"] == "Cached"
 
     # changing only the reconstruction method reruns validation, no features and no fit
     state = train_flow(
@@ -152,19 +169,24 @@ def test_train_flow_stages_are_cached_by_content(demo_patch_dataset: Path, tmp_p
 
 
 def test_exported_backbone_reproduces_training_features(demo_patch_dataset: Path, tmp_path: Path) -> None:
-    """Export parity: the TorchScript backbone gives the stored val features on the same patches."""
+    """Export parity: the TorchScript, ONNX and .pth backbones and a bundle's BundleModel give the stored val
+    features (multiscale by default) on the same patches."""
     import cv2
     import torch
 
     from storage import features as fstore
-    from tasks.features.export import OnnxBackbone
+    from storage.bundle import open_bundle
+    from tasks.evaluation.inferer import BundleModel
+    from tasks.features.export import OnnxBackbone, load_export
     from tasks.features.extractor import preprocess
     from tasks.features.store import extract_split, extract_train_pass
     from tasks.model.bundle import export_bundle
     from tasks.model.config import TrainFlowConfig
     from tasks.model.fit import fit_classifier
 
-    cfg = TrainFlowConfig.model_validate(_cfg(demo_patch_dataset, tmp_path))
+    cfg = TrainFlowConfig.model_validate(
+        _cfg(demo_patch_dataset, tmp_path, export={"types": ["torchscript", "pytorch"]})
+    )
     extract_train_pass(cfg, 0, tmp_path / "p0.zarr")
     extract_split(cfg, "val", tmp_path / "val.zarr")
     fit_classifier(cfg, [str(tmp_path / "p0.zarr")], tmp_path / "clf.skops")
@@ -181,6 +203,14 @@ def test_exported_backbone_reproduces_training_features(demo_patch_dataset: Path
     assert mj["runtime"] == "onnxruntime"
     onnx_feats = OnnxBackbone(bundle / "model.onnx")(batch).numpy()
     np.testing.assert_allclose(onnx_feats, X[:8], atol=1e-5, rtol=1e-5)
+    # model.json says which features; the .pth export rebuilds them from model_config.yaml; BundleModel uses them
+    assert (mj["feature_layers"], mj["pooling"], mj["feature_dim"]) == (["stride8", "stride16", "final"], "avg", 1408)
+    assert X.shape[1] == 1408
+    with torch.inference_mode():
+        pth_feats = load_export(bundle / "model.pth", "mobilenet_v2")(batch).numpy()
+    np.testing.assert_allclose(pth_feats, X[:8], atol=1e-4, rtol=1e-4)
+    model = BundleModel.load(open_bundle(bundle))
+    np.testing.assert_allclose(model.features(patches), X[:8], atol=1e-5, rtol=1e-5)
     # the torch runtime computes the same features (its own store: the runtime is part of the key)
     cfg_torch = TrainFlowConfig.model_validate(_cfg(demo_patch_dataset, tmp_path, task={"runtime": "torch"}))
     extract_split(cfg_torch, "val", tmp_path / "val_torch.zarr")

@@ -66,6 +66,9 @@ def _sidecar(plan: DatasetPlan, info: dict[str, Any], counts: dict[str, dict[str
         "class_to_idx": dict(p.class_to_idx),
         "train_filename": p.train_filename,
         "missing_mask": p.missing_mask,
+        # how val/test patches were labelled: the train flow labels the train images' grid patches alike
+        "area_threshold": p.area_threshold,
+        "area_defect_threshold": p.area_defect_threshold,
         "sixteen_bit": sixteen_bit_json(p.sixteen_bit),  # how 16-bit images became 8-bit: later stages decode alike
         "seed": p.seed,
         "images": {s: len(info[f"{s}_files"]) for s in SPLITS},

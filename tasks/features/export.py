@@ -8,9 +8,10 @@ from __future__ import annotations
 import copy
 import hashlib
 import importlib.util
+import json
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,8 @@ import torch
 from torch import nn
 
 from storage.writes import serialise_to
-from tasks.features.extractor import build_backbone, parse_device
+from tasks.features.extractor import build_backbone, inner_backbone, parse_device
+from tasks.features.layers import FINAL, is_plain, resolve_layers
 from tasks.features.weights import BackboneError, resolve_weights, weights_digest
 
 # --------------------------------------------------------------------------- export
@@ -132,21 +134,28 @@ def onnx_backbone(
     input_size: tuple[int, int],
     cache_dir: Path,
     digest: str | None = None,
+    feature_layers: str | Sequence[str] = FINAL,
+    pooling: str = "avg",
 ) -> OnnxBackbone:
-    """ONNX Runtime version of :func:`build_backbone`, exported once into ``cache_dir`` (keyed by weights digest)."""
+    """ONNX Runtime version of :func:`build_backbone`, exported once into ``cache_dir`` (keyed by weights digest,
+    feature layers and pooling)."""
     digest = digest or weights_digest(resolve_weights(name, weights), name)
-    tag = hashlib.sha256(digest.encode()).hexdigest()[:16]
+    layers = resolve_layers(name, feature_layers)
+    options = "" if is_plain(layers, pooling) else json.dumps([layers, pooling])
+    tag = hashlib.sha256((digest + options).encode()).hexdigest()[:16]
     path = Path(cache_dir) / f"{name}-{tag}-{input_size[0]}x{input_size[1]}.onnx"
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
-        export_onnx(build_backbone(name, weights), path, input_size)
+        export_onnx(build_backbone(name, weights, layers, pooling), path, input_size)
     return OnnxBackbone(path)
 
 
-def _exported_name(path: Path, backbone_name: str | None) -> str:
-    """The backbone name of a ``.pth`` export: its ``model_config.yaml``'s ``name``, else ``backbone_name``."""
+def _exported_config(path: Path, backbone_name: str | None) -> tuple[str, Any, str]:
+    """(backbone name, feature layers, pooling) of a ``.pth`` export: its ``model_config.yaml``'s ``name``,
+    ``feature_layers`` and ``pooling``, else ``backbone_name`` and the reference's vector (``final``, ``avg``)."""
     cfg_file = path.with_name("model_config.yaml")
-    name = backbone_name
+    name: str | None = backbone_name
+    cfg: Any = {}
     if cfg_file.is_file():
         from tasks.safe_yaml import load
 
@@ -161,7 +170,7 @@ def _exported_name(path: Path, backbone_name: str | None) -> str:
         raise BackboneError(
             f"{path}: a .pth export needs model_config.yaml (or model.json's backbone) to rebuild the architecture"
         )
-    return name
+    return name, cfg.get("feature_layers", FINAL), str(cfg.get("pooling", "avg"))
 
 
 def load_export(path: Path, backbone_name: str | None = None) -> nn.Module:
@@ -173,10 +182,10 @@ def load_export(path: Path, backbone_name: str | None = None) -> nn.Module:
         return load_torchscript(path)
     if path.suffix != ".pth":
         raise BackboneError(f"{path}: unsupported backbone export (use model.pt, model.onnx or model.pth)")
-    name = _exported_name(path, backbone_name)
-    model = build_backbone(name, None)
-    try:  # saved by patchflow from the built (head-less) module: names match as they are
-        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
+    name, layers, pooling = _exported_config(path, backbone_name)
+    model = build_backbone(name, None, layers, pooling)
+    try:  # saved by patchflow from the built (head-less) architecture: names match as they are
+        inner_backbone(model).load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
     except Exception as exc:
         raise BackboneError(f"{path} does not fit backbone {name!r}: {str(exc)[:400]}") from exc
     return model.eval()

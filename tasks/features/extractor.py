@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torchvision import models
 
+from tasks.features.layers import FINAL, check_pooling, feature_width, is_plain, resolve_layers
 from tasks.features.weights import BackboneError, check_name, dino_to_torchvision, resolve_weights
 from tasks.imageio import resize_patches
 
@@ -27,13 +28,6 @@ logger = logging.getLogger("patchflow.backbones")
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
-_FEATURE_DIMS: dict[str, int] = {
-    "resnet18": 512,
-    "resnet50": 2048,
-    "mobilenet_v2": 1280,
-    "efficientnet_b0": 1280,
-    "dino_vitb8": 768,
-}
 _PRECISIONS = ("fp32", "bf16")
 
 
@@ -47,6 +41,12 @@ class AnySizeViT(models.VisionTransformer):
     reference's torch.hub model does. At 224x224 nothing is interpolated (the plain ViT forward)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.encoder.ln(self.encoder.layers(self.encoder.dropout(self.embed(x))))
+        return self.heads(x[:, 0])
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The token sequence (B, 1 + patches, hidden) entering the first block: CLS token, patch embeddings and
+        the positions for this input size."""
         # exports trace one fixed size (model.json's input_size); the batch stays free
         h, w = int(x.shape[2]), int(x.shape[3])
         p = self.patch_size
@@ -56,9 +56,7 @@ class AnySizeViT(models.VisionTransformer):
                 f"set transforms.input_height/input_width to multiples of {p} (e.g. 224)"
             )
         x = self.conv_proj(x).flatten(2).transpose(1, 2)  # (B, tokens, hidden)
-        x = torch.cat([self.class_token.expand(x.shape[0], -1, -1), x], dim=1) + self._positions(h // p, w // p)
-        x = self.encoder.ln(self.encoder.layers(self.encoder.dropout(x)))
-        return self.heads(x[:, 0])
+        return torch.cat([self.class_token.expand(x.shape[0], -1, -1), x], dim=1) + self._positions(h // p, w // p)
 
     def _positions(self, gh: int, gw: int) -> torch.Tensor:
         pos = self.encoder.pos_embedding
@@ -113,9 +111,18 @@ def _load_state(name: str, model: nn.Module, path: Path) -> None:
         ) from exc
 
 
-def build_backbone(name: str, weights: str | os.PathLike[str] | None = "imagenet") -> nn.Module:
-    """A frozen eval-mode module mapping float (B,3,H,W) images to pooled features (B, feature_dim(name))."""
+def build_backbone(
+    name: str,
+    weights: str | os.PathLike[str] | None = "imagenet",
+    feature_layers: str | Sequence[str] = FINAL,
+    pooling: str = "avg",
+) -> nn.Module:
+    """A frozen eval-mode module mapping float (B,3,H,W) images to pooled features (B, feature_dim(...)): the
+    backbone itself for the reference's vector (``final``, ``avg``), else a :class:`~tasks.features.pooled.
+    PooledFeatures` around it (the layers and pooling of ``tasks/features/layers.py``)."""
     check_name(name)
+    layers = resolve_layers(name, feature_layers)
+    check_pooling(pooling)
     path = resolve_weights(name, weights)
     model = _architecture(name)
     if name == "dino_vitb8":  # DINO checkpoints carry no classification head
@@ -126,12 +133,23 @@ def build_backbone(name: str, weights: str | os.PathLike[str] | None = "imagenet
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    return model
+    if is_plain(layers, pooling):
+        return model
+    from tasks.features.pooled import PooledFeatures
+
+    return PooledFeatures(model, name, layers, pooling).eval()
 
 
-def feature_dim(name: str) -> int:
-    """Length of the feature vector produced by backbone `name`."""
-    return _FEATURE_DIMS[check_name(name)]
+def inner_backbone(model: nn.Module) -> nn.Module:
+    """The architecture's own module inside a :func:`build_backbone` result (its state dict is the weights file's)."""
+    from tasks.features.pooled import PooledFeatures
+
+    return model.backbone if isinstance(model, PooledFeatures) else model
+
+
+def feature_dim(name: str, feature_layers: str | Sequence[str] = FINAL, pooling: str = "avg") -> int:
+    """Length of the feature vector produced by backbone `name` with these layers and pooling."""
+    return feature_width(check_name(name), feature_layers, pooling)
 
 
 # --------------------------------------------------------------------------- preprocessing

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from storage import layout
 from storage.fingerprint import CODE_VERSION
 from tasks.config import ConfigError
+from tasks.features.layers import is_plain, resolve_layers
 from tasks.features.weights import resolve_weights, weights_digest
 
 if TYPE_CHECKING:
@@ -48,13 +49,28 @@ def feature_runtime(cfg: TrainFlowConfig) -> str:
     return task.runtime
 
 
+def feature_layers(cfg: TrainFlowConfig) -> tuple[str, ...]:
+    """The backbone layers that make the feature vector (``backbone.feature_layers`` resolved)."""
+    return resolve_layers(cfg.backbone.name, cfg.backbone.feature_layers)
+
+
+def feature_options(cfg: TrainFlowConfig) -> dict[str, Any]:
+    """``{"feature_layers": [...], "pooling": ...}``, or ``{}`` for the reference's vector (``final``, ``avg``), so the
+    keys of stores and exports made before these options existed stay valid."""
+    layers = feature_layers(cfg)
+    if is_plain(layers, cfg.backbone.pooling):
+        return {}
+    return {"feature_layers": list(layers), "pooling": cfg.backbone.pooling}
+
+
 def feature_params(cfg: TrainFlowConfig, wdigest: str) -> dict[str, Any]:
-    """How features are computed (code version, backbone, weights digest, transform, precision, runtime): part of
-    every store's content key and of its attributes."""
+    """How features are computed (code version, backbone, weights digest, feature layers and pooling, transform,
+    precision, runtime): part of every store's content key and of its attributes."""
     return {
         "code": CODE_VERSION,
         "backbone": cfg.backbone.name,
         "weights": wdigest,
+        **feature_options(cfg),
         "transforms": cfg.transforms.model_dump(mode="json"),
         "precision": cfg.task.precision,
         "runtime": feature_runtime(cfg),

@@ -1,6 +1,6 @@
 """What a feature store holds and how its patches are read: the row plan of a training pass (patches drawn from
-seed and pass index) or of a val/test split (its patch files), and :func:`plan_batches`, which decodes the
-patches of a range of rows with the dataset's 16-bit rule.
+seed and pass index), of the train images' grid patches or of a val/test split (its patch files), and
+:func:`plan_batches`, which decodes the patches of a range of rows with the dataset's 16-bit rule.
 
 Plain functions (no Prefect, no torch); ``tasks/features/store.py`` builds stores from them.
 """
@@ -54,7 +54,7 @@ def plan_batches(plan: dict[str, np.ndarray], attrs: dict[str, Any], start: int,
     """Batches of rows ``[start, end)`` of a store's plan: (row indices relative to ``start``, BGR patches)."""
     # stores prepared before the rule was recorded were filled with the legacy rule: keep it for their last shards
     dec = make_decoding(sixteen_bit=attrs.get("sixteen_bit", LEGACY_SIXTEEN_BIT))
-    if str(plan["kind"]) == "train":
+    if str(plan["kind"]) in ("train", "grid"):
         sl = slice(start, end)
         sub = PassSamples(
             plan["entry_index"][sl],
@@ -88,17 +88,34 @@ def pass_plan(cfg: TrainFlowConfig, pass_index: int) -> PlanFn:
             draw_pass(data_path, entries, class_map(cfg), dm.seed, pass_index, info=read_info(data_path))
         )
         ids = [f"{entries[i].h5_name}#{i}" for i in smp.entry_index.tolist()]
-        plan = {
-            "kind": np.array("train"),
-            "entry_index": smp.entry_index,
-            "image_path": np.asarray(smp.image_path, dtype=str),
-            "label": smp.label,
-            "box": smp.box,
-            "center": smp.center,
-        }
-        if smp.image_size is not None:
-            plan["image_size"] = smp.image_size
-        return plan, smp.label, ids, smp.box
+        return _samples_plan("train", smp), smp.label, ids, smp.box
+
+    return make
+
+
+def _samples_plan(kind: str, smp: PassSamples) -> dict[str, np.ndarray]:
+    """The row plan of crops from whole images (a training pass or the train grid): each image decoded once."""
+    plan = {
+        "kind": np.array(kind),
+        "entry_index": smp.entry_index,
+        "image_path": np.asarray(smp.image_path, dtype=str),
+        "label": smp.label,
+        "box": smp.box,
+        "center": smp.center,
+    }
+    if smp.image_size is not None:
+        plan["image_size"] = smp.image_size
+    return plan
+
+
+def grid_plan(cfg: TrainFlowConfig) -> PlanFn:
+    """The plan of the train images' grid patches (``tasks/features/grid.py``), labelled as val/test patches."""
+
+    def make() -> tuple:
+        from tasks.features.grid import grid_samples
+
+        smp, ids = grid_samples(cfg)
+        return _samples_plan("grid", smp), smp.label, ids, smp.box
 
     return make
 

@@ -1,10 +1,11 @@
 """Feature stage: the content keys of feature stores and the ``@task`` entry points that build them.
 
-Each training pass (one patch per ``dataset.txt`` line, drawn from (seed, pass index)) and each
-split is one store, keyed by content: dataset fingerprint + backbone weights digest + transform +
-sampling parameters (+ pass index). Raising ``iteration_over_training`` computes only new passes;
-changing the classifier computes none. The stores are built by ``tasks/features/store.py``;
-:func:`train_features` runs every store of a training run (on a Dask cluster first when configured).
+Each training pass (one patch per ``dataset.txt`` line, drawn from (seed, pass index)), the train images' grid
+patches (``trainer.grid_patches``) and each split is one store, keyed by content: dataset fingerprint + backbone
+weights digest + feature layers + transform + sampling parameters (+ pass index; the grid: grid and labelling
+rule). Raising ``iteration_over_training`` computes only new passes; changing the classifier computes none. The
+stores are built by ``tasks/features/store.py``; :func:`train_features` runs every store of a training run (on a
+Dask cluster first when configured).
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from prefect.cache_policies import NO_CACHE
 from storage import features as fstore
 from storage import layout
 from storage.fingerprint import combine, params_digest, tree_digest
+from storage.geometry import GridSpec
 from tasks.features.params import class_map, feature_params
-from tasks.features.store import StoreJob, split_job, train_pass_job
+from tasks.features.store import StoreJob, grid_job, split_job, train_pass_job
 from tasks.model.config import TrainFlowConfig
 from tasks.runner import dask_runner, run_all
 from tasks.stage import build_once, run_stage
@@ -52,6 +54,26 @@ def train_pass_key(cfg: TrainFlowConfig, dkey: str, wdigest: str, pass_index: in
     return combine("train-pass", dkey, params_digest(feature_params(cfg, wdigest)), params_digest(sampling))
 
 
+def grid_key(cfg: TrainFlowConfig, dkey: str, wdigest: str) -> str:
+    """Key of the train images' grid patch features: which train images (list and filters), the grid and the
+    labelling rule (class maps, thresholds, skipped classes)."""
+    from tasks.features.grid import grid_thresholds, mask_classes
+
+    dm = cfg.datamodule
+    spec = GridSpec.from_info(layout.read_info(Path(dm.data_path)))
+    grid = {
+        "train_filename": dm.train_filename,
+        "include": dm.include_filter,
+        "exclude": dm.exclude_filter,
+        "skip": dm.class_to_skip_training,
+        "classes": class_map(cfg),
+        "mask_classes": mask_classes(cfg),
+        "grid": [spec.patch_number, spec.patch_size, spec.overlap, spec.policy],
+        "thresholds": grid_thresholds(cfg),
+    }
+    return combine("train-grid", dkey, params_digest(feature_params(cfg, wdigest)), params_digest(grid))
+
+
 def split_key(cfg: TrainFlowConfig, dkey: str, wdigest: str, split: str) -> str:
     """Key of one split's features (filters included; skipped classes are applied later)."""
     dm = cfg.datamodule
@@ -67,10 +89,15 @@ def store_path(root: Path, key: str) -> Path:
 # ------------------------------------------------------------------------------------- Prefect tasks
 
 
+GRID = "grid"  # the store of the train images' grid patches (a split name otherwise)
+
+
 def _store_job(cfg: TrainFlowConfig, what: str | int, out: str, wdigest: str, key: str, root: str | None) -> StoreJob:
     r = Path(root) if root else None
     if isinstance(what, int):
         return train_pass_job(cfg, what, Path(out), wdigest, key, r)
+    if what == GRID:
+        return grid_job(cfg, Path(out), wdigest, key, r)
     return split_job(cfg, what, Path(out), wdigest, key, r)
 
 
@@ -78,7 +105,8 @@ def _store_job(cfg: TrainFlowConfig, what: str | int, out: str, wdigest: str, ke
 def prepare_features_task(
     cfg: TrainFlowConfig, what: str | int, key: str, out: str, weights_digest: str, root: str, force: bool = False
 ) -> int:
-    """Prepare the store of a pass (int) or split (str) for sharded filling; returns its number of shards (0: done)."""
+    """Prepare the store of a pass (int), a split or the train grid (str) for sharded filling; returns its number of
+    shards (0: done)."""
     return _store_job(cfg, what, out, weights_digest, key, root).prepare(force)
 
 
@@ -129,17 +157,23 @@ def split_features_task(
     return _finish_store(cfg, split, key, out, weights_digest, force, root)
 
 
+#: the train images' grid patch features: the task of a split (``split`` is :data:`GRID`) under its own name
+grid_features_task = split_features_task.with_options(name="grid-features")
+
 #: one feature store to build: (pass index or split name, content key, store path, forced)
 Job = tuple[int | str, str, str, bool]
 
 
 def feature_jobs(cfg: TrainFlowConfig, root: Path, weights_digest: str) -> list[Job]:
-    """Every store of a training run: the passes ``0..iteration_over_training-1``, then ``"val"``."""
+    """Every store of a training run: the passes ``0..iteration_over_training-1``, the train grid (with
+    ``trainer.grid_patches``), then ``"val"``."""
     dkey, force = dataset_key(cfg.datamodule.data_path), set(cfg.force)
-    keys = [
+    keys: list[tuple[int | str, str, bool]] = [
         (p, train_pass_key(cfg, dkey, weights_digest, p), "features" in force)
         for p in range(cfg.trainer.iteration_over_training)
     ]
+    if cfg.trainer.grid_patches:
+        keys.append((GRID, grid_key(cfg, dkey, weights_digest), "features" in force))
     keys.append(("val", split_key(cfg, dkey, weights_digest, "val"), "val_features" in force))
     return [(what, key, str(store_path(root, key)), forced) for what, key, forced in keys]
 
@@ -170,14 +204,16 @@ def fill_on_dask(cfg: TrainFlowConfig, root: Path, weights_digest: str, jobs: li
 
 
 def train_features(cfg: TrainFlowConfig, root: Path, weights_digest: str, progress: Progress) -> tuple[list[str], str]:
-    """Build (or reuse) every feature store of a training run; ``(training pass stores, val store)``."""
+    """Build (or reuse) every feature store of a training run; ``(training stores: the passes and the train grid,
+    val store)``."""
     jobs = feature_jobs(cfg, root, weights_digest)
     sharded = cfg.runner.kind == "dask"
     if sharded:
         fill_on_dask(cfg, root, weights_digest, jobs)
     stores = []
     for what, key, out, forced in jobs:
-        stage = train_pass_task if what != "val" else split_features_task
+        stage = train_pass_task if isinstance(what, int) else split_features_task
+        stage = grid_features_task if what == GRID else stage
         stores.append(
             run_stage(
                 stage,

@@ -1,5 +1,5 @@
-"""Building feature stores: :class:`StoreJob` prepares, fills and finalizes one store (a training pass or a
-val/test split, planned by ``tasks/features/plans.py``) through the sharded protocol of
+"""Building feature stores: :class:`StoreJob` prepares, fills and finalizes one store (a training pass, the train
+images' grid patches or a val/test split, planned by ``tasks/features/plans.py``) through the sharded protocol of
 ``tasks/features/shards.py``, in one process or shard by shard anywhere, under the stage's locks.
 
 Plain logic (no Prefect): ``tasks/features/stage.py`` wraps it in tasks; evaluation and predict use
@@ -23,8 +23,8 @@ import numpy as np
 from storage import features as fstore
 from tasks.features import shards
 from tasks.features.listing import split_items
-from tasks.features.params import backbone_digest, class_map, feature_params, feature_runtime
-from tasks.features.plans import decode_attrs, items_plan, pass_plan, plan_batches
+from tasks.features.params import backbone_digest, class_map, feature_layers, feature_params, feature_runtime
+from tasks.features.plans import decode_attrs, grid_plan, items_plan, pass_plan, plan_batches
 from tasks.locks import stage_lock
 
 if TYPE_CHECKING:
@@ -47,10 +47,13 @@ def _extractor(cfg: TrainFlowConfig, onnx_cache: Path, wdigest: str | None = Non
     auto = cfg.task.automatic_batch_size
     batch = cfg.datamodule.batch_size if auto.disable else auto.starting_batch_size
     runtime = feature_runtime(cfg)
+    layers, pooling = feature_layers(cfg), cfg.backbone.pooling
     ident = (
         runtime,
         cfg.backbone.name,
         wdigest or str(cfg.backbone.weights),
+        layers,
+        pooling,
         size,
         cfg.task.device,
         cfg.task.precision,
@@ -61,9 +64,9 @@ def _extractor(cfg: TrainFlowConfig, onnx_cache: Path, wdigest: str | None = Non
     if ident not in _EXTRACTORS:
         _EXTRACTORS.clear()
         if runtime == "onnxruntime":
-            model = onnx_backbone(cfg.backbone.name, cfg.backbone.weights, size, onnx_cache, wdigest)
+            model = onnx_backbone(cfg.backbone.name, cfg.backbone.weights, size, onnx_cache, wdigest, layers, pooling)
         else:
-            model = build_backbone(cfg.backbone.name, cfg.backbone.weights)
+            model = build_backbone(cfg.backbone.name, cfg.backbone.weights, layers, pooling)
         _EXTRACTORS[ident] = FeatureExtractor(
             model, cfg.task.device, cfg.task.precision, batch, automatic_batch_size=not auto.disable
         )
@@ -181,7 +184,7 @@ def _job(
         key or out.name,
         make_plan,
         {**feature_params(cfg, wdigest), **extra},
-        feature_dim(cfg.backbone.name),
+        feature_dim(cfg.backbone.name, feature_layers(cfg), cfg.backbone.pooling),
         lambda: _extractor(cfg, out.parent / "onnx", wdigest),
         (t.input_height, t.input_width),
         t.mean,
@@ -204,6 +207,26 @@ def train_pass_job(
     """The store job of training pass ``pass_index`` (one patch per ``dataset.txt`` line, drawn from seed and pass)."""
     extra = {"kind": "train", "pass_index": pass_index, **decode_attrs(Path(cfg.datamodule.data_path))}
     return _job(cfg, Path(out), key, pass_plan(cfg, pass_index), extra, weights_digest, root)
+
+
+def grid_job(
+    cfg: TrainFlowConfig,
+    out: Path,
+    weights_digest: str | None = None,
+    key: str | None = None,
+    root: Path | None = None,
+) -> StoreJob:
+    """The store job of the train images' grid patches, labelled as val/test patches (``trainer.grid_patches``)."""
+    from tasks.features.grid import grid_thresholds
+
+    at, adt = grid_thresholds(cfg)
+    extra = {
+        "kind": "grid",
+        "area_threshold": at,
+        "area_defect_threshold": adt,
+        **decode_attrs(Path(cfg.datamodule.data_path)),
+    }
+    return _job(cfg, Path(out), key, grid_plan(cfg), extra, weights_digest, root)
 
 
 def split_job(

@@ -20,8 +20,8 @@ from storage.geometry import GRID_POLICY
 from storage.manifest import MANIFEST_FILE, STAT_CACHE, building
 from storage.writes import naming_write_errors, serialise_to
 from tasks.features.export import export_onnx, export_torchscript
-from tasks.features.extractor import build_backbone
-from tasks.features.params import backbone_digest, class_map, feature_runtime
+from tasks.features.extractor import build_backbone, feature_dim, inner_backbone
+from tasks.features.params import backbone_digest, class_map, feature_layers, feature_options, feature_runtime
 from tasks.imageio import dataset_decoding, sixteen_bit_json
 from tasks.model.config import TrainFlowConfig
 from tasks.model.fit import load_fitted
@@ -50,6 +50,10 @@ def model_json(cfg: TrainFlowConfig, weights_digest: str | None = None) -> dict[
         "precision": cfg.task.precision,
         "runtime": feature_runtime(cfg),
         "backbone": cfg.backbone.name,
+        # the backbone exports return these layers pooled (absent in older bundles: "final", "avg")
+        "feature_layers": list(feature_layers(cfg)),
+        "pooling": cfg.backbone.pooling,
+        "feature_dim": feature_dim(cfg.backbone.name, feature_layers(cfg), cfg.backbone.pooling),
         "weights_digest": weights_digest or backbone_digest(cfg),
         "patchflow_version": CODE_VERSION,
         # how 16-bit images became 8-bit in the dataset: predict decodes its images the same way
@@ -68,10 +72,10 @@ def export_types(cfg: TrainFlowConfig) -> list[str]:
 def export_backbone(cfg: TrainFlowConfig, out: Path) -> Path:
     """Export the frozen backbone in every configured format into ``out`` (atomically).
 
-    It depends only on the backbone, its weights and the input size, never on the classifier.
+    It depends only on the backbone, its weights, its feature layers and the input size, never on the classifier.
     """
     size = (cfg.transforms.input_height, cfg.transforms.input_width)
-    model = build_backbone(cfg.backbone.name, cfg.backbone.weights)
+    model = build_backbone(cfg.backbone.name, cfg.backbone.weights, feature_layers(cfg), cfg.backbone.pooling)
     types = export_types(cfg)
     with building(out) as tmp:
         if "torchscript" in types:
@@ -81,10 +85,20 @@ def export_backbone(cfg: TrainFlowConfig, out: Path) -> Path:
         if "pytorch" in types:
             import torch
 
-            serialise_to(tmp / "model.pth", lambda fh: torch.save(model.state_dict(), fh))
+            # the architecture's own weights (as the reference saves them); model_config.yaml says which layers
+            serialise_to(tmp / "model.pth", lambda fh: torch.save(inner_backbone(model).state_dict(), fh))
             with naming_write_errors(tmp / "model_config.yaml"):
-                (tmp / "model_config.yaml").write_text(f"name: {cfg.backbone.name}\nweights: null\n")
+                (tmp / "model_config.yaml").write_text(_model_config(cfg))
     return out
+
+
+def _model_config(cfg: TrainFlowConfig) -> str:
+    """``model_config.yaml`` beside ``model.pth``: the architecture, and the feature layers when not the default."""
+    lines = [f"name: {cfg.backbone.name}", "weights: null"]
+    options = feature_options(cfg)
+    if options:
+        lines += [f"{k}: {json.dumps(options[k])}" for k in ("feature_layers", "pooling")]
+    return "\n".join(lines) + "\n"
 
 
 def export_bundle(

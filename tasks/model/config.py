@@ -7,6 +7,7 @@ from typing import Any, Literal
 from pydantic import Field, StrictInt, model_validator
 
 from tasks.config import StrictModel
+from tasks.features.layers import resolve_layers
 from tasks.features.weights import SUPPORTED_BACKBONES
 from tasks.runner import RunnerSection
 
@@ -43,6 +44,20 @@ class BackboneSection(StrictModel):
         "imagenet", description="'imagenet' (offline: file, hub cache or package), a file path, or null"
     )
     freeze: bool = True
+    feature_layers: Literal["final", "multiscale"] | list[str] = Field(
+        "multiscale",
+        description="Which outputs make the feature vector: 'final' (the reference's pooled last layer), "
+        "'multiscale' (CNNs: stride-8 and stride-16 maps + final; dino_vitb8: mean patch token + CLS) or a list of "
+        "layer names (README: Backbones)",
+    )
+    pooling: Literal["avg", "avg+max"] = Field(
+        "avg", description="How each feature map is pooled: global average, or average and max concatenated"
+    )
+
+    @model_validator(mode="after")
+    def _layers_exist(self) -> BackboneSection:
+        resolve_layers(self.name, self.feature_layers)  # an unknown layer name is refused when the config is read
+        return self
 
 
 class TransformsSection(StrictModel):
@@ -55,9 +70,20 @@ class TransformsSection(StrictModel):
 
 
 class TrainerSection(StrictModel):
-    """How many random passes over the training list."""
+    """Which training samples: random passes over the training list, plus the train images' grid patches."""
 
     iteration_over_training: StrictInt = Field(20, ge=1, le=1000)
+    grid_patches: bool = Field(
+        True,
+        description="Also train on the grid patches of the train images, cut and labelled as the val/test patches "
+        "(#DISCARD# ones left out); false: the reference's random passes only",
+    )
+    area_threshold: float | None = Field(
+        None, ge=0, le=1, description="Grid patch labelling; default: the dataset's (patchflow.json), else 0.45"
+    )
+    area_defect_threshold: float | None = Field(
+        None, ge=0, le=1, description="Grid patch labelling; default: the dataset's (patchflow.json), else 0.2"
+    )
 
 
 class ModelSection(StrictModel):

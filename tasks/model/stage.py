@@ -15,6 +15,7 @@ from prefect import task
 
 from storage.fingerprint import combine, params_digest
 from storage.manifest import file_matches, matches_manifest, write_file_digest
+from tasks.features.params import feature_options
 from tasks.model.bundle import export_backbone, export_bundle, export_types, model_json
 from tasks.model.config import TrainFlowConfig
 from tasks.model.fit import fit_classifier
@@ -33,13 +34,11 @@ def fit_key(cfg: TrainFlowConfig, stores: list[str]) -> str:
 
 
 def backbone_key(cfg: TrainFlowConfig, weights_digest: str) -> str:
-    """Key of the backbone export: weights, architecture, input size and formats (never the classifier)."""
+    """Key of the backbone export: weights, architecture, feature layers, input size and formats (never the
+    classifier)."""
     size = [cfg.transforms.input_height, cfg.transforms.input_width]
-    return combine(
-        "backbone-export",
-        weights_digest,
-        params_digest({"name": cfg.backbone.name, "size": size, "types": export_types(cfg)}),
-    )
+    params = {"name": cfg.backbone.name, "size": size, "types": export_types(cfg), **feature_options(cfg)}
+    return combine("backbone-export", weights_digest, params_digest(params))
 
 
 def bundle_key(cfg: TrainFlowConfig, fkey: str, bkey: str, weights_digest: str) -> str:
