@@ -38,16 +38,16 @@ REPS = 5
 def train_bundle(data: Path, tmp: Path) -> tuple[Path, list[Path]]:
     """The benchmark bundle (flows.train, 2 passes, private storage root) and the test split's raw images."""
     from flows.train import train_flow
+    from tasks.model.config import TrainFlowConfig
 
     build_dataset(data, tmp / "ds", val_size=0.3, test_size=0.2)
-    res = train_flow(
-        {
-            "datamodule": {"data_path": str(tmp / "ds")},
-            "trainer": {"iteration_over_training": 2},
-            "core": {"runs_folder": str(tmp / "runs")},
-            "storage_root": str(tmp / "store"),
-        }
-    )
+    cfg = {
+        "datamodule": {"data_path": str(tmp / "ds")},
+        "trainer": {"iteration_over_training": 2},
+        "core": {"runs_folder": str(tmp / "runs")},
+        "storage_root": str(tmp / "store"),
+    }
+    res = train_flow(TrainFlowConfig.model_validate(cfg))
     info = json.loads((tmp / "ds" / "info.json").read_text())
     raw = tmp / "raw"
     raw.mkdir()
@@ -86,7 +86,10 @@ def bare_forwards(bundle: Path, threads: int | None) -> dict[str, Callable[[np.n
     if threads:
         so.intra_op_num_threads = threads
     session = ort.InferenceSession(str(bundle / "model.onnx"), so, providers=["CPUExecutionProvider"])
-    module = build_backbone("mobilenet_v2", "imagenet")
+    meta = json.loads((bundle / "model.json").read_text())  # the same feature layers and pooling as the bundle's
+    module = build_backbone(
+        meta["backbone"], "imagenet", meta.get("feature_layers", "final"), meta.get("pooling", "avg")
+    )
 
     def torch_forward(x: np.ndarray) -> Any:
         with torch.inference_mode():
@@ -273,6 +276,20 @@ def service_figures(bundle: Path, images: list[Path], requests: int = 500, limit
     return {"ready_s": round(ready_s, 2), "runs": runs, "batches": health["batches"], "images": health["images"]}
 
 
+def describe(bundle: Path) -> str:
+    """Backbone, feature layers, pooling, patch grid and classifier of the benchmark bundle, in one line."""
+    from storage.bundle import open_bundle
+
+    b = open_bundle(bundle)
+    m, est = b.meta, b.load_classifier()
+    steps = [type(s).__name__ for _, s in est.steps] if hasattr(est, "steps") else [type(est).__name__]
+    return (
+        f"{m['backbone']} ImageNet, feature_layers {m.get('feature_layers', ['final'])} "
+        f"pooled {m.get('pooling', 'avg')} ({m.get('feature_dim')} features), "
+        f"mtd-dev [2, 2] patches at {b.input_size[0]} px, 2 passes, classifier {' + '.join(steps)}"
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
@@ -299,7 +316,7 @@ def main() -> None:
             "loadavg_at_start": load_before,
             "loadavg_at_end": [round(x, 2) for x in os.getloadavg()],
         },
-        "bundle": "mobilenet_v2 ImageNet, mtd-dev [2, 2] patches at 224 px, 2 passes, LogisticRegression",
+        "bundle": describe(bundle),
         "predictor": pred,
         "cold_process": cold,
         "service": service,

@@ -3,8 +3,10 @@
 ``python -m deployments.inference_server --model runs/<name>/<ts>/deployment_model [--host 127.0.0.1 --port 8000]``
 
 Routes:
-- ``POST /predict``: the image file's bytes as the body; JSON ``{"polygons": [...], "summary": {...}}``, plus
-  ``"classmap_png"`` (base64 PNG of the class index map) with ``?classmap=true``;
+- ``POST /predict``: the image file's bytes as the body (any format OpenCV reads, or a NumPy ``.npy`` array:
+  HxW gray, HxWx3 BGR or HxWx4 BGRA, 8 or 16 bits, read without pickle); JSON
+  ``{"polygons": [...], "summary": {...}}``, plus ``"classmap_png"`` (base64 PNG of the class index map) with
+  ``?classmap=true``;
 - ``GET /health``: ``{"status": "ok", ...}`` once the model is loaded;
 - ``GET /model``: the bundle's ``model.json`` (and the runtime in use).
 

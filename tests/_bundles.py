@@ -1,16 +1,26 @@
 """A real deployment bundle for the Predictor and service tests, built with the train stages' own functions (no
-Prefect): demo images, 64 px patches, ImageNet MobileNetV2 at 64 px, one feature pass, the configured classifier."""
+Prefect): demo images, 64 px patches, ImageNet MobileNetV2 at 64 px, one feature pass, the configured classifier.
+And the training path's probabilities (the torch backbone module as the feature stage builds it) to compare with."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 
-def demo_bundle(root: Path, classifier: str = "sklearn.linear_model.LogisticRegression", **sections: Any) -> Path:
+
+def demo_bundle(
+    root: Path,
+    classifier: str = "sklearn.linear_model.LogisticRegression",
+    estimator: Any = None,
+    **sections: Any,
+) -> Path:
     """Train and export a bundle under ``root`` (``root/deployment_model``); ``root/raw/images`` holds its images.
 
-    The class ``stain`` is skipped in training, so the classifier knows 3 of the 4 classes of ``model.json``."""
+    The class ``stain`` is skipped in training, so the classifier knows 3 of the 4 classes of ``model.json``.
+    ``estimator``: an unfitted scikit-learn estimator (e.g. a Pipeline) fitted on the training features and
+    stored with skops in place of ``model.classifier``'s."""
     from tasks import generate_patch_dataset, get_image_mask_association
     from tasks.demo_data import make_demo_dataset
     from tasks.features.params import backbone_digest
@@ -41,5 +51,32 @@ def demo_bundle(root: Path, classifier: str = "sklearn.linear_model.LogisticRegr
     config = TrainFlowConfig.model_validate(cfg)
     wdig = backbone_digest(config)
     extract_train_pass(config, 0, root / "pass0.zarr", wdig)
-    fit_classifier(config, [str(root / "pass0.zarr")], root / "classifier.skops")
+    if estimator is None:
+        fit_classifier(config, [str(root / "pass0.zarr")], root / "classifier.skops")
+    else:
+        _fit_to(estimator, root / "pass0.zarr", root / "classifier.skops")
     return export_bundle(config, root / "classifier.skops", root / "deployment_model", wdig)
+
+
+def _fit_to(estimator: Any, store: Path, out: Path) -> None:
+    from storage import features as fstore
+    from storage.classifier import write_skops
+
+    X, y = fstore.concat_stores([store])
+    keep = y >= 0
+    write_skops(estimator.fit(X[keep], y[keep]), out)
+
+
+def training_probabilities(bundle: Path, patches: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """(features, (N, C) probabilities) of raw BGR patches by the training path: the torch backbone module built
+    from ``model.json``'s backbone, feature layers and pooling (as the feature stage builds it), then the bundle's
+    classifier."""
+    from storage.bundle import open_bundle
+    from tasks.evaluation.inferer import full_probabilities
+    from tasks.features.extractor import FeatureExtractor, build_backbone
+
+    b = open_bundle(bundle)
+    module = build_backbone(b.meta["backbone"], "imagenet", b.meta["feature_layers"], b.meta["pooling"])
+    feats = FeatureExtractor(module, "cpu").extract(patches, b.input_size, b.meta["mean"], b.meta["std"])
+    est = b.load_classifier()
+    return feats, full_probabilities(est.predict_proba(feats), est.classes_, max(b.classes.values()) + 1)

@@ -5,6 +5,7 @@ server started as a subprocess on 127.0.0.1, real HTTP)."""
 from __future__ import annotations
 
 import base64
+import io
 import socket
 import struct
 import subprocess
@@ -52,12 +53,22 @@ def png_claiming(width: int, height: int) -> bytes:
     return bytes(data)
 
 
+def npy(arr: np.ndarray) -> bytes:
+    """``np.save``'s bytes of ``arr`` (a raw frame sent without image encoding)."""
+    buf = io.BytesIO()
+    np.save(buf, arr)
+    return buf.getvalue()
+
+
 def bad_requests() -> list[tuple[bytes, int, str]]:
     """``(body, expected status, words of the reason)`` of each kind of bad request."""
     ok, tiff = cv2.imencode(".tiff", np.zeros((16, 16), np.float32))
     assert ok
     ok, big = cv2.imencode(".png", np.zeros((200, 200, 3), np.uint8))  # 40000 px over the 20000 px limit
     return [
+        (npy(np.zeros((40, 40, 2), np.uint8)), 422, "is not an image of 1, 3 (BGR) or 4 (BGRA) channels"),
+        (npy(np.zeros((40, 40, 5), np.uint16)), 422, "is not an image of 1, 3 (BGR) or 4 (BGRA) channels"),
+        (npy(np.zeros((200, 200), np.uint8)), 413, "over the limit"),
         (b"", 400, "empty request body"),
         (b"this is not an image", 415, "not a readable image"),
         (png_claiming(100_000, 100_000), 413, "over the limit"),
@@ -145,7 +156,11 @@ def test_server_end_to_end_good_bad_and_concurrent_requests(server: str, predict
         r = client.post("/predict", params={"classmap": "true"}, content=images[0].read_bytes())
         assert r.status_code == 200
         check_prediction(r.json(), predictor.predict(images[0]), classmap=True)
-        for body, status, words in bad_requests():  # 5 bad requests, each followed by a good one
+        raw = cv2.imread(str(images[2]), cv2.IMREAD_GRAYSCALE).astype(np.uint16) << 8  # a raw 16-bit gray frame
+        r = client.post("/predict", content=npy(raw))
+        assert r.status_code == 200, r.text
+        check_prediction(r.json(), predictor.predict(raw), classmap=False)
+        for body, status, words in bad_requests():  # 8 bad requests, each followed by a good one
             bad = client.post("/predict", content=body)
             assert bad.status_code == status and words in bad.json()["detail"], bad.text
             assert client.post("/predict", content=images[1].read_bytes()).status_code == 200

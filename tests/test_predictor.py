@@ -3,8 +3,8 @@ MobileNetV2 features, a fitted classifier, the one-file ONNX graph run by ONNX R
 
 from __future__ import annotations
 
+import io
 import json
-import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -13,9 +13,8 @@ import cv2
 import numpy as np
 import pytest
 
-from storage.bundle import FULL_MODEL_FILE, BundleError, open_bundle
 from tasks.imageio import UnsupportedPixelsError
-from tests._bundles import demo_bundle
+from tests._bundles import demo_bundle, training_probabilities
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -37,38 +36,67 @@ def predictor(bundle: Path):
     return Predictor.load(bundle)
 
 
-def test_default_runtime_is_the_one_file_model_and_matches_the_two_part_path(predictor, bundle, images) -> None:
+def test_default_runtime_is_the_one_file_model_and_matches_two_part_and_training(predictor, bundle, images) -> None:
     from tasks import Predictor
+    from tasks.evaluation.inferer import split_image
 
+    meta = predictor.bundle.meta  # the default feature vector: multiscale, average-pooled
+    assert (meta["feature_layers"], meta["pooling"], meta["feature_dim"]) == (
+        ["stride8", "stride16", "final"],
+        "avg",
+        1408,
+    )
     two = Predictor.load(bundle, runtime="two-part")
     assert predictor.runtime == "full-onnx" and two.runtime == "two-part"
     assert type(two.model.extractor.model).__name__ == "RecursiveScriptModule"  # model.pt run by torch
-    worst = 0.0
+    worst = {"two-part": 0.0, "training": 0.0}
     for path in images:
         a, b = predictor.predict(path, probabilities=True), two.predict(path, probabilities=True)
         np.testing.assert_array_equal(a.class_map, b.class_map)
-        worst = max(worst, float(np.abs(a.patch_probabilities - b.patch_probabilities).max()))
+        worst["two-part"] = max(worst["two-part"], float(np.abs(a.patch_probabilities - b.patch_probabilities).max()))
         assert float(np.abs(a.probabilities - b.probabilities).max()) <= 1e-4
         assert [p["label"] for p in a.polygons] == [p["label"] for p in b.polygons]
-    assert worst <= 1e-4, worst
+        img = cv2.imread(str(path))
+        feats, trained = training_probabilities(
+            bundle, split_image(img, predictor.bundle.grid_spec.grid(*img.shape[:2]))
+        )
+        assert feats.shape[1] == meta["feature_dim"]
+        worst["training"] = max(worst["training"], float(np.abs(a.patch_probabilities - trained).max()))
+        np.testing.assert_array_equal(a.patch_probabilities.argmax(axis=1), trained.argmax(axis=1))
+    assert max(worst.values()) <= 1e-4, worst
     stain = predictor.classes["stain"]  # skipped in training: 0 in both paths
     assert predictor.predict(images[0]).patch_probabilities[:, stain].max() == 0.0
 
 
-def test_one_file_model_runs_alone_on_raw_uint8_patches(bundle, predictor, images) -> None:
-    import onnxruntime as ort
+def test_ring_of_defect_patches_is_one_polygon_with_a_hole_and_eight_supporting_patches(predictor, images) -> None:
+    from tasks.evaluation.inferer import split_image
 
-    meta = json.loads((bundle / "model.json").read_text())
-    entry = meta["full_model"]
-    assert entry["file"] == FULL_MODEL_FILE and entry["input"]["shape"] == [-1, 64, 64, 3]
-    assert FULL_MODEL_FILE in json.loads((bundle / "_manifest.json").read_text())["files"]
-    session = ort.InferenceSession(str(bundle / FULL_MODEL_FILE), providers=["CPUExecutionProvider"])
-    img = cv2.imread(str(images[0]))
-    patches = np.stack([img[:64, :64], img[:64, 64:128], img[32:96, :64]])  # BGR uint8 NHWC at the input size
-    got = session.run(["probabilities"], {"images": patches})[0]
-    want = predictor.model.probabilities(list(patches))
-    np.testing.assert_array_equal(got, want)
-    assert got.shape == (3, 4) and np.allclose(got.sum(axis=1), 1.0, atol=1e-5)
+    good, defect = None, None  # real patches the model calls good / a defect class
+    for path in images:
+        img = cv2.imread(str(path))
+        proba = predictor.predict(img).patch_probabilities
+        for patch, p in zip(split_image(img, predictor.bundle.grid_spec.grid(*img.shape[:2])), proba):
+            if p.argmax() == 0 and good is None:
+                good = patch
+            if p.argmax() > 0 and defect is None:
+                defect = (patch, int(p.argmax()), float(p.max()))
+    assert good is not None and defect is not None
+    patch, cls, prob = defect
+    image = np.vstack([np.hstack(row) for row in ([patch] * 3, [patch, good, patch], [patch] * 3)])  # 3x3 patches
+    assert predictor.bundle.grid_spec.grid(192, 192).num_patches == 9
+    r = predictor.predict(image)
+    name = next(n for n, i in predictor.classes.items() if i == cls)
+    (ring,) = r.polygons
+    assert ring["label"] == name and ring["area"] == 192 * 192 - 64 * 64
+    assert ring["supporting_patches"] == 8
+    assert ring["mean_probability"] == pytest.approx(prob, abs=1e-5) == ring["max_probability"]
+    assert {pt["x"] for pt in ring["points"]} == {0, 192}
+    (hole,) = ring["holes"]
+    assert {pt["x"] for pt in hole} == {64, 128} and {pt["y"] for pt in hole} == {64, 128}
+    c = r.summary["classes"][name]
+    assert (c["regions"], c["pixels"]) == (1, 192 * 192 - 64 * 64)
+    assert r.summary["classes"][next(n for n, i in predictor.classes.items() if i == 0)]["pixels"] == 64 * 64
+    assert r.summary["defect_regions"] == 1 and r.summary["defect_classes"] == [name]
 
 
 def test_image_inputs_path_bgr_gray_16bit_and_bgra(predictor, images, tmp_path: Path) -> None:
@@ -81,6 +109,9 @@ def test_image_inputs_path_bgr_gray_16bit_and_bgra(predictor, images, tmp_path: 
     wide = bgr.astype(np.uint16) << 8  # 16-bit by the bundle's rule ("auto": 16 bits here -> >> 8)
     assert json.loads((predictor.bundle.root / "model.json").read_text())["sixteen_bit"] == "auto"
     np.testing.assert_array_equal(predictor.predict(wide).patch_probabilities, ref.patch_probabilities)
+    buf = io.BytesIO()
+    np.save(buf, wide)  # a raw frame's .npy bytes (the service takes them too)
+    np.testing.assert_array_equal(predictor.predict(buf.getvalue()).patch_probabilities, ref.patch_probabilities)
     cv2.imwrite(str(tmp_path / "wide.png"), wide)
     np.testing.assert_array_equal(predictor.predict(tmp_path / "wide.png").class_map, ref.class_map)
     gray = cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY)
@@ -142,69 +173,3 @@ def test_default_load_imports_no_torch_sklearn_skops_or_prefect(bundle, images) 
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "full-onnx []"
-
-
-def test_tampered_or_deleted_one_file_model_is_refused(bundle, tmp_path: Path) -> None:
-    import shutil
-
-    from tasks import Predictor
-
-    b = tmp_path / "deployment_model"
-    shutil.copytree(bundle, b)
-    data = bytearray((b / FULL_MODEL_FILE).read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    (b / FULL_MODEL_FILE).write_bytes(bytes(data))
-    with pytest.raises(BundleError, match=f"{FULL_MODEL_FILE} was modified after export"):
-        Predictor.load(b)
-    (b / FULL_MODEL_FILE).unlink()
-    with pytest.raises(BundleError, match=f"{FULL_MODEL_FILE} was deleted after export"):
-        open_bundle(b)
-
-
-def test_pipeline_classifier_converts_with_absent_classes_zero(bundle, predictor, images) -> None:
-    import onnxruntime as ort
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    from tasks.evaluation.inferer import BundleModel, full_probabilities, split_image
-    from tasks.model.onefile import backbone_graph, full_model
-
-    two = BundleModel.load(predictor.bundle)
-    patches = [
-        p for path in images for p in split_image(cv2.imread(str(path)), predictor.bundle.grid_spec.grid(96, 128))
-    ]
-    feats = two.features(patches)
-    labels = np.array([0, 2])[np.arange(len(feats)) % 2]  # classes 1 and 3 absent
-    pipe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=500)).fit(feats, labels)
-    meta = predictor.bundle.meta
-    model = full_model(backbone_graph(bundle, "mobilenet_v2", (64, 64)), pipe, meta)
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    got = session.run(["probabilities"], {"images": np.stack(patches)})[0]
-    want = full_probabilities(pipe.predict_proba(feats), pipe.classes_, 4)
-    assert float(np.abs(got - want).max()) <= 1e-4
-    np.testing.assert_array_equal(got.argmax(axis=1), want.argmax(axis=1))
-    assert not got[:, [1, 3]].any()
-
-
-def test_classifier_without_onnx_form_falls_back_with_one_warning(tmp_path: Path, caplog) -> None:
-    from tasks import Predictor
-
-    with caplog.at_level(logging.WARNING, logger="patchflow"):
-        b = demo_bundle(
-            tmp_path,
-            classifier="sklearn.semi_supervised.LabelPropagation",
-            model={"params": {"kernel": "knn", "n_neighbors": 3}},
-        )
-    warned = [r for r in caplog.records if FULL_MODEL_FILE in r.getMessage()]
-    assert len(warned) == 1, [r.getMessage() for r in caplog.records]
-    msg = warned[0].getMessage()
-    assert "LabelPropagation" in msg and "two parts" in msg and "\n" not in msg
-    assert not (b / FULL_MODEL_FILE).exists()
-    assert json.loads((b / "model.json").read_text())["full_model"] is None
-    p = Predictor.load(b)
-    assert p.runtime == "two-part"
-    r = p.predict(next((tmp_path / "raw" / "images").glob("*.png")))
-    assert r.class_map.shape == (96, 128)
-    with pytest.raises(BundleError, match="runtime full-onnx is not available"):
-        Predictor.load(b, runtime="full-onnx")

@@ -230,7 +230,7 @@ class FeatureExtractor:
         self.precision = precision
         self.batch_size = int(batch_size)
         self.automatic_batch_size = bool(automatic_batch_size)
-        self.model = model.to(self.device, memory_format=torch.channels_last).eval()
+        self.model = model.to(self.device, memory_format=torch.channels_last).eval()  # type: ignore[call-overload]
         if precision == "bf16" and self.device.type == "cpu" and not cpu_has_fast_bf16():
             logger.warning(
                 "precision bf16 on a CPU without AMX/AVX512-BF16 (%s) is emulated and much slower than fp32; "

@@ -2,7 +2,7 @@
 
     from tasks import Predictor
     p = Predictor.load("runs/.../deployment_model", device="cpu")
-    r = p.predict("image.png")            # or an HxW / HxWxC numpy array (BGR, grayscale, 16-bit)
+    r = p.predict("image.png")            # or an HxW / HxWxC numpy array (BGR, grayscale, 16-bit), or file bytes
     r.class_map, r.polygons, r.summary    # r.probabilities with p.predict(image, probabilities=True)
 
 The bundle is opened as every flow opens it (every file checked against its manifest first) and read from its
@@ -25,11 +25,21 @@ import numpy as np
 
 from storage.bundle import Bundle, BundleError, open_bundle
 from tasks.evaluation.inferer import BundleModel, FullModel, ImagePrediction, PatchInferer, infer_images
-from tasks.imageio import Decoding, as_bgr, bundle_decoding, check_pixels, decode_image, read_image
+from tasks.imageio import (
+    Decoding,
+    InputDataError,
+    UnsupportedPixelsError,
+    as_bgr,
+    bundle_decoding,
+    check_pixels,
+    decode_image,
+    read_image,
+)
 
 K = TypeVar("K")
 RUNTIMES = ("auto", "full-onnx", "two-part")
-#: an image: a file path, encoded file bytes, or a decoded HxW / HxWxC array (BGR, grayscale or 16-bit)
+#: an image: a file path, file bytes (an image file or a NumPy ``.npy`` array), or a decoded HxW / HxWxC array (BGR,
+#: grayscale or 16-bit)
 ImageInput = str | Path | bytes | np.ndarray
 
 
@@ -132,11 +142,15 @@ class Predictor:
 
     def image(self, image: ImageInput, name: str = "image") -> np.ndarray:
         """``image`` as BGR uint8 (H, W, 3): a path or file bytes decoded (pixel limit from the header first,
-        16-bit by the bundle's rule), an array converted (grayscale, BGRA, 16-bit)."""
+        16-bit by the bundle's rule), an array converted (grayscale, BGRA, 16-bit). Bytes of a NumPy ``.npy``
+        file (``np.save``: raw camera frames, no encoding) are read as that array (never unpickled)."""
         if isinstance(image, (str, Path)):
             return read_image(image, self.decoding)
         if isinstance(image, (bytes, bytearray, memoryview)):
-            return decode_image(bytes(image), name, decoding=self.decoding)
+            data = bytes(image)
+            if data.startswith(NPY_MAGIC):
+                return self.image(npy_array(data, name, self.decoding), name)
+            return decode_image(data, name, decoding=self.decoding)
         arr = np.asarray(image)
         if arr.ndim >= 2:
             check_pixels(arr.shape[0], arr.shape[1], name, self.decoding)
@@ -166,5 +180,38 @@ class Predictor:
         return Prediction(pred.class_map, pred.polygons, summary, pred.probabilities, pred.mean_probabilities)
 
 
+NPY_MAGIC = b"\x93NUMPY"
+
+
+def npy_array(data: bytes, name: str, decoding: Decoding) -> np.ndarray:
+    """The array of a ``.npy`` file's bytes: shape and pixel limit read from its header first, no pickle."""
+    import io
+
+    fh = io.BytesIO(data)
+    try:
+        version = np.lib.format.read_magic(fh)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape = read_header(fh)[0]
+    except Exception as exc:
+        raise _npy_error(name, exc) from None
+    if len(shape) not in (2, 3):
+        raise UnsupportedPixelsError(
+            f"{name}: a .npy array of shape {shape} is not an image; send HxW (gray), HxWx3 (BGR) or HxWx4 (BGRA)"
+        )
+    check_pixels(shape[0], shape[1], name, decoding)
+    try:
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    except Exception as exc:
+        raise _npy_error(name, exc) from None
+
+
+def _npy_error(name: str, exc: BaseException) -> InputDataError:
+    return InputDataError(f"{name}: not a readable .npy array ({_line(exc)}); send np.save of an HxW or HxWxC array")
+
+
 def _name(image: ImageInput, i: int) -> str:
     return str(image) if isinstance(image, (str, Path)) else f"image {i}"
+
+
+def _line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:200]
