@@ -297,13 +297,17 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=500)
     ap.add_argument("--bundle", type=Path, help="an existing bundle trained as above (skips the training)")
     ap.add_argument("--images", type=Path, help="with --bundle: its test images")
+    ap.add_argument("--keep", type=Path, help="an empty folder to train in and keep (not a temporary one)")
     args = ap.parse_args()
     load_before = [round(x, 2) for x in os.getloadavg()]
     with tempfile.TemporaryDirectory() as tmp:
+        if args.keep:  # the trained bundle and its test images stay there (rerun with --bundle/--images)
+            tmp = str(args.keep)
         if args.bundle:
             bundle, images = args.bundle, sorted(args.images.iterdir())
         else:
             bundle, images = train_bundle(args.data, Path(tmp))
+        about = describe(bundle)
         pred = predictor_figures(bundle, images)
         cold = cold_start(bundle, images[0])
         service = service_figures(bundle, images, args.requests)
@@ -316,7 +320,7 @@ def main() -> None:
             "loadavg_at_start": load_before,
             "loadavg_at_end": [round(x, 2) for x in os.getloadavg()],
         },
-        "bundle": describe(bundle),
+        "bundle": about,
         "predictor": pred,
         "cold_process": cold,
         "service": service,
