@@ -38,7 +38,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"patch dataset: {data_path}")
     print(f"run folder:    {result['run_dir']}")
     print(f"bundle:        {result['bundle']}")
-    report = Path(result["run_dir"]) / "validation" / "report.html"
+    report = Path(result["output"]) / "report.html"
     if report.is_file():
         print(f"report:        {report}")
     print("\n".join(headline(result["metrics"], "val")))

@@ -1,4 +1,4 @@
-"""Training flow: pass features -> fit -> export -> validate, each stage cached by content.
+"""Training flow: pass features -> (classifier search) -> fit -> export -> validate, each stage cached by content.
 
 ``python -m flows.train --config FILE [dotted.key=value ...]``
 """
@@ -19,7 +19,7 @@ from tasks.evaluation.stage import validate_stage
 from tasks.features.params import backbone_digest
 from tasks.features.stage import train_features
 from tasks.model.config import TrainFlowConfig
-from tasks.model.stage import export_stage, fit_stage
+from tasks.model.stage import export_stage, fit_stage, search_stage
 from tasks.run_folder import finish_train_run, prune_partials, run_folder, write_data_record
 from tasks.runner import check_runner
 
@@ -35,14 +35,18 @@ def train_flow(config: TrainFlowConfig) -> dict[str, Any]:
         prune_partials(root)  # leftovers of killed runs
         weights = backbone_digest(cfg)
         n_pass, grid = cfg.trainer.iteration_over_training, int(cfg.trainer.grid_patches)
+        n_search = int(cfg.search.enabled)
         progress = Progress(
-            n_pass + grid + 5,
-            f"{cfg.core.name}: {n_pass} feature passes{', train grid' * grid}, val features, fit, export, validation",
+            n_pass + grid + 5 + n_search,
+            f"{cfg.core.name}: {n_pass} feature passes{', train grid' * grid}, val features, "
+            f"{'search, ' * n_search}fit, export, validation",
         )
         stores, val_store = train_features(cfg, root, weights, progress)
-        classifier, fit_key = fit_stage(cfg, root, stores)
+        choice = search_stage(cfg, root, stores)  # None unless search.enabled
+        progress.step(n_search)
+        classifier, fit_key = fit_stage(cfg, root, stores, choice)
         progress.step()
-        bundle = export_stage(cfg, root, classifier, fit_key, weights)
+        bundle = export_stage(cfg, root, classifier, fit_key, weights, choice)
         progress.step(2)
         metrics, validation = validate_stage(cfg, root, classifier, fit_key, val_store)
         progress.step()

@@ -240,3 +240,12 @@ def concat_stores(paths: Sequence[Path]) -> tuple[np.ndarray, np.ndarray]:
             y[s : s + n] = _array(g, "labels")[:]
         s += n
     return X, y
+
+
+def concat_sample_ids(paths: Sequence[Path]) -> np.ndarray:
+    """The ``sample_ids`` of several complete stores, in :func:`concat_stores` order."""
+    for p in paths:
+        if not is_complete(p):
+            raise FeatureStoreError(f"feature store {p} is missing or incomplete; cannot read its sample ids")
+    parts = [np.asarray(np.asarray(_array(_open(p, "r"), "sample_ids")[:]).tolist(), dtype=str) for p in paths]
+    return np.concatenate(parts) if parts else np.array([], dtype=str)

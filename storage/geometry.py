@@ -83,6 +83,7 @@ def validate_geometry_params(
             f"(got patch_number={patch_number}, patch_size={patch_size})"
         )
     pair = patch_number if patch_number is not None else patch_size
+    assert pair is not None
     name = "patch_number" if patch_number is not None else "patch_size"
     if len(pair) != 2 or any(int(v) != v or v < 1 for v in pair):
         raise ValueError(f"{name} must be two positive integers [vertical, horizontal], got {list(pair)}")
@@ -161,6 +162,7 @@ def compute_grid(
         n_h, step_h = _axis_from_size(height, ph, overlap)
         n_w, step_w = _axis_from_size(width, pw, overlap)
     else:
+        assert patch_number is not None
         n_h, n_w = int(patch_number[0]), int(patch_number[1])
         if n_h > height or n_w > width:
             raise ValueError(

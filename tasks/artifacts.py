@@ -18,6 +18,9 @@ def _key(text: str) -> str:
     return re.sub(r"-+", "-", re.sub(r"[^a-z0-9]+", "-", text.lower())).strip("-")[:60] or "patchflow"
 
 
+artifact_key = _key
+
+
 def summary_markdown(title: str, metrics: dict[str, Any], out_dir: Path | None = None) -> str:
     """Markdown summary: headline numbers, confusion matrix table (and PNG when a report made one), defect coverage."""
     lines = [f"# {title}", ""]
@@ -50,7 +53,7 @@ def summary_markdown(title: str, metrics: dict[str, Any], out_dir: Path | None =
         lines += [
             f"| **{name}** | " + " | ".join(str(v) for v in row) + " |" for name, row in zip(cm["labels"], cm["matrix"])
         ]
-    png = out_dir / "confusion_matrix.png" if out_dir is not None else None
+    png = out_dir / "test_confusion_matrix.png" if out_dir is not None else None
     if png is not None and png.is_file():
         lines += ["", f"![confusion matrix](data:image/png;base64,{base64.b64encode(png.read_bytes()).decode()})"]
     by_class = rec.get("by_class") or {}
@@ -116,5 +119,8 @@ class Progress:
         if (
             self.done == self.total or now - self.sent_at >= self.MIN_INTERVAL_S
         ):  # a cached rerun steps 20+ times in a second
-            update_progress_artifact(artifact_id=self.id, progress=round(100.0 * self.done / self.total, 1))
+            update_progress_artifact(
+                artifact_id=self.id,  # type: ignore[arg-type]
+                progress=round(100.0 * self.done / self.total, 1),
+            )
             self.sent_at = now

@@ -19,12 +19,30 @@ M = TypeVar("M", bound=BaseModel)
 
 
 def parse_cli(model_cls: type[M], argv: Sequence[str] | None, description: str) -> M:
-    """``--config FILE [dotted.key=value ...]`` -> validated config."""
+    """``[--config FILE] [--config-dir DIR] [experiment=NAME] [group=option] [dotted.key=value ...]`` -> validated
+    config. A plain file is read as it is; an experiment, a file with a ``defaults:`` list, ``--config-dir``, a group
+    selection or ``+key``/``~key`` is composed with Hydra the way Quadra's configs are (:mod:`tasks.compose`)."""
     ap = argparse.ArgumentParser(description=description)
-    ap.add_argument("--config", help="YAML experiment file")
-    ap.add_argument("overrides", nargs="*", help="dotted.key=value overrides (values are YAML)")
+    ap.add_argument("--config", help="YAML config file (plain, or a Quadra-style experiment with a defaults: list)")
+    ap.add_argument(
+        "--config-dir",
+        action="append",
+        help="folder holding experiment/ (Quadra-style configs; default ./configs when it has experiment/)",
+    )
+    ap.add_argument(
+        "overrides", nargs="*", help="experiment=NAME, group=option, dotted.key=value (YAML values), +key=value, ~key"
+    )
     args = ap.parse_args(argv)
-    return load_config(model_cls, args.config, args.overrides)
+    from tasks.compose import wants_composition
+
+    if not wants_composition(args.config, args.config_dir, args.overrides):
+        return load_config(model_cls, args.config, args.overrides)
+    from tasks.compose import compose_config
+    from tasks.config import validate_config
+    from tasks.experiment import to_flow_data
+
+    data, source = compose_config(args.config, args.config_dir, args.overrides)
+    return validate_config(model_cls, to_flow_data(model_cls.__name__, data), source)
 
 
 INTERRUPTED = "interrupted; rerun the same command to resume (finished shards and passes are kept)"

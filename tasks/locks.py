@@ -102,7 +102,7 @@ class ReclaimingLockManager(FileSystemLockManager):
 
     def _get_lock_info(self, key: str, use_cache: bool = True) -> dict | None:  # type: ignore[override]
         if use_cache and (info := self._locks.get(key)) is not None:
-            return info
+            return info  # type: ignore[return-value]
         path = self._lock_path_for_key(key)
         try:
             raw = path.read_bytes()
@@ -179,7 +179,7 @@ class ReclaimingLockManager(FileSystemLockManager):
                 continue
             with os.fdopen(fd, "wb") as f:
                 f.write(json.dumps(info).encode())
-            self._locks[key] = {**info, "expiration": expiration, "path": path}
+            self._locks[key] = {**info, "expiration": expiration, "path": path}  # type: ignore[typeddict-item]
             _LEASES.add(path)
             return True
 

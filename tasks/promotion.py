@@ -193,7 +193,7 @@ def register_and_promote(
     ``latest_metrics``: the promoted model's metrics on the same validation split as ``metrics`` (the split
     moves when images are added); without them the value recorded when it was registered is used.
     """
-    folder = Path(folder)
+    folder, bundle = Path(folder), Path(bundle)
     folder.mkdir(parents=True, exist_ok=True)
     versions, latest = _versions(folder), read_latest(folder)
     value, newest = metric_value(metrics, promotion.metric), _newest(versions)

@@ -22,7 +22,7 @@ from tasks.features.params import class_map
 from tasks.model.config import TrainFlowConfig
 
 
-def make_run_dir(cfg: BaseModel) -> Path:
+def make_run_dir(cfg: Any) -> Path:
     """Create a fresh run folder and write config_resolved.yaml and config_tree.txt."""
     base = Path(cfg.core.runs_folder) / cfg.core.name
     stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
@@ -78,11 +78,16 @@ def prune_partials(root: Path) -> None:
 
 @contextlib.contextmanager
 def run_folder(cfg: BaseModel) -> Iterator[Path]:
-    """A fresh run folder for ``cfg`` with patchflow's log records going to its ``main.log`` while the block runs."""
+    """A fresh run folder for ``cfg`` with patchflow's log records going to its ``main.log`` while the block runs;
+    the task runs started in the block carry ``core.tag`` as a Prefect tag (Quadra's run tag)."""
+    from prefect import tags
+
     run = make_run_dir(cfg)
     handler = attach_log(run)
+    tag = cfg.core.tag  # type: ignore[attr-defined]
     try:
-        yield run
+        with tags(*([tag] if tag else [])):
+            yield run
     finally:
         detach_log(handler)
 
@@ -90,10 +95,14 @@ def run_folder(cfg: BaseModel) -> Iterator[Path]:
 def finish_train_run(
     cfg: TrainFlowConfig, run: Path, bundle: str, validation: str, metrics: dict[str, Any]
 ) -> dict[str, Any]:
-    """Copy the bundle and the validation folder into the run folder, publish the artifacts; the flow's result."""
+    """Copy the bundle and the validation folder into the run folder (``<run>/<task.output_folder>``, plus the
+    reconstruction results at the run's top level, as the reference writes them), publish the artifacts; the flow's
+    result."""
     from tasks.artifacts import publish_task
 
+    out = run / cfg.task.output_folder
     shutil.copytree(bundle, run / "deployment_model")
-    shutil.copytree(validation, run / "validation")
-    publish_task(f"{cfg.core.name} validation", metrics, str(run / "validation"), str(run / "deployment_model"))
-    return {"run_dir": str(run), "bundle": str(run / "deployment_model"), "metrics": metrics}
+    shutil.copytree(validation, out)
+    shutil.copy2(out / "reconstruction_results.json", run / "reconstruction_results.json")
+    publish_task(f"{cfg.core.name} validation", metrics, str(out), str(run / "deployment_model"))
+    return {"run_dir": str(run), "bundle": str(run / "deployment_model"), "output": str(out), "metrics": metrics}

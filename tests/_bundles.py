@@ -11,16 +11,12 @@ import numpy as np
 
 
 def demo_bundle(
-    root: Path,
-    classifier: str = "sklearn.linear_model.LogisticRegression",
-    estimator: Any = None,
-    **sections: Any,
+    root: Path, classifier: str | None = "sklearn.linear_model.LogisticRegression", **sections: Any
 ) -> Path:
     """Train and export a bundle under ``root`` (``root/deployment_model``); ``root/raw/images`` holds its images.
 
     The class ``stain`` is skipped in training, so the classifier knows 3 of the 4 classes of ``model.json``.
-    ``estimator``: an unfitted scikit-learn estimator (e.g. a Pipeline) fitted on the training features and
-    stored with skops in place of ``model.classifier``'s."""
+    ``classifier`` None: the default recipe's model (StandardScaler + class-balanced LogisticRegression)."""
     from tasks import generate_patch_dataset, get_image_mask_association
     from tasks.demo_data import make_demo_dataset
     from tasks.features.params import backbone_digest
@@ -41,7 +37,7 @@ def demo_bundle(
         "trainer": {"iteration_over_training": 1},
         "export": {"types": ["torchscript", "pytorch"]},
         "backbone": {"weights": "imagenet"},
-        "model": {"classifier": classifier},
+        **({"model": {"classifier": classifier}} if classifier else {}),
         "task": {"runtime": "torch"},
         "core": {"runs_folder": str(root / "runs")},
         "storage_root": str(root / "store"),
@@ -51,20 +47,8 @@ def demo_bundle(
     config = TrainFlowConfig.model_validate(cfg)
     wdig = backbone_digest(config)
     extract_train_pass(config, 0, root / "pass0.zarr", wdig)
-    if estimator is None:
-        fit_classifier(config, [str(root / "pass0.zarr")], root / "classifier.skops")
-    else:
-        _fit_to(estimator, root / "pass0.zarr", root / "classifier.skops")
+    fit_classifier(config, [str(root / "pass0.zarr")], root / "classifier.skops")
     return export_bundle(config, root / "classifier.skops", root / "deployment_model", wdig)
-
-
-def _fit_to(estimator: Any, store: Path, out: Path) -> None:
-    from storage import features as fstore
-    from storage.classifier import write_skops
-
-    X, y = fstore.concat_stores([store])
-    keep = y >= 0
-    write_skops(estimator.fit(X[keep], y[keep]), out)
 
 
 def training_probabilities(bundle: Path, patches: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:

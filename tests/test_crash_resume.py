@@ -324,9 +324,7 @@ def test_train_killed_in_feature_stage_resumes_identical_and_tampering_is_recomp
     np.testing.assert_array_equal(a.predict_proba(X), b.predict_proba(X))
     assert res["metrics"] == ref["metrics"]
     for name in ("report.html", "test_results.csv", "reconstruction_results.json"):
-        assert file_digest(Path(res["run_dir"]) / "validation" / name) == file_digest(
-            Path(ref["run_dir"]) / "validation" / name
-        )
+        assert file_digest(Path(res["output"]) / name) == file_digest(Path(ref["output"]) / name)
 
     # tampering: one feature chunk edited, the fitted classifier truncated, a validation file deleted
     pass_store = next(p for p in sorted((root / "features").glob("*.zarr")) if fstore.store_attrs(p)["kind"] == "train")

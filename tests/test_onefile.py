@@ -19,17 +19,9 @@ from tests._bundles import demo_bundle, training_probabilities
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    pipe = make_pipeline(StandardScaler(), LogisticRegression(class_weight="balanced", max_iter=1000))
-    return demo_bundle(
-        tmp_path_factory.mktemp("onefile"),
-        estimator=pipe,
-        backbone={"pooling": "avg+max"},
-        export={"types": ["pytorch"]},
-    )
+    # the default recipe's classifier (model section left unset)
+    root = tmp_path_factory.mktemp("onefile")
+    return demo_bundle(root, classifier=None, backbone={"pooling": "avg+max"}, export={"types": ["pytorch"]})
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +41,10 @@ def test_pipeline_bundle_one_file_model_gives_the_training_probabilities(bundle:
     )
     assert meta["full_model"]["file"] == FULL_MODEL_FILE and not (bundle / "model.onnx").exists()
     full, two = Predictor.load(bundle), Predictor.load(bundle, runtime="two-part")
-    assert type(full.model).__name__ == "FullModel" and type(two.model.classifier).__name__ == "Pipeline"
+    assert type(full.model).__name__ == "FullModel"
+    steps = [type(step).__name__ for _, step in two.model.classifier.steps]  # the default recipe
+    assert steps == ["StandardScaler", "LogisticRegression"], steps
+    assert two.model.classifier.steps[-1][1].class_weight == "balanced"
     worst = {"two-part": 0.0, "training": 0.0}
     for path in images:
         a, b = full.predict(path), two.predict(path)

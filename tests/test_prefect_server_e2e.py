@@ -384,4 +384,4 @@ def test_serve_builds_the_three_deployments(monkeypatch: pytest.MonkeyPatch) -> 
     retrain = deps["retrain-weekly"].parameters["config"]
     assert retrain["data"]["images"] == "demo_data/images" and retrain["dataset"]["patch_size"] == [64, 64]
     assert retrain["train"]["trainer"]["iteration_over_training"] == 5  # defaults filled in by the model
-    assert retrain["train"]["model"]["classifier"] == "sklearn.linear_model.LogisticRegression"
+    assert retrain["train"]["model"]["_target_"] == "sklearn.pipeline.Pipeline"  # the recipe's default model

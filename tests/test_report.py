@@ -18,7 +18,7 @@ from tasks.evaluation.report import write_report
 from tasks.evaluation.scoring import SplitScores, split_scores
 
 CHROMIUM = Path("/usr/bin/chromium")
-GENERATED = ("report.html", "confusion_matrix.csv", "confusion_matrix.png", "example", "reconstruction")
+GENERATED = ("report.html", "confusion_matrix.csv", "test_confusion_matrix.png", "example")
 
 
 def _write_eval(
@@ -83,11 +83,7 @@ def _fresh(src: Path, dst: Path) -> Path:
 
 
 def _generated(out: Path) -> dict[str, bytes]:
-    files = (
-        [out / n for n in GENERATED[:3]]
-        + sorted((out / "example").glob("*"))
-        + sorted((out / "reconstruction").glob("*"))
-    )
+    files = [out / n for n in GENERATED[:3]] + sorted((out / "example").glob("*"))
     return {p.relative_to(out).as_posix(): p.read_bytes() for p in files if p.is_file()}
 
 
@@ -101,19 +97,24 @@ def test_report_figures_and_self_contained_html(evaluation, tmp_path: Path) -> N
     cm_csv = (out / "confusion_matrix.csv").read_text().splitlines()
     assert cm_csv[0] == "true\\pred," + ",".join(metrics["confusion_matrix"]["labels"])
     assert [list(map(int, r.split(",")[1:])) for r in cm_csv[1:]] == metrics["confusion_matrix"]["matrix"]
-    cm = cv2.imread(str(out / "confusion_matrix.png"))
+    cm = cv2.imread(str(out / "test_confusion_matrix.png"))
     assert cm.ndim == 3 and cm.shape[0] > 300 and cm.shape[1] > 300
-    overlays = sorted((out / "reconstruction").glob("*.png"))
+    overlays = sorted((out / "example").glob("reconstruction_*.png"))
     assert len(overlays) == 4  # all the chosen ones, not the first few
     busy = {Path(r["file_name"]).stem for r in recon["reconstructions"] if r.get("defects") or r.get("prediction")}
-    assert {p.stem for p in overlays} <= busy or len(busy) < 4
+    assert {p.stem.removeprefix("reconstruction_") for p in overlays} <= busy or len(busy) < 4
     for p in overlays:
         img = cv2.imread(str(p))
         assert img.shape[1] >= 3 * 160 and img.shape[0] > 128 and img.std() > 10
-    grids = sorted((out / "example").glob("*.png"))
+    grids = sorted((out / "example").glob("*cordant_*.png"))
     names = {p.name for p in grids}
-    assert {"concordant_background.png", "discordant_background.png", "discordant_scratch.png"} <= names
-    assert all(re.fullmatch(r"(con|dis)cordant_(background|blob|scratch|stain)\.png", n) for n in names)
+    want = {
+        "concordant_background_original.png",
+        "discordant_background_original.png",
+        "discordant_scratch_original.png",
+    }
+    assert want <= names
+    assert all(re.fullmatch(r"(con|dis)cordant_(background|blob|scratch|stain)_original\.png", n) for n in names)
     for p in grids:
         img = cv2.imread(str(p))
         assert img.shape[0] >= 36 + 128 and img.shape[1] >= 420  # title + at least one tile row
@@ -142,7 +143,7 @@ def test_report_figures_and_self_contained_html(evaluation, tmp_path: Path) -> N
         assert f"<td>{name}</td>" in html
     uris = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', html)
     assert len(uris) == 1 + len(overlays) + len(grids)
-    assert base64.b64decode(uris[0]) == (out / "confusion_matrix.png").read_bytes()
+    assert base64.b64decode(uris[0]) == (out / "test_confusion_matrix.png").read_bytes()
     rest = re.sub(r"data:image/png;base64,[A-Za-z0-9+/=]+", "", html).lower()  # base64 may spell anything
     assert "http" not in rest and "<script" not in rest and "<link" not in rest and "url(" not in rest
     assert len(re.findall(r'(?:src|href)="', rest)) == len(uris)
@@ -205,9 +206,9 @@ def test_report_without_labels_masks_or_patches(tmp_path: Path) -> None:
     out = tmp_path / "nolabels"
     scores = _write_eval(out, data, "val", ids, np.full(len(ids), -1), pred, proba, classes)
     html = write_report(out, data, classes, scores).read_text()
-    assert not (out / "confusion_matrix.png").exists() and not (out / "confusion_matrix.csv").exists()
-    assert not list((out / "example").glob("*.png"))
-    assert len(list((out / "reconstruction").glob("*.png"))) == 3
+    assert not (out / "test_confusion_matrix.png").exists() and not (out / "confusion_matrix.csv").exists()
+    assert not list((out / "example").glob("*cordant_*.png"))
+    assert len(list((out / "example").glob("reconstruction_*.png"))) == 3
     assert "No labelled patch" in html and html.count("data:image/png;base64,") == 3
 
     empty = tmp_path / "empty"  # test split of that dataset holds no image

@@ -47,10 +47,11 @@ def test_train_flow_stages_are_cached_by_content(demo_patch_dataset: Path, tmp_p
         "deployment_model/model.pt",
         "deployment_model/classifier.skops",
         "deployment_model/model.json",
-        "validation/metrics.json",
-        "validation/test_results.csv",
-        "validation/report.html",
-        "validation/confusion_matrix.png",
+        "reconstruction_results.json",
+        "classification_patch_experiment/metrics.json",
+        "classification_patch_experiment/test_results.csv",
+        "classification_patch_experiment/report.html",
+        "classification_patch_experiment/test_confusion_matrix.png",
     ):
         assert (run / name).is_file(), name
     mj = json.loads((run / "deployment_model/model.json").read_text())
@@ -72,7 +73,7 @@ def test_train_flow_stages_are_cached_by_content(demo_patch_dataset: Path, tmp_p
         assert key in mj
     assert mj["patch_height"] == 64 and mj["input_size"] == [[3, 96, 96]]
     assert 0.0 <= res["metrics"]["accuracy"] <= 1.0 and "confusion_matrix" in res["metrics"]
-    recon = json.loads((run / "validation/reconstruction_results.json").read_text())
+    recon = json.loads((run / "reconstruction_results.json").read_text())
     assert recon["patch_reconstruction_method"] == "major_voting" and recon["reconstructions_type"] == "polygon"
     assert len(recon["reconstructions"]) == len(json.loads((demo_patch_dataset / "info.json").read_text())["val_files"])
     assert "all_defects" in res["metrics"]["reconstruction"]

@@ -199,6 +199,7 @@ def _save_originals(
     if job.mask is not None:
         if p.save_original_images_and_masks or p.mask_preprocessing is not None:  # processed masks: always saved (B19)
             res.mask_entry = f"original/masks/{job.stem}.png"
+            assert mask is not None
             res.put(root, res.mask_entry, mask_data if mask_data is not None else encode_png(mask, res.mask_entry))
         else:
             res.mask_entry = str(Path(job.mask).resolve())

@@ -18,6 +18,7 @@ class EvalDatamodule(StrictModel):
     include_filter: list[str] | None = None
     exclude_filter: list[str] | None = None
     batch_size: StrictInt = Field(32, ge=1)
+    num_workers: StrictInt = Field(1, ge=0, description="Threads decoding patch files (0 or 1: none)")
 
 
 class EvalOutput(StrictModel):

@@ -126,7 +126,9 @@ def _resolve(stored: str | None, data_path: Path, sub: str) -> Path | None:
     if not stored:
         return None
     p = layout.resolve_path(stored, data_path)
-    return p if p.is_file() else data_path / "original" / sub / Path(stored).name  # moved dataset folder
+    if p is not None and p.is_file():
+        return p
+    return data_path / "original" / sub / Path(stored).name  # moved dataset folder
 
 
 def _predicted_map(
@@ -170,7 +172,10 @@ def overlay_image(
     legend.
 
     ``decoding``: how the dataset's images decode (None: read from its sidecar)."""
-    img = read_image(_resolve(rec["image_path"], data_path, "images"), decoding or dataset_decoding(data_path))
+    image_path = _resolve(rec["image_path"], data_path, "images")
+    if image_path is None:
+        raise ValueError(f"record {rec.get('name', '?')} has no image path")
+    img = read_image(image_path, decoding or dataset_decoding(data_path))
     h, w = img.shape[:2]
     gt = None
     mpath = _resolve(rec.get("mask_path"), data_path, "masks")

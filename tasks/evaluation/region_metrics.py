@@ -74,9 +74,9 @@ def region_counts(gt: np.ndarray | None, pred: np.ndarray) -> dict[str, int]:
     }
 
 
-def pixel_scores(gt: np.ndarray, pred: np.ndarray, class_ids: list[int]) -> dict[int, dict[str, float | int]]:
+def pixel_scores(gt: np.ndarray, pred: np.ndarray, class_ids: list[int]) -> dict[int, dict[str, float | int | None]]:
     """Per class: intersection, union, IoU and Dice (None when the class is absent from both maps)."""
-    out: dict[int, dict[str, float | int]] = {}
+    out: dict[int, dict[str, float | int | None]] = {}
     for c in class_ids:
         g, p = gt == c, pred == c
         inter, gs, ps = int(np.sum(g & p)), int(g.sum()), int(p.sum())
@@ -183,7 +183,7 @@ class SplitMeasures:
             rec["pixel_scores"] = {self.idx_to_class[c]: s for c, s in scores.items()}
             for c, s in scores.items():
                 for k in ("intersection", "gt_pixels", "pred_pixels"):
-                    self.pix[c][k] += int(s[k])
+                    self.pix[c][k] += int(s[k] or 0)
         self.records.append(rec)
 
     def results(self, method: str) -> dict[str, Any]:

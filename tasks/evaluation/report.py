@@ -1,5 +1,6 @@
-"""Evaluation report: ``confusion_matrix.{csv,png}``, ``example/{concordant,discordant}_<class>.png``,
-``reconstruction/<stem>.png`` and one self-contained ``report.html``.
+"""Evaluation report under Quadra's names: ``test_confusion_matrix.png``,
+``example/{concordant,discordant}_<class>_original.png``, ``example/reconstruction_<stem>.png``; plus patchflow's
+``confusion_matrix.csv`` and one self-contained ``report.html``.
 
 Takes the scores of a split in memory (:class:`tasks.evaluation.scoring.SplitScores`: metrics, patch rows,
 reconstruction results) and reads only the few images it draws (patches of the example grids; image, mask
@@ -30,8 +31,10 @@ table{border-collapse:collapse;margin:8px 0 16px}th,td{border:1px solid #ccc;pad
 th{background:#eef}td:first-child,th:first-child{text-align:left}img{max-width:100%;border:1px solid #ddd;margin:6px 0}
 .sw{display:inline-block;width:14px;height:14px;margin:0 4px 0 12px;vertical-align:middle;border:1px solid #555}
 .muted{color:#777}"""
+#: Quadra's name of the confusion matrix figure
+CONFUSION_PNG = "test_confusion_matrix.png"
 #: what a report writes besides report.html: removed first, so no stale figure of an earlier report remains
-FIGURES = ("confusion_matrix.csv", "confusion_matrix.png", "example/*.png", "reconstruction/*.png")
+FIGURES = ("confusion_matrix.csv", CONFUSION_PNG, "example/*.png")
 
 
 def _fmt(v: Any, digits: int = 3) -> str:
@@ -71,7 +74,8 @@ def example_grids(
     seed: int = 0,
     decoding: Decoding | None = None,
 ) -> list[Path]:
-    """``example/{concordant,discordant}_<class>.png`` per predicted class (labelled patches only); their paths.
+    """``example/{concordant,discordant}_<class>_original.png`` per predicted class (labelled patches only);
+    their paths.
 
     ``results``: ``(sample, real_label, pred_label, probability)`` rows; ``decoding``: how the dataset's images
     decode (None: read from its sidecar)."""
@@ -86,7 +90,7 @@ def example_grids(
             rng = np.random.default_rng([seed, k, c])
             chosen = sorted(rng.choice(len(pick), size=min(len(pick), rows_n * cols_n), replace=False).tolist())
             img = example_grid(data_path, [pick[i] for i in chosen], len(pick), kind, idx_to_class, cols_n, decoding)
-            written.append(_png(out_dir / "example" / f"{kind}_{idx_to_class[c]}.png", img))
+            written.append(_png(out_dir / "example" / f"{kind}_{idx_to_class[c]}_original.png", img))
     return written
 
 
@@ -141,7 +145,7 @@ def _patch_section(out_dir: Path, metrics: dict[str, Any]) -> list[str]:
         f"Confusion matrix - accuracy {_fmt(metrics.get('accuracy'))}, balanced "
         f"{_fmt(metrics.get('balanced_accuracy'))}, n={metrics.get('n_evaluated')}"
     )
-    png = _png(out_dir / "confusion_matrix.png", confusion_matrix_image(cm["labels"], cm["matrix"], ttl))
+    png = _png(out_dir / CONFUSION_PNG, confusion_matrix_image(cm["labels"], cm["matrix"], ttl))
     return [*parts, _img_tag(png, "confusion matrix")]
 
 
@@ -181,7 +185,7 @@ def _overlay_section(
     n_overlays: int,
     decoding: Decoding,
 ) -> list[str]:
-    """The overlays of up to ``n_overlays`` images (``reconstruction/<stem>.png``) with a colour legend."""
+    """The overlays of up to ``n_overlays`` images (``example/reconstruction_<stem>.png``) with a colour legend."""
     chosen = pick_overlays(recons, n_overlays)
     if not chosen:
         return []
@@ -196,7 +200,7 @@ def _overlay_section(
     for rec in chosen:
         try:
             png = _png(
-                out_dir / "reconstruction" / f"{Path(rec['file_name']).stem}.png",
+                out_dir / "example" / f"reconstruction_{Path(rec['file_name']).stem}.png",
                 overlay_image(rec, data_path, out_dir / "maps", class_to_idx, good, decoding),
             )
             parts.append(_img_tag(png, rec["file_name"]))

@@ -124,6 +124,7 @@ def validation_job(cfg: TrainFlowConfig, classifier: str, store: str) -> Scoring
         t.soft_thresholds,
         t.report,
         f"patchflow validation: {cfg.core.name}",
+        examples=t.example,
     )
 
 
@@ -136,6 +137,7 @@ def validation_key(cfg: TrainFlowConfig, fit_key: str, val_store: str) -> str:
         "coverage": t.coverage_threshold,
         "report": t.report,
         "soft_thresholds": t.soft_thresholds,
+        **({} if t.example else {"example": False}),  # keys of runs with examples stay those of earlier versions
     }
     return combine(
         "validate",
@@ -224,6 +226,7 @@ def extract_with_bundle(cfg: EvaluateFlowConfig, bundle: Bundle, out: Path, forc
         out,
         attrs,
         force=force,
+        workers=dm.num_workers,
     )
 
 

@@ -7,6 +7,7 @@ Plain functions (no Prefect, no torch); ``tasks/features/store.py`` builds store
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,17 +33,22 @@ if TYPE_CHECKING:
     from tasks.model.config import TrainFlowConfig
 
 
-def _patch_batches(data_path: Path, rels: list[str], batch_size: int, decoding: Decoding) -> Batches:
-    for s in range(0, len(rels), batch_size):
-        patches = []
-        for rel in rels[s : s + batch_size]:
-            try:
-                patches.append(read_image(data_path / rel, decoding))
-            except ImageTooLargeError:
-                raise
-            except InputDataError:
-                raise ValueError(f"{data_path / rel}: unreadable patch image; regenerate the dataset") from None
-        yield np.arange(s, s + len(patches)), patches
+def _patch_batches(data_path: Path, rels: list[str], batch_size: int, decoding: Decoding, workers: int = 1) -> Batches:
+    """Batches of decoded patch files; ``workers`` > 1 decodes them on that many threads (same order)."""
+
+    def read(rel: str) -> np.ndarray:
+        try:
+            return read_image(data_path / rel, decoding)
+        except ImageTooLargeError:
+            raise
+        except InputDataError:
+            raise ValueError(f"{data_path / rel}: unreadable patch image; regenerate the dataset") from None
+
+    with ThreadPoolExecutor(max(1, workers), thread_name_prefix="patchflow-decode") as pool:
+        for s in range(0, len(rels), batch_size):
+            chunk = rels[s : s + batch_size]
+            patches = list(pool.map(read, chunk)) if workers > 1 else [read(rel) for rel in chunk]
+            yield np.arange(s, s + len(patches)), patches
 
 
 def decode_attrs(data_path: Path) -> dict[str, Any]:
@@ -50,8 +56,11 @@ def decode_attrs(data_path: Path) -> dict[str, Any]:
     return {"sixteen_bit": sixteen_bit_json(dataset_decoding(data_path).sixteen_bit)}
 
 
-def plan_batches(plan: dict[str, np.ndarray], attrs: dict[str, Any], start: int, end: int, batch_size: int) -> Batches:
-    """Batches of rows ``[start, end)`` of a store's plan: (row indices relative to ``start``, BGR patches)."""
+def plan_batches(
+    plan: dict[str, np.ndarray], attrs: dict[str, Any], start: int, end: int, batch_size: int, workers: int = 1
+) -> Batches:
+    """Batches of rows ``[start, end)`` of a store's plan: (row indices relative to ``start``, BGR patches);
+    ``workers``: threads decoding a split's patch files (``datamodule.num_workers``)."""
     # stores prepared before the rule was recorded were filled with the legacy rule: keep it for their last shards
     dec = make_decoding(sixteen_bit=attrs.get("sixteen_bit", LEGACY_SIXTEEN_BIT))
     if str(plan["kind"]) in ("train", "grid"):
@@ -66,7 +75,7 @@ def plan_batches(plan: dict[str, np.ndarray], attrs: dict[str, Any], start: int,
         )
         yield from iter_pass_patches(sub, batch_size, dec)
     else:
-        yield from _patch_batches(Path(attrs["data_path"]), plan["rel"][start:end].tolist(), batch_size, dec)
+        yield from _patch_batches(Path(attrs["data_path"]), plan["rel"][start:end].tolist(), batch_size, dec, workers)
 
 
 def pass_plan(cfg: TrainFlowConfig, pass_index: int) -> PlanFn:

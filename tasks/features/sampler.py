@@ -62,7 +62,10 @@ class _H5Record:
 def _read_h5(h5_path: Path, data_path: Path) -> _H5Record:
     """Read the sampling record of one train h5 file (image path resolved against the dataset)."""
     region = read_region(h5_path)
-    image = str(resolve_path(region.img_path, data_path).resolve())
+    resolved = resolve_path(region.img_path, data_path)
+    if resolved is None:
+        raise DatasetFormatError(f"{h5_path} has no image path")
+    image = str(resolved.resolve())
     patch_size = region.patch_size if region.patch_size != (0, 0) else None
     if not len(region.triangles):
         return _H5Record(image, patch_size, None, None)
@@ -156,6 +159,7 @@ def _draw_centres(rng: np.random.Generator, rec: _H5Record, k: int, H: int, W: i
     """``k`` (y, x) patch centres: in the annotated triangles (area-weighted), else uniform over the image."""
     if rec.triangles is None:  # no annotation: uniform over the whole image
         return rng.integers(0, H, size=k), rng.integers(0, W, size=k)
+    assert rec.weights is not None
     c = np.floor(sample_points(rec.triangles, rec.weights, k, rng)).astype(np.int64)
     return np.clip(c[:, 0], 0, H - 1), np.clip(c[:, 1], 0, W - 1)
 
@@ -270,6 +274,7 @@ def iter_pass_patches(
             cur_img = pad_to(img, (int(need[u, 0]), int(need[u, 1])))
             cur_u = u
         y0, x0, y1, x1 = box[row].tolist()
+        assert cur_img is not None
         crop = cur_img[y0:y1, x0:x1]
         patches.append(cv2.cvtColor(crop, cv2.COLOR_GRAY2BGR) if crop.ndim == 2 else np.ascontiguousarray(crop))
         rows_out.append(row)

@@ -114,7 +114,7 @@ def prepare(
     )
     fstore.write_row_meta(part, labels, ids, boxes)
     buf = io.BytesIO()
-    np.savez(buf, **rows)
+    np.savez(buf, **rows)  # type: ignore[arg-type]
     state.dir.mkdir(parents=True, exist_ok=True)
     write_atomic(state.dir / ROWS_FILE, buf.getvalue())
     state.write_plan({"store_key": key, "n_rows": n, "shard_rows": int(rows_per_shard)})  # last: now prepared

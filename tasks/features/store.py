@@ -63,6 +63,7 @@ def _extractor(cfg: TrainFlowConfig, onnx_cache: Path, wdigest: str | None = Non
     )
     if ident not in _EXTRACTORS:
         _EXTRACTORS.clear()
+        model: Any
         if runtime == "onnxruntime":
             model = onnx_backbone(cfg.backbone.name, cfg.backbone.weights, size, onnx_cache, wdigest, layers, pooling)
         else:
@@ -98,10 +99,12 @@ class StoreJob:
         rows_per_shard: int,
         lock: LockFn = _no_lock,
         chunk_rows: int = CHUNK_ROWS,
+        workers: int = 1,
     ) -> None:
         self.out, self.key, self.make_plan, self.attrs, self.dim = Path(out), key, make_plan, attrs, dim
         self.get_extractor, self.size, self.mean, self.std = get_extractor, size, mean, std
         self.batch_size, self.rows_per_shard, self.lock, self.chunk_rows = batch_size, rows_per_shard, lock, chunk_rows
+        self.workers = workers  # threads decoding patch files (never part of a key: outputs do not change)
 
     def prepare(self, force: bool = False) -> int:
         """Prepare the partial store (reused when already prepared); number of shards, 0 if the store is done."""
@@ -120,7 +123,8 @@ class StoreJob:
             if fstore.is_verified(self.out):
                 return {"index": index, "skipped": True, "rows": 0, "extract_s": 0.0}
             extract = partial(self.get_extractor().extract, size=self.size, mean=self.mean, std=self.std)
-            return shards.fill_shard(self.out, index, extract, plan_batches, self.batch_size)
+            batches = partial(plan_batches, workers=self.workers)
+            return shards.fill_shard(self.out, index, extract, batches, self.batch_size)
 
     def finalize(self) -> None:
         """Move the completed store into place (no-op if it is already there)."""
@@ -193,6 +197,7 @@ def _job(
         shards.shard_rows(cfg.task.shard_patches, chunk),
         lock,
         chunk,
+        cfg.datamodule.num_workers,
     )
 
 
@@ -268,8 +273,10 @@ def extract_items(
     attrs: dict[str, Any],
     rows_per_shard: int = 4096,
     force: bool = False,
+    workers: int = 1,
 ) -> dict[str, Any]:
-    """Store the features of listed patch files at ``out`` (labels and relative paths as sample ids)."""
+    """Store the features of listed patch files at ``out`` (labels and relative paths as sample ids); ``workers``:
+    threads decoding them."""
     job = StoreJob(
         out,
         Path(out).name,
@@ -282,6 +289,7 @@ def extract_items(
         std,
         batch_size,
         shards.shard_rows(rows_per_shard),
+        workers=workers,
     )
     return job.build(force)
 

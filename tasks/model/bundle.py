@@ -28,12 +28,15 @@ from tasks.model.fit import load_fitted
 from tasks.model.onefile import export_full_model
 
 
-def model_json(cfg: TrainFlowConfig, weights_digest: str | None = None) -> dict[str, Any]:
-    """``model.json``: the reference's keys plus patchflow's geometry policy and provenance."""
+def model_json(
+    cfg: TrainFlowConfig, weights_digest: str | None = None, search: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """``model.json``: the reference's keys plus patchflow's geometry policy and provenance (and, when a classifier
+    search chose the setting, ``search``: the setting and its cross-validation score)."""
     info = layout.read_info(Path(cfg.datamodule.data_path))
     classes = class_map(cfg)
     pn, ps = info.get("patch_number"), info.get("patch_size")
-    return {
+    meta = {
         "input_size": [[3, cfg.transforms.input_height, cfg.transforms.input_width]],
         "classes": {str(v): k for k, v in sorted(classes.items(), key=lambda kv: kv[1])},
         "mean": list(cfg.transforms.mean),
@@ -59,6 +62,7 @@ def model_json(cfg: TrainFlowConfig, weights_digest: str | None = None) -> dict[
         # how 16-bit images became 8-bit in the dataset: predict decodes its images the same way
         "sixteen_bit": sixteen_bit_json(dataset_decoding(Path(cfg.datamodule.data_path)).sixteen_bit),
     }
+    return meta | {"search": search} if search else meta
 
 
 def export_types(cfg: TrainFlowConfig) -> list[str]:
@@ -107,12 +111,14 @@ def export_bundle(
     out: Path,
     weights_digest: str | None = None,
     backbone_dir: Path | None = None,
+    search: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``deployment_model/`` (backbone export, classifier.skops, the one-file model ``model_full.onnx``,
     model.json; classifier.joblib too when ``export.joblib_classifier``) atomically, with a manifest that every
     load checks. A classifier without an ONNX form gives a bundle without ``model_full.onnx`` (one warning).
 
-    ``backbone_dir``: an :func:`export_backbone` folder to copy from instead of exporting again.
+    ``backbone_dir``: an :func:`export_backbone` folder to copy from instead of exporting again; ``search``: the
+    classifier search's choice, recorded in ``model.json``.
     """
     with building(out) as tmp:
         if backbone_dir is None:
@@ -127,7 +133,7 @@ def export_bundle(
         est = load_fitted(cfg, classifier_path)
         if cfg.export.joblib_classifier:  # Quadra's test task reads it
             write_joblib(est, tmp / JOBLIB_FILE)
-        meta = model_json(cfg, weights_digest)
+        meta = model_json(cfg, weights_digest, search)
         meta["full_model"] = export_full_model(tmp, est, meta, tmp / FULL_MODEL_FILE)  # from the copied export
         with naming_write_errors(tmp / "model.json"):
             (tmp / "model.json").write_text(json.dumps(meta, indent=2) + "\n")
