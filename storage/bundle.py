@@ -3,8 +3,9 @@
 Files: ``model.json`` (the reference's keys plus ``grid_policy``, ``precision``, ``runtime``,
 ``backbone``, ``weights_digest``, ``patchflow_version``), ``classifier.skops`` (plus Quadra's
 ``classifier.joblib`` when ``export.joblib_classifier`` is set), one or more backbone exports:
-``model.pt`` (TorchScript), ``model.onnx``, ``model.pth`` + ``model_config.yaml``, and ``_manifest.json``
-(size and sha256 of every file, written last by the export).
+``model.pt`` (TorchScript), ``model.onnx``, ``model.pth`` + ``model_config.yaml``, the one-file model
+``model_full.onnx`` (preprocessing + backbone + classifier; absent when the classifier has no ONNX form), and
+``_manifest.json`` (size and sha256 of every file, written last by the export).
 
 Before anything of a bundle is loaded, :func:`open_bundle` checks every file against the manifest
 (full sha256): an edited, swapped, truncated, deleted or added file is refused, naming it. A bundle
@@ -40,7 +41,18 @@ from storage.geometry import GridSpec
 from storage.layout import DatasetFormatError
 from storage.manifest import MANIFEST_FILE, manifest_mismatch
 
-BUNDLE_FILES = ("model.json", SKOPS_FILE, JOBLIB_FILE, "model.pt", "model.onnx", "model.pth", "model_config.yaml")
+#: the one-file model (preprocessing + backbone + classifier in one ONNX graph; tasks/model/onefile.py)
+FULL_MODEL_FILE = "model_full.onnx"
+BUNDLE_FILES = (
+    "model.json",
+    SKOPS_FILE,
+    JOBLIB_FILE,
+    "model.pt",
+    "model.onnx",
+    "model.pth",
+    "model_config.yaml",
+    FULL_MODEL_FILE,
+)
 #: files added next to an exported bundle's own and never read for inference (promotion's version record)
 NOT_EXPORTED = ("version.json",)
 TRUST_FIX = (
@@ -138,6 +150,11 @@ class Bundle:
     def backbone_file(self) -> Path:
         """The backbone export to run (see :func:`backbone_file`)."""
         return backbone_file(self.root, self.meta)
+
+    @property
+    def full_model_file(self) -> Path | None:
+        """The one-file model (``model_full.onnx``), or None when the bundle has none."""
+        return self.root / FULL_MODEL_FILE if FULL_MODEL_FILE in self.files else None
 
     @property
     def classifier_file(self) -> Path:

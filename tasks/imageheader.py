@@ -39,6 +39,10 @@ class ImageTooLargeError(InputDataError):
     """An image is over the pixel limit (or over what OpenCV decodes); found from its header."""
 
 
+class UnsupportedPixelsError(InputDataError):
+    """An image decodes, but its pixel depth or number of channels is not one patchflow reads."""
+
+
 # ----------------------------------------------------------------------------------------- settings
 
 

@@ -9,7 +9,7 @@ to the same pixels.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import lru_cache
 from pathlib import Path
 
@@ -25,6 +25,7 @@ from tasks.imageheader import (  # noqa: F401 - re-exported: callers import deco
     ImageTooLargeError,
     InputDataError,
     SixteenBit,
+    UnsupportedPixelsError,
     bundle_decoding,
     check_header,
     check_pixels,
@@ -91,7 +92,7 @@ def to_uint8(img: np.ndarray, rule: SixteenBit, path: str | Path) -> np.ndarray:
     if img.dtype == np.uint8:
         return img
     if img.dtype != np.uint16:
-        raise InputDataError(f"{path}: {img.dtype} pixels are not supported; save it as an 8- or 16-bit image")
+        raise UnsupportedPixelsError(f"{path}: {img.dtype} pixels are not supported; save it as an 8- or 16-bit image")
     top = int(img.max()) if img.size else 0
     if top < 256:
         warn_once(
@@ -111,14 +112,39 @@ def to_uint8(img: np.ndarray, rule: SixteenBit, path: str | Path) -> np.ndarray:
     return np.take(_lut(rule if isinstance(rule, tuple) else "bits", bits), img)
 
 
-def _as_bgr(img: np.ndarray, keep_gray: bool) -> np.ndarray:
+def _as_bgr(img: np.ndarray, keep_gray: bool, path: str | Path = "image") -> np.ndarray:
     if img.ndim == 3 and img.shape[2] == 1:
         img = img[..., 0]
     if img.ndim == 3 and img.shape[2] == 4:
         return cv2.cvtColor(img, cv2.COLOR_BGRA2BGR)
     if img.ndim == 2 and not keep_gray:
         return cv2.cvtColor(img, cv2.COLOR_GRAY2BGR)
+    if not (img.ndim == 2 or (img.ndim == 3 and img.shape[2] == 3)):
+        raise UnsupportedPixelsError(
+            f"{path}: shape {img.shape} is not an image of 1, 3 (BGR) or 4 (BGRA) channels; pass an HxW or HxWxC array"
+        )
     return img
+
+
+def as_bgr(image: np.ndarray, rule: SixteenBit, name: str | Path = "image") -> np.ndarray:
+    """A decoded image array as BGR uint8 (H, W, 3): grayscale and BGRA converted, 16-bit by ``rule``
+    (:func:`to_uint8`); ``name`` is for the error."""
+    return _as_bgr(to_uint8(np.asarray(image), rule, name), False, name)
+
+
+def resize_patches(patches: Sequence[np.ndarray], size: tuple[int, int]) -> np.ndarray:
+    """BGR uint8 HxWx3 patches as one (N, h, w, 3) uint8 batch at ``size`` = (h, w): patches of another size are
+    resized with OpenCV's bicubic rule (``INTER_CUBIC``), the one training used."""
+    from tasks.features.weights import BackboneError
+
+    h, w = int(size[0]), int(size[1])
+    out = np.empty((len(patches), h, w, 3), np.uint8)
+    for i, p in enumerate(patches):
+        p = np.asarray(p)
+        if p.ndim != 3 or p.shape[2] != 3 or p.dtype != np.uint8:
+            raise BackboneError(f"Patch {i} must be a uint8 HxWx3 BGR array, got {p.dtype} {p.shape}")
+        out[i] = p if p.shape[:2] == (h, w) else cv2.resize(p, (w, h), interpolation=cv2.INTER_CUBIC)
+    return out
 
 
 def decode_image(
@@ -148,7 +174,7 @@ def decode_image(
         check_pixels(img.shape[0] * scale, img.shape[1] * scale, path, dec)
     if reduced:
         return img
-    return _as_bgr(to_uint8(img, dec.sixteen_bit, path), keep_gray)
+    return _as_bgr(to_uint8(img, dec.sixteen_bit, path), keep_gray, path)
 
 
 def read_image(path: str | Path, decoding: Decoding | None = None, keep_gray: bool = False) -> np.ndarray:

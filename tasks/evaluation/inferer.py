@@ -8,10 +8,11 @@ probabilities -> polygons. Shaped after MONAI's ``monai/inferers`` (Splitter / M
   calls it with probabilities of stored features (patches already split, like MONAI's ``splitter=None``);
   :func:`infer_images` splits images, batches their patches across images through a ``classify`` callable
   and calls it for each image once its patches are scored (predict);
-- :class:`BundleModel`: a bundle's backbone and classifier as that callable (patches -> probabilities).
+- :class:`BundleModel`: a bundle's backbone and classifier as that callable (patches -> probabilities);
+  :class:`FullModel`: the same from the bundle's one-file ONNX model (``model_full.onnx``: no torch, no pickle).
 
-Nothing here needs Prefect: an in-process predictor is ``BundleModel.load`` + ``PatchInferer`` +
-``infer_images``.
+Nothing here needs Prefect: the in-process :class:`tasks.predict.predictor.Predictor` is a model + ``PatchInferer``
++ ``infer_images``, and ``flows.predict`` runs through it.
 """
 
 from __future__ import annotations
@@ -208,3 +209,54 @@ class BundleModel:
         """(N, C) class probabilities over every class index of the bundle."""
         proba = self.classifier.predict_proba(self.features(patches))
         return full_probabilities(proba, self.classifier.classes_, max(self.bundle.classes.values()) + 1)
+
+
+@dataclass
+class FullModel:
+    """A bundle's one-file ONNX model (``model_full.onnx``, ONNX Runtime on the CPU): raw BGR patches -> class
+    probabilities. Loading it reads no pickle and imports no torch."""
+
+    bundle: Bundle
+    session: Any  # onnxruntime.InferenceSession
+    batch_size: int = 64
+    extract_s: float = 0.0  # seconds spent in the graph so far
+
+    @classmethod
+    def load(cls, bundle: Bundle, batch_size: int = 64, threads: int | None = None) -> FullModel:
+        """Open ``model_full.onnx`` (the bundle was verified against its manifest) with ONNX Runtime."""
+        import onnxruntime as ort
+
+        path = bundle.full_model_file
+        if path is None:
+            from storage.bundle import FULL_MODEL_FILE, BundleError
+
+            raise BundleError(
+                f"bundle {bundle.root} has no {FULL_MODEL_FILE}; re-export it, or use the two-part runtime"
+            )
+        so = ort.SessionOptions()
+        if threads:
+            so.intra_op_num_threads = int(threads)
+        so.inter_op_num_threads = 1
+        session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        width = session.get_outputs()[0].shape[-1]
+        if width != max(bundle.classes.values()) + 1:
+            from storage.bundle import BundleError
+
+            raise BundleError(
+                f"bundle {bundle.root}: {path.name} gives {width} classes, model.json lists "
+                f"{max(bundle.classes.values()) + 1}; re-export the model"
+            )
+        return cls(bundle, session, max(1, int(batch_size)))
+
+    def probabilities(self, patches: list[np.ndarray]) -> np.ndarray:
+        """(N, C) class probabilities over every class index of the bundle, in chunks of ``batch_size``."""
+        from tasks.imageio import resize_patches
+
+        t = time.perf_counter()
+        size, out = self.bundle.input_size, []
+        for start in range(0, len(patches), self.batch_size):
+            batch = resize_patches(patches[start : start + self.batch_size], size)
+            out.append(self.session.run(["probabilities"], {"images": batch})[0])
+        self.extract_s += time.perf_counter() - t
+        num_classes = max(self.bundle.classes.values()) + 1
+        return np.concatenate(out) if out else np.zeros((0, num_classes), np.float32)

@@ -12,7 +12,6 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 from torch import nn
@@ -20,6 +19,7 @@ from torch import nn
 from tasks.device import autocast, check_precision, resolve_device
 from tasks.features.layers import FINAL, check_pooling, feature_width, is_plain, resolve_layers
 from tasks.features.weights import BackboneError, check_name, dino_to_torchvision, resolve_weights
+from tasks.imageio import resize_patches
 
 logger = logging.getLogger("patchflow.backbones")
 
@@ -129,15 +129,9 @@ def preprocess(
 ) -> torch.Tensor:
     """BGR uint8 HxWx3 patches -> normalised RGB float32 batch (B,3,h,w) in channels_last; size is (h, w)."""
     h, w = int(size[0]), int(size[1])
-    resized = []
-    for i, p in enumerate(patches):
-        p = np.asarray(p)
-        if p.ndim != 3 or p.shape[2] != 3 or p.dtype != np.uint8:
-            raise BackboneError(f"Patch {i} must be a uint8 HxWx3 BGR array, got {p.dtype} {p.shape}")
-        resized.append(p if p.shape[:2] == (h, w) else cv2.resize(p, (w, h), interpolation=cv2.INTER_CUBIC))
-    if not resized:
+    if not len(patches):
         return torch.empty((0, 3, h, w), dtype=torch.float32).contiguous(memory_format=torch.channels_last)
-    batch = torch.from_numpy(np.stack(resized)).flip(-1)  # (B,h,w,3) uint8, BGR -> RGB
+    batch = torch.from_numpy(resize_patches(patches, (h, w))).flip(-1)  # (B,h,w,3) uint8, BGR -> RGB
     scale = torch.tensor([1.0 / (255.0 * s) for s in std], dtype=torch.float32)
     shift = torch.tensor([m / s for m, s in zip(mean, std)], dtype=torch.float32)
     out = (batch.to(torch.float32) * scale - shift).permute(0, 3, 1, 2)  # NHWC storage == channels_last

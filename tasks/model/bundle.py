@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from storage import layout
+from storage.bundle import FULL_MODEL_FILE
 from storage.classifier import JOBLIB_FILE, SKOPS_FILE, write_joblib
 from storage.fingerprint import CODE_VERSION
 from storage.geometry import GRID_POLICY
@@ -23,6 +24,7 @@ from tasks.features.params import backbone_digest, class_map, feature_layers, fe
 from tasks.imageio import dataset_decoding, sixteen_bit_json
 from tasks.model.config import TrainFlowConfig
 from tasks.model.fit import load_fitted
+from tasks.model.onefile import export_full_model
 
 
 def model_json(
@@ -113,8 +115,9 @@ def export_bundle(
     backbone_dir: Path | None = None,
     search: dict[str, Any] | None = None,
 ) -> Path:
-    """Write ``deployment_model/`` (backbone export, classifier.skops, model.json; classifier.joblib too when
-    ``export.joblib_classifier``) atomically, with a manifest that every load checks.
+    """Write ``deployment_model/`` (backbone export, classifier.skops, the one-file model ``model_full.onnx``,
+    model.json; classifier.joblib too when ``export.joblib_classifier``) atomically, with a manifest that every
+    load checks. A classifier without an ONNX form gives a bundle without ``model_full.onnx`` (one warning).
 
     ``backbone_dir``: an :func:`export_backbone` folder to copy from instead of exporting again; ``search``: the
     classifier search's choice, recorded in ``model.json``.
@@ -129,8 +132,11 @@ def export_bundle(
         shutil.rmtree(tmp / "backbone", ignore_errors=True)
         with naming_write_errors(tmp / SKOPS_FILE):
             shutil.copy2(classifier_path, tmp / SKOPS_FILE)
+        est = load_fitted(cfg, classifier_path)
         if cfg.export.joblib_classifier:  # Quadra's test task reads it
-            write_joblib(load_fitted(cfg, classifier_path), tmp / JOBLIB_FILE)
+            write_joblib(est, tmp / JOBLIB_FILE)
+        meta = model_json(cfg, weights_digest, search)
+        meta["full_model"] = export_full_model(tmp, est, meta, tmp / FULL_MODEL_FILE)  # from the copied export
         with naming_write_errors(tmp / "model.json"):
-            (tmp / "model.json").write_text(json.dumps(model_json(cfg, weights_digest, search), indent=2) + "\n")
+            (tmp / "model.json").write_text(json.dumps(meta, indent=2) + "\n")
     return out

@@ -6,8 +6,8 @@ and the bundle export (the logic is in ``search.py``, ``fit.py`` and ``bundle.py
 Keys: search = the fit key's inputs + the grid, folds and metric; fit = the training stores' keys + model config +
 the source digests of the user's own modules it uses + seed (+ the search's chosen setting); backbone export =
 weights digest + name + input size + formats; bundle = fit key + backbone key + ``model.json`` + the joblib
-opt-in. So changing the classifier computes no features and re-exports no backbone, editing the user's
-classifier class refits, and an unchanged stage is never recomputed.
+opt-in + the one-file model's version. So changing the classifier computes no features and re-exports no
+backbone, editing the user's classifier class refits, and an unchanged stage is never recomputed.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from tasks.features.params import feature_options
 from tasks.model.bundle import export_backbone, export_bundle, export_types, model_json
 from tasks.model.config import TrainFlowConfig
 from tasks.model.fit import fit_classifier, make_classifier
+from tasks.model.onefile import FULL_MODEL_VERSION
 from tasks.model.search import run_search, search_choice
 from tasks.model.spec import user_module_digests
 from tasks.stage import build_once, run_stage
@@ -107,9 +108,17 @@ def backbone_key(cfg: TrainFlowConfig, weights_digest: str) -> str:
 def bundle_key(
     cfg: TrainFlowConfig, fkey: str, bkey: str, weights_digest: str, search: dict[str, Any] | None = None
 ) -> str:
-    """Key of the deployment bundle: classifier, backbone export, ``model.json`` and the joblib opt-in."""
+    """Key of the deployment bundle: classifier, backbone export, ``model.json``, the joblib opt-in and the
+    one-file model's layout version."""
     meta = model_json(cfg, weights_digest, search)
-    return combine("export", fkey, bkey, params_digest(meta), f"joblib={cfg.export.joblib_classifier}")
+    return combine(
+        "export",
+        fkey,
+        bkey,
+        params_digest(meta),
+        f"joblib={cfg.export.joblib_classifier}",
+        f"full_model={FULL_MODEL_VERSION}",
+    )
 
 
 @task(name="fit-classifier", persist_result=True)

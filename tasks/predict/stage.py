@@ -2,7 +2,8 @@
 
 Each image is tiled with the bundle's grid (the same as training), patches of several images are batched
 together through the backbone and the classifier, and each image's probabilities are merged back into a class
-map and polygons by the one inferer (:mod:`tasks.evaluation.inferer`, shared with scoring). Per image it
+map and polygons by the in-process :class:`~tasks.predict.predictor.Predictor` (two-part runtime, the
+evaluation's), on the one inferer (:mod:`tasks.evaluation.inferer`, shared with scoring). Per image it
 writes ``<sub>/<stem>_classmap.png`` (class index per pixel), ``<sub>/<stem>_polygons.json`` and
 ``<sub>/<stem>_overlay.png`` (``<sub>``: the image's subfolder under the images folder), then
 ``predictions.json`` last. Output folder rules and naming: :mod:`tasks.predict.outputs`.
@@ -25,7 +26,7 @@ from storage.fingerprint import combine, files_digest, params_digest
 from storage.layout import IMAGE_EXTENSIONS
 from storage.paths import user_path
 from tasks.evaluation.figures import colourise
-from tasks.evaluation.inferer import BundleModel, ImagePrediction, PatchInferer, infer_images
+from tasks.evaluation.inferer import ImagePrediction
 from tasks.imageio import bundle_decoding, encode_png, read_image
 from tasks.predict.config import PredictFlowConfig
 from tasks.predict.outputs import (
@@ -37,6 +38,7 @@ from tasks.predict.outputs import (
     write_output,
     write_predictions,
 )
+from tasks.predict.predictor import Predictor
 
 logger = logging.getLogger("patchflow.predict")
 
@@ -77,8 +79,6 @@ def predict_images(
     pickled classifier (runs the code it holds).
     """
     bundle = model if isinstance(model, Bundle) else open_bundle(model, trust_pickle)
-    method = method or bundle.meta.get("reconstruction_method") or "major_voting"
-    spec = bundle.grid_spec
     decoding = bundle_decoding(
         bundle.meta, bundle.root, max_image_pixels, "--max-image-pixels" if max_image_pixels else None
     )
@@ -87,16 +87,17 @@ def predict_images(
     plan = {p.image: p for p in plan_outputs(images_dir, images)}
     # a predictions.json left by an earlier run would make a failed run look complete (it is written last)
     (out_dir / PREDICTIONS_FILE).unlink(missing_ok=True)
-    net = BundleModel.load(bundle, device, batch_size)  # the classifier checked to fit, before any image is read
+    # the Predictor's two-part runtime: the evaluation's backbone and classifier (checked to fit, before any image
+    # is read), so predict's maps are the evaluation's
+    predictor = Predictor.load(bundle, device, "two-part", method, batch_size, max_image_pixels=max_image_pixels)
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     read = ((path, read_image(path, decoding)) for path in images)  # pixel limit from the header first
-    predicted = infer_images(read, spec, net.probabilities, PatchInferer(method, bundle.classes), batch_size)
-    summary = [_write_image(out_dir, plan[path], image, pred) for path, image, pred in predicted]
-    timing = {"extract_s": net.extract_s, "wall_s": time.perf_counter() - t0}
+    summary = [_write_image(out_dir, plan[path], image, pred) for path, image, pred in predictor.infer(read)]
+    timing = {"extract_s": predictor.model.extract_s, "wall_s": time.perf_counter() - t0}
     result = {
         "model": str(bundle.root),
-        "method": method,
+        "method": predictor.method,
         "key": key,
         "out": str(out_dir),
         "images": summary,
