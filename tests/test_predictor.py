@@ -173,3 +173,18 @@ def test_default_load_imports_no_torch_sklearn_skops_or_prefect(bundle, images) 
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "full-onnx []"
+
+
+def test_device_is_checked_before_loading_never_a_cpu_fallback(bundle) -> None:
+    """A CUDA device this machine lacks is one line naming ``device``; a misspelt device too; cpu loads."""
+    import torch
+
+    from tasks import Predictor
+    from tasks.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"device='gpu' is not a device"):
+        Predictor.load(bundle, device="gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match=r"^device=cuda:3: no CUDA device is available on this machine"):
+            Predictor.load(bundle, device="cuda:3")
+    assert Predictor.load(bundle, device="cpu").runtime == "full-onnx"

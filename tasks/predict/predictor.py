@@ -122,6 +122,10 @@ class Predictor:
         ``threads``: ONNX Runtime's intra-op threads for the one-file model (None: its default, one per core)."""
         if runtime not in RUNTIMES:
             raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
+        if str(device) != "cpu":  # cpu needs no torch; a missing CUDA device is one line, never a CPU fallback
+            from tasks.device import resolve_device
+
+            resolve_device(device, "device")
         opened = bundle if isinstance(bundle, Bundle) else open_bundle(bundle, trust_pickle)
         full = opened.full_model_file is not None and str(device) == "cpu"
         if runtime == "full-onnx" and not full:
