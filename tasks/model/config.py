@@ -155,7 +155,9 @@ class ModelSection(StrictModel):
         """Dumped as written: the ``_target_`` form, or the shorthand."""
         out = handler(self)
         spec = out.pop("spec", None)
-        return {**spec, "trusted_types": out["trusted_types"]} if spec is not None else out
+        if spec is None:
+            return out
+        return {**spec, **({"trusted_types": out["trusted_types"]} if "trusted_types" in out else {})}  # exclude_*
 
     def target_spec(self) -> dict[str, Any]:
         """The model as a ``_target_`` spec (the shorthand converted)."""
