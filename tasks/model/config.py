@@ -19,7 +19,7 @@ from tasks.config import StrictModel
 from tasks.device import Device, check_precision
 from tasks.features.layers import resolve_layers
 from tasks.features.weights import SUPPORTED_BACKBONES
-from tasks.model.recipes import DEFAULT_GRID, apply_recipe, check_model, default_grid_for
+from tasks.model.recipes import DEFAULT_GRID, apply_recipe, check_model
 from tasks.model.spec import describe, shorthand_spec
 from tasks.runner import RunnerSection
 
@@ -339,10 +339,12 @@ class TrainFlowConfig(StrictModel):
     @model_validator(mode="after")
     def _model_builds(self) -> TrainFlowConfig:
         """The model spec builds into an estimator with fit and predict_proba, and the search grid fits it."""
-        spec = self.model.target_spec()
-        if self.search.enabled and "grid" not in self.search.model_fields_set:  # the default grid, on the user's model
-            self.search.grid = default_grid_for(spec, self.core.seed)
-        check_model(spec, self.core.seed, self.search.grid if self.search.enabled else None)
+        default = self.search.enabled and "grid" not in self.search.model_fields_set  # addressed to the user's model
+        grid = check_model(
+            self.model.target_spec(), self.core.seed, self.search.grid if self.search.enabled else None, default
+        )
+        if default and grid is not None:
+            self.search.grid = grid
         return self
 
     @model_validator(mode="after")

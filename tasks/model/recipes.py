@@ -67,24 +67,27 @@ def apply_recipe(model_cls: Any, data: Any) -> Any:
     return out
 
 
-def default_grid_for(spec: dict[str, Any], seed: int) -> dict[str, list[Any]]:
-    """The default search grid (C values x class weights) addressed to wherever ``spec``'s estimator has ``C`` and
-    ``class_weight`` (``C`` for a bare classifier, ``clf__C`` in the default pipeline); unchanged when it has none."""
-    try:
-        params = build_estimator(spec, seed).get_params(deep=True)
-    except ValueError:
-        return dict(DEFAULT_GRID)  # check_model names the problem
-    out: dict[str, list[Any]] = {}
-    for name, values in (("C", C_VALUES), ("class_weight", [None, "balanced"])):
-        keys = sorted((k for k in params if k.rpartition("__")[2] == name), key=len)
-        if keys:
-            out[keys[0]] = list(values)
+def _paths_of(params: dict[str, Any], name: str) -> list[str]:
+    """Every ``set_params`` path of ``params`` that ends in the parameter ``name`` (``C``, ``clf__C``), shortest
+    first."""
+    return sorted((k for k in params if k.rpartition("__")[2] == name), key=len)
+
+
+def default_grid_for(params: dict[str, Any]) -> dict[str, list[Any]]:
+    """The default search grid (C values x class weights) addressed to wherever the estimator of ``params``
+    (``get_params(deep=True)``) has ``C`` and ``class_weight`` (``C`` for a bare classifier, ``clf__C`` in the default
+    pipeline); :data:`DEFAULT_GRID` when it has not both."""
+    wanted: dict[str, list[Any]] = {"C": C_VALUES, "class_weight": [None, "balanced"]}
+    out = {paths[0]: list(values) for name, values in wanted.items() if (paths := _paths_of(params, name))}
     return out if len(out) == 2 else dict(DEFAULT_GRID)
 
 
-def check_model(spec: dict[str, Any], seed: int, grid: dict[str, list[Any]] | None = None) -> None:
+def check_model(
+    spec: dict[str, Any], seed: int, grid: dict[str, list[Any]] | None = None, default_grid: bool = False
+) -> dict[str, list[Any]] | None:
     """Raise ``ValueError`` (one line naming ``model`` or ``search.grid``) unless ``spec`` builds into an estimator
-    with ``fit`` and ``predict_proba`` and every value of ``grid`` (when given) applies to it."""
+    with ``fit`` and ``predict_proba`` and every value of ``grid`` (when given) applies to it. ``default_grid``: the
+    grid is the default one, first addressed to the model (:func:`default_grid_for`). Returns the grid checked."""
     try:
         est = build_estimator(spec, seed)
     except ValueError as exc:
@@ -94,11 +97,13 @@ def check_model(spec: dict[str, Any], seed: int, grid: dict[str, list[Any]] | No
         sep = "" if problem.startswith(":") else " "
         raise ValueError(f"model: {spec.get('_target_')}{sep}{problem}; choose an estimator that has one")
     if grid is None:
-        return
+        return None
     params = est.get_params(deep=True)
+    if default_grid:
+        grid = default_grid_for(params)
     for key, values in grid.items():
         if key not in params:
-            close = sorted(k for k in params if k.rpartition("__")[2] == key.rpartition("__")[2])
+            close = sorted(_paths_of(params, key.rpartition("__")[2]))
             hint = f"; did you mean {', '.join(close)}?" if close else "; set search.grid for this model"
             raise ValueError(f"search.grid: {key!r} is not a parameter of the model {type(est).__name__}{hint}")
         if not values:
@@ -110,3 +115,4 @@ def check_model(spec: dict[str, Any], seed: int, grid: dict[str, list[Any]] | No
                 raise ValueError(f"search.grid.{key}: {exc}") from None
             if problem:
                 raise ValueError(f"search.grid.{key}={value!r}: the model {problem.lstrip(': ')}")
+    return grid
